@@ -1,0 +1,1 @@
+"""peftcore's Apache SINGA backend. Importing this package does not import singa."""

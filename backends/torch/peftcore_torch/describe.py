@@ -1,0 +1,101 @@
+"""Describe a torch ``nn.Module`` as a :class:`~peftcore.graph.ModelGraph`.
+
+Paths are torch module paths. A layer already wrapped by an adapter is described as
+its base layer at the wrapper's path, so planning a second adapter sees the same graph
+as the first. Shapes are canonical: a ``Conv1D`` weight, stored ``(in, out)``, is
+reported ``(out, in)``.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Iterator, Optional
+
+from torch import nn
+
+from peftcore.graph import LayerNode, ModelGraph
+from peftcore_torch.layers import AdapterLayer
+from peftcore_torch.lora import is_conv1d
+
+_CONV = (nn.Conv1d, nn.Conv2d, nn.Conv3d)
+_NORM = (nn.LayerNorm, nn.GroupNorm, nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d)
+
+
+def walk(model: nn.Module, prefix: str = "") -> Iterator[tuple[str, nn.Module]]:
+    """``named_modules`` that yields an adapter wrapper in place of its base layer and
+    does not descend into it."""
+    for name, child in model.named_children():
+        path = f"{prefix}.{name}" if prefix else name
+        yield path, child
+        if not isinstance(child, AdapterLayer):
+            yield from walk(child, path)
+
+
+def describe_model(model: nn.Module, extra_kinds: Optional[dict] = None) -> ModelGraph:
+    """Build the ModelGraph of ``model``; ``extra_kinds`` maps extra classes to IR kinds."""
+    extra_kinds = extra_kinds or {}
+    layers = [describe_module(path, module, extra_kinds) for path, module in walk(model)]
+    return ModelGraph(
+        layers=tuple(layers),
+        backend="torch",
+        model_type=str(getattr(getattr(model, "config", None), "model_type", "") or ""),
+        output_head=_output_head(model, layers),
+    )
+
+
+def describe_module(path: str, module: nn.Module, extra_kinds: dict) -> LayerNode:
+    wrapped = module.base_layer if isinstance(module, AdapterLayer) else module
+    kind = _kind(wrapped, extra_kinds)
+    params = {name: tuple(p.shape) for name, p in wrapped.named_parameters(recurse=False)}
+    weight = getattr(wrapped, "weight", None)
+    fields: dict[str, Any] = {}
+    if kind == "linear":
+        if is_conv1d(wrapped):
+            in_features, out_features = wrapped.weight.shape
+            params["weight"] = (int(out_features), int(in_features))
+        else:
+            in_features, out_features = wrapped.in_features, wrapped.out_features
+        fields = {"in_features": int(in_features), "out_features": int(out_features)}
+    elif kind == "embedding":
+        fields = {"num_embeddings": int(wrapped.num_embeddings), "embedding_dim": int(wrapped.embedding_dim)}
+    if kind == "other" and any(True for _ in wrapped.children()):
+        kind = "container"
+    dtype = str(weight.dtype).replace("torch.", "") if weight is not None and hasattr(weight, "dtype") else ""
+    return LayerNode(
+        path=path,
+        kind=kind,
+        type_name=type(wrapped).__name__,
+        has_bias=getattr(wrapped, "bias", None) is not None,
+        dtype=dtype,
+        params=params,
+        **fields,
+    )
+
+
+def _kind(module: nn.Module, extra_kinds: dict) -> str:
+    for cls, kind in extra_kinds.items():
+        if isinstance(module, cls):
+            return kind
+    if isinstance(module, nn.Linear) or is_conv1d(module):
+        return "linear"
+    if isinstance(module, nn.Embedding):
+        return "embedding"
+    if isinstance(module, _CONV):
+        return "conv"
+    if isinstance(module, _NORM) or type(module).__name__.endswith(("RMSNorm", "LayerNorm")):
+        return "norm"
+    return "other"
+
+
+def _output_head(model: nn.Module, layers: list[LayerNode]) -> Optional[str]:
+    getter = getattr(model, "get_output_embeddings", None)
+    if callable(getter):
+        try:
+            head = getter()
+        except (NotImplementedError, AttributeError):
+            head = None
+        if head is not None:
+            for path, module in walk(model):
+                if module is head or (isinstance(module, AdapterLayer) and module.base_layer is head):
+                    return path
+    linears = [n.path for n in layers if n.kind == "linear"]
+    return linears[-1] if linears else None

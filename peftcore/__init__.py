@@ -1,0 +1,54 @@
+"""peftcore: backend-agnostic parameter-efficient fine-tuning.
+
+The core is pure Python: configs, the method registry, the model IR
+(:class:`ModelGraph`) and the rewrite IR (:class:`RewritePlan`). Backends (PyTorch,
+Apache SINGA, third-party packages) are pluggy plugins found through the ``peftcore``
+entry-point group; importing this package loads none of them.
+"""
+
+from __future__ import annotations
+
+from peftcore.api import PeftModel, get_peft_model
+from peftcore.config import PeftConfig, config_class
+from peftcore.errors import (
+    AdapterError,
+    BackendError,
+    ConfigError,
+    PeftCoreError,
+    PlanError,
+    TargetNotFoundError,
+    UnknownMethodError,
+    UnsupportedLayerError,
+)
+from peftcore.graph import LayerNode, ModelGraph
+from peftcore.hookspecs import BackendInfo, hookimpl
+from peftcore.methods import LoraConfig
+from peftcore.plan import PlanOp, RewritePlan, register_op
+from peftcore.registry import PeftRegistry, register_method
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "AdapterError",
+    "BackendError",
+    "BackendInfo",
+    "ConfigError",
+    "LayerNode",
+    "LoraConfig",
+    "ModelGraph",
+    "PeftConfig",
+    "PeftCoreError",
+    "PeftModel",
+    "PeftRegistry",
+    "PlanError",
+    "PlanOp",
+    "RewritePlan",
+    "TargetNotFoundError",
+    "UnknownMethodError",
+    "UnsupportedLayerError",
+    "config_class",
+    "get_peft_model",
+    "hookimpl",
+    "register_method",
+    "register_op",
+]

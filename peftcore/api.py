@@ -1,0 +1,253 @@
+"""The public entry points: :func:`get_peft_model` and the :class:`PeftModel` handle."""
+
+from __future__ import annotations
+
+import contextlib
+import os
+from typing import Any, Iterator, Optional, Sequence, Union
+
+from peftcore.config import PeftConfig
+from peftcore.errors import AdapterError, ConfigError, did_you_mean
+from peftcore.graph import ModelGraph
+from peftcore.io import (
+    DEFAULT_ADAPTER,
+    WEIGHTS_NAME,
+    AdapterFiles,
+    adapter_subdir,
+    check_adapter_name,
+    match_tensors,
+    read_adapter,
+    save_adapter,
+)
+from peftcore.plan import RewritePlan, check_plan_fits
+from peftcore.plugins import Backend, get_plugin_manager
+
+
+def get_peft_model(
+    model: Any,
+    config: PeftConfig,
+    adapter_name: str = DEFAULT_ADAPTER,
+    backend: Optional[str] = None,
+    example_inputs: Any = None,
+) -> PeftModel:
+    """Wrap ``model`` with a new adapter described by ``config``; the model is changed in place.
+
+    The backend is ``backend`` if given, else ``config.backend``, else the
+    ``PEFTCORE_BACKEND`` environment variable, else the one that recognises the model.
+    ``example_inputs`` is passed to backends whose layers only know their shapes after
+    a forward pass (SINGA).
+    """
+    if not isinstance(config, PeftConfig):
+        raise ConfigError(f"config must be a peftcore PeftConfig, got {type(config).__name__}")
+    check_adapter_name(adapter_name)
+    chosen = get_plugin_manager().select_backend(model, backend=backend, config=config)
+    graph = chosen.call("peftcore_describe", model=model, example_inputs=example_inputs)
+    peft_model = PeftModel(model, chosen, graph)
+    peft_model.add_adapter(adapter_name, config)
+    return peft_model
+
+
+class PeftModel:
+    """A model with adapters. Calling it runs the model; attributes it lacks come from the model.
+
+    The native model is changed in place and stays reachable as :attr:`model`
+    (also :meth:`get_base_model`).
+    """
+
+    def __init__(self, model: Any, backend: Backend, graph: ModelGraph) -> None:
+        object.__setattr__(self, "model", model)
+        self.backend = backend
+        self.graph = graph
+        self.peft_config: dict[str, PeftConfig] = {}
+        self.plans: dict[str, RewritePlan] = {}
+        self.active_adapters: list[str] = []
+        self._merged: list[str] = []
+
+    # -- calling and delegation ---------------------------------------------------------
+    def __call__(self, *args: Any, **kwargs: Any) -> Any:
+        return self.model(*args, **kwargs)
+
+    def forward(self, *args: Any, **kwargs: Any) -> Any:
+        """Run the model (same as calling the handle)."""
+        return self.model(*args, **kwargs)
+
+    def __getattr__(self, name: str) -> Any:
+        if name == "model":  # not yet set (e.g. during unpickling)
+            raise AttributeError(name)
+        return getattr(self.model, name)
+
+    def __repr__(self) -> str:
+        return f"PeftModel(backend={self.backend.name!r}, adapters={list(self.peft_config)}, model={self.model!r})"
+
+    def get_base_model(self) -> Any:
+        """The native model (with its adapter layers in place)."""
+        return self.model
+
+    @property
+    def active_adapter(self) -> str:
+        """The first active adapter's name (HF PEFT's attribute)."""
+        return self.active_adapters[0] if self.active_adapters else ""
+
+    # -- adapters -------------------------------------------------------------------------
+    def add_adapter(self, adapter_name: str, config: PeftConfig, plan: Optional[RewritePlan] = None) -> RewritePlan:
+        """Plan ``config`` on this model and build it as a new adapter (not made active
+        unless it is the first one). Returns the plan."""
+        check_adapter_name(adapter_name)
+        if adapter_name in self.peft_config:
+            raise AdapterError(f"adapter {adapter_name!r} already exists; delete it first or pick another name")
+        if plan is None:
+            plan = config.plan(self.graph, adapter_name)
+        elif plan.adapter_name != adapter_name:
+            plan = plan.with_adapter_name(adapter_name)
+        self.backend.call("peftcore_apply", model=self.model, plan=plan)
+        self.peft_config[adapter_name] = config
+        self.plans[adapter_name] = plan
+        if not self.active_adapters:
+            self.set_adapter(adapter_name)
+        else:
+            self.backend.call("peftcore_set_trainable", model=self.model, adapter_name=adapter_name, trainable=False)
+            self.backend.call("peftcore_set_active_adapters", model=self.model, adapter_names=self.active_adapters)
+        return plan
+
+    def set_adapter(self, adapter_name: Union[str, Sequence[str]]) -> None:
+        """Make these adapters the active ones: used in forward and trainable."""
+        names = [adapter_name] if isinstance(adapter_name, str) else list(adapter_name)
+        for name in names:
+            self._require(name)
+        for name in self.peft_config:
+            trainable = name in names and not self.peft_config[name].inference_mode
+            self.backend.call("peftcore_set_trainable", model=self.model, adapter_name=name, trainable=trainable)
+        self.backend.call("peftcore_set_active_adapters", model=self.model, adapter_names=names)
+        self.active_adapters = names
+
+    def delete_adapter(self, adapter_name: str) -> None:
+        """Remove an adapter. Deleting the active one activates the first remaining."""
+        self._require(adapter_name)
+        if adapter_name in self._merged:
+            raise AdapterError(f"adapter {adapter_name!r} is merged; unmerge_adapter() before deleting it")
+        self.backend.call("peftcore_delete_adapter", model=self.model, adapter_name=adapter_name)
+        del self.peft_config[adapter_name]
+        del self.plans[adapter_name]
+        remaining = [a for a in self.active_adapters if a != adapter_name]
+        if not remaining and self.peft_config:
+            remaining = [next(iter(self.peft_config))]
+        self.active_adapters = []
+        if remaining:
+            self.set_adapter(remaining)
+
+    @contextlib.contextmanager
+    def disable_adapter(self) -> Iterator[None]:
+        """Context manager: run the base model alone inside the block."""
+        self.backend.call("peftcore_set_adapters_enabled", model=self.model, enabled=False)
+        try:
+            yield
+        finally:
+            self.backend.call("peftcore_set_adapters_enabled", model=self.model, enabled=True)
+
+    # -- merging ----------------------------------------------------------------------------
+    def merge_adapter(self, adapter_names: Optional[Sequence[str]] = None) -> None:
+        """Fold adapters (default: the active ones) into the base weights."""
+        names = list(adapter_names) if adapter_names is not None else list(self.active_adapters)
+        for name in names:
+            self._require(name)
+        todo = [n for n in names if n not in self._merged]
+        if todo:
+            self.backend.call("peftcore_merge", model=self.model, adapter_names=todo)
+            self._merged.extend(todo)
+
+    def unmerge_adapter(self) -> None:
+        """Undo every merge, restoring the base weights."""
+        if self._merged:
+            self.backend.call("peftcore_unmerge", model=self.model)
+            self._merged = []
+
+    @property
+    def merged_adapters(self) -> list[str]:
+        return list(self._merged)
+
+    def merge_and_unload(self) -> Any:
+        """Fold the active adapters into the base weights and return the plain model."""
+        self.unmerge_adapter()
+        return self._unload(merge=True)
+
+    def unload(self) -> Any:
+        """Remove every adapter without merging and return the plain model."""
+        self.unmerge_adapter()
+        return self._unload(merge=False)
+
+    def _unload(self, merge: bool) -> Any:
+        model = self.backend.call("peftcore_unload", model=self.model, merge=merge)
+        self.peft_config.clear()
+        self.plans.clear()
+        self.active_adapters = []
+        return model
+
+    # -- parameters -------------------------------------------------------------------------
+    def get_nb_trainable_parameters(self) -> tuple[int, int]:
+        """``(trainable, total)`` parameter counts of the model as it is now."""
+        trainable, total = self.backend.call("peftcore_count_parameters", model=self.model)
+        return int(trainable), int(total)
+
+    def print_trainable_parameters(self) -> None:
+        trainable, total = self.get_nb_trainable_parameters()
+        share = 100.0 * trainable / total if total else 0.0
+        print(f"trainable params: {trainable:,} || all params: {total:,} || trainable%: {share:.4f}")
+
+    # -- files --------------------------------------------------------------------------------
+    def save_pretrained(self, save_directory: Union[str, os.PathLike], selected_adapters: Optional[Sequence[str]] = None) -> None:
+        """Save adapters: ``default`` at the top of the directory, others in a subfolder each."""
+        names = list(selected_adapters) if selected_adapters is not None else list(self.peft_config)
+        for name in names:
+            self._require(name)
+        if self._merged:
+            raise AdapterError(f"adapters {self._merged} are merged; unmerge_adapter() before saving")
+        for name in names:
+            tensors = self.backend.call("peftcore_export_adapter", model=self.model, adapter_name=name)
+            save_adapter(adapter_subdir(os.fspath(save_directory), name), self.peft_config[name], self.plans[name], tensors)
+
+    def load_adapter(
+        self, model_id: Union[str, os.PathLike], adapter_name: str, is_trainable: bool = False, strict: bool = True
+    ) -> None:
+        """Load a saved adapter from a directory and add it under ``adapter_name``.
+
+        The adapter's stored plan is re-applied as saved (an HF PEFT adapter, which has
+        none, is planned from its config). Every tensor is checked before the model is
+        touched; unexpected tensors are an error unless ``strict=False``.
+        """
+        self._add_from_files(read_adapter(os.fspath(model_id)), adapter_name, is_trainable, strict)
+
+    def _add_from_files(self, files: AdapterFiles, adapter_name: str, is_trainable: bool, strict: bool) -> None:
+        config = files.config.replace(inference_mode=not is_trainable)
+        plan = files.plan.with_adapter_name(adapter_name) if files.plan else config.plan(self.graph, adapter_name)
+        check_plan_fits(plan, self.graph, files.directory)
+        tensors = match_tensors(plan, files.tensors, os.path.join(files.directory, WEIGHTS_NAME), strict)
+        self.add_adapter(adapter_name, config, plan=plan)
+        try:
+            self.backend.call("peftcore_import_adapter", model=self.model, adapter_name=adapter_name, tensors=tensors)
+        except BaseException:
+            self.delete_adapter(adapter_name)
+            raise
+
+    @classmethod
+    def from_pretrained(
+        cls,
+        model: Any,
+        model_id: Union[str, os.PathLike],
+        adapter_name: str = DEFAULT_ADAPTER,
+        is_trainable: bool = False,
+        backend: Optional[str] = None,
+        example_inputs: Any = None,
+        strict: bool = True,
+    ) -> PeftModel:
+        """Wrap ``model`` with the adapter saved in ``model_id`` (frozen unless ``is_trainable``)."""
+        files = read_adapter(os.fspath(model_id))
+        chosen = get_plugin_manager().select_backend(model, backend=backend, config=files.config)
+        graph = chosen.call("peftcore_describe", model=model, example_inputs=example_inputs)
+        peft_model = cls(model, chosen, graph)
+        peft_model._add_from_files(files, adapter_name, is_trainable, strict)
+        return peft_model
+
+    # -- helpers --------------------------------------------------------------------------------
+    def _require(self, adapter_name: str) -> None:
+        if adapter_name not in self.peft_config:
+            raise AdapterError(f"no adapter named {adapter_name!r}{did_you_mean(adapter_name, self.peft_config)}")

@@ -1,0 +1,169 @@
+"""Base class of PEFT configs: validated on construction, JSON round trip.
+
+Configs use Hugging Face PEFT's field names where the concept exists, so an
+``adapter_config.json`` written by either library reads in the other. Fields that are
+peftcore-only runtime choices (such as ``backend``) are marked ``saved=False`` and never
+written to disk.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from typing import TYPE_CHECKING, Any, ClassVar, Mapping, Optional, TypeVar
+
+from peftcore.errors import ConfigError, did_you_mean
+
+if TYPE_CHECKING:
+    from peftcore.graph import ModelGraph
+    from peftcore.plan import RewritePlan
+
+C = TypeVar("C", bound="PeftConfig")
+
+CONFIG_NAME = "adapter_config.json"
+
+
+def runtime_field(default: Any = None) -> Any:
+    """A config field that is a runtime choice and is not saved with the adapter."""
+    return dataclasses.field(default=default, metadata={"saved": False})
+
+
+def config_class(cls: type[C]) -> type[C]:
+    """Turn a config class into a dataclass whose constructor rejects unknown fields.
+
+    An unknown keyword raises :class:`ConfigError` naming the field and the closest
+    known field, instead of Python's bare ``TypeError``.
+    """
+    cls = dataclasses.dataclass(cls)
+    dataclass_init = cls.__init__
+    names = [f.name for f in dataclasses.fields(cls)]
+
+    def __init__(self: Any, *args: Any, **kwargs: Any) -> None:
+        unknown = [k for k in kwargs if k not in names]
+        if unknown:
+            raise ConfigError(
+                f"{cls.__name__} has no field {unknown[0]!r}{did_you_mean(unknown[0], names)}"
+            )
+        if len(args) > 0:
+            raise ConfigError(f"{cls.__name__} takes keyword arguments only, got {len(args)} positional")
+        dataclass_init(self, **kwargs)
+
+    __init__.__doc__ = dataclass_init.__doc__
+    cls.__init__ = __init__  # type: ignore[method-assign]
+    return cls
+
+
+@config_class
+class PeftConfig:
+    """Fields every method shares. Subclasses are registered PEFT methods.
+
+    Class attributes set by subclasses: ``method`` (the registry name, e.g. ``"lora"``)
+    and ``peft_type`` (HF PEFT's ``peft_type`` string, e.g. ``"LORA"``).
+    ``hf_unsupported_fields`` lists HF PEFT config keys for features peftcore does not
+    have; reading a file accepts them only at their "feature not used" value.
+    """
+
+    method: ClassVar[str] = ""
+    peft_type: ClassVar[str] = ""
+    hf_metadata_fields: ClassVar[tuple] = ("peft_version", "auto_mapping", "revision")
+    hf_unsupported_fields: ClassVar[Mapping[str, Any]] = {}
+
+    task_type: Optional[str] = None
+    inference_mode: bool = False
+    base_model_name_or_path: Optional[str] = None
+    backend: Optional[str] = runtime_field()
+
+    def __post_init__(self) -> None:
+        self.validate()
+
+    def validate(self) -> None:
+        """Check field values; subclasses extend it. Raises :class:`ConfigError`."""
+        if self.backend is not None and not isinstance(self.backend, str):
+            raise ConfigError(f"backend must be a backend name (str) or None, got {self.backend!r}")
+        if self.task_type is not None and not isinstance(self.task_type, str):
+            raise ConfigError(f"task_type must be a string or None, got {self.task_type!r}")
+
+    # -- planning -------------------------------------------------------------------
+    def plan(self, graph: ModelGraph, adapter_name: str = "default") -> RewritePlan:
+        """Turn this config into a rewrite plan for ``graph`` (implemented per method)."""
+        raise NotImplementedError(f"{type(self).__name__} does not implement plan()")
+
+    # -- serialisation -------------------------------------------------------------
+    def to_dict(self) -> dict[str, Any]:
+        """The config as written to ``adapter_config.json`` (HF PEFT keys)."""
+        data: dict[str, Any] = {}
+        for f in dataclasses.fields(self):
+            if not f.metadata.get("saved", True):
+                continue
+            value = getattr(self, f.name)
+            if isinstance(value, (set, frozenset, tuple)):
+                value = sorted(value) if isinstance(value, (set, frozenset)) else list(value)
+            data[f.name] = value
+        data["peft_type"] = self.peft_type
+        return data
+
+    def to_json(self) -> str:
+        return json.dumps(self.to_dict(), indent=2, sort_keys=True)
+
+    @classmethod
+    def from_dict(cls: type[C], data: Mapping[str, Any]) -> C:
+        """Build a config from a saved dict, validating every key.
+
+        Keys HF PEFT writes for features peftcore does not have are accepted only at
+        their "unused" value; anything else unknown is a :class:`ConfigError`.
+        """
+        if not isinstance(data, Mapping):
+            raise ConfigError(f"a config must be a JSON object, got {type(data).__name__}")
+        data = dict(data)
+        peft_type = data.pop("peft_type", cls.peft_type)
+        if peft_type != cls.peft_type:
+            raise ConfigError(f"config has peft_type {peft_type!r}, expected {cls.peft_type!r} for {cls.__name__}")
+        names = {f.name for f in dataclasses.fields(cls)}
+        kwargs: dict[str, Any] = {}
+        for key, value in data.items():
+            if key in names:
+                kwargs[key] = value
+            elif key in cls.hf_metadata_fields:
+                continue
+            elif key in cls.hf_unsupported_fields:
+                if value not in (cls.hf_unsupported_fields[key], None, False, {}, []):
+                    raise ConfigError(f"{cls.__name__}: {key}={value!r} is an HF PEFT feature peftcore does not support")
+            else:
+                raise ConfigError(f"{cls.__name__} has no field {key!r}{did_you_mean(key, names)}")
+        return cls(**kwargs)
+
+    @classmethod
+    def from_json(cls: type[C], text: str) -> C:
+        try:
+            data = json.loads(text)
+        except json.JSONDecodeError as exc:
+            raise ConfigError(f"config is not valid JSON: {exc}") from None
+        return cls.from_dict(data)
+
+    def replace(self: C, **changes: Any) -> C:
+        """A copy with some fields changed (validated again)."""
+        unknown = [k for k in changes if k not in {f.name for f in dataclasses.fields(self)}]
+        if unknown:
+            raise ConfigError(f"{type(self).__name__} has no field {unknown[0]!r}")
+        return dataclasses.replace(self, **changes)
+
+
+def check(condition: bool, message: str) -> None:
+    """Raise :class:`ConfigError` with ``message`` unless ``condition`` holds."""
+    if not condition:
+        raise ConfigError(message)
+
+
+def check_type(owner: str, name: str, value: Any, types: tuple, allow_none: bool = False) -> None:
+    """Raise :class:`ConfigError` unless ``value`` is one of ``types`` (bools are not ints)."""
+    if value is None and allow_none:
+        return
+    if isinstance(value, bool) and bool not in types:
+        raise ConfigError(f"{owner}.{name} must be {_describe(types)}, got {value!r}")
+    if not isinstance(value, types):
+        raise ConfigError(f"{owner}.{name} must be {_describe(types)}, got {value!r}")
+
+
+def _describe(types: tuple) -> str:
+    return " or ".join(t.__name__ for t in types)
+

@@ -1,0 +1,64 @@
+"""Exceptions raised by peftcore.
+
+Every error peftcore raises on bad input derives from :class:`PeftCoreError`, so a
+caller can catch one type. Each subclass also derives from the builtin exception a
+Python user would expect (``ValueError``, ``KeyError``...), so existing handlers work.
+"""
+
+from __future__ import annotations
+
+import difflib
+from typing import Iterable
+
+
+class PeftCoreError(Exception):
+    """Base class of every peftcore error."""
+
+
+class ConfigError(PeftCoreError, ValueError):
+    """A PEFT config has an unknown field, a bad value, or an unsupported option."""
+
+
+class UnknownMethodError(PeftCoreError, KeyError):
+    """No PEFT method is registered under the requested name."""
+
+    def __str__(self) -> str:  # KeyError would quote the message
+        return str(self.args[0]) if self.args else ""
+
+
+class TargetNotFoundError(PeftCoreError, ValueError):
+    """The config's targets matched no layer of the model."""
+
+
+class UnsupportedLayerError(PeftCoreError, TypeError):
+    """A targeted layer is of a kind the method (or the backend) cannot adapt."""
+
+
+class BackendError(PeftCoreError, RuntimeError):
+    """A backend is unknown, unavailable, ambiguous, or failed inside a hook."""
+
+
+class PlanError(PeftCoreError, ValueError):
+    """A rewrite plan is malformed or cannot be applied to this model."""
+
+
+class AdapterError(PeftCoreError, ValueError):
+    """An adapter (in memory or on disk) is missing, malformed or does not fit the model."""
+
+
+def closest(name: str, candidates: Iterable[str], n: int = 5) -> list[str]:
+    """Return up to ``n`` candidates that look most like ``name`` (for error messages)."""
+    pool = list(dict.fromkeys(candidates))
+    found = difflib.get_close_matches(name, pool, n=n, cutoff=0.5)
+    if len(found) < n:
+        short = {c.rsplit(".", 1)[-1]: c for c in pool}
+        for match in difflib.get_close_matches(name.rsplit(".", 1)[-1], list(short), n=n, cutoff=0.6):
+            if short[match] not in found:
+                found.append(short[match])
+    return found[:n]
+
+
+def did_you_mean(name: str, candidates: Iterable[str]) -> str:
+    """Format a ``did you mean ...?`` suffix, or an empty string when nothing is close."""
+    found = closest(name, candidates)
+    return f"; did you mean {', '.join(repr(f) for f in found)}?" if found else ""

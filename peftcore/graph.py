@@ -1,0 +1,149 @@
+"""The model IR: a framework-neutral description of a model's layers.
+
+A backend's ``describe`` hook turns a native model into a :class:`ModelGraph`. The core
+plans against it and never sees the framework. Shapes are canonical (the torch/HF
+layout): a linear weight is ``(out_features, in_features)`` whatever the framework
+stores; an embedding table is ``(num_embeddings, embedding_dim)``.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import asdict, dataclass, field
+from typing import Any, Iterator, Mapping, Optional
+
+from peftcore.errors import PlanError
+
+#: The layer kinds the IR knows. ``container`` is a module that only holds others.
+LAYER_KINDS = ("linear", "embedding", "conv", "norm", "container", "other")
+
+
+@dataclass(frozen=True)
+class LayerNode:
+    """One named layer of a model, as a backend describes it.
+
+    ``path`` is the dotted name the framework gives the layer (torch's module path,
+    SINGA's ``_layers`` path). ``params`` maps each directly owned parameter's short
+    name (``weight``, ``bias``) to its canonical shape.
+    """
+
+    path: str
+    kind: str
+    type_name: str = ""
+    in_features: Optional[int] = None
+    out_features: Optional[int] = None
+    num_embeddings: Optional[int] = None
+    embedding_dim: Optional[int] = None
+    has_bias: bool = False
+    dtype: str = "float32"
+    params: Mapping[str, tuple] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        if self.kind not in LAYER_KINDS:
+            raise PlanError(f"layer {self.path!r} has unknown kind {self.kind!r}; expected one of {LAYER_KINDS}")
+        object.__setattr__(self, "params", {k: tuple(int(d) for d in v) for k, v in self.params.items()})
+
+    @property
+    def name(self) -> str:
+        """The last component of the path (``q_proj`` for ``model.layers.0.self_attn.q_proj``)."""
+        return self.path.rsplit(".", 1)[-1]
+
+    @property
+    def num_params(self) -> int:
+        """Number of scalars in the parameters this layer owns directly."""
+        total = 0
+        for shape in self.params.values():
+            count = 1
+            for dim in shape:
+                count *= dim
+            total += count
+        return total
+
+    def to_dict(self) -> dict[str, Any]:
+        data = asdict(self)
+        data["params"] = {k: list(v) for k, v in self.params.items()}
+        return data
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any]) -> LayerNode:
+        return cls(**{**data, "params": {k: tuple(v) for k, v in data.get("params", {}).items()}})
+
+
+@dataclass(frozen=True)
+class ModelGraph:
+    """An ordered list of layers plus a little model-level information.
+
+    ``output_head`` is the path of the layer that produces the model's outputs (an LM
+    head or classifier), which ``target_modules="all-linear"`` leaves alone.
+    """
+
+    layers: tuple[LayerNode, ...]
+    backend: str = ""
+    model_type: str = ""
+    output_head: Optional[str] = None
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "layers", tuple(self.layers))
+        seen: set[str] = set()
+        for node in self.layers:
+            if node.path in seen:
+                raise PlanError(f"model graph lists layer {node.path!r} twice")
+            seen.add(node.path)
+        object.__setattr__(self, "_by_path", {n.path: n for n in self.layers})
+
+    def __iter__(self) -> Iterator[LayerNode]:
+        return iter(self.layers)
+
+    def __len__(self) -> int:
+        return len(self.layers)
+
+    def __contains__(self, path: object) -> bool:
+        return path in self._by_path  # type: ignore[attr-defined]
+
+    def get(self, path: str) -> LayerNode:
+        """Return the layer at ``path`` or raise :class:`PlanError` naming it."""
+        try:
+            return self._by_path[path]  # type: ignore[attr-defined,no-any-return]
+        except KeyError:
+            raise PlanError(f"the model has no layer {path!r}") from None
+
+    def of_kind(self, *kinds: str) -> list[LayerNode]:
+        return [n for n in self.layers if n.kind in kinds]
+
+    def subtree_params(self, path: str) -> dict[str, tuple]:
+        """Shapes of every parameter at or under layer ``path``, keyed relative to it."""
+        shapes: dict[str, tuple] = {}
+        for node in self.layers:
+            if node.path == path or node.path.startswith(path + "."):
+                rel = node.path[len(path) + 1 :]
+                for param, shape in node.params.items():
+                    shapes[f"{rel}.{param}" if rel else param] = tuple(shape)
+        return shapes
+
+    @property
+    def paths(self) -> list[str]:
+        return [n.path for n in self.layers]
+
+    @property
+    def num_params(self) -> int:
+        return sum(n.num_params for n in self.layers)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "backend": self.backend,
+            "model_type": self.model_type,
+            "output_head": self.output_head,
+            "layers": [n.to_dict() for n in self.layers],
+        }
+
+    def to_json(self, indent: Optional[int] = 2) -> str:
+        return json.dumps(self.to_dict(), indent=indent)
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any]) -> ModelGraph:
+        return cls(
+            layers=tuple(LayerNode.from_dict(n) for n in data["layers"]),
+            backend=data.get("backend", ""),
+            model_type=data.get("model_type", ""),
+            output_head=data.get("output_head"),
+        )

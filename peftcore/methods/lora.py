@@ -1,0 +1,161 @@
+"""LoRA: a trainable low-rank delta ``(alpha / r) * B @ A`` beside frozen weights."""
+
+from __future__ import annotations
+
+import math
+import re
+from typing import Any, ClassVar, Mapping, Optional, Union
+
+from peftcore.config import PeftConfig, check, check_type, config_class
+from peftcore.errors import ConfigError
+from peftcore.graph import LayerNode, ModelGraph
+from peftcore.methods.common import modules_to_save_ops, validate_modules_to_save
+from peftcore.plan import AddLora, FreezeBase, PlanOp, RewritePlan
+from peftcore.registry import register_method
+from peftcore.targeting import Targets, select_layers, validate_targets
+
+#: ``init_lora_weights`` values and the op ``init`` they become.
+_INITS = {True: "kaiming", "kaiming": "kaiming", "gaussian": "gaussian", False: "random"}
+
+
+@register_method("lora")
+@config_class
+class LoraConfig(PeftConfig):
+    """Configure LoRA (Hu et al., 2021), with HF PEFT's field names.
+
+    - ``r``: rank of the update; ``lora_alpha``: scale numerator (scaling = alpha / r,
+      or alpha / sqrt(r) with ``use_rslora``).
+    - ``target_modules``: list (exact name or dotted suffix), regex string, or
+      ``"all-linear"``; ``None`` uses a per-model-type default.
+    - ``exclude_modules``, ``layers_to_transform``, ``layers_pattern``: narrow the targets.
+    - ``rank_pattern`` / ``alpha_pattern``: per-layer overrides, keyed by a name or
+      regex matched against the end of the layer path.
+    - ``init_lora_weights``: ``True`` (A kaiming-uniform, B zero), ``"gaussian"``, or
+      ``False`` (B random too, so the adapter changes the output at once; for tests).
+    - ``modules_to_save``: modules trained in full (a copy per adapter) and saved.
+    """
+
+    peft_type: ClassVar[str] = "LORA"
+    hf_unsupported_fields: ClassVar[Mapping[str, Any]] = {
+        "bias": "none",
+        "use_dora": False,
+        "megatron_config": None,
+        "megatron_core": "megatron.core",
+        "loftq_config": {},
+        "eva_config": None,
+        "corda_config": None,
+        "lora_ga_config": None,
+        "velora_config": None,
+        "layer_replication": None,
+        "lora_bias": False,
+        "target_parameters": None,
+        "trainable_token_indices": None,
+        "alora_invocation_tokens": None,
+        "use_qalora": False,
+        "qalora_group_size": 16,
+        "monteclora_config": None,
+        "use_bdlora": None,
+        "arrow_config": None,
+        "kasa_config": None,
+        "ensure_weight_tying": False,
+        "runtime_config": None,
+    }
+
+    r: int = 8
+    lora_alpha: float = 8
+    lora_dropout: float = 0.0
+    target_modules: Targets = None
+    exclude_modules: Targets = None
+    fan_in_fan_out: bool = False
+    use_rslora: bool = False
+    init_lora_weights: Union[bool, str] = True
+    layers_to_transform: Union[int, list, None] = None
+    layers_pattern: Union[str, list, None] = None
+    rank_pattern: Optional[dict] = None
+    alpha_pattern: Optional[dict] = None
+    modules_to_save: Optional[list] = None
+
+    def validate(self) -> None:
+        super().validate()
+        name = type(self).__name__
+        check_type(name, "r", self.r, (int,))
+        check(self.r > 0, f"{name}.r must be a positive integer, got {self.r}")
+        check_type(name, "lora_alpha", self.lora_alpha, (int, float))
+        check(self.lora_alpha > 0, f"{name}.lora_alpha must be positive, got {self.lora_alpha}")
+        check_type(name, "lora_dropout", self.lora_dropout, (int, float))
+        check(0.0 <= self.lora_dropout < 1.0, f"{name}.lora_dropout must be in [0, 1), got {self.lora_dropout}")
+        check_type(name, "use_rslora", self.use_rslora, (bool,))
+        check_type(name, "fan_in_fan_out", self.fan_in_fan_out, (bool,))
+        if self.init_lora_weights not in _INITS or not isinstance(self.init_lora_weights, (bool, str)):
+            raise ConfigError(
+                f"{name}.init_lora_weights must be True, False or 'gaussian', got {self.init_lora_weights!r}"
+            )
+        validate_targets(name, "target_modules", self.target_modules)
+        validate_targets(name, "exclude_modules", self.exclude_modules)
+        if isinstance(self.target_modules, (set, frozenset, tuple)):
+            self.target_modules = sorted(self.target_modules)
+        if isinstance(self.exclude_modules, (set, frozenset, tuple)):
+            self.exclude_modules = sorted(self.exclude_modules)
+        if self.layers_to_transform is not None:
+            items = [self.layers_to_transform] if isinstance(self.layers_to_transform, int) else self.layers_to_transform
+            check(
+                isinstance(items, list) and all(isinstance(i, int) and not isinstance(i, bool) for i in items),
+                f"{name}.layers_to_transform must be an int or a list of ints, got {self.layers_to_transform!r}",
+            )
+        for field_name in ("rank_pattern", "alpha_pattern"):
+            pattern = getattr(self, field_name)
+            if pattern in (None, {}):
+                continue
+            check(isinstance(pattern, dict), f"{name}.{field_name} must be a dict, got {pattern!r}")
+            for key, value in pattern.items():
+                check_type(name, f"{field_name}[{key!r}]", value, (int,) if field_name == "rank_pattern" else (int, float))
+                check(value > 0, f"{name}.{field_name}[{key!r}] must be positive, got {value}")
+        validate_modules_to_save(name, self.modules_to_save)
+
+    # -- planning -------------------------------------------------------------------
+    def rank_and_alpha(self, path: str) -> tuple[int, float]:
+        """The rank and alpha for layer ``path``, after ``rank_pattern``/``alpha_pattern``."""
+        return _pattern_value(self.rank_pattern, path, self.r), _pattern_value(self.alpha_pattern, path, self.lora_alpha)
+
+    def scaling(self, r: int, alpha: float) -> float:
+        return alpha / math.sqrt(r) if self.use_rslora else alpha / r
+
+    def plan(self, graph: ModelGraph, adapter_name: str = "default") -> RewritePlan:
+        layers = select_layers(
+            graph,
+            self.target_modules,
+            owner=type(self).__name__,
+            supported_kinds=("linear", "embedding"),
+            exclude_modules=self.exclude_modules,
+            layers_to_transform=self.layers_to_transform,
+            layers_pattern=self.layers_pattern,
+        )
+        ops: list[PlanOp] = [FreezeBase()]
+        ops.extend(self._lora_op(node) for node in layers)
+        ops.extend(modules_to_save_ops(graph, self.modules_to_save, type(self).__name__))
+        return RewritePlan(method=self.method, adapter_name=adapter_name, ops=tuple(ops))
+
+    def _lora_op(self, node: LayerNode) -> AddLora:
+        r, alpha = self.rank_and_alpha(node.path)
+        if node.kind == "embedding":
+            in_features, out_features = node.num_embeddings, node.embedding_dim
+        else:
+            in_features, out_features = node.in_features, node.out_features
+        return AddLora(
+            path=node.path,
+            layer_kind=node.kind,
+            in_features=int(in_features or 0),
+            out_features=int(out_features or 0),
+            r=r,
+            lora_alpha=float(alpha),
+            scaling=self.scaling(r, alpha),
+            dropout=float(self.lora_dropout),
+            init=_INITS[self.init_lora_weights],
+        )
+
+
+def _pattern_value(pattern: Optional[dict], path: str, default: Any) -> Any:
+    for key, value in (pattern or {}).items():
+        if re.fullmatch(rf"(.*\.)?(?:{key})", path):
+            return value
+    return default

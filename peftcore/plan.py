@@ -1,0 +1,263 @@
+"""The rewrite IR: what a method asks a backend to do to a model.
+
+A :class:`RewritePlan` is a frozen, JSON-serialisable list of ops made by a method's
+planner from ``(config, ModelGraph)``. Backends build the ops on their framework; the
+adapter file stores the plan so loading re-applies exactly what was trained.
+
+Each op also declares the adapter tensors it owns (:meth:`PlanOp.tensor_specs`): their
+canonical names, shapes and Hugging Face PEFT key names. The adapter reader and
+writer use that to validate files without knowing any framework.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from dataclasses import asdict, dataclass, field, fields
+from typing import Any, ClassVar, Mapping, Optional, Sequence
+
+from peftcore.errors import AdapterError, PlanError, did_you_mean
+from peftcore.graph import ModelGraph
+
+#: Bumped when the plan JSON changes incompatibly.
+PLAN_FORMAT_VERSION = 1
+
+_OP_TYPES: dict[str, type[PlanOp]] = {}
+
+
+def register_op(cls: type[PlanOp]) -> type[PlanOp]:
+    """Class decorator: make an op type known to :meth:`RewritePlan.from_dict`.
+
+    Third-party methods register their own op types the same way.
+    """
+    if not getattr(cls, "op", ""):
+        raise PlanError(f"{cls.__name__} must set a class attribute 'op'")
+    _OP_TYPES[cls.op] = cls
+    return cls
+
+
+def op_types() -> dict[str, type[PlanOp]]:
+    """All registered op types, by op name."""
+    return dict(_OP_TYPES)
+
+
+@dataclass(frozen=True)
+class TensorSpec:
+    """An adapter tensor an op creates: canonical shape and its HF PEFT key suffix."""
+
+    shape: tuple
+    hf_name: str
+
+
+@dataclass(frozen=True)
+class PlanOp:
+    """Base class of rewrite ops. ``path`` is the layer the op acts on ('' = whole model)."""
+
+    op: ClassVar[str] = ""
+    path: str = ""
+
+    def tensor_specs(self) -> dict[str, TensorSpec]:
+        """Adapter tensors this op owns, keyed by canonical name relative to ``path``."""
+        return {}
+
+    def num_trainable(self) -> int:
+        """Number of trainable scalars this op adds or unfreezes."""
+        return sum(math.prod(spec.shape) for spec in self.tensor_specs().values())
+
+    def to_dict(self) -> dict[str, Any]:
+        data = asdict(self)
+        for key, value in data.items():
+            if isinstance(value, tuple):
+                data[key] = list(value)
+        return {"op": self.op, **data}
+
+
+@register_op
+@dataclass(frozen=True)
+class FreezeBase(PlanOp):
+    """Make every parameter of the base model non-trainable."""
+
+    op: ClassVar[str] = "freeze_base"
+
+
+@register_op
+@dataclass(frozen=True)
+class AddLora(PlanOp):
+    """Add a low-rank delta ``scaling * B @ A`` to a linear or embedding layer.
+
+    ``A`` is ``(r, in_features)`` and ``B`` is ``(out_features, r)``; for an embedding,
+    ``in_features`` is the vocabulary size and ``out_features`` the embedding width.
+    ``init`` is ``"kaiming"`` (A kaiming-uniform, B zero), ``"gaussian"`` (A normal
+    with std 1/r, B zero) or ``"random"`` (both random: the output changes at once,
+    for tests).
+    """
+
+    op: ClassVar[str] = "lora"
+    layer_kind: str = "linear"
+    in_features: int = 0
+    out_features: int = 0
+    r: int = 8
+    lora_alpha: float = 8.0
+    scaling: float = 1.0
+    dropout: float = 0.0
+    init: str = "kaiming"
+
+    def tensor_specs(self) -> dict[str, TensorSpec]:
+        if self.layer_kind == "embedding":
+            return {
+                "lora_A": TensorSpec((self.r, self.in_features), "lora_embedding_A"),
+                "lora_B": TensorSpec((self.out_features, self.r), "lora_embedding_B"),
+            }
+        return {
+            "lora_A": TensorSpec((self.r, self.in_features), "lora_A.weight"),
+            "lora_B": TensorSpec((self.out_features, self.r), "lora_B.weight"),
+        }
+
+
+@register_op
+@dataclass(frozen=True)
+class SaveModule(PlanOp):
+    """Train a full copy of a module per adapter (HF PEFT's ``modules_to_save``).
+
+    ``param_shapes`` maps each parameter under the module (relative name) to its shape.
+    """
+
+    op: ClassVar[str] = "modules_to_save"
+    param_shapes: Mapping[str, tuple] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "param_shapes", {k: tuple(v) for k, v in self.param_shapes.items()})
+
+    def tensor_specs(self) -> dict[str, TensorSpec]:
+        return {name: TensorSpec(shape, name) for name, shape in self.param_shapes.items()}
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"op": self.op, "path": self.path, "param_shapes": {k: list(v) for k, v in self.param_shapes.items()}}
+
+
+@dataclass(frozen=True)
+class RewritePlan:
+    """An adapter's complete recipe: the method, the adapter name and the ordered ops."""
+
+    method: str
+    adapter_name: str
+    ops: tuple[PlanOp, ...]
+    version: int = PLAN_FORMAT_VERSION
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "ops", tuple(self.ops))
+        for op in self.ops:
+            if not isinstance(op, PlanOp):
+                raise PlanError(f"plan op {op!r} is not a PlanOp")
+
+    def ops_of(self, *op_names: str) -> list[PlanOp]:
+        return [op for op in self.ops if op.op in op_names]
+
+    @property
+    def paths(self) -> list[str]:
+        """Layers the plan touches, in order, without repeats."""
+        return list(dict.fromkeys(op.path for op in self.ops if op.path))
+
+    def num_trainable(self) -> int:
+        return sum(op.num_trainable() for op in self.ops)
+
+    def tensor_specs(self) -> dict[str, TensorSpec]:
+        """Every adapter tensor of the plan, keyed by canonical full name (``path.name``).
+
+        The returned specs' ``hf_name`` is the full HF PEFT key without its
+        ``base_model.model.`` prefix (``path.lora_A.weight``).
+        """
+        specs: dict[str, TensorSpec] = {}
+        for op in self.ops:
+            for name, spec in op.tensor_specs().items():
+                full = f"{op.path}.{name}" if op.path else name
+                hf_name = f"{op.path}.{spec.hf_name}" if op.path else spec.hf_name
+                specs[full] = TensorSpec(spec.shape, hf_name)
+        return specs
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "version": self.version,
+            "method": self.method,
+            "adapter_name": self.adapter_name,
+            "ops": [op.to_dict() for op in self.ops],
+        }
+
+    def to_json(self, indent: Optional[int] = 2) -> str:
+        return json.dumps(self.to_dict(), indent=indent, sort_keys=False)
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any]) -> RewritePlan:
+        if not isinstance(data, Mapping):
+            raise PlanError(f"a rewrite plan must be a JSON object, got {type(data).__name__}")
+        missing = [k for k in ("method", "adapter_name", "ops") if k not in data]
+        if missing:
+            raise PlanError(f"rewrite plan is missing {missing}")
+        version = data.get("version", PLAN_FORMAT_VERSION)
+        if not isinstance(version, int) or version > PLAN_FORMAT_VERSION:
+            raise PlanError(f"rewrite plan format version {version!r} is newer than this peftcore understands")
+        if not isinstance(data["ops"], Sequence) or isinstance(data["ops"], str):
+            raise PlanError("rewrite plan 'ops' must be a list")
+        return cls(
+            method=str(data["method"]),
+            adapter_name=str(data["adapter_name"]),
+            ops=tuple(_op_from_dict(op) for op in data["ops"]),
+            version=version,
+        )
+
+    @classmethod
+    def from_json(cls, text: str) -> RewritePlan:
+        try:
+            data = json.loads(text)
+        except json.JSONDecodeError as exc:
+            raise PlanError(f"rewrite plan is not valid JSON: {exc}") from None
+        return cls.from_dict(data)
+
+    def with_adapter_name(self, adapter_name: str) -> RewritePlan:
+        return RewritePlan(self.method, adapter_name, self.ops, self.version)
+
+
+def _op_from_dict(data: Any) -> PlanOp:
+    if not isinstance(data, Mapping) or "op" not in data:
+        raise PlanError(f"plan op must be an object with an 'op' field, got {data!r}")
+    name = data["op"]
+    cls = _OP_TYPES.get(name)
+    if cls is None:
+        raise PlanError(f"unknown plan op {name!r}{did_you_mean(str(name), _OP_TYPES)}")
+    allowed = {f.name for f in fields(cls)}
+    kwargs = {k: v for k, v in data.items() if k != "op"}
+    unknown = sorted(set(kwargs) - allowed)
+    if unknown:
+        raise PlanError(f"plan op {name!r} has unknown fields {unknown}")
+    kwargs = {k: tuple(v) if isinstance(v, list) else v for k, v in kwargs.items()}
+    try:
+        return cls(**kwargs)
+    except (TypeError, ValueError) as exc:
+        raise PlanError(f"plan op {name!r} is malformed: {exc}") from None
+
+
+def check_plan_fits(plan: RewritePlan, graph: ModelGraph, source: str) -> None:
+    """Raise :class:`AdapterError` unless every op of ``plan`` fits a layer of ``graph``
+    (the layer exists and its shapes are those the op was planned for)."""
+    for op in plan.ops:
+        if not op.path:
+            continue
+        if op.path not in graph:
+            raise AdapterError(
+                f"{source}: the adapter adapts layer {op.path!r}, which this model does not have"
+                f"{did_you_mean(op.path, graph.paths)}"
+            )
+        node = graph.get(op.path)
+        if isinstance(op, AddLora):
+            if node.kind != op.layer_kind:
+                raise AdapterError(f"{source}: layer {op.path!r} is a {node.kind}, the adapter expects a {op.layer_kind}")
+            dims = (node.num_embeddings, node.embedding_dim) if node.kind == "embedding" else (node.in_features, node.out_features)
+            if tuple(dims) != (op.in_features, op.out_features):
+                raise AdapterError(
+                    f"{source}: layer {op.path!r} maps {dims[0]} -> {dims[1]} features, the adapter was "
+                    f"trained for {op.in_features} -> {op.out_features}"
+                )
+        elif isinstance(op, SaveModule):
+            actual = graph.subtree_params(op.path)
+            if actual != dict(op.param_shapes):
+                raise AdapterError(f"{source}: module {op.path!r} has parameters {actual}, the adapter saved {dict(op.param_shapes)}")

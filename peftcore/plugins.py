@@ -1,0 +1,231 @@
+"""Plugin discovery and backend selection.
+
+The pluggy manager is built lazily, once per process (thread-safe), on first use:
+``import peftcore`` loads no plugin. Plugins come only from the ``peftcore``
+entry-point group, first-party backends included, loaded one entry point at a time
+with pluggy's ``load_setuptools_entrypoints`` so that one plugin failing to import is
+recorded by name while the others keep working. ``PEFTCORE_DISABLED_PLUGINS``
+(comma-separated entry-point names) blocks plugins before they are imported.
+"""
+
+from __future__ import annotations
+
+import os
+import threading
+from dataclasses import dataclass
+from typing import Any, Optional
+
+import pluggy
+
+from peftcore import hookspecs
+from peftcore.errors import BackendError, PeftCoreError, did_you_mean
+from peftcore.hookspecs import REQUIRED_BACKEND_HOOKS, BackendInfo
+
+ENTRY_POINT_GROUP = "peftcore"
+ENV_BACKEND = "PEFTCORE_BACKEND"
+ENV_DISABLED = "PEFTCORE_DISABLED_PLUGINS"
+
+_lock = threading.Lock()
+_manager: Optional[PluginManager] = None
+
+
+@dataclass(frozen=True)
+class PluginFailure:
+    """An entry point that could not be loaded, and why."""
+
+    name: str
+    error: str
+
+
+class Backend:
+    """One backend plugin; every hook call goes to this plugin only."""
+
+    def __init__(self, name: str, plugin: Any, manager: PluginManager) -> None:
+        self.name = name
+        self.plugin = plugin
+        self._manager = manager
+        self._callers: dict[str, Any] = {}
+        self._info: Optional[BackendInfo] = None
+
+    def __repr__(self) -> str:
+        return f"Backend({self.name!r})"
+
+    @property
+    def info(self) -> BackendInfo:
+        """The backend's self-description; a failing or incomplete plugin is unavailable."""
+        if self._info is None:
+            self._info = self._compute_info()
+        return self._info
+
+    def _compute_info(self) -> BackendInfo:
+        implemented = {caller.name for caller in self._manager.pm.get_hookcallers(self.plugin) or ()}
+        missing = [h for h in REQUIRED_BACKEND_HOOKS if h not in implemented]
+        try:
+            info = self.call("peftcore_backend_info")
+        except PeftCoreError as exc:
+            return BackendInfo(name=self.name, framework="?", available=False, reason=str(exc))
+        if not isinstance(info, BackendInfo):
+            return BackendInfo(self.name, "?", False, reason=f"peftcore_backend_info returned {info!r}")
+        if missing:
+            return BackendInfo(
+                info.name, info.framework, False, info.version, f"plugin does not implement {', '.join(missing)}"
+            )
+        return info
+
+    @property
+    def available(self) -> bool:
+        return self.info.available
+
+    def call(self, hook_name: str, **kwargs: Any) -> Any:
+        """Call ``hook_name`` on this backend only; foreign exceptions name the backend."""
+        caller = self._callers.get(hook_name)
+        if caller is None:
+            others = [p for p in self._manager.pm.get_plugins() if p is not self.plugin]
+            caller = self._manager.pm.subset_hook_caller(hook_name, remove_plugins=others)
+            self._callers[hook_name] = caller
+        try:
+            return caller(**kwargs)
+        except PeftCoreError:
+            raise
+        except Exception as exc:
+            raise BackendError(
+                f"backend {self.name!r} failed in {hook_name}: {type(exc).__name__}: {exc}"
+            ) from exc
+
+    def require_available(self) -> None:
+        if not self.available:
+            raise BackendError(f"backend {self.name!r} is not available: {self.info.reason}")
+
+
+class PluginManager:
+    """The loaded plugins and the backends among them."""
+
+    def __init__(self, load_entry_points: bool = True) -> None:
+        self.pm = pluggy.PluginManager(hookspecs.PROJECT)
+        self.pm.add_hookspecs(hookspecs)
+        self.failures: list[PluginFailure] = []
+        self.disabled = _disabled_names()
+        for name in self.disabled:
+            self.pm.set_blocked(name)
+        if load_entry_points:
+            self._load_entry_points()
+        self._backends: dict[str, Backend] = {}
+
+    @property
+    def hook(self) -> Any:
+        """Broadcast hook relay, for extension hooks."""
+        return self.pm.hook
+
+    def _load_entry_points(self) -> None:
+        for name in _entry_point_names(ENTRY_POINT_GROUP):
+            if self.pm.is_blocked(name) or self.pm.get_plugin(name) is not None:
+                continue
+            try:
+                self.pm.load_setuptools_entrypoints(ENTRY_POINT_GROUP, name=name)
+            except Exception as exc:  # a broken plugin must not take the others down
+                self.failures.append(PluginFailure(name, f"{type(exc).__name__}: {exc}"))
+
+    def register(self, plugin: Any, name: str) -> None:
+        """Register an in-process plugin (a module or object with ``@hookimpl`` functions)."""
+        if self.pm.is_blocked(name):
+            return
+        try:
+            self.pm.register(plugin, name=name)
+        except Exception as exc:
+            raise BackendError(f"plugin {name!r} could not be registered: {exc}") from exc
+        self._backends.clear()
+
+    def unregister(self, name: str) -> None:
+        plugin = self.pm.get_plugin(name)
+        if plugin is not None:
+            self.pm.unregister(plugin)
+        self._backends.clear()
+
+    def backends(self) -> dict[str, Backend]:
+        """Every backend plugin by name (available or not)."""
+        if not self._backends:
+            for name, plugin in self.pm.list_name_plugin():
+                impls = {c.name for c in self.pm.get_hookcallers(plugin) or ()}
+                if "peftcore_backend_info" in impls:
+                    self._backends[name] = Backend(name, plugin, self)
+        return dict(self._backends)
+
+    def describe_backends(self) -> str:
+        """One line per backend and failed plugin, for error messages."""
+        lines = []
+        for name, backend in sorted(self.backends().items()):
+            info = backend.info
+            state = "available" if info.available else f"unavailable: {info.reason}"
+            lines.append(f"  - {name} ({info.framework}): {state}")
+        for failure in self.failures:
+            lines.append(f"  - {failure.name}: failed to load: {failure.error}")
+        for name in sorted(self.disabled):
+            lines.append(f"  - {name}: disabled by {ENV_DISABLED}")
+        return "\n".join(lines) if lines else "  (no backend plugin is installed)"
+
+    def get_backend(self, name: str) -> Backend:
+        """The named backend, which must be available."""
+        backends = self.backends()
+        if name not in backends:
+            failed = [f for f in self.failures if f.name == name]
+            why = f" (its plugin failed to load: {failed[0].error})" if failed else ""
+            raise BackendError(
+                f"unknown backend {name!r}{why}{did_you_mean(name, backends)}; installed backends:\n"
+                + self.describe_backends()
+            )
+        backend = backends[name]
+        backend.require_available()
+        return backend
+
+    def select_backend(self, model: Any, backend: Optional[str] = None, config: Any = None) -> Backend:
+        """Pick the backend for ``model``: argument, config ``backend``, env var, detection."""
+        chosen = backend or getattr(config, "backend", None) or os.environ.get(ENV_BACKEND) or None
+        if chosen:
+            return self.get_backend(chosen)
+        claims = []
+        for name, candidate in sorted(self.backends().items()):
+            if candidate.available and candidate.call("peftcore_detect", model=model):
+                claims.append(candidate)
+        if len(claims) == 1:
+            return claims[0]
+        if len(claims) > 1:
+            names = ", ".join(c.name for c in claims)
+            raise BackendError(f"several backends claim a {type(model).__name__} ({names}); pass backend=...")
+        raise BackendError(
+            f"no installed backend recognises a {type(model).__module__}.{type(model).__qualname__}; "
+            f"installed backends:\n" + self.describe_backends()
+        )
+
+
+def _disabled_names() -> set[str]:
+    raw = os.environ.get(ENV_DISABLED, "")
+    return {part.strip() for part in raw.split(",") if part.strip()}
+
+
+def _entry_point_names(group: str) -> list[str]:
+    from importlib import metadata
+
+    eps = metadata.entry_points()
+    selected = eps.select(group=group) if hasattr(eps, "select") else eps.get(group, [])  # Python 3.9
+    return list(dict.fromkeys(ep.name for ep in selected))
+
+
+def get_plugin_manager() -> PluginManager:
+    """The process-wide plugin manager, built on first call (one even under threads)."""
+    global _manager
+    if _manager is None:
+        with _lock:
+            if _manager is None:
+                _manager = PluginManager()
+    return _manager
+
+
+def reset_plugin_manager() -> None:
+    """Forget the plugin manager (the next use rebuilds it, re-reading the environment)."""
+    global _manager
+    with _lock:
+        _manager = None
+    from peftcore.registry import PeftRegistry
+
+    PeftRegistry._plugins_loaded = False
+

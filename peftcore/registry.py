@@ -1,0 +1,116 @@
+"""The PEFT method registry.
+
+A method is a config class (a :class:`~peftcore.config.PeftConfig` subclass whose
+``plan`` method is the planner). Methods are registered in-process with the decorator::
+
+    @PeftRegistry.register("my_method")
+    class MyConfig(PeftConfig): ...
+
+or by a plugin's ``peftcore_register_methods`` hook (see :mod:`peftcore.hookspecs`), which
+is how third-party packages add methods. Built-in methods register themselves on import
+of :mod:`peftcore.methods`.
+"""
+
+from __future__ import annotations
+
+import threading
+from typing import Callable, TypeVar
+
+from peftcore.config import PeftConfig
+from peftcore.errors import ConfigError, UnknownMethodError, did_you_mean
+
+C = TypeVar("C", bound=type)
+
+
+class MethodRegistry:
+    """Maps method names (``"lora"``) and HF ``peft_type`` strings to config classes."""
+
+    def __init__(self) -> None:
+        self._methods: dict[str, type[PeftConfig]] = {}
+        self._plugins_loaded = False
+        self._lock = threading.RLock()
+
+    def register(self, name: str) -> Callable[[C], C]:
+        """Class decorator registering a config class as method ``name``."""
+
+        def decorate(cls: C) -> C:
+            self.add(name, cls)  # type: ignore[arg-type]
+            return cls
+
+        return decorate
+
+    def add(self, name: str, config_cls: type[PeftConfig]) -> None:
+        """Register ``config_cls`` under ``name``; re-registering the same class is a no-op."""
+        if not (isinstance(config_cls, type) and issubclass(config_cls, PeftConfig)):
+            raise ConfigError(f"method {name!r} must be a PeftConfig subclass, got {config_cls!r}")
+        if not name or not isinstance(name, str):
+            raise ConfigError(f"method name must be a non-empty string, got {name!r}")
+        with self._lock:
+            existing = self._methods.get(name)
+            if existing is not None and existing is not config_cls:
+                raise ConfigError(
+                    f"method {name!r} is already registered by {existing.__module__}.{existing.__qualname__}"
+                )
+            config_cls.method = name
+            if not config_cls.peft_type:
+                config_cls.peft_type = name.upper()
+            self._methods[name] = config_cls
+
+    def _ensure_plugins(self) -> None:
+        if self._plugins_loaded:
+            return
+        with self._lock:
+            if self._plugins_loaded:
+                return
+            self._plugins_loaded = True
+            from peftcore.plugins import get_plugin_manager
+
+            for config_classes in get_plugin_manager().hook.peftcore_register_methods():
+                for config_cls in config_classes or ():
+                    self.add(config_cls.method or config_cls.__name__.lower(), config_cls)
+
+    def names(self) -> list[str]:
+        """Every registered method name, plugin methods included."""
+        _builtin_methods()
+        self._ensure_plugins()
+        return sorted(self._methods)
+
+    def get(self, name: str) -> type[PeftConfig]:
+        """The config class of method ``name`` (or of HF ``peft_type`` ``name``)."""
+        _builtin_methods()
+        found = self._lookup(name)
+        if found is None:
+            self._ensure_plugins()
+            found = self._lookup(name)
+        if found is None:
+            raise UnknownMethodError(
+                f"unknown PEFT method {name!r}{did_you_mean(str(name), self._methods)}; "
+                f"registered methods: {', '.join(sorted(self._methods))}"
+            )
+        return found
+
+    def _lookup(self, name: str) -> type[PeftConfig] | None:
+        if name in self._methods:
+            return self._methods[name]
+        for cls in self._methods.values():
+            if cls.peft_type == name:
+                return cls
+        return None
+
+    def config_from_dict(self, data: dict) -> PeftConfig:
+        """Build the right config class from a saved dict, using its ``peft_type``."""
+        if not isinstance(data, dict):
+            raise ConfigError(f"adapter config must be a JSON object, got {type(data).__name__}")
+        peft_type = data.get("peft_type")
+        if not isinstance(peft_type, str):
+            raise ConfigError(f"adapter config has no valid 'peft_type' (got {peft_type!r})")
+        return self.get(peft_type).from_dict(data)
+
+
+def _builtin_methods() -> None:
+    import peftcore.methods  # noqa: F401  (registers the built-in methods)
+
+
+#: The process-wide registry (also reachable as ``peftcore.PeftRegistry``).
+PeftRegistry = MethodRegistry()
+register_method = PeftRegistry.register
