@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import json
 import math
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import MISSING, asdict, dataclass, field, fields
 from typing import Any, ClassVar, Mapping, Optional, Sequence
 
 from peftcore.errors import AdapterError, PlanError, did_you_mean
@@ -55,6 +55,28 @@ class PlanOp:
 
     op: ClassVar[str] = ""
     path: str = ""
+
+    def __post_init__(self) -> None:
+        """Check every field against the type of its default (ops come from files)."""
+        for f in fields(self):
+            value = getattr(self, f.name)
+            default = f.default if f.default is not MISSING else f.default_factory()  # type: ignore[misc]
+            if isinstance(default, bool):
+                ok = isinstance(value, bool)
+            elif isinstance(default, (int, float)):
+                ok = isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+                if ok and isinstance(default, int):
+                    ok = isinstance(value, int)
+                elif ok:
+                    object.__setattr__(self, f.name, float(value))
+            elif isinstance(default, str):
+                ok = isinstance(value, str)
+            elif isinstance(default, Mapping):
+                ok = isinstance(value, Mapping)
+            else:
+                ok = True
+            if not ok:
+                raise PlanError(f"plan op {self.op!r}: field {f.name!r} must be {type(default).__name__}, got {value!r}")
 
     def tensor_specs(self) -> dict[str, TensorSpec]:
         """Adapter tensors this op owns, keyed by canonical name relative to ``path``."""
@@ -102,6 +124,15 @@ class AddLora(PlanOp):
     dropout: float = 0.0
     init: str = "kaiming"
 
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if self.layer_kind not in ("linear", "embedding"):
+            raise PlanError(f"lora op on {self.path!r}: layer_kind must be 'linear' or 'embedding', got {self.layer_kind!r}")
+        if self.init not in ("kaiming", "gaussian", "random"):
+            raise PlanError(f"lora op on {self.path!r}: unknown init {self.init!r}")
+        if min(self.r, self.in_features, self.out_features) <= 0 or not 0.0 <= self.dropout < 1.0:
+            raise PlanError(f"lora op on {self.path!r}: r, in_features and out_features must be positive, dropout in [0, 1)")
+
     def tensor_specs(self) -> dict[str, TensorSpec]:
         if self.layer_kind == "embedding":
             return {
@@ -126,7 +157,13 @@ class SaveModule(PlanOp):
     param_shapes: Mapping[str, tuple] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
-        object.__setattr__(self, "param_shapes", {k: tuple(v) for k, v in self.param_shapes.items()})
+        super().__post_init__()
+        shapes = {}
+        for name, shape in self.param_shapes.items():
+            if not isinstance(shape, (list, tuple)) or not all(isinstance(d, int) and not isinstance(d, bool) and d >= 0 for d in shape):
+                raise PlanError(f"modules_to_save op on {self.path!r}: shape of {name!r} must be a list of sizes, got {shape!r}")
+            shapes[str(name)] = tuple(shape)
+        object.__setattr__(self, "param_shapes", shapes)
 
     def tensor_specs(self) -> dict[str, TensorSpec]:
         return {name: TensorSpec(shape, name) for name, shape in self.param_shapes.items()}
@@ -198,9 +235,11 @@ class RewritePlan:
             raise PlanError(f"rewrite plan format version {version!r} is newer than this peftcore understands")
         if not isinstance(data["ops"], Sequence) or isinstance(data["ops"], str):
             raise PlanError("rewrite plan 'ops' must be a list")
+        if not isinstance(data["method"], str) or not isinstance(data["adapter_name"], str):
+            raise PlanError("rewrite plan 'method' and 'adapter_name' must be strings")
         return cls(
-            method=str(data["method"]),
-            adapter_name=str(data["adapter_name"]),
+            method=data["method"],
+            adapter_name=data["adapter_name"],
             ops=tuple(_op_from_dict(op) for op in data["ops"]),
             version=version,
         )
@@ -221,7 +260,7 @@ def _op_from_dict(data: Any) -> PlanOp:
     if not isinstance(data, Mapping) or "op" not in data:
         raise PlanError(f"plan op must be an object with an 'op' field, got {data!r}")
     name = data["op"]
-    cls = _OP_TYPES.get(name)
+    cls = _OP_TYPES.get(name) if isinstance(name, str) else None
     if cls is None:
         raise PlanError(f"unknown plan op {name!r}{did_you_mean(str(name), _OP_TYPES)}")
     allowed = {f.name for f in fields(cls)}
@@ -229,11 +268,7 @@ def _op_from_dict(data: Any) -> PlanOp:
     unknown = sorted(set(kwargs) - allowed)
     if unknown:
         raise PlanError(f"plan op {name!r} has unknown fields {unknown}")
-    kwargs = {k: tuple(v) if isinstance(v, list) else v for k, v in kwargs.items()}
-    try:
-        return cls(**kwargs)
-    except (TypeError, ValueError) as exc:
-        raise PlanError(f"plan op {name!r} is malformed: {exc}") from None
+    return cls(**kwargs)
 
 
 def check_plan_fits(plan: RewritePlan, graph: ModelGraph, source: str) -> None:

@@ -182,18 +182,24 @@ class PluginManager:
         chosen = backend or getattr(config, "backend", None) or os.environ.get(ENV_BACKEND) or None
         if chosen:
             return self.get_backend(chosen)
-        claims = []
+        claims, errors = [], []
         for name, candidate in sorted(self.backends().items()):
-            if candidate.available and candidate.call("peftcore_detect", model=model):
-                claims.append(candidate)
+            if not candidate.available:
+                continue
+            try:
+                if candidate.call("peftcore_detect", model=model):
+                    claims.append(candidate)
+            except BackendError as exc:  # one broken plugin must not hide the others
+                errors.append(str(exc))
         if len(claims) == 1:
             return claims[0]
         if len(claims) > 1:
             names = ", ".join(c.name for c in claims)
             raise BackendError(f"several backends claim a {type(model).__name__} ({names}); pass backend=...")
+        failed = "".join(f"\n  ! {e}" for e in errors)
         raise BackendError(
             f"no installed backend recognises a {type(model).__module__}.{type(model).__qualname__}; "
-            f"installed backends:\n" + self.describe_backends()
+            f"installed backends:\n" + self.describe_backends() + failed
         )
 
 

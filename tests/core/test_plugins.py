@@ -1,0 +1,165 @@
+"""Plugin discovery, backend selection and plugin faults."""
+
+import os
+import sys
+import textwrap
+import threading
+from pathlib import Path
+from typing import Any, Iterator
+
+import pytest
+
+import peftcore
+from peftcore import BackendError, BackendInfo, LoraConfig, hookimpl
+from peftcore.hookspecs import REQUIRED_BACKEND_HOOKS
+from peftcore.plugins import ENV_BACKEND, ENV_DISABLED, PluginManager, get_plugin_manager, reset_plugin_manager
+
+
+class FakeModel:
+    pass
+
+
+class BrokenBackend:
+    """A backend whose hooks raise, claiming FakeModel."""
+
+    @hookimpl
+    def peftcore_backend_info(self) -> BackendInfo:
+        return BackendInfo("broken", "Fake", available=True, version="0")
+
+    @hookimpl
+    def peftcore_detect(self, model: Any) -> bool:
+        return isinstance(model, FakeModel)
+
+
+def _raiser(name: str) -> Any:
+    def hook(self: Any, **kwargs: Any) -> Any:
+        raise RuntimeError("boom")
+
+    hook.__name__ = name
+    return hookimpl(hook)
+
+
+for _name in REQUIRED_BACKEND_HOOKS:
+    if not hasattr(BrokenBackend, _name):
+        setattr(BrokenBackend, _name, _raiser(_name))
+
+
+@pytest.fixture
+def fresh_manager(monkeypatch: pytest.MonkeyPatch) -> Iterator[None]:
+    monkeypatch.delenv(ENV_BACKEND, raising=False)
+    monkeypatch.delenv(ENV_DISABLED, raising=False)
+    reset_plugin_manager()
+    yield
+    reset_plugin_manager()
+
+
+def test_first_party_backends_come_from_entry_points(fresh_manager: None) -> None:
+    backends = get_plugin_manager().backends()
+    assert {"torch", "singa"} <= set(backends)
+    assert backends["torch"].available and backends["torch"].info.framework == "PyTorch"
+
+
+def test_unknown_backend_lists_installed(fresh_manager: None) -> None:
+    with pytest.raises(BackendError, match=r"unknown backend 'torh'.*'torch'.*installed backends:\n.*torch \(PyTorch\): available"):
+        get_plugin_manager().get_backend("torh")
+
+
+def test_selection_order(fresh_manager: None, monkeypatch: pytest.MonkeyPatch) -> None:
+    torch = pytest.importorskip("torch")
+    model = torch.nn.Sequential(torch.nn.Linear(2, 2))
+    manager = get_plugin_manager()
+    assert manager.select_backend(model).name == "torch"  # detection
+    monkeypatch.setenv(ENV_BACKEND, "nope")
+    with pytest.raises(BackendError, match="unknown backend 'nope'"):
+        manager.select_backend(model)
+    assert manager.select_backend(model, config=LoraConfig(backend="torch")).name == "torch"  # config beats env
+    with pytest.raises(BackendError, match="unknown backend 'other'"):
+        manager.select_backend(model, backend="other", config=LoraConfig(backend="torch"))  # argument beats config
+
+
+def test_no_backend_recognises_model(fresh_manager: None) -> None:
+    with pytest.raises(BackendError, match=r"no installed backend recognises a .*FakeModel.*installed backends"):
+        peftcore.get_peft_model(FakeModel(), LoraConfig(target_modules=["x"]))
+
+
+def test_disabled_plugins_env(fresh_manager: None, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv(ENV_DISABLED, "torch, singa")
+    reset_plugin_manager()
+    manager = get_plugin_manager()
+    assert "torch" not in manager.backends()
+    with pytest.raises(BackendError, match="torch: disabled by PEFTCORE_DISABLED_PLUGINS"):
+        manager.get_backend("torch")
+
+
+def test_plugin_raising_in_hook_is_named_and_others_keep_working(fresh_manager: None) -> None:
+    torch = pytest.importorskip("torch")
+    manager = get_plugin_manager()
+    manager.register(BrokenBackend(), "broken")
+    with pytest.raises(BackendError, match=r"backend 'broken' failed in peftcore_describe: RuntimeError: boom"):
+        peftcore.get_peft_model(FakeModel(), LoraConfig(target_modules=["x"]))
+    model = torch.nn.Sequential(torch.nn.Linear(2, 2))
+    wrapped = peftcore.get_peft_model(model, LoraConfig(target_modules=["0"]))
+    assert wrapped.backend.name == "torch"
+
+
+def test_incomplete_backend_is_unavailable(fresh_manager: None) -> None:
+    class HalfBackend:
+        @hookimpl
+        def peftcore_backend_info(self) -> BackendInfo:
+            return BackendInfo("half", "Fake", available=True)
+
+    manager = get_plugin_manager()
+    manager.register(HalfBackend(), "half")
+    with pytest.raises(BackendError, match="half.*not available: plugin does not implement peftcore_detect"):
+        manager.get_backend("half")
+
+
+def test_entry_point_that_fails_to_import_is_reported(fresh_manager: None, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    dist = tmp_path / "broken_peftcore_plugin-1.0.dist-info"
+    dist.mkdir()
+    (dist / "METADATA").write_text("Metadata-Version: 2.1\nName: broken-peftcore-plugin\nVersion: 1.0\n")
+    (dist / "entry_points.txt").write_text("[peftcore]\nbrokenplug = broken_peftcore_plugin_module\n")
+    (tmp_path / "broken_peftcore_plugin_module.py").write_text("raise ImportError('this plugin is broken on purpose')\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    reset_plugin_manager()
+    manager = get_plugin_manager()
+    assert "brokenplug" in [f.name for f in manager.failures]
+    assert "broken on purpose" in manager.describe_backends()
+    with pytest.raises(BackendError, match="brokenplug.*failed to load: ImportError: this plugin is broken on purpose"):
+        manager.get_backend("brokenplug")
+    assert manager.get_backend("torch").available
+
+
+def test_lazy_manager_is_built_once_under_threads(fresh_manager: None) -> None:
+    seen = []
+    barrier = threading.Barrier(8)
+
+    def grab() -> None:
+        barrier.wait()
+        seen.append(get_plugin_manager())
+
+    threads = [threading.Thread(target=grab) for _ in range(8)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert len({id(m) for m in seen}) == 1
+
+
+def test_hooks_are_called_on_the_selected_backend_only(fresh_manager: None) -> None:
+    manager = PluginManager(load_entry_points=False)
+    calls = []
+
+    class Recorder(BrokenBackend):
+        def __init__(self, label: str) -> None:
+            self.label = label
+
+        @hookimpl
+        def peftcore_backend_info(self) -> BackendInfo:
+            calls.append(self.label)
+            return BackendInfo(self.label, "Fake", available=True)
+
+    manager.register(Recorder("a"), "a")
+    manager.register(Recorder("b"), "b")
+    assert manager.get_backend("b").info.name == "b"
+    assert calls == ["b"]
