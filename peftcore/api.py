@@ -137,12 +137,19 @@ class PeftModel:
 
     @contextlib.contextmanager
     def disable_adapter(self) -> Iterator[None]:
-        """Context manager: run the base model alone inside the block."""
+        """Context manager: run the base model alone inside the block.
+
+        Merged adapters are unmerged for the block and merged again after it.
+        """
+        merged = list(self._merged)
+        self.unmerge_adapter()
         self.backend.call("peftcore_set_adapters_enabled", model=self.model, enabled=False)
         try:
             yield
         finally:
             self.backend.call("peftcore_set_adapters_enabled", model=self.model, enabled=True)
+            if merged:
+                self.merge_adapter(merged)
 
     # -- merging ----------------------------------------------------------------------------
     def merge_adapter(self, adapter_names: Optional[Sequence[str]] = None) -> None:

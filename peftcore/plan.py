@@ -82,6 +82,14 @@ class PlanOp:
         """Adapter tensors this op owns, keyed by canonical name relative to ``path``."""
         return {}
 
+    def misfit(self, graph: ModelGraph) -> Optional[str]:
+        """Why this op does not fit layer ``path`` of ``graph`` (None when it fits).
+
+        Ops whose tensors depend on a layer's shape override it, so a saved adapter is
+        checked against the model before anything is built.
+        """
+        return None
+
     def num_trainable(self) -> int:
         """Number of trainable scalars this op adds or unfreezes."""
         return sum(math.prod(spec.shape) for spec in self.tensor_specs().values())
@@ -133,6 +141,21 @@ class AddLora(PlanOp):
         if min(self.r, self.in_features, self.out_features) <= 0 or not 0.0 <= self.dropout < 1.0:
             raise PlanError(f"lora op on {self.path!r}: r, in_features and out_features must be positive, dropout in [0, 1)")
 
+    def misfit(self, graph: ModelGraph) -> Optional[str]:
+        node = graph.get(self.path)
+        if node.kind != self.layer_kind:
+            return f"layer {self.path!r} is a {node.kind}, the adapter expects a {self.layer_kind}"
+        if node.kind == "embedding":
+            dims = (node.num_embeddings, node.embedding_dim)
+        else:
+            dims = (node.in_features, node.out_features)
+        if dims != (self.in_features, self.out_features):
+            return (
+                f"layer {self.path!r} maps {dims[0]} -> {dims[1]} features, the adapter was "
+                f"trained for {self.in_features} -> {self.out_features}"
+            )
+        return None
+
     def tensor_specs(self) -> dict[str, TensorSpec]:
         if self.layer_kind == "embedding":
             return {
@@ -167,6 +190,12 @@ class SaveModule(PlanOp):
 
     def tensor_specs(self) -> dict[str, TensorSpec]:
         return {name: TensorSpec(shape, name) for name, shape in self.param_shapes.items()}
+
+    def misfit(self, graph: ModelGraph) -> Optional[str]:
+        actual = graph.subtree_params(self.path)
+        if actual != dict(self.param_shapes):
+            return f"module {self.path!r} has parameters {actual}, the adapter saved {dict(self.param_shapes)}"
+        return None
 
     def to_dict(self) -> dict[str, Any]:
         return {"op": self.op, "path": self.path, "param_shapes": {k: list(v) for k, v in self.param_shapes.items()}}
@@ -261,6 +290,11 @@ def _op_from_dict(data: Any) -> PlanOp:
         raise PlanError(f"plan op must be an object with an 'op' field, got {data!r}")
     name = data["op"]
     cls = _OP_TYPES.get(name) if isinstance(name, str) else None
+    if cls is None and isinstance(name, str):
+        from peftcore.registry import PeftRegistry
+
+        PeftRegistry.load_plugins()  # a plugin's import registers its op types
+        cls = _OP_TYPES.get(name)
     if cls is None:
         raise PlanError(f"unknown plan op {name!r}{did_you_mean(str(name), _OP_TYPES)}")
     allowed = {f.name for f in fields(cls)}
@@ -282,17 +316,6 @@ def check_plan_fits(plan: RewritePlan, graph: ModelGraph, source: str) -> None:
                 f"{source}: the adapter adapts layer {op.path!r}, which this model does not have"
                 f"{did_you_mean(op.path, graph.paths)}"
             )
-        node = graph.get(op.path)
-        if isinstance(op, AddLora):
-            if node.kind != op.layer_kind:
-                raise AdapterError(f"{source}: layer {op.path!r} is a {node.kind}, the adapter expects a {op.layer_kind}")
-            dims = (node.num_embeddings, node.embedding_dim) if node.kind == "embedding" else (node.in_features, node.out_features)
-            if tuple(dims) != (op.in_features, op.out_features):
-                raise AdapterError(
-                    f"{source}: layer {op.path!r} maps {dims[0]} -> {dims[1]} features, the adapter was "
-                    f"trained for {op.in_features} -> {op.out_features}"
-                )
-        elif isinstance(op, SaveModule):
-            actual = graph.subtree_params(op.path)
-            if actual != dict(op.param_shapes):
-                raise AdapterError(f"{source}: module {op.path!r} has parameters {actual}, the adapter saved {dict(op.param_shapes)}")
+        problem = op.misfit(graph)
+        if problem:
+            raise AdapterError(f"{source}: {problem}")

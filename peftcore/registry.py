@@ -56,6 +56,10 @@ class MethodRegistry:
                 config_cls.peft_type = name.upper()
             self._methods[name] = config_cls
 
+    def load_plugins(self) -> None:
+        """Collect the methods of every installed plugin (once; later calls are free)."""
+        self._ensure_plugins()
+
     def _ensure_plugins(self) -> None:
         if self._plugins_loaded:
             return

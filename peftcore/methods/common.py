@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import warnings
 from typing import Optional, Sequence
 
 from peftcore.config import check
@@ -9,6 +10,22 @@ from peftcore.errors import TargetNotFoundError, closest
 from peftcore.graph import ModelGraph
 from peftcore.plan import SaveModule
 from peftcore.targeting import matches
+
+
+#: Heads HF PEFT trains in full for a task type; kept so HF configs mean the same here.
+TASK_MODULES_TO_SAVE = {
+    "SEQ_CLS": ("classifier", "score"),
+    "TOKEN_CLS": ("classifier", "score"),
+    "QUESTION_ANS": ("qa_outputs",),
+}
+
+
+def effective_modules_to_save(task_type: Optional[str], modules: Optional[Sequence[str]]) -> Optional[list[str]]:
+    """``modules`` plus the heads HF PEFT adds for ``task_type`` (e.g. ``SEQ_CLS``)."""
+    extra = TASK_MODULES_TO_SAVE.get(task_type or "", ())
+    if not extra:
+        return list(modules) if modules is not None else None
+    return list(dict.fromkeys([*(modules or ()), *extra]))
 
 
 def validate_modules_to_save(owner: str, modules: Optional[Sequence[str]]) -> None:
@@ -28,14 +45,24 @@ def modules_to_save_ops(graph: ModelGraph, modules: Optional[Sequence[str]], own
     parameter under the module so loading can check them.
     """
     ops: list[SaveModule] = []
+    unmatched: list[str] = []
     for name in modules or ():
         found = [n for n in graph if matches(n.path, [name])]
         # keep only the outermost matches (a nested match would be saved twice)
         outer = [n for n in found if not any(n.path.startswith(o.path + ".") for o in found)]
         if not outer:
-            hints = closest(name, graph.paths)
-            hint = f"; closest layer names: {', '.join(hints)}" if hints else ""
-            raise TargetNotFoundError(f"{owner}: modules_to_save entry {name!r} matched no layer{hint}")
+            unmatched.append(name)
+            continue
         for node in outer:
-            ops.append(SaveModule(path=node.path, param_shapes=graph.subtree_params(node.path)))
+            if all(op.path != node.path for op in ops):
+                ops.append(SaveModule(path=node.path, param_shapes=graph.subtree_params(node.path)))
+    # HF PEFT's rule: an error only when no entry matches. Its task types add both
+    # "classifier" and "score" to every SEQ_CLS config, and a model has one of them.
+    if unmatched and not ops:
+        name = unmatched[0]
+        hints = closest(name, graph.paths)
+        hint = f"; closest layer names: {', '.join(hints)}" if hints else ""
+        raise TargetNotFoundError(f"{owner}: modules_to_save entry {name!r} matched no layer{hint}")
+    if unmatched:
+        warnings.warn(f"{owner}: modules_to_save entries {unmatched} matched no layer and are ignored", stacklevel=3)
     return ops

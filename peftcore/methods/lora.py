@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import re
 from typing import Any, ClassVar, Mapping, Optional, Union
@@ -9,7 +10,7 @@ from typing import Any, ClassVar, Mapping, Optional, Union
 from peftcore.config import PeftConfig, check, check_type, config_class
 from peftcore.errors import ConfigError
 from peftcore.graph import LayerNode, ModelGraph
-from peftcore.methods.common import modules_to_save_ops, validate_modules_to_save
+from peftcore.methods.common import effective_modules_to_save, modules_to_save_ops, validate_modules_to_save
 from peftcore.plan import AddLora, FreezeBase, PlanOp, RewritePlan
 from peftcore.registry import register_method
 from peftcore.targeting import Targets, select_layers, validate_targets
@@ -32,7 +33,9 @@ class LoraConfig(PeftConfig):
       regex matched against the end of the layer path.
     - ``init_lora_weights``: ``True`` (A kaiming-uniform, B zero), ``"gaussian"``, or
       ``False`` (B random too, so the adapter changes the output at once; for tests).
-    - ``modules_to_save``: modules trained in full (a copy per adapter) and saved.
+    - ``modules_to_save``: modules trained in full (a copy per adapter) and saved; as in
+      HF PEFT, ``task_type="SEQ_CLS"`` / ``"TOKEN_CLS"`` adds the ``classifier`` / ``score``
+      head and ``"QUESTION_ANS"`` the ``qa_outputs`` head.
     """
 
     peft_type: ClassVar[str] = "LORA"
@@ -71,8 +74,9 @@ class LoraConfig(PeftConfig):
     init_lora_weights: Union[bool, str] = True
     layers_to_transform: Union[int, list, None] = None
     layers_pattern: Union[str, list, None] = None
-    rank_pattern: Optional[dict] = None
-    alpha_pattern: Optional[dict] = None
+    # saved as {} (never null): HF PEFT calls .keys() on them
+    rank_pattern: dict = dataclasses.field(default_factory=dict)
+    alpha_pattern: dict = dataclasses.field(default_factory=dict)
     modules_to_save: Optional[list] = None
 
     def validate(self) -> None:
@@ -104,7 +108,8 @@ class LoraConfig(PeftConfig):
             )
         for field_name in ("rank_pattern", "alpha_pattern"):
             pattern = getattr(self, field_name)
-            if pattern in (None, {}):
+            if pattern is None:
+                setattr(self, field_name, {})
                 continue
             check(isinstance(pattern, dict), f"{name}.{field_name} must be a dict, got {pattern!r}")
             for key, value in pattern.items():
@@ -132,7 +137,8 @@ class LoraConfig(PeftConfig):
         )
         ops: list[PlanOp] = [FreezeBase()]
         ops.extend(self._lora_op(node) for node in layers)
-        ops.extend(modules_to_save_ops(graph, self.modules_to_save, type(self).__name__))
+        saved = effective_modules_to_save(self.task_type, self.modules_to_save)
+        ops.extend(modules_to_save_ops(graph, saved, type(self).__name__))
         return RewritePlan(method=self.method, adapter_name=adapter_name, ops=tuple(ops))
 
     def _lora_op(self, node: LayerNode) -> AddLora:

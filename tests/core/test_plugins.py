@@ -56,11 +56,11 @@ def fresh_manager(monkeypatch: pytest.MonkeyPatch) -> Iterator[None]:
 def test_first_party_backends_come_from_entry_points(fresh_manager: None) -> None:
     backends = get_plugin_manager().backends()
     assert {"torch", "singa"} <= set(backends)
-    assert backends["torch"].available and backends["torch"].info.framework == "PyTorch"
+    assert backends["torch"].info.framework == "PyTorch"
 
 
 def test_unknown_backend_lists_installed(fresh_manager: None) -> None:
-    with pytest.raises(BackendError, match=r"unknown backend 'torh'.*'torch'.*installed backends:\n.*torch \(PyTorch\): available"):
+    with pytest.raises(BackendError, match=r"(?s)unknown backend 'torh'.*'torch'.*installed backends:\n.*torch \(PyTorch\)"):
         get_plugin_manager().get_backend("torh")
 
 
@@ -127,7 +127,7 @@ def test_entry_point_that_fails_to_import_is_reported(fresh_manager: None, tmp_p
     assert "broken on purpose" in manager.describe_backends()
     with pytest.raises(BackendError, match="brokenplug.*failed to load: ImportError: this plugin is broken on purpose"):
         manager.get_backend("brokenplug")
-    assert manager.get_backend("torch").available
+    assert "torch" in manager.backends()
 
 
 def test_lazy_manager_is_built_once_under_threads(fresh_manager: None) -> None:

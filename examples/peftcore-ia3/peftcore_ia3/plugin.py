@@ -1,0 +1,48 @@
+"""The pluggy plugin (entry point ``ia3`` in the ``peftcore`` group).
+
+It registers the (IA)^3 method with peftcore and, for the torch backend, the builder
+of the ``ia3_scale`` plan op. This module imports without torch: torch and the layer
+module are imported inside the builder. It is not a backend (it implements no
+``peftcore_backend_info``), only the broadcast extension hooks.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Callable, Mapping, Sequence
+
+from peftcore.config import PeftConfig
+from peftcore.hookspecs import hookimpl
+from peftcore_ia3.config import IA3Config, IA3Scale
+
+
+@hookimpl
+def peftcore_register_methods() -> Sequence[type[PeftConfig]]:
+    """Register :class:`~peftcore_ia3.config.IA3Config` as method ``"ia3"`` (peft_type ``"IA3"``)."""
+    return [IA3Config]
+
+
+@hookimpl
+def peftcore_op_builders(backend: str) -> Mapping[str, Callable[..., Any]]:
+    """Builders for the ``ia3_scale`` op; only the torch backend is supported."""
+    if backend == "torch":
+        return {IA3Scale.op: build_ia3_scale_torch}
+    return {}
+
+
+def build_ia3_scale_torch(model: Any, modules: dict, op: IA3Scale, adapter_name: str) -> None:
+    """Torch builder: wrap ``op.path`` in an :class:`~peftcore_ia3.torch_layers.IA3Linear`
+    (once) and add adapter ``adapter_name``'s vector to it."""
+    from torch import nn
+
+    from peftcore.errors import PlanError
+    from peftcore_ia3.torch_layers import IA3Linear
+    from peftcore_torch.apply import wrap_layer
+    from peftcore_torch.layers import AdapterLayer
+    from peftcore_torch.lora import is_conv1d
+
+    target = modules.get(op.path)
+    base = target.base_layer if isinstance(target, AdapterLayer) else target
+    if not (isinstance(base, nn.Linear) or (base is not None and is_conv1d(base))):
+        kind = type(base).__name__ if base is not None else "missing"
+        raise PlanError(f"(IA)^3 cannot scale {op.path!r} ({kind}); it supports nn.Linear and Conv1D")
+    wrap_layer(model, modules, op.path, IA3Linear).add(adapter_name, op)
