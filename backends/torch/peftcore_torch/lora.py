@@ -14,6 +14,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from peftcore.errors import AdapterError
 from peftcore.plan import AddLora
 from peftcore_torch.layers import AdapterLayer
 
@@ -36,7 +37,7 @@ class _LoraMixin(AdapterLayer):
 
     def _add_tensors(self, adapter_name: str, op: AddLora) -> None:
         if self.has_adapter(adapter_name):
-            raise ValueError(f"layer {op.path!r} already has an adapter named {adapter_name!r}")
+            raise AdapterError(f"layer {op.path!r} already has an adapter named {adapter_name!r}")
         a = self.new_tensor(op.r, op.in_features)
         b = self.new_tensor(op.out_features, op.r)
         _initialise(a, b, op)

@@ -26,7 +26,7 @@ class SavedModule(AdapterLayer):
 
     def add(self, adapter_name: str, op: SaveModule) -> None:
         if adapter_name in self.copies:
-            raise ValueError(f"module {op.path!r} already has a copy for adapter {adapter_name!r}")
+            raise AdapterError(f"module {op.path!r} already has a copy for adapter {adapter_name!r}")
         clone = copy.deepcopy(self.base_layer)
         clone.requires_grad_(True)
         self.copies[adapter_name] = clone

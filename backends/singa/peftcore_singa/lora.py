@@ -1,0 +1,172 @@
+"""LoRA layers for SINGA: ``layer.Linear``, ``layer.Gemm`` and ``layer.Embedding``.
+
+Canonically A is ``(r, in_features)`` and B ``(out_features, r)`` (for an embedding,
+``in_features`` is the vocabulary size and ``out_features`` the width). SINGA multiplies
+``x @ W``, so the layers store the transposes, ``A`` as ``(in, r)`` and ``B`` as
+``(r, out)``: the forward is then ``x @ A @ B`` with no transposes, and export/import
+transpose at the boundary.
+
+The forward uses only ``singa.autograd`` ops (Python operators on tensors would cut the
+graph), flattens N-D input to 2-D around the matmuls (SINGA's matmul backward aborts on
+3-D input), and applies LoRA dropout with a fresh Bernoulli mask scaled by ``1/(1-p)``,
+only while ``autograd.training`` is on and only when ``p > 0`` (``autograd.dropout``
+takes its rate as a seed, keeps ``1-p`` scaled by ``1-p`` and reseeds the device RNG).
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import numpy as np
+
+from peftcore_singa.compat import apply_shims
+
+apply_shims()
+
+from singa import autograd, layer, tensor  # noqa: E402
+
+from peftcore.plan import AddLora  # noqa: E402
+from peftcore_singa.describe import linear_features  # noqa: E402
+from peftcore_singa.layers import AdapterLayer, to_numpy  # noqa: E402
+
+
+def lora_dropout(x: Any, p: float) -> Any:
+    """Inverted dropout on ``x`` with rate ``p``: keep each element with probability
+    ``1-p`` and scale kept ones by ``1/(1-p)``. Identity when ``p == 0`` or in eval mode."""
+    if p <= 0.0 or not autograd.training:
+        return x
+    mask = tensor.Tensor(x.shape, x.device, x.dtype, requires_grad=False, stores_grad=False)
+    mask.bernoulli(1.0 - p)
+    mask *= 1.0 / (1.0 - p)  # in place on a constant: no graph needed
+    return autograd.mul(x, mask)
+
+
+class _LoraMixin(AdapterLayer):
+    adapter_tensor_names = ("lora_A", "lora_B")
+
+    def __init__(self, base_layer: Any, path: str) -> None:
+        super().__init__(base_layer, path)
+        self.scaling: dict[str, float] = {}
+        self.r: dict[str, int] = {}
+        self.dropout: dict[str, float] = {}
+        self.scaling_tensors: dict[str, Any] = {}
+
+    def features(self) -> tuple[int, int]:
+        raise NotImplementedError
+
+    def add(self, adapter_name: str, op: AddLora) -> None:
+        self.check_op_fits(op, *self.features())
+        if self.has_adapter(adapter_name):
+            raise ValueError(f"layer {op.path!r} already has an adapter named {adapter_name!r}")
+        a = self.new_tensor((op.in_features, op.r), f"lora_A.{adapter_name}")
+        b = self.new_tensor((op.r, op.out_features), f"lora_B.{adapter_name}")
+        _initialise(a, b, op)
+        weight = self.base_weight()
+        scale = tensor.Tensor(
+            (1,), weight.device, weight.dtype, requires_grad=False, stores_grad=False,
+            name=f"{self.path}.lora_scaling.{adapter_name}",
+        )
+        scale.set_value(float(op.scaling))
+        self.lora_A[adapter_name] = a
+        self.lora_B[adapter_name] = b
+        self.scaling_tensors[adapter_name] = scale
+        self.scaling[adapter_name] = float(op.scaling)
+        self.r[adapter_name] = int(op.r)
+        self.dropout[adapter_name] = float(op.dropout)
+
+    def delete(self, adapter_name: str) -> None:
+        super().delete(adapter_name)
+        for store in (self.scaling, self.r, self.dropout, self.scaling_tensors):
+            store.pop(adapter_name, None)
+
+    def canonical_export(self, name: str, array: np.ndarray) -> np.ndarray:
+        return array.T
+
+    def native_import(self, name: str, array: np.ndarray) -> np.ndarray:
+        return array.T
+
+    def native_delta(self, adapter_name: str) -> np.ndarray:
+        """``scaling * A @ B`` in the stored layout: ``(in, out)`` (or ``(vocab, dim)``)."""
+        a = to_numpy(self.lora_A[adapter_name]).astype(np.float64)
+        b = to_numpy(self.lora_B[adapter_name]).astype(np.float64)
+        return self.scaling[adapter_name] * (a @ b)
+
+    def lora_update(self, adapter_name: str, x2d: Any) -> Any:
+        """``scaling * (x @ A) @ B`` for 2-D ``x`` (``(N, in)`` -> ``(N, out)``)."""
+        a, b, s = self.lora_A[adapter_name], self.lora_B[adapter_name], self.scaling_tensors[adapter_name]
+        self.device_check(x2d, a, b, s)
+        return autograd.mul(autograd.matmul(autograd.matmul(x2d, a), b), s)
+
+
+class LoraLinear(_LoraMixin):
+    """LoRA around ``layer.Linear`` (W is ``(in, out)``) or ``layer.Gemm`` (W is
+    ``(out, in)`` with ``transB``, the default; ``alpha`` and ``transA`` are honoured).
+
+    Unlike a bare ``Linear``, the wrapper also accepts N-D input ``(..., in)``: it is
+    flattened to 2-D for the base layer and the adapters, and the result reshaped back.
+    """
+
+    def features(self) -> tuple[int, int]:
+        return linear_features(self.base_layer)
+
+    def delta_weight(self, adapter_name: str) -> np.ndarray:
+        delta = self.native_delta(adapter_name)
+        base = self.base_layer
+        if isinstance(base, layer.Gemm):
+            delta = (delta.T if base.transB else delta) / float(base.alpha)
+        return delta
+
+    def forward(self, x: Any) -> Any:
+        base = self.base_layer
+        trans_a = isinstance(base, layer.Gemm) and bool(base.transA)
+        shape = tuple(x.shape)
+        flat = x if trans_a or len(shape) == 2 else autograd.reshape(x, [-1, shape[-1]])
+        result = base(flat)
+        running = self.adapters_to_run()
+        if running:
+            lora_in = autograd.transpose(flat, [1, 0]) if trans_a else flat
+            for name in running:
+                update = self.lora_update(name, lora_dropout(lora_in, self.dropout[name]))
+                result = autograd.add(result, update)
+        if flat is not x:
+            result = autograd.reshape(result, list(shape[:-1]) + [int(result.shape[-1])])
+        return result
+
+
+class LoraEmbedding(_LoraMixin):
+    """LoRA around ``layer.Embedding``: rows of A (stored ``(vocab, r)``) are looked up
+    like a table, then projected by B (stored ``(r, dim)``). No dropout, as in HF PEFT."""
+
+    def features(self) -> tuple[int, int]:
+        return int(self.base_layer.W.shape[0]), int(self.base_layer.W.shape[1])
+
+    def delta_weight(self, adapter_name: str) -> np.ndarray:
+        return self.native_delta(adapter_name)
+
+    def forward(self, x: Any) -> Any:
+        result = self.base_layer(x)
+        out_shape = [int(d) for d in result.shape]
+        for name in self.adapters_to_run():
+            self.device_check(result, self.lora_A[name], self.lora_B[name], self.scaling_tensors[name])
+            looked_up = autograd.embedding(x, self.lora_A[name])
+            flat = autograd.reshape(looked_up, [-1, self.r[name]])
+            update = autograd.matmul(flat, self.lora_B[name])
+            update = autograd.mul(autograd.reshape(update, out_shape), self.scaling_tensors[name])
+            result = autograd.add(result, update)
+        return result
+
+
+def _initialise(a: Any, b: Any, op: AddLora) -> None:
+    """A as torch's ``kaiming_uniform_(a=sqrt(5))`` on the canonical ``(r, in)`` shape
+    (bound ``1/sqrt(in)``) or normal with std ``1/r``; B zero, or random for ``init="random"``."""
+    if op.init == "gaussian":
+        a.gaussian(0.0, 1.0 / op.r)
+    else:
+        bound = 1.0 / math.sqrt(max(op.in_features, 1))
+        a.uniform(-bound, bound)
+    if op.init == "random":
+        bound_b = 1.0 / math.sqrt(op.r)
+        b.uniform(-bound_b, bound_b)
+    else:
+        b.set_value(0.0)

@@ -1,0 +1,437 @@
+"""SINGA-specific checks of the singa backend, beyond the shared conformance suite.
+
+Tests that need SINGA skip, with the reason, where it is not importable (SINGA can
+never be installed in CI; run them in an environment that has it). Those that check the
+plugin's behaviour *without* SINGA run everywhere. The torch <-> SINGA test also needs
+torch in the same interpreter.
+"""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from typing import Any, Iterator
+
+import numpy as np
+import pytest
+
+from peftcore import LoraConfig, get_peft_model
+from peftcore.api import PeftModel
+from peftcore.errors import BackendError
+from peftcore.graph import LayerNode, ModelGraph
+from peftcore.io import read_adapter, save_adapter
+from peftcore.testing.toys import MLP, TOKEN_MODEL, ToySpec, ToyStep, lora_deltas, reference_forward
+
+BIG_MLP = ToySpec(
+    name="mlp-64-256-10",
+    steps=(ToyStep("linear", "fc1", 64, 256), ToyStep("relu"), ToyStep("linear", "fc2", 256, 10)),
+    input_shape=(16, 64),
+)
+
+
+def _big_mlp_weights(rng: np.random.Generator) -> dict[str, np.ndarray]:
+    """Weights scaled like a real init (std about 1/sqrt(fan_in)), so outputs are O(1)."""
+    return {k: v * np.float32(0.3) for k, v in BIG_MLP.random_weights(rng).items()}
+
+
+@pytest.fixture(scope="module")
+def sg() -> Any:
+    """The singa package (shims applied), or skip with the reason it is unavailable."""
+    from peftcore_singa.plugin import peftcore_backend_info
+
+    info = peftcore_backend_info()
+    if not info.available:
+        pytest.skip(f"peftcore backend 'singa' unavailable: {info.reason}")
+    from peftcore_singa.compat import import_singa
+
+    return import_singa()
+
+
+@pytest.fixture(autouse=True)
+def _restore_autograd_training() -> Iterator[None]:
+    """SINGA's train/eval switch is a module global; keep tests from leaking it."""
+    autograd = sys.modules.get("singa.autograd")
+    previous = getattr(autograd, "training", None)
+    yield
+    if autograd is not None:
+        autograd.training = previous
+
+
+def _toy(spec: ToySpec, weights: dict) -> Any:
+    from peftcore_singa.toys import build_toy
+
+    return build_toy(spec, weights)
+
+
+def _params(model: Any) -> dict[str, np.ndarray]:
+    from singa import tensor
+
+    return {name: tensor.to_numpy(t).copy() for name, t in model.get_params().items()}
+
+
+def _forward(model: Any, inputs: np.ndarray) -> np.ndarray:
+    from peftcore_singa.toys import toy_forward
+
+    return toy_forward(model, inputs)
+
+
+def _fit_tensors(plan: Any, rng: np.random.Generator) -> dict[str, np.ndarray]:
+    return {k: (rng.standard_normal(s.shape) * 0.1).astype(np.float32) for k, s in plan.tensor_specs().items()}
+
+
+# -- without SINGA -------------------------------------------------------------------------
+
+
+def test_plugin_reports_unavailable_when_singa_import_fails(monkeypatch: pytest.MonkeyPatch) -> None:
+    from peftcore_singa import plugin
+
+    monkeypatch.setitem(sys.modules, "singa", None)  # makes `import singa` raise ImportError
+    info = plugin.peftcore_backend_info()
+    assert not info.available and info.name == "singa"
+    assert "singa is not importable" in info.reason and "import of singa halted" in info.reason
+    assert plugin.peftcore_detect(model=object()) is False
+
+
+def test_compat_shims_only_fill_missing_names() -> None:
+    """In a subprocess, so this process's numpy and collections stay untouched."""
+    code = (
+        "import collections, warnings, numpy as np\n"
+        "warnings.simplefilter('ignore')\n"
+        "missing = [n for n, ok in [('collections.Iterable', hasattr(collections, 'Iterable')),"
+        " ('numpy.float', hasattr(np, 'float')), ('numpy.int', hasattr(np, 'int'))] if not ok]\n"
+        "from peftcore_singa.compat import apply_shims\n"
+        "added = apply_shims()\n"
+        "assert added == missing, (added, missing)\n"
+        "assert apply_shims() == []\n"
+        "import collections.abc\n"
+        "assert collections.Iterable is collections.abc.Iterable and np.float is float and np.int is int\n"
+    )
+    subprocess.run([sys.executable, "-c", code], check=True)
+
+
+def test_backend_info_without_singa_applies_no_shims() -> None:
+    code = (
+        "import sys, collections, numpy as np\n"
+        "sys.modules.pop('singa', None)\n"
+        "import importlib.util\n"
+        "if importlib.util.find_spec('singa') is not None: sys.exit(0)\n"
+        "before = hasattr(collections, 'Iterable')\n"
+        "from peftcore_singa.plugin import peftcore_backend_info\n"
+        "info = peftcore_backend_info()\n"
+        "assert not info.available and 'No module named' in info.reason, info\n"
+        "assert hasattr(collections, 'Iterable') == before\n"
+    )
+    subprocess.run([sys.executable, "-c", code], check=True)
+
+
+# -- with SINGA ----------------------------------------------------------------------------
+
+
+def test_uninitialised_model_needs_example_inputs(sg: Any) -> None:
+    from singa import autograd, layer, model, tensor
+
+    from peftcore.errors import UnsupportedLayerError
+
+    class Net(model.Model):
+        def __init__(self) -> None:
+            super().__init__()
+            self.fc1 = layer.Linear(8)
+            self.fc2 = layer.Linear(3)
+            self.unused = layer.Linear(2)  # never reached by forward
+
+        def forward(self, x: Any) -> Any:
+            return self.fc2(autograd.relu(self.fc1(x)))
+
+    x = np.ones((2, 5), np.float32)
+    with pytest.raises(BackendError, match="example_inputs"):
+        get_peft_model(Net(), LoraConfig(target_modules=["fc1"]), backend="singa")
+    peft = get_peft_model(Net(), LoraConfig(target_modules=["fc1"]), example_inputs=x)
+    assert peft.backend.name == "singa"  # detected, not named
+    assert peft.graph.get("fc1").params["weight"] == (8, 5)
+    compiled = Net()
+    compiled.compile([tensor.from_numpy(x)], is_train=False)
+    peft = get_peft_model(compiled, LoraConfig(target_modules=["fc2"]))  # initialised: no inputs needed
+    assert peft.graph.get("unused").kind == "other"
+    with pytest.raises(UnsupportedLayerError, match="uninitialised"):
+        get_peft_model(Net(), LoraConfig(target_modules=["unused"]), example_inputs=x)
+
+
+@pytest.mark.parametrize("use_graph,steps_before", [(False, 0), (True, 0), (True, 2)])
+def test_freezing_really_freezes(sg: Any, use_graph: bool, steps_before: int) -> None:
+    """SGD with momentum and weight decay changes only the LoRA tensors, eagerly and in
+    graph mode, also when a graph was recorded before the adapter was added."""
+    from singa import opt, tensor
+
+    rng = np.random.default_rng(0)
+    weights, x = MLP.random_weights(rng), MLP.random_inputs(rng)
+    model = _toy(MLP, weights)
+    model.set_optimizer(opt.SGD(lr=0.05, momentum=0.9, weight_decay=0.01))
+    tx = tensor.from_numpy(x)
+    tx.requires_grad = False
+    ty = tensor.from_numpy(rng.standard_normal((7, 5)).astype(np.float32))
+    model.compile([tx], is_train=True, use_graph=use_graph)
+    for _ in range(steps_before):
+        model(tx, ty)
+    get_peft_model(model, LoraConfig(target_modules=["fc1", "fc2", "head"], r=2, init_lora_weights=False))
+    before = _params(model)
+    model.train()
+    for _ in range(3):
+        model(tx, ty)
+    after = _params(model)
+    for name, value in before.items():
+        if ".lora_" in name:
+            assert not np.array_equal(value, after[name]), f"{name} was not trained"
+        else:
+            np.testing.assert_array_equal(value, after[name], err_msg=f"frozen {name} changed")
+    assert any(".lora_" in n for n in before) and any(".lora_" not in n for n in before)
+
+
+def test_lora_dropout_keeps_1_minus_p_and_rescales(sg: Any) -> None:
+    from singa import autograd, tensor
+
+    from peftcore_singa.lora import lora_dropout
+
+    x = tensor.from_numpy(np.ones((400, 500), np.float32))
+    previous = autograd.training
+    try:
+        autograd.training = True
+        first, second = tensor.to_numpy(lora_dropout(x, 0.3)), tensor.to_numpy(lora_dropout(x, 0.3))
+        assert abs((first != 0).mean() - 0.7) < 0.01
+        np.testing.assert_allclose(first[first != 0], 1 / 0.7, rtol=1e-6)
+        assert not np.array_equal(first, second)  # a new mask each call
+        assert lora_dropout(x, 0.0) is x
+        autograd.training = False
+        assert lora_dropout(x, 0.3) is x
+    finally:
+        autograd.training = previous
+
+
+def test_zero_dropout_training_output_equals_eval_output(sg: Any) -> None:
+    from singa import autograd, tensor
+
+    from peftcore_singa.describe import to_tensor
+
+    rng = np.random.default_rng(1)
+    weights, x = MLP.random_weights(rng), MLP.random_inputs(rng)
+    model = _toy(MLP, weights)
+    get_peft_model(model, LoraConfig(target_modules=["fc1"], init_lora_weights=False), example_inputs=x)
+    eval_out = _forward(model, x)
+    autograd.training = True
+    train_out = tensor.to_numpy(model.forward(to_tensor(x, model.fc1.base_weight().device)))
+    np.testing.assert_array_equal(train_out, eval_out)
+
+
+def test_get_params_and_states_include_adapter_tensors(sg: Any, tmp_path: Any) -> None:
+    rng = np.random.default_rng(2)
+    weights, x = MLP.random_weights(rng), MLP.random_inputs(rng)
+    model = _toy(MLP, weights)
+    peft = get_peft_model(model, LoraConfig(target_modules=["fc1", "block.fc2"], r=3, init_lora_weights=False))
+    names = set(model.get_params())
+    assert {"fc1.lora_A.default", "fc1.lora_B.default", "block.fc2.lora_A.default", "block.fc2.lora_B.default"} <= names
+    assert {"fc1.W", "fc1.b", "block.fc2.W", "head.W", "head.b"} <= names  # base names unchanged
+    assert set(model.get_states()) == names
+    model.save_states(str(tmp_path / "states.zip"))
+    fresh = _toy(MLP, MLP.random_weights(rng))
+    get_peft_model(fresh, LoraConfig(target_modules=["fc1", "block.fc2"], r=3))
+    fresh.load_states(str(tmp_path / "states.zip"))
+    np.testing.assert_array_equal(_forward(fresh, x), _forward(model, x))
+    assert peft.get_nb_trainable_parameters()[0] == peft.plans["default"].num_trainable()
+
+
+def test_lora_on_3d_input_backpropagates(sg: Any) -> None:
+    from singa import autograd, tensor
+
+    rng = np.random.default_rng(3)
+    model = _toy(MLP, MLP.random_weights(rng))
+    get_peft_model(model, LoraConfig(target_modules=["fc1"], r=2, init_lora_weights=False))
+    x3 = tensor.from_numpy(rng.standard_normal((2, 3, 12)).astype(np.float32))
+    x3.requires_grad = False
+    previous = autograd.training
+    try:
+        autograd.training = True
+        y = model.fc1(x3)
+        assert y.shape == (2, 3, 16)
+        loss = autograd.mse_loss(y, tensor.from_numpy(np.zeros((2, 3, 16), np.float32)))
+        grads = {p.name: g.shape for p, g in autograd.backward(loss)}
+    finally:
+        autograd.training = previous
+    assert grads == {"fc1.lora_A.default": (12, 2), "fc1.lora_B.default": (2, 16)}
+
+
+def test_embedding_lora_trains(sg: Any) -> None:
+    from singa import opt, tensor
+
+    rng = np.random.default_rng(4)
+    weights, tokens = TOKEN_MODEL.random_weights(rng), TOKEN_MODEL.random_inputs(rng)
+    model = _toy(TOKEN_MODEL, weights)
+    model.set_optimizer(opt.SGD(lr=0.1))
+    peft = get_peft_model(model, LoraConfig(target_modules=["embed"], r=2))
+    before = _params(model)
+    tx = tensor.from_numpy(tokens)
+    tx.requires_grad = False
+    model.train()
+    model(tx, tensor.from_numpy(np.ones((4, 3), np.float32)))
+    after = _params(model)
+    assert not np.array_equal(before["embed.lora_B.default"], after["embed.lora_B.default"])
+    np.testing.assert_array_equal(before["embed.W"], after["embed.W"])
+    exported = peft.backend.call("peftcore_export_adapter", model=model, adapter_name="default")
+    expected = reference_forward(TOKEN_MODEL, weights, tokens, [lora_deltas(peft.plans["default"], exported)])
+    np.testing.assert_allclose(_forward(model, tokens), expected, atol=1e-5)
+
+
+@pytest.mark.parametrize("trans_b,alpha", [(True, 1.0), (False, 0.5)])
+def test_gemm_lora_matches_reference_and_merges(sg: Any, trans_b: bool, alpha: float) -> None:
+    from singa import layer, model, tensor
+
+    class Net(model.Model):
+        def __init__(self) -> None:
+            super().__init__()
+            self.proj = layer.Gemm(5, alpha=alpha, transB=trans_b)
+
+        def forward(self, x: Any) -> Any:
+            return self.proj(x)
+
+    rng = np.random.default_rng(5)
+    x = rng.standard_normal((6, 9)).astype(np.float32)
+    net = Net()
+    peft = get_peft_model(net, LoraConfig(target_modules=["proj"], r=3, init_lora_weights=False), example_inputs=x)
+    node = peft.graph.get("proj")
+    assert (node.in_features, node.out_features, node.params["weight"]) == (9, 5, (5, 9))
+    w = tensor.to_numpy(net.proj.base_layer.W)
+    canonical = w if trans_b else w.T
+    bias = tensor.to_numpy(net.proj.base_layer.b).reshape(-1)
+    exported = peft.backend.call("peftcore_export_adapter", model=net, adapter_name="default")
+    delta = lora_deltas(peft.plans["default"], exported)["proj"]
+    expected = alpha * x @ canonical.T + bias + x @ delta.T
+    unmerged = _forward(net, x)
+    np.testing.assert_allclose(unmerged, expected, atol=1e-5)
+    peft.merge_adapter()
+    np.testing.assert_allclose(_forward(net, x), expected, atol=1e-5)
+    peft.unmerge_adapter()
+    np.testing.assert_array_equal(_forward(net, x), unmerged)
+
+
+def test_modules_to_save_with_register_layers(sg: Any, tmp_path: Any) -> None:
+    from singa import layer, model, tensor
+
+    class Seq(layer.Layer):
+        def __init__(self) -> None:
+            super().__init__()
+            self.items = [layer.Linear(6), layer.Linear(3)]
+            self.register_layers(*self.items)
+
+        def forward(self, x: Any) -> Any:
+            for item in self.items:
+                x = item(x)
+            return x
+
+    class Net(model.Model):
+        def __init__(self) -> None:
+            super().__init__()
+            self.seq = Seq()
+
+        def forward(self, x: Any) -> Any:
+            return self.seq(x)
+
+    rng = np.random.default_rng(6)
+    x = rng.standard_normal((4, 10)).astype(np.float32)
+    config = LoraConfig(target_modules=["Linear_1"], r=2, init_lora_weights=False, modules_to_save=["Linear_0"])
+    net = Net()
+    peft = get_peft_model(net, config, example_inputs=x)
+    assert [n.path for n in peft.graph] == ["seq", "seq.Linear_0", "seq.Linear_1"]
+    saved = net.seq.items[0]
+    assert type(saved).__name__ == "SavedModule" and type(net.seq.items[1]).__name__ == "LoraLinear"
+    copy_w = saved.copies["default"].W
+    copy_w.copy_from_numpy(rng.standard_normal(copy_w.shape).astype(np.float32))
+    expected = _forward(net, x)
+    peft.save_pretrained(str(tmp_path))
+    files = read_adapter(str(tmp_path))
+    assert "base_model.model.seq.Linear_0.weight" in files.tensors  # canonical (out, in)
+    assert files.tensors["base_model.model.seq.Linear_0.weight"].shape == (6, 10)
+    fresh = Net()
+    fresh.compile([tensor.from_numpy(x)], is_train=False)  # initialise, then copy the base weights
+    fresh.set_params({k: v for k, v in net.get_params().items() if ".lora_" not in k and "modules_to_save" not in k})
+    loaded = PeftModel.from_pretrained(fresh, str(tmp_path), example_inputs=x)
+    np.testing.assert_allclose(_forward(fresh, x), expected, atol=1e-6)
+    plain = loaded.merge_and_unload()
+    np.testing.assert_allclose(_forward(plain, x), expected, atol=1e-5)
+    assert type(plain.seq.items[0]).__name__ == "Linear" and plain.seq.items[0].W.name == "seq.Linear_0.W"
+
+
+def _graph_of(spec: ToySpec) -> ModelGraph:
+    nodes = [
+        LayerNode(path=s.name, kind="linear", in_features=s.in_dim, out_features=s.out_dim, has_bias=s.bias,
+                  params={"weight": (s.out_dim, s.in_dim), "bias": (s.out_dim,)})
+        for s in spec.layers
+    ]
+    return ModelGraph(layers=tuple(nodes), backend="numpy")
+
+
+def test_cross_framework_adapter_files(sg: Any, tmp_path: Any) -> None:
+    """A framework-neutral adapter (numpy + the core's writer) loads into SINGA, and an
+    adapter SINGA trains and saves matches the numpy reference."""
+    from singa import opt, tensor
+
+    rng = np.random.default_rng(7)
+    weights, x = _big_mlp_weights(rng), BIG_MLP.random_inputs(rng)
+    config = LoraConfig(target_modules=["fc1", "fc2"], r=4, lora_alpha=8)
+    plan = config.plan(_graph_of(BIG_MLP))
+    tensors = _fit_tensors(plan, rng)
+    save_adapter(str(tmp_path / "numpy"), config, plan, tensors)
+    loaded = PeftModel.from_pretrained(_toy(BIG_MLP, weights), str(tmp_path / "numpy"), example_inputs=x)
+    expected = reference_forward(BIG_MLP, weights, x, [lora_deltas(plan, tensors)])
+    np.testing.assert_allclose(_forward(loaded.model, x), expected, atol=1e-5)
+
+    model = _toy(BIG_MLP, weights)
+    peft = get_peft_model(model, LoraConfig(target_modules=["fc1", "fc2"], r=4, lora_alpha=8, init_lora_weights=False))
+    model.set_optimizer(opt.SGD(lr=0.01, momentum=0.9))
+    tx, ty = tensor.from_numpy(x), tensor.from_numpy(rng.standard_normal((16, 10)).astype(np.float32))
+    model.train()
+    for _ in range(3):
+        model(tx, ty)
+    peft.save_pretrained(str(tmp_path / "singa"))
+    files = read_adapter(str(tmp_path / "singa"))
+    assert files.plan is not None and files.plan.to_dict() == peft.plans["default"].to_dict()
+    specs = files.plan.tensor_specs()
+    saved = {name: files.tensors["base_model.model." + spec.hf_name] for name, spec in specs.items()}
+    expected = reference_forward(BIG_MLP, weights, x, [lora_deltas(files.plan, saved)])
+    np.testing.assert_allclose(_forward(model, x), expected, atol=1e-5)
+
+
+def test_torch_and_singa_share_adapters(sg: Any, tmp_path: Any) -> None:
+    """The same 64-256-10 MLP in torch and SINGA: an adapter trained in either loads in
+    the other with outputs equal within 1e-5."""
+    torch = pytest.importorskip("torch", reason="torch is not installed next to SINGA in this interpreter")
+    from peftcore_torch.toys import build_toy as build_torch_toy
+    from peftcore_torch.toys import toy_forward as torch_forward
+
+    rng = np.random.default_rng(8)
+    weights, x = _big_mlp_weights(rng), BIG_MLP.random_inputs(rng)
+    y = rng.standard_normal((16, 10)).astype(np.float32)
+    config = LoraConfig(target_modules=["fc1", "fc2"], r=4, lora_alpha=8)
+
+    torch_model = build_torch_toy(BIG_MLP, weights)
+    torch_peft = get_peft_model(torch_model, config)
+    optimizer = torch.optim.SGD([p for p in torch_model.parameters() if p.requires_grad], lr=0.01)
+    for _ in range(3):
+        optimizer.zero_grad()
+        torch.nn.functional.mse_loss(torch_model(torch.from_numpy(x)), torch.from_numpy(y)).backward()
+        optimizer.step()
+    base = reference_forward(BIG_MLP, weights, x)
+    assert np.abs(torch_forward(torch_model, x) - base).max() > 1e-3  # training changed the output
+    torch_peft.save_pretrained(str(tmp_path / "from_torch"))
+    singa_loaded = PeftModel.from_pretrained(_toy(BIG_MLP, weights), str(tmp_path / "from_torch"))
+    np.testing.assert_allclose(_forward(singa_loaded.model, x), torch_forward(torch_model, x), atol=1e-5)
+
+    from singa import opt, tensor
+
+    singa_model = _toy(BIG_MLP, weights)
+    singa_peft = get_peft_model(singa_model, config)
+    singa_model.set_optimizer(opt.SGD(lr=0.01))
+    singa_model.train()
+    for _ in range(3):
+        singa_model(tensor.from_numpy(x), tensor.from_numpy(y))
+    assert np.abs(_forward(singa_model, x) - base).max() > 1e-3
+    singa_peft.save_pretrained(str(tmp_path / "from_singa"))
+    torch_loaded = PeftModel.from_pretrained(build_torch_toy(BIG_MLP, weights), str(tmp_path / "from_singa"))
+    np.testing.assert_allclose(torch_forward(torch_loaded.model, x), _forward(singa_model, x), atol=1e-5)
