@@ -22,9 +22,11 @@ from peftcore.errors import (
 )
 from peftcore.graph import LayerNode, ModelGraph
 from peftcore.hookspecs import BackendInfo, hookimpl
-from peftcore.methods import LoraConfig
+from peftcore.methods import BitFitConfig, LoraConfig, PromptTuningConfig, ResidualPromptTuningConfig
+from peftcore.methods.unipelt import UniPELTConfig, gate_values
 from peftcore.plan import PlanOp, RewritePlan, register_op
 from peftcore.registry import PeftRegistry, register_method
+from peftcore.xprompt import XPromptConfig, XPromptResult, xprompt_prune
 
 __version__ = "0.1.0"
 
@@ -32,6 +34,7 @@ __all__ = [
     "AdapterError",
     "BackendError",
     "BackendInfo",
+    "BitFitConfig",
     "ConfigError",
     "LayerNode",
     "LoraConfig",
@@ -42,13 +45,20 @@ __all__ = [
     "PeftRegistry",
     "PlanError",
     "PlanOp",
+    "PromptTuningConfig",
+    "ResidualPromptTuningConfig",
     "RewritePlan",
     "TargetNotFoundError",
     "UnknownMethodError",
     "UnsupportedLayerError",
+    "XPromptConfig",
+    "XPromptResult",
+    "UniPELTConfig",
     "config_class",
+    "gate_values",
     "get_peft_model",
     "hookimpl",
     "register_method",
     "register_op",
+    "xprompt_prune",
 ]

@@ -4,10 +4,10 @@ from __future__ import annotations
 
 import contextlib
 import os
-from typing import Any, Iterator, Optional, Sequence, Union
+from typing import Any, Iterator, Mapping, Optional, Sequence, Union
 
 from peftcore.config import PeftConfig
-from peftcore.errors import AdapterError, ConfigError, did_you_mean
+from peftcore.errors import AdapterError, BackendError, ConfigError, did_you_mean
 from peftcore.graph import ModelGraph
 from peftcore.io import (
     DEFAULT_ADAPTER,
@@ -15,6 +15,7 @@ from peftcore.io import (
     AdapterFiles,
     adapter_subdir,
     check_adapter_name,
+    check_safe_to_merge,
     match_tensors,
     read_adapter,
     save_adapter,
@@ -47,6 +48,10 @@ def get_peft_model(
     return peft_model
 
 
+#: The ``adapter_names`` entry for a row that runs the base model alone (HF PEFT's name).
+BASE_ROW = "__base__"
+
+
 class PeftModel:
     """A model with adapters. Calling it runs the model; attributes it lacks come from the model.
 
@@ -65,11 +70,47 @@ class PeftModel:
 
     # -- calling and delegation ---------------------------------------------------------
     def __call__(self, *args: Any, **kwargs: Any) -> Any:
-        return self.model(*args, **kwargs)
+        return self.forward(*args, **kwargs)
 
-    def forward(self, *args: Any, **kwargs: Any) -> Any:
-        """Run the model (same as calling the handle)."""
-        return self.model(*args, **kwargs)
+    def forward(self, *args: Any, adapter_names: Optional[Sequence[str]] = None, **kwargs: Any) -> Any:
+        """Run the model (same as calling the handle).
+
+        ``adapter_names`` (Hugging Face PEFT's argument) gives one adapter name per row
+        of the batch, ``"__base__"`` for the base model alone: each row runs through its
+        own adapter, whichever adapters are active. Merged adapters cannot be mixed.
+        """
+        if adapter_names is None:
+            return self.model(*args, **kwargs)
+        first_input = args[0] if args else kwargs.get("input_ids", kwargs.get("inputs_embeds"))
+        names = self._check_batch_adapters(adapter_names, first_input)
+        if not self.backend.implements("peftcore_set_batch_adapters"):
+            raise BackendError(
+                f"backend {self.backend.name!r} cannot run mixed-adapter batches (no peftcore_set_batch_adapters hook)"
+            )
+        self.backend.call("peftcore_set_batch_adapters", model=self.model, adapter_names=names)
+        try:
+            return self.model(*args, **kwargs)
+        finally:
+            self.backend.call("peftcore_set_batch_adapters", model=self.model, adapter_names=None)
+
+    def _check_batch_adapters(self, adapter_names: Sequence[str], first_input: Any) -> list[str]:
+        """``adapter_names`` as a list, every name an unmerged adapter or ``"__base__"``,
+        one per row of ``first_input`` when that has a shape."""
+        if isinstance(adapter_names, str) or not all(isinstance(n, str) for n in adapter_names):
+            raise AdapterError("adapter_names must be a list of adapter names, one per row of the batch")
+        names = list(adapter_names)
+        for name in dict.fromkeys(names):
+            if name != BASE_ROW and name not in self.peft_config:
+                raise AdapterError(
+                    f"adapter_names names no adapter {name!r}{did_you_mean(name, self.peft_config)} "
+                    f"(adapters: {list(self.peft_config)}; {BASE_ROW!r} means none)"
+                )
+        if self._merged:
+            raise AdapterError(f"adapters {self._merged} are merged; unmerge_adapter() before a mixed-adapter batch")
+        shape = getattr(first_input, "shape", None)
+        if shape is not None and len(shape) > 0 and int(shape[0]) != len(names):
+            raise AdapterError(f"adapter_names has {len(names)} entries but the batch has {int(shape[0])} rows")
+        return names
 
     def __getattr__(self, name: str) -> Any:
         if name == "model":  # not yet set (e.g. during unpickling)
@@ -120,6 +161,18 @@ class PeftModel:
         self.backend.call("peftcore_set_active_adapters", model=self.model, adapter_names=names)
         self.active_adapters = names
 
+    def replace_adapter(
+        self, adapter_name: str, config: PeftConfig, plan: RewritePlan, tensors: Mapping[str, Any]
+    ) -> None:
+        """Rebuild adapter ``adapter_name`` from a new config, plan and canonical tensors,
+        keeping which adapters are active (XPrompt uses it to install a pruned prompt)."""
+        self._require(adapter_name)
+        active = list(self.active_adapters)
+        self.delete_adapter(adapter_name)
+        self.add_adapter(adapter_name, config, plan=plan)
+        self.backend.call("peftcore_import_adapter", model=self.model, adapter_name=adapter_name, tensors=tensors)
+        self.set_adapter(active)
+
     def delete_adapter(self, adapter_name: str) -> None:
         """Remove an adapter. Deleting the active one activates the first remaining."""
         self._require(adapter_name)
@@ -152,14 +205,30 @@ class PeftModel:
                 self.merge_adapter(merged)
 
     # -- merging ----------------------------------------------------------------------------
-    def merge_adapter(self, adapter_names: Optional[Sequence[str]] = None) -> None:
-        """Fold adapters (default: the active ones) into the base weights."""
+    def merge_adapter(self, adapter_names: Optional[Sequence[str]] = None, safe_merge: bool = False) -> None:
+        """Fold adapters (default: the active ones) into the base weights.
+
+        With ``safe_merge``, the adapters' tensors and the change each layer would get
+        are checked for NaN/Inf (and overflow of the layer's dtype) before any weight
+        changes; a problem raises :class:`AdapterError` naming the adapter and tensor.
+        If the backend fails part-way, every weight is put back as it was.
+        """
         names = list(adapter_names) if adapter_names is not None else list(self.active_adapters)
         for name in names:
             self._require(name)
+            self._require_mergeable(name)
         todo = [n for n in names if n not in self._merged]
         if todo:
-            self.backend.call("peftcore_merge", model=self.model, adapter_names=todo)
+            if safe_merge:
+                self._check_safe_to_merge(self._merged + todo)
+            try:
+                self.backend.call("peftcore_merge", model=self.model, adapter_names=todo)
+            except BaseException:
+                # some layers may already hold the new deltas: restore them all exactly
+                self.backend.call("peftcore_unmerge", model=self.model)
+                if self._merged:
+                    self.backend.call("peftcore_merge", model=self.model, adapter_names=self._merged)
+                raise
             self._merged.extend(todo)
 
     def unmerge_adapter(self) -> None:
@@ -172,10 +241,22 @@ class PeftModel:
     def merged_adapters(self) -> list[str]:
         return list(self._merged)
 
-    def merge_and_unload(self) -> Any:
-        """Fold the active adapters into the base weights and return the plain model."""
+    def merge_and_unload(self, safe_merge: bool = False) -> Any:
+        """Fold the active adapters into the base weights and return the plain model.
+
+        ``safe_merge`` checks the adapters first, as :meth:`merge_adapter` does.
+        """
+        if safe_merge:
+            self._check_safe_to_merge(self.active_adapters)
         self.unmerge_adapter()
         return self._unload(merge=True)
+
+    def _check_safe_to_merge(self, adapter_names: Sequence[str]) -> None:
+        exported = {
+            name: (self.plans[name], self.backend.call("peftcore_export_adapter", model=self.model, adapter_name=name))
+            for name in adapter_names
+        }
+        check_safe_to_merge(exported, self.graph)
 
     def unload(self) -> Any:
         """Remove every adapter without merging and return the plain model."""
@@ -183,11 +264,32 @@ class PeftModel:
         return self._unload(merge=False)
 
     def _unload(self, merge: bool) -> Any:
+        if merge:
+            for name in self.active_adapters:
+                self._require_mergeable(name)
         model = self.backend.call("peftcore_unload", model=self.model, merge=merge)
         self.peft_config.clear()
         self.plans.clear()
         self.active_adapters = []
         return model
+
+    def bake(self, adapter_name: Optional[str] = None) -> None:
+        """Replace training-time reparameterisations by what they compute (default: the
+        active adapter). For residual prompt tuning the MLP's output becomes a plain
+        prompt: the outputs stay the same in eval mode, the adapter gets smaller and is
+        saved as an ordinary prompt-tuning adapter."""
+        name = adapter_name or self.active_adapter
+        self._require(name)
+        plan = self.plans[name]
+        baked = RewritePlan(plan.method, plan.adapter_name, tuple(op.baked() for op in plan.ops), plan.version)
+        if baked == plan:
+            return
+        if not self.backend.implements("peftcore_bake"):
+            raise BackendError(f"backend {self.backend.name!r} cannot bake adapters (no peftcore_bake hook)")
+        self.backend.call("peftcore_bake", model=self.model, adapter_name=name)
+        config = self.peft_config[name].baked()
+        self.plans[name] = RewritePlan(config.method, name, baked.ops, plan.version)
+        self.peft_config[name] = config
 
     # -- parameters -------------------------------------------------------------------------
     def get_nb_trainable_parameters(self) -> tuple[int, int]:
@@ -225,7 +327,7 @@ class PeftModel:
 
     def _add_from_files(self, files: AdapterFiles, adapter_name: str, is_trainable: bool, strict: bool) -> None:
         config = files.config.replace(inference_mode=not is_trainable)
-        plan = files.plan.with_adapter_name(adapter_name) if files.plan else config.plan(self.graph, adapter_name)
+        plan = files.plan.with_adapter_name(adapter_name) if files.plan else config.loading_plan(self.graph, adapter_name)
         check_plan_fits(plan, self.graph, files.directory)
         tensors = match_tensors(plan, files.tensors, os.path.join(files.directory, WEIGHTS_NAME), strict)
         self.add_adapter(adapter_name, config, plan=plan)
@@ -255,6 +357,14 @@ class PeftModel:
         return peft_model
 
     # -- helpers --------------------------------------------------------------------------------
+    def _require_mergeable(self, adapter_name: str) -> None:
+        fixed = sorted({op.op for op in self.plans[adapter_name].ops if not op.mergeable})
+        if fixed:
+            raise AdapterError(
+                f"adapter {adapter_name!r} cannot be merged into the base weights: its {', '.join(fixed)} op(s) "
+                "change the model's inputs or computation, not its weights (use unload() to remove it)"
+            )
+
     def _require(self, adapter_name: str) -> None:
         if adapter_name not in self.peft_config:
             raise AdapterError(f"no adapter named {adapter_name!r}{did_you_mean(adapter_name, self.peft_config)}")

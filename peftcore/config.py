@@ -61,12 +61,15 @@ class PeftConfig:
     and ``peft_type`` (HF PEFT's ``peft_type`` string, e.g. ``"LORA"``).
     ``hf_unsupported_fields`` lists HF PEFT config keys for features peftcore does not
     have; reading a file accepts them only at their "feature not used" value.
+    ``plan_ops`` names the plan op types the planner may emit (``peftcore backends``
+    shows a method as buildable by a backend that builds all of them).
     """
 
     method: ClassVar[str] = ""
     peft_type: ClassVar[str] = ""
     hf_metadata_fields: ClassVar[tuple] = ("peft_version", "auto_mapping", "revision")
     hf_unsupported_fields: ClassVar[Mapping[str, Any]] = {}
+    plan_ops: ClassVar[tuple] = ()
 
     task_type: Optional[str] = None
     inference_mode: bool = False
@@ -82,11 +85,28 @@ class PeftConfig:
             raise ConfigError(f"backend must be a backend name (str) or None, got {self.backend!r}")
         if self.task_type is not None and not isinstance(self.task_type, str):
             raise ConfigError(f"task_type must be a string or None, got {self.task_type!r}")
+        if not isinstance(self.inference_mode, bool):
+            raise ConfigError(f"inference_mode must be True or False, got {self.inference_mode!r}")
+        if self.base_model_name_or_path is not None and not isinstance(self.base_model_name_or_path, str):
+            raise ConfigError(f"base_model_name_or_path must be a string or None, got {self.base_model_name_or_path!r}")
 
     # -- planning -------------------------------------------------------------------
     def plan(self, graph: ModelGraph, adapter_name: str = "default") -> RewritePlan:
         """Turn this config into a rewrite plan for ``graph`` (implemented per method)."""
         raise NotImplementedError(f"{type(self).__name__} does not implement plan()")
+
+    def loading_plan(self, graph: ModelGraph, adapter_name: str = "default") -> RewritePlan:
+        """The plan to rebuild a saved adapter that has no stored plan (an HF PEFT one).
+
+        Its tensors come from the file, so a method whose initialisation needs more than
+        the config (prompt tuning's tokenizer) plans without it here.
+        """
+        return self.plan(graph, adapter_name)
+
+    def baked(self) -> PeftConfig:
+        """The config of this adapter after ``PeftModel.bake()`` (itself unless the
+        method has a training-time reparameterisation)."""
+        return self
 
     # -- serialisation -------------------------------------------------------------
     def to_dict(self) -> dict[str, Any]:

@@ -75,12 +75,15 @@ class ModelGraph:
 
     ``output_head`` is the path of the layer that produces the model's outputs (an LM
     head or classifier), which ``target_modules="all-linear"`` leaves alone.
+    ``input_embedding`` is the path of the embedding layer that turns input token ids
+    into vectors, where prompt tuning prepends its virtual tokens.
     """
 
     layers: tuple[LayerNode, ...]
     backend: str = ""
     model_type: str = ""
     output_head: Optional[str] = None
+    input_embedding: Optional[str] = None
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "layers", tuple(self.layers))
@@ -133,6 +136,7 @@ class ModelGraph:
             "backend": self.backend,
             "model_type": self.model_type,
             "output_head": self.output_head,
+            "input_embedding": self.input_embedding,
             "layers": [n.to_dict() for n in self.layers],
         }
 
@@ -146,4 +150,5 @@ class ModelGraph:
             backend=data.get("backend", ""),
             model_type=data.get("model_type", ""),
             output_head=data.get("output_head"),
+            input_embedding=data.get("input_embedding"),
         )

@@ -100,6 +100,14 @@ def peftcore_set_adapters_enabled(model: Any, enabled: bool) -> None:
 
 
 @hookspec(firstresult=True)
+def peftcore_set_batch_adapters(model: Any, adapter_names: Optional[Sequence[str]]) -> None:
+    """Route each row of the following forward passes through the adapter it names
+    (one name per row, ``"__base__"`` for none; names are already checked to exist and
+    to be unmerged); ``None`` stops routing. Raise if a layer cannot route rows, leaving
+    nothing routed. Optional for a backend (mixed-adapter batches need it)."""
+
+
+@hookspec(firstresult=True)
 def peftcore_set_trainable(model: Any, adapter_name: str, trainable: bool) -> None:
     """Make one adapter's parameters trainable or frozen."""
 
@@ -128,6 +136,27 @@ def peftcore_unload(model: Any, merge: bool) -> Any:
 @hookspec(firstresult=True)
 def peftcore_count_parameters(model: Any) -> tuple:  # type: ignore[empty-body]
     """Return ``(trainable, total)`` scalar counts of the model's parameters."""
+
+
+@hookspec(firstresult=True)
+def peftcore_bake(model: Any, adapter_name: str) -> None:
+    """Store what the adapter's training-time reparameterisations compute (residual
+    prompt tuning's MLP output) as plain tensors and drop the reparameterisation, so the
+    adapter matches its plan's ``baked()`` ops. Optional for a backend."""
+
+
+@hookspec(firstresult=True)
+def peftcore_gate_values(model: Any, adapter_name: str) -> Mapping[str, np.ndarray]:  # type: ignore[empty-body]
+    """The adapter's gate values from the last forward pass (UniPELT), numpy ``(batch,)``
+    arrays keyed ``<op path>.<gate stem>``. Optional for a backend."""
+
+
+@hookspec(firstresult=True)
+def peftcore_adapter_gradients(model: Any, adapter_name: str, loss: Any) -> Mapping[str, np.ndarray]:  # type: ignore[empty-body]
+    """The gradient of ``loss`` (a scalar of the backend's framework, computed by running
+    the model) with respect to each of the adapter's tensors, as canonical-layout numpy
+    arrays keyed like ``peftcore_export_adapter``. Stored gradients are left alone.
+    Optional for a backend (XPrompt's scoring uses it)."""
 
 
 # -- conformance-suite hooks (backend) -------------------------------------------------

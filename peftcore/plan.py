@@ -43,10 +43,15 @@ def op_types() -> dict[str, type[PlanOp]]:
 
 @dataclass(frozen=True)
 class TensorSpec:
-    """An adapter tensor an op creates: canonical shape and its HF PEFT key suffix."""
+    """An adapter tensor an op creates: canonical shape and its HF PEFT key suffix.
+
+    ``hf_root`` marks a key HF PEFT stores at the top level of the file, not under the
+    layer's path (prompt tuning's ``prompt_embeddings``).
+    """
 
     shape: tuple
     hf_name: str
+    hf_root: bool = False
 
 
 @dataclass(frozen=True)
@@ -54,6 +59,8 @@ class PlanOp:
     """Base class of rewrite ops. ``path`` is the layer the op acts on ('' = whole model)."""
 
     op: ClassVar[str] = ""
+    #: Whether the backend can fold this op into the base weights (merge_adapter).
+    mergeable: ClassVar[bool] = True
     path: str = ""
 
     def __post_init__(self) -> None:
@@ -89,6 +96,11 @@ class PlanOp:
         checked against the model before anything is built.
         """
         return None
+
+    def baked(self) -> PlanOp:
+        """This op in inference form (``PeftModel.bake``): an op with a training-time
+        reparameterisation returns the op its computed tensors are stored in."""
+        return self
 
     def num_trainable(self) -> int:
         """Number of trainable scalars this op adds or unfreezes."""
@@ -174,10 +186,13 @@ class SaveModule(PlanOp):
     """Train a full copy of a module per adapter (HF PEFT's ``modules_to_save``).
 
     ``param_shapes`` maps each parameter under the module (relative name) to its shape.
+    ``hf_key_prefix`` is where HF PEFT files keep the module's tensors when that is not
+    the usual ``base_model.model.`` (its prompt-learning adapters use ``base_model.``).
     """
 
     op: ClassVar[str] = "modules_to_save"
     param_shapes: Mapping[str, tuple] = field(default_factory=dict)
+    hf_key_prefix: str = ""
 
     def __post_init__(self) -> None:
         super().__post_init__()
@@ -189,6 +204,11 @@ class SaveModule(PlanOp):
         object.__setattr__(self, "param_shapes", shapes)
 
     def tensor_specs(self) -> dict[str, TensorSpec]:
+        if self.hf_key_prefix:
+            return {
+                name: TensorSpec(shape, f"{self.hf_key_prefix}{self.path}.{name}", hf_root=True)
+                for name, shape in self.param_shapes.items()
+            }
         return {name: TensorSpec(shape, name) for name, shape in self.param_shapes.items()}
 
     def misfit(self, graph: ModelGraph) -> Optional[str]:
@@ -198,7 +218,10 @@ class SaveModule(PlanOp):
         return None
 
     def to_dict(self) -> dict[str, Any]:
-        return {"op": self.op, "path": self.path, "param_shapes": {k: list(v) for k, v in self.param_shapes.items()}}
+        data = {"op": self.op, "path": self.path, "param_shapes": {k: list(v) for k, v in self.param_shapes.items()}}
+        if self.hf_key_prefix:
+            data["hf_key_prefix"] = self.hf_key_prefix
+        return data
 
 
 @dataclass(frozen=True)
@@ -237,8 +260,8 @@ class RewritePlan:
         for op in self.ops:
             for name, spec in op.tensor_specs().items():
                 full = f"{op.path}.{name}" if op.path else name
-                hf_name = f"{op.path}.{spec.hf_name}" if op.path else spec.hf_name
-                specs[full] = TensorSpec(spec.shape, hf_name)
+                hf_name = f"{op.path}.{spec.hf_name}" if op.path and not spec.hf_root else spec.hf_name
+                specs[full] = TensorSpec(spec.shape, hf_name, spec.hf_root)
         return specs
 
     def to_dict(self) -> dict[str, Any]:

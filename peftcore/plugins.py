@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import os
 import threading
+import warnings
 from dataclasses import dataclass
 from typing import Any, Optional
 
@@ -27,6 +28,16 @@ ENV_DISABLED = "PEFTCORE_DISABLED_PLUGINS"
 
 _lock = threading.Lock()
 _manager: Optional[PluginManager] = None
+
+
+def _renew_lock_in_child() -> None:
+    """A child forked while another thread held the lock would inherit it locked forever."""
+    global _lock
+    _lock = threading.Lock()
+
+
+if hasattr(os, "register_at_fork"):
+    os.register_at_fork(after_in_child=_renew_lock_in_child)
 
 
 @dataclass(frozen=True)
@@ -92,6 +103,11 @@ class Backend:
                 f"backend {self.name!r} failed in {hook_name}: {type(exc).__name__}: {exc}"
             ) from exc
 
+    def implements(self, hook_name: str) -> bool:
+        """Whether this backend implements the (optional) hook ``hook_name``."""
+        hook = getattr(self._manager.pm.hook, hook_name, None)
+        return hook is not None and any(impl.plugin is self.plugin for impl in hook.get_hookimpls())
+
     def require_available(self) -> None:
         if not self.available:
             raise BackendError(f"backend {self.name!r} is not available: {self.info.reason}")
@@ -113,8 +129,15 @@ class PluginManager:
 
     @property
     def hook(self) -> Any:
-        """Broadcast hook relay, for extension hooks."""
-        return self.pm.hook
+        """Broadcast hook relay, for extension hooks: each plugin is called on its own, and
+        one that raises is recorded in :attr:`failures`, named in a warning and left out."""
+        return _IsolatedRelay(self)
+
+    def plugin_failed(self, plugin_name: str, hook_name: str, exc: Exception) -> None:
+        error = f"{hook_name} raised {type(exc).__name__}: {exc}"
+        if not any(f.name == plugin_name and f.error == error for f in self.failures):
+            self.failures.append(PluginFailure(plugin_name, error))
+        warnings.warn(f"peftcore plugin {plugin_name!r} was left out: {error}", stacklevel=4)
 
     def _load_entry_points(self) -> None:
         for name in _entry_point_names(ENTRY_POINT_GROUP):
@@ -201,6 +224,30 @@ class PluginManager:
             f"no installed backend recognises a {type(model).__module__}.{type(model).__qualname__}; "
             f"installed backends:\n" + self.describe_backends() + failed
         )
+
+
+class _IsolatedRelay:
+    """``manager.hook.<name>(**kwargs)`` for broadcast hooks, one plugin at a time."""
+
+    def __init__(self, manager: PluginManager) -> None:
+        self._manager = manager
+
+    def __getattr__(self, hook_name: str) -> Any:
+        caller = getattr(self._manager.pm.hook, hook_name)
+
+        def call(**kwargs: Any) -> list:
+            results = []
+            for impl in reversed(caller.get_hookimpls()):  # pluggy's order: last registered first
+                try:
+                    result = impl.function(*[kwargs[name] for name in impl.argnames])
+                except Exception as exc:  # a broken plugin must not take the others down
+                    self._manager.plugin_failed(impl.plugin_name, hook_name, exc)
+                    continue
+                if result is not None:
+                    results.append(result)
+            return results
+
+        return call
 
 
 def _disabled_names() -> set[str]:

@@ -13,8 +13,9 @@ of :mod:`peftcore.methods`.
 
 from __future__ import annotations
 
+import os
 import threading
-from typing import Callable, TypeVar
+from typing import Callable, Iterable, TypeVar
 
 from peftcore.config import PeftConfig
 from peftcore.errors import ConfigError, UnknownMethodError, did_you_mean
@@ -28,6 +29,7 @@ class MethodRegistry:
     def __init__(self) -> None:
         self._methods: dict[str, type[PeftConfig]] = {}
         self._plugins_loaded = False
+        self._loading_plugins = False
         self._lock = threading.RLock()
 
     def register(self, name: str) -> Callable[[C], C]:
@@ -64,14 +66,18 @@ class MethodRegistry:
         if self._plugins_loaded:
             return
         with self._lock:
-            if self._plugins_loaded:
-                return
-            self._plugins_loaded = True
-            from peftcore.plugins import get_plugin_manager
+            if self._plugins_loaded or self._loading_plugins:
+                return  # done, or this very thread is loading them (a plugin asking back)
+            self._loading_plugins = True
+            try:
+                from peftcore.plugins import get_plugin_manager
 
-            for config_classes in get_plugin_manager().hook.peftcore_register_methods():
-                for config_cls in config_classes or ():
-                    self.add(config_cls.method or config_cls.__name__.lower(), config_cls)
+                for config_classes in get_plugin_manager().hook.peftcore_register_methods():
+                    for config_cls in config_classes or ():
+                        self.add(config_cls.method or config_cls.__name__.lower(), config_cls)
+            finally:  # only now may other threads skip the lock and trust the registry
+                self._plugins_loaded = True
+                self._loading_plugins = False
 
     def names(self) -> list[str]:
         """Every registered method name, plugin methods included."""
@@ -92,6 +98,22 @@ class MethodRegistry:
                 f"registered methods: {', '.join(sorted(self._methods))}"
             )
         return found
+
+    def ops_of(self, name: str) -> tuple[str, ...]:
+        """The plan op types method ``name`` may emit: the config class's ``plan_ops``, or,
+        for a method that declares none, the op types defined in its config's module."""
+        config_cls = self.get(name)
+        if config_cls.plan_ops:
+            return tuple(config_cls.plan_ops)
+        from peftcore.plan import op_types
+
+        return tuple(sorted(op for op, op_cls in op_types().items() if op_cls.__module__ == config_cls.__module__))
+
+    def missing_ops(self, built_ops: Iterable[str]) -> dict[str, list[str]]:
+        """For every registered method, the op types it needs that are not in
+        ``built_ops`` (what a backend builds); an empty list means the backend builds it."""
+        built = set(built_ops)
+        return {name: sorted(set(self.ops_of(name)) - built) for name in self.names()}
 
     def _lookup(self, name: str) -> type[PeftConfig] | None:
         if name in self._methods:
@@ -117,4 +139,7 @@ def _builtin_methods() -> None:
 
 #: The process-wide registry (also reachable as ``peftcore.PeftRegistry``).
 PeftRegistry = MethodRegistry()
+
+if hasattr(os, "register_at_fork"):  # a lock held by another thread at fork time stays held in the child
+    os.register_at_fork(after_in_child=lambda: setattr(PeftRegistry, "_lock", threading.RLock()))
 register_method = PeftRegistry.register

@@ -38,11 +38,25 @@ def validate_modules_to_save(owner: str, modules: Optional[Sequence[str]]) -> No
     )
 
 
-def modules_to_save_ops(graph: ModelGraph, modules: Optional[Sequence[str]], owner: str) -> list[SaveModule]:
+def validate_layers_to_transform(owner: str, layers: object) -> None:
+    """``layers_to_transform`` is None, an int or a list of ints."""
+    if layers is None:
+        return
+    items = [layers] if isinstance(layers, int) else layers
+    check(
+        isinstance(items, list) and all(isinstance(i, int) and not isinstance(i, bool) for i in items),
+        f"{owner}.layers_to_transform must be an int or a list of ints, got {layers!r}",
+    )
+
+
+def modules_to_save_ops(
+    graph: ModelGraph, modules: Optional[Sequence[str]], owner: str, hf_key_prefix: str = ""
+) -> list[SaveModule]:
     """One :class:`SaveModule` op per layer named (exact name or dotted suffix) in ``modules``.
 
     A name that matches nothing is an error; the op records the shapes of every
-    parameter under the module so loading can check them.
+    parameter under the module so loading can check them. ``hf_key_prefix`` is passed
+    to the ops (see :class:`SaveModule`).
     """
     ops: list[SaveModule] = []
     unmatched: list[str] = []
@@ -55,7 +69,7 @@ def modules_to_save_ops(graph: ModelGraph, modules: Optional[Sequence[str]], own
             continue
         for node in outer:
             if all(op.path != node.path for op in ops):
-                ops.append(SaveModule(path=node.path, param_shapes=graph.subtree_params(node.path)))
+                ops.append(SaveModule(path=node.path, param_shapes=graph.subtree_params(node.path), hf_key_prefix=hf_key_prefix))
     # HF PEFT's rule: an error only when no entry matches. Its task types add both
     # "classifier" and "score" to every SEQ_CLS config, and a model has one of them.
     if unmatched and not ops:
@@ -63,6 +77,9 @@ def modules_to_save_ops(graph: ModelGraph, modules: Optional[Sequence[str]], own
         hints = closest(name, graph.paths)
         hint = f"; closest layer names: {', '.join(hints)}" if hints else ""
         raise TargetNotFoundError(f"{owner}: modules_to_save entry {name!r} matched no layer{hint}")
+    # the heads a task type adds are alternatives (a model has one of them): no warning
+    task_heads = {head for heads in TASK_MODULES_TO_SAVE.values() for head in heads}
+    unmatched = [name for name in unmatched if name not in task_heads]
     if unmatched:
         warnings.warn(f"{owner}: modules_to_save entries {unmatched} matched no layer and are ignored", stacklevel=3)
     return ops

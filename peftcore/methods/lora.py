@@ -10,7 +10,12 @@ from typing import Any, ClassVar, Mapping, Optional, Union
 from peftcore.config import PeftConfig, check, check_type, config_class
 from peftcore.errors import ConfigError
 from peftcore.graph import LayerNode, ModelGraph
-from peftcore.methods.common import effective_modules_to_save, modules_to_save_ops, validate_modules_to_save
+from peftcore.methods.common import (
+    effective_modules_to_save,
+    modules_to_save_ops,
+    validate_layers_to_transform,
+    validate_modules_to_save,
+)
 from peftcore.plan import AddLora, FreezeBase, PlanOp, RewritePlan
 from peftcore.registry import register_method
 from peftcore.targeting import Targets, select_layers, validate_targets
@@ -39,6 +44,7 @@ class LoraConfig(PeftConfig):
     """
 
     peft_type: ClassVar[str] = "LORA"
+    plan_ops: ClassVar[tuple] = ("freeze_base", "lora", "modules_to_save")
     hf_unsupported_fields: ClassVar[Mapping[str, Any]] = {
         "bias": "none",
         "use_dora": False,
@@ -100,12 +106,7 @@ class LoraConfig(PeftConfig):
             self.target_modules = sorted(self.target_modules)
         if isinstance(self.exclude_modules, (set, frozenset, tuple)):
             self.exclude_modules = sorted(self.exclude_modules)
-        if self.layers_to_transform is not None:
-            items = [self.layers_to_transform] if isinstance(self.layers_to_transform, int) else self.layers_to_transform
-            check(
-                isinstance(items, list) and all(isinstance(i, int) and not isinstance(i, bool) for i in items),
-                f"{name}.layers_to_transform must be an int or a list of ints, got {self.layers_to_transform!r}",
-            )
+        validate_layers_to_transform(name, self.layers_to_transform)
         for field_name in ("rank_pattern", "alpha_pattern"):
             pattern = getattr(self, field_name)
             if pattern is None:

@@ -9,7 +9,8 @@ Subclass it in a test module (with :mod:`peftcore.testing.plugin` loaded)::
 
 Each test builds the framework-neutral toy models natively through the backend, applies
 a plan, and compares the backend's outputs with the numpy reference computed from the
-weights the backend exports.
+weights the backend exports. LoRA's tests are here; each other method has a module of
+its own (``suite_<method>.py``) whose test class :class:`ConformanceSuite` includes.
 """
 
 from __future__ import annotations
@@ -17,56 +18,19 @@ from __future__ import annotations
 from typing import Any
 
 import numpy as np
-import pytest
 
-from peftcore.api import PeftModel, get_peft_model
+from peftcore.api import PeftModel
 from peftcore.graph import ModelGraph
 from peftcore.methods.lora import LoraConfig
 from peftcore.plugins import Backend
-from peftcore.testing.toys import TOY_SPECS, ToySpec, lora_deltas, reference_forward
+from peftcore.testing.suite_base import ATOL, SuiteBase
+from peftcore.testing.suite_bitfit import BitFitTests
+from peftcore.testing.suite_prompt import PromptTests
+from peftcore.testing.toys import ToySpec, reference_forward
 
-ATOL = 1e-5
 
-
-class ConformanceSuite:
-    """Backend-independent tests; ``backends`` names the backends to run them on."""
-
-    backends: list = []
-
-    @pytest.fixture(params=TOY_SPECS, ids=[s.name for s in TOY_SPECS])
-    def toy(self, request: Any) -> ToySpec:
-        return request.param
-
-    @pytest.fixture
-    def rng(self) -> np.random.Generator:
-        return np.random.default_rng(1234)
-
-    # -- helpers --------------------------------------------------------------------------
-    def build(self, backend: Backend, spec: ToySpec, weights: dict) -> Any:
-        return backend.call("peftcore_build_toy_model", spec=spec, weights=weights)
-
-    def run(self, backend: Backend, model: Any, inputs: np.ndarray) -> np.ndarray:
-        native = model.model if isinstance(model, PeftModel) else model
-        return np.asarray(backend.call("peftcore_toy_forward", model=native, inputs=inputs), dtype=np.float64)
-
-    def wrap(self, backend: Backend, spec: ToySpec, weights: dict, inputs: np.ndarray, **lora: Any) -> PeftModel:
-        config = LoraConfig(target_modules=[s.name for s in spec.layers], **lora)
-        return get_peft_model(self.build(backend, spec, weights), config, backend=backend.name, example_inputs=inputs)
-
-    def randomise(self, backend: Backend, peft_model: PeftModel, adapter: str, rng: np.random.Generator) -> dict:
-        tensors = {
-            key: (rng.standard_normal(spec.shape) * 0.2).astype(np.float32)
-            for key, spec in peft_model.plans[adapter].tensor_specs().items()
-        }
-        backend.call("peftcore_import_adapter", model=peft_model.model, adapter_name=adapter, tensors=tensors)
-        return tensors
-
-    def expected(self, spec: ToySpec, weights: dict, inputs: np.ndarray, peft_model: PeftModel, *adapters: str) -> np.ndarray:
-        deltas = [
-            lora_deltas(peft_model.plans[a], peft_model.backend.call("peftcore_export_adapter", model=peft_model.model, adapter_name=a))
-            for a in adapters
-        ]
-        return reference_forward(spec, weights, inputs, deltas)
+class LoraTests(SuiteBase):
+    """LoRA on every toy model."""
 
     # -- tests ------------------------------------------------------------------------------
     def test_describe_reports_canonical_shapes(self, peftcore_backend: Backend, toy: ToySpec, rng: Any) -> None:
@@ -170,3 +134,7 @@ class ConformanceSuite:
         second = self.wrap(peftcore_backend, toy, weights, inputs, r=2)
         self.randomise(peftcore_backend, second, "default", rng)
         np.testing.assert_allclose(self.run(peftcore_backend, second.unload(), inputs), base_out, atol=ATOL)
+
+
+class ConformanceSuite(LoraTests, BitFitTests, PromptTests):
+    """Every method's backend-independent tests; ``backends`` names the backends to run them on."""

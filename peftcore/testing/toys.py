@@ -7,11 +7,13 @@ computes in numpy what that model, with given adapters, must output.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-from typing import Mapping, Optional, Sequence
+from dataclasses import dataclass, field
+from typing import Any, Mapping, Optional, Sequence
 
 import numpy as np
 
+from peftcore.methods.bitfit import TrainBias
+from peftcore.methods.prompt_tuning import AddPrompt
 from peftcore.plan import AddLora, RewritePlan
 
 
@@ -103,27 +105,97 @@ def lora_deltas(plan: RewritePlan, tensors: Mapping[str, np.ndarray]) -> dict[st
     return deltas
 
 
+@dataclass(frozen=True)
+class AdapterEffects:
+    """What one adapter does to a toy model, computed in numpy from its exported tensors.
+
+    ``deltas``: LoRA weight changes (canonical ``(out, in)``); ``biases``: BitFit's
+    trained bias per layer (the full value); ``prompts``: virtual tokens put in front of
+    an embedding layer's output, ``(n, dim)``.
+    """
+
+    deltas: Mapping[str, np.ndarray] = field(default_factory=dict)
+    biases: Mapping[str, np.ndarray] = field(default_factory=dict)
+    prompts: Mapping[str, np.ndarray] = field(default_factory=dict)
+
+
+def adapter_effects(plan: RewritePlan, tensors: Mapping[str, np.ndarray]) -> AdapterEffects:
+    """The reference meaning of every op of ``plan`` that the toy models can show."""
+    biases: dict[str, np.ndarray] = {}
+    prompts: dict[str, np.ndarray] = {}
+    for op in plan.ops:
+        if isinstance(op, TrainBias):
+            biases[op.path] = tensors[f"{op.path}.bias"].astype(np.float64)
+        elif isinstance(op, AddPrompt):
+            prompts[op.path] = prompt_reference(op, {k[len(op.path) + 1 :]: v for k, v in tensors.items() if k.startswith(op.path + ".")})
+    return AdapterEffects(deltas=lora_deltas(plan, tensors), biases=biases, prompts=prompts)
+
+
+def prompt_reference(op: AddPrompt, tensors: Mapping[str, np.ndarray]) -> np.ndarray:
+    """The virtual tokens of a prompt op: the prompt, through its residual MLP if it has one
+    (eval mode: no dropout)."""
+    prompt = tensors["prompt_embeddings"].astype(np.float64)
+    mask = op.element_mask()
+    if mask is not None:
+        prompt = prompt * np.asarray(mask)
+    if not op.residual:
+        return prompt
+    t = {k: v.astype(np.float64) for k, v in tensors.items()}
+    hidden = np.einsum("nd,nbd->nb", prompt, np.broadcast_to(t["residual_down_weight"], (len(prompt),) + t["residual_down_weight"].shape[1:]))
+    hidden = _activation(op.residual_activation, hidden + t["residual_down_bias"])
+    out = np.einsum("nb,ndb->nd", hidden, np.broadcast_to(t["residual_up_weight"], (len(prompt),) + t["residual_up_weight"].shape[1:]))
+    out = out + t["residual_up_bias"]
+    if op.residual_layer_norm:
+        mean = out.mean(axis=-1, keepdims=True)
+        var = out.var(axis=-1, keepdims=True)
+        out = (out - mean) / np.sqrt(var + 1e-5) * t["residual_norm_weight"] + t["residual_norm_bias"]
+    return prompt + out
+
+
+def _activation(name: str, x: np.ndarray) -> np.ndarray:
+    if name == "relu":
+        return np.maximum(x, 0.0)
+    if name == "tanh":
+        return np.tanh(x)
+    if name == "sigmoid":
+        return 1.0 / (1.0 + np.exp(-x))
+    if name == "gelu":  # the exact (erf) form, as torch's default
+        from math import erf
+
+        return 0.5 * x * (1.0 + np.vectorize(erf)(x / np.sqrt(2.0)))
+    return x
+
+
 def reference_forward(
     spec: ToySpec,
     weights: Mapping[str, np.ndarray],
     inputs: np.ndarray,
     deltas: Optional[Sequence[Mapping[str, np.ndarray]]] = None,
+    effects: Optional[Sequence[AdapterEffects]] = None,
 ) -> np.ndarray:
-    """What the toy model outputs (float64) with each LoRA delta in ``deltas`` added."""
+    """What the toy model outputs (float64) with the given adapters active.
+
+    ``deltas`` are bare LoRA weight changes; ``effects`` are whole adapters (see
+    :func:`adapter_effects`), applied together as a backend runs several active ones.
+    """
+    all_effects = [AdapterEffects(deltas=d) for d in deltas or ()] + list(effects or ())
     x = inputs if spec.input_kind == "tokens" else inputs.astype(np.float64)
     for step in spec.steps:
         if step.kind in ("linear", "embedding"):
             weight = weights[f"{step.name}.weight"].astype(np.float64)
-            for layer_deltas in deltas or ():
-                if step.name in layer_deltas:  # deltas are canonical (out, in); a table is (in, out)
-                    delta = layer_deltas[step.name]
+            for effect in all_effects:
+                if step.name in effect.deltas:  # deltas are canonical (out, in); a table is (in, out)
+                    delta = effect.deltas[step.name]
                     weight = weight + (delta.T if step.kind == "embedding" else delta)
             if step.kind == "embedding":
                 x = weight[x]
+                prompts = [e.prompts[step.name] for e in all_effects if step.name in e.prompts]
+                if prompts:
+                    prefix = np.concatenate(prompts, axis=0)
+                    x = np.concatenate([np.broadcast_to(prefix, (x.shape[0],) + prefix.shape), x], axis=1)
             else:
                 x = x @ weight.T
-                if step.bias:
-                    x = x + weights[f"{step.name}.bias"].astype(np.float64)
+            x = x + _bias(step, weights, all_effects)
         elif step.kind == "relu":
             x = np.maximum(x, 0.0)
         elif step.kind == "tanh":
@@ -133,3 +205,13 @@ def reference_forward(
         else:
             raise ValueError(f"unknown toy step kind {step.kind!r}")
     return np.asarray(x)
+
+
+def _bias(step: ToyStep, weights: Mapping[str, np.ndarray], effects: Sequence[AdapterEffects]) -> Any:
+    """The layer's bias: the base one plus each BitFit adapter's change to it."""
+    base = weights[f"{step.name}.bias"].astype(np.float64) if step.kind == "linear" and step.bias else 0.0
+    total = base
+    for effect in effects:
+        if step.name in effect.biases:
+            total = total + (effect.biases[step.name] - base)
+    return total

@@ -1,7 +1,7 @@
-"""The shared conformance suite, on the torch backend."""
+"""The shared conformance suite, on the torch backend (which also builds UniPELT)."""
 
-from peftcore.testing import ConformanceSuite
+from peftcore.testing import ConformanceSuite, UniPELTSuite
 
 
-class TestTorchConformance(ConformanceSuite):
+class TestTorchConformance(ConformanceSuite, UniPELTSuite):
     backends = ["torch"]

@@ -26,11 +26,15 @@ apply_shims()
 from singa import layer  # noqa: E402
 
 from peftcore.errors import PlanError, did_you_mean  # noqa: E402
+from peftcore.methods.bitfit import TrainBias  # noqa: E402
+from peftcore.methods.prompt_tuning import AddPrompt  # noqa: E402
 from peftcore.plan import AddLora, PlanOp, RewritePlan, SaveModule  # noqa: E402
+from peftcore_singa.bitfit import BiasAdapter, base_bias  # noqa: E402
 from peftcore_singa.describe import layer_index, walk  # noqa: E402
-from peftcore_singa.layers import AdapterLayer, set_trainable_flags  # noqa: E402
+from peftcore_singa.layers import AdapterLayer, set_trainable_flags, to_numpy  # noqa: E402
 from peftcore_singa.lora import LoraEmbedding, LoraLinear  # noqa: E402
 from peftcore_singa.modules_to_save import SavedModule  # noqa: E402
+from peftcore_singa.prompt import PromptEmbedding  # noqa: E402
 
 Builder = Callable[[Any, dict, Any, str], None]
 
@@ -99,10 +103,38 @@ def build_modules_to_save(model: Any, layers: dict, op: SaveModule, adapter_name
     wrap_layer(model, layers, op.path, SavedModule).add(adapter_name, op)
 
 
+def _initialised_base(layers: dict, path: str) -> Any:
+    target = layers.get(path)
+    base = target.base_layer if isinstance(target, AdapterLayer) else target
+    if base is not None and not base._initialized:
+        raise PlanError(f"layer {path!r} is not initialised (no forward has reached it); pass example_inputs")
+    return base
+
+
+def build_bitfit(model: Any, layers: dict, op: TrainBias, adapter_name: str) -> None:
+    base = _initialised_base(layers, op.path)
+    if base is not None and not isinstance(base, (layer.Linear, layer.Gemm)) and base_bias(base) is None:
+        raise PlanError(
+            f"singa backend trains the bias of Linear, Gemm and layers with a 'bias' tensor; "
+            f"{op.path!r} ({type(base).__name__}) has none"
+        )
+    wrap_layer(model, layers, op.path, BiasAdapter).add(adapter_name, op)
+
+
+def build_prompt(model: Any, layers: dict, op: AddPrompt, adapter_name: str) -> None:
+    base = _initialised_base(layers, op.path)
+    if not isinstance(base, layer.Embedding):
+        kind = type(base).__name__ if base is not None else "missing"
+        raise PlanError(f"singa backend prompts a layer.Embedding; {op.path!r} is {kind}")
+    wrap_layer(model, layers, op.path, PromptEmbedding).add(adapter_name, op)
+
+
 BUILDERS: dict[str, Builder] = {
     "freeze_base": build_freeze_base,
     "lora": build_lora,
     "modules_to_save": build_modules_to_save,
+    "bitfit_bias": build_bitfit,
+    "prompt_embedding": build_prompt,
 }
 
 
@@ -160,6 +192,27 @@ def export_adapter(model: Any, adapter_name: str) -> dict[str, np.ndarray]:
     return out
 
 
+def adapter_gradients(model: Any, adapter_name: str, loss: Any) -> dict[str, np.ndarray]:
+    """d loss / d tensor for every tensor of the adapter, canonical layout (zeros where a
+    tensor did not take part). Runs SINGA's backward without any optimizer step."""
+    from singa import autograd
+
+    entries = {}
+    for path, wrapper in adapter_layers(model).items():
+        for attr in wrapper.tensor_names(adapter_name):
+            entries[id(getattr(wrapper, attr)[adapter_name])] = (path, wrapper, attr)
+    found: dict[int, np.ndarray] = {}
+    for param, grad in autograd.backward(loss):
+        if id(param) in entries:
+            found[id(param)] = to_numpy(grad)
+    out: dict[str, np.ndarray] = {}
+    for key, (path, wrapper, attr) in entries.items():
+        stored = getattr(wrapper, attr)[adapter_name]
+        grad = found.get(key, np.zeros(tuple(stored.shape), dtype=np.float32))
+        out[f"{path}.{wrapper.canonical_name(attr)}"] = np.ascontiguousarray(wrapper.canonical_export(attr, grad))
+    return out
+
+
 def import_adapter(model: Any, adapter_name: str, tensors: Mapping[str, np.ndarray]) -> None:
     grouped: dict[str, dict[str, np.ndarray]] = {}
     wrappers = adapter_layers(model)
@@ -196,6 +249,14 @@ def unload(model: Any, merge: bool) -> Any:
         replace_layer(model, layers, path, wrapper.unwrap(merge))
     invalidate_graph(model)
     return model
+
+
+def bake(model: Any, adapter_name: str) -> None:
+    """Turn the adapter's residual prompt MLPs into plain prompts (see :meth:`PromptEmbedding.bake`)."""
+    for wrapper in adapter_layers(model).values():
+        if isinstance(wrapper, PromptEmbedding):
+            wrapper.bake(adapter_name)
+    invalidate_graph(model)
 
 
 def count_parameters(model: Any) -> tuple[int, int]:

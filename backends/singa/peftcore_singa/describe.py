@@ -189,12 +189,39 @@ def describe_model(model: Any, example_inputs: Any = None, extra_kinds: Optional
     extra_kinds = extra_kinds or {}
     layers = [describe_layer(path, node, extra_kinds) for path, node in walk(model)]
     linears = [n.path for n in layers if n.kind == "linear"]
+    embeddings = [n.path for n in layers if n.kind == "embedding"]
     return ModelGraph(
         layers=tuple(layers),
         backend="singa",
         model_type=str(getattr(model, "model_type", "") or ""),
         output_head=linears[-1] if linears else None,
+        input_embedding=input_embedding(model, embeddings, example_inputs),
     )
+
+
+def input_embedding(model: Any, embeddings: list[str], example_inputs: Any) -> Optional[str]:
+    """The path of the embedding layer the model's forward calls first: the only one, or,
+    among several, the first to run in an eval-mode forward on ``example_inputs`` (None
+    without them, or when forward reaches none of them through its layers' calls)."""
+    if len(embeddings) <= 1 or example_inputs is None:
+        return embeddings[0] if len(embeddings) == 1 else None
+    index = layer_index(model)
+    called: list[str] = []
+    for path in embeddings:
+        node = index[path]
+
+        def recording_forward(*args: Any, _path: str = path, _forward: Any = node.forward, **kwargs: Any) -> Any:
+            called.append(_path)
+            return _forward(*args, **kwargs)
+
+        node.__dict__["forward"] = recording_forward  # shadows the class's forward for one call
+    try:
+        with eval_mode(model):
+            model.forward(*to_tensors(example_inputs, model_device(model)))
+    finally:
+        for path in embeddings:
+            index[path].__dict__.pop("forward", None)
+    return called[0] if called else None
 
 
 def describe_layer(path: str, node: Any, extra_kinds: dict) -> LayerNode:

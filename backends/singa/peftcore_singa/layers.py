@@ -30,6 +30,7 @@ apply_shims()
 
 from singa import layer, tensor  # noqa: E402
 
+from peftcore.adapter_state import AdapterBookkeeping  # noqa: E402
 from peftcore.errors import AdapterError, PlanError  # noqa: E402
 
 #: SINGA dtype codes (``tensor.float32``...) and their numpy types and names.
@@ -57,37 +58,28 @@ def set_trainable_flags(t: Any, trainable: bool) -> None:
     t.requires_grad = bool(trainable)
 
 
-class AdapterLayer(layer.Layer):
-    """A base layer plus named adapters. Subclasses set ``adapter_tensor_names``."""
+def constant(value: float, like: Any) -> Any:
+    """A frozen ``(1,)`` tensor holding ``value`` on ``like``'s device and dtype: autograd
+    ops take only tensors, and this one broadcasts against any shape."""
+    out = tensor.Tensor((1,), like.device, like.dtype, requires_grad=False, stores_grad=False)
+    out.set_value(float(value))
+    return out
 
-    adapter_tensor_names: tuple = ()
+
+class AdapterLayer(AdapterBookkeeping, layer.Layer):
+    """A base layer plus named adapters. Subclasses set ``adapter_tensor_names`` (and
+    ``canonical_names`` where an attribute's saved name differs); the bookkeeping rules
+    come from :class:`~peftcore.adapter_state.AdapterBookkeeping`."""
 
     def __init__(self, base_layer: Any, path: str) -> None:
         super().__init__()
         self.__dict__["base_layer"] = base_layer  # not a registered sublayer (see module doc)
         self.__dict__["_unmerged_weight"] = None
         self.path = path
-        self.active_adapters: list[str] = []
-        self.disabled = False
-        self.merged_adapters: list[str] = []
+        self.init_adapter_state()
         for name in self.adapter_tensor_names:
             setattr(self, name, {})
         self._initialized = True  # the base layer is; adapter tensors are made in add()
-
-    # -- bookkeeping ----------------------------------------------------------------------
-    def adapter_names(self) -> list[str]:
-        first = getattr(self, self.adapter_tensor_names[0]) if self.adapter_tensor_names else {}
-        return list(first.keys())
-
-    def has_adapter(self, adapter_name: str) -> bool:
-        return adapter_name in self.adapter_names()
-
-    def adapters_to_run(self) -> list[str]:
-        """Active, present and not merged: the adapters forward must add."""
-        if self.disabled:
-            return []
-        present = self.adapter_names()
-        return [a for a in self.active_adapters if a in present and a not in self.merged_adapters]
 
     def adapter_tensors(self, adapter_name: Optional[str] = None) -> list[Any]:
         """The adapter tensors of one adapter, or of every adapter."""
@@ -132,29 +124,30 @@ class AdapterLayer(layer.Layer):
     # -- generic adapter state ------------------------------------------------------------
     def export(self, adapter_name: str) -> dict[str, np.ndarray]:
         return {
-            name: np.ascontiguousarray(self.canonical_export(name, to_numpy(getattr(self, name)[adapter_name])))
-            for name in self.adapter_tensor_names
+            self.canonical_name(name): np.ascontiguousarray(
+                self.canonical_export(name, to_numpy(getattr(self, name)[adapter_name]))
+            )
+            for name in self.tensor_names(adapter_name)
         }
 
     def load(self, adapter_name: str, tensors: Mapping[str, Any]) -> None:
         """Copy canonical numpy tensors into the adapter (shapes checked first)."""
         pending = []
-        for name in self.adapter_tensor_names:
-            if name not in tensors:
-                raise AdapterError(f"tensor {name!r} missing for adapter {adapter_name!r}")
+        for name in self.tensor_names(adapter_name):
+            key = self.canonical_name(name)
+            if key not in tensors:
+                raise AdapterError(f"tensor {key!r} missing for adapter {adapter_name!r}")
             target = getattr(self, name)[adapter_name]
-            value = self.native_import(name, np.asarray(tensors[name]))
+            value = self.native_import(name, np.asarray(tensors[key]))
             if tuple(value.shape) != tuple(target.shape):
                 expected = self.canonical_export(name, np.empty(target.shape)).shape
-                raise AdapterError(f"tensor {name!r} has shape {np.asarray(tensors[name]).shape}, expected {expected}")
+                raise AdapterError(f"tensor {key!r} has shape {np.asarray(tensors[key]).shape}, expected {expected}")
             pending.append((target, value))
         for target, value in pending:
             copy_into(target, value)
 
     def delete(self, adapter_name: str) -> None:
-        for name in self.adapter_tensor_names:
-            getattr(self, name).pop(adapter_name, None)
-        self.active_adapters = [a for a in self.active_adapters if a != adapter_name]
+        self.forget_adapter(adapter_name)
 
     def set_trainable(self, adapter_name: str, trainable: bool) -> None:
         for t in self.adapter_tensors(adapter_name):

@@ -6,9 +6,11 @@ Canonically A is ``(r, in_features)`` and B ``(out_features, r)`` (for an embedd
 ``(r, out)``: the forward is then ``x @ A @ B`` with no transposes, and export/import
 transpose at the boundary.
 
-The forward uses only ``singa.autograd`` ops (Python operators on tensors would cut the
-graph), flattens N-D input to 2-D around the matmuls (SINGA's matmul backward aborts on
-3-D input), and applies LoRA dropout with a fresh Bernoulli mask scaled by ``1/(1-p)``,
+The forward uses only ``singa.autograd`` operators (Python operators on tensors would
+cut the graph): SINGA's own, plus :class:`ScaledMatmul`, which applies the LoRA scaling
+as a constant instead of a broadcast ``(1,)`` tensor (whose gradient SINGA would reduce
+on every step). It flattens N-D input to 2-D around the matmuls (SINGA's matmul backward
+aborts on 3-D input), and applies LoRA dropout with a fresh Bernoulli mask scaled by ``1/(1-p)``,
 only while ``autograd.training`` is on and only when ``p > 0`` (``autograd.dropout``
 takes its rate as a seed, keeps ``1-p`` scaled by ``1-p`` and reseeds the device RNG).
 """
@@ -24,11 +26,42 @@ from peftcore_singa.compat import apply_shims
 
 apply_shims()
 
-from singa import autograd, layer, tensor  # noqa: E402
+from singa import autograd, layer, singa_wrap, tensor  # noqa: E402
 
 from peftcore.plan import AddLora  # noqa: E402
 from peftcore_singa.describe import linear_features  # noqa: E402
 from peftcore_singa.layers import AdapterLayer, to_numpy  # noqa: E402
+
+
+class ScaledMatmul(autograd.Operator):
+    """``scaling * x @ w`` for 2-D ``x`` and ``w``, with ``scaling`` a Python constant.
+
+    One op instead of ``mul(matmul(x, w), s)``: ``autograd.mul`` with a ``(1,)`` scale
+    tensor also computes the scale's gradient (a full reduction over the broadcast output)
+    on every backward, the most expensive part of a small LoRA step. The scale is applied
+    to ``x``, which has only ``r`` columns in LoRA's up projection, so it is cheap.
+    """
+
+    def __init__(self, scaling: float) -> None:
+        super().__init__()
+        self.scaling = float(scaling)
+
+    def forward(self, x: Any, w: Any) -> Any:
+        scaled = singa_wrap.MultFloat(x, self.scaling)
+        if autograd.training:
+            self.inputs = (scaled, w)
+        return singa_wrap.Mult(scaled, w)
+
+    def backward(self, dy: Any) -> tuple:
+        scaled, w = self.inputs
+        dx = singa_wrap.MultFloat(singa_wrap.Mult(dy, singa_wrap.DefaultTranspose(w)), self.scaling)
+        dw = singa_wrap.Mult(singa_wrap.DefaultTranspose(scaled), dy)
+        return dx, dw
+
+
+def scaled_matmul(x: Any, w: Any, scaling: float) -> Any:
+    """``scaling * x @ w``, differentiable in ``x`` and ``w`` (see :class:`ScaledMatmul`)."""
+    return ScaledMatmul(scaling)(x, w)[0]
 
 
 def lora_dropout(x: Any, p: float) -> Any:
@@ -50,7 +83,6 @@ class _LoraMixin(AdapterLayer):
         self.scaling: dict[str, float] = {}
         self.r: dict[str, int] = {}
         self.dropout: dict[str, float] = {}
-        self.scaling_tensors: dict[str, Any] = {}
 
     def features(self) -> tuple[int, int]:
         raise NotImplementedError
@@ -62,22 +94,15 @@ class _LoraMixin(AdapterLayer):
         a = self.new_tensor((op.in_features, op.r), f"lora_A.{adapter_name}")
         b = self.new_tensor((op.r, op.out_features), f"lora_B.{adapter_name}")
         _initialise(a, b, op)
-        weight = self.base_weight()
-        scale = tensor.Tensor(
-            (1,), weight.device, weight.dtype, requires_grad=False, stores_grad=False,
-            name=f"{self.path}.lora_scaling.{adapter_name}",
-        )
-        scale.set_value(float(op.scaling))
         self.lora_A[adapter_name] = a
         self.lora_B[adapter_name] = b
-        self.scaling_tensors[adapter_name] = scale
         self.scaling[adapter_name] = float(op.scaling)
         self.r[adapter_name] = int(op.r)
         self.dropout[adapter_name] = float(op.dropout)
 
     def delete(self, adapter_name: str) -> None:
         super().delete(adapter_name)
-        for store in (self.scaling, self.r, self.dropout, self.scaling_tensors):
+        for store in (self.scaling, self.r, self.dropout):
             store.pop(adapter_name, None)
 
     def canonical_export(self, name: str, array: np.ndarray) -> np.ndarray:
@@ -94,9 +119,9 @@ class _LoraMixin(AdapterLayer):
 
     def lora_update(self, adapter_name: str, x2d: Any) -> Any:
         """``scaling * (x @ A) @ B`` for 2-D ``x`` (``(N, in)`` -> ``(N, out)``)."""
-        a, b, s = self.lora_A[adapter_name], self.lora_B[adapter_name], self.scaling_tensors[adapter_name]
-        self.device_check(x2d, a, b, s)
-        return autograd.mul(autograd.matmul(autograd.matmul(x2d, a), b), s)
+        a, b = self.lora_A[adapter_name], self.lora_B[adapter_name]
+        self.device_check(x2d, a, b)
+        return scaled_matmul(autograd.matmul(x2d, a), b, self.scaling[adapter_name])
 
 
 class LoraLinear(_LoraMixin):
@@ -148,12 +173,11 @@ class LoraEmbedding(_LoraMixin):
         result = self.base_layer(x)
         out_shape = [int(d) for d in result.shape]
         for name in self.adapters_to_run():
-            self.device_check(result, self.lora_A[name], self.lora_B[name], self.scaling_tensors[name])
+            self.device_check(result, self.lora_A[name], self.lora_B[name])
             looked_up = autograd.embedding(x, self.lora_A[name])
             flat = autograd.reshape(looked_up, [-1, self.r[name]])
-            update = autograd.matmul(flat, self.lora_B[name])
-            update = autograd.mul(autograd.reshape(update, out_shape), self.scaling_tensors[name])
-            result = autograd.add(result, update)
+            update = scaled_matmul(flat, self.lora_B[name], self.scaling[name])
+            result = autograd.add(result, autograd.reshape(update, out_shape))
         return result
 
 

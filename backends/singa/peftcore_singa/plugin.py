@@ -29,10 +29,20 @@ SINGA specifics a user must know:
 * **Freezing** sets ``stores_grad = requires_grad = False`` on every frozen tensor (SINGA
   optimizers update every tensor with ``stores_grad`` that backward reaches; they have no
   parameter list). Trainable counts use ``stores_grad``.
-* **Names.** Adapter tensors are named ``<layer path>.lora_A.<adapter>`` (and
-  ``lora_B``; copies of ``modules_to_save`` ``<path>.modules_to_save.<adapter>.<attr>``)
-  and appear in ``get_params()`` / ``get_states()`` / ``save_states()``; base tensors keep
+* **Names.** Adapter tensors are named ``<layer path>.<tensor>.<adapter>``:
+  ``fc1.lora_A.default`` (and ``lora_B``), ``fc1.bitfit_bias.default`` (BitFit),
+  ``embed.prompt_embeddings.default`` and ``embed.residual_down_weight.default``... (prompt
+  tuning); copies of ``modules_to_save`` are ``<path>.modules_to_save.<adapter>.<attr>``.
+  They appear in ``get_params()`` / ``get_states()`` / ``save_states()``; base tensors keep
   their names (``fc1.W``), so plain-model checkpoints still load.
+* **Prompt tuning** wraps the input ``layer.Embedding`` (the first one the model's
+  forward calls, found with ``example_inputs`` when there are several, or set
+  ``embedding_layer``) and prepends the virtual tokens to its ``(batch, seq, dim)``
+  output: the layers after it must accept ``seq + num_virtual_tokens`` positions.
+  SINGA's own embedding op copies the indices to the host inside forward, which aborts
+  the process while a graph records: a model with a ``layer.Embedding`` cannot go
+  through ``compile`` or train in graph mode (with or without peftcore). Train it
+  eagerly and give ``example_inputs`` so its layers get initialised.
 * **Layouts.** LoRA A/B are exported and imported in the canonical (torch/HF) layout;
   ``layer.Linear`` W ``(in, out)`` is reported as ``(out, in)``.
 """
@@ -165,6 +175,20 @@ def peftcore_unload(model: Any, merge: bool) -> Any:
     from peftcore_singa.apply import unload
 
     return unload(model, merge)
+
+
+@hookimpl
+def peftcore_bake(model: Any, adapter_name: str) -> None:
+    from peftcore_singa.apply import bake
+
+    bake(model, adapter_name)
+
+
+@hookimpl
+def peftcore_adapter_gradients(model: Any, adapter_name: str, loss: Any) -> Mapping[str, Any]:
+    from peftcore_singa.apply import adapter_gradients
+
+    return adapter_gradients(model, adapter_name, loss)
 
 
 @hookimpl

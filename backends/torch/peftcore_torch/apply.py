@@ -18,10 +18,17 @@ from torch import nn
 
 from peftcore.errors import PlanError, did_you_mean
 from peftcore.plan import AddLora, PlanOp, RewritePlan, SaveModule
+from peftcore.methods.bitfit import TrainBias
+from peftcore.methods.prompt_tuning import AddPrompt
+from peftcore_torch.bitfit import BiasAdapter
 from peftcore_torch.describe import walk
 from peftcore_torch.layers import AdapterLayer
 from peftcore_torch.lora import LoraEmbedding, LoraLinear, is_conv1d
 from peftcore_torch.modules_to_save import SavedModule
+from peftcore_torch.prompt import PromptEmbedding
+from peftcore_torch.prompt_inputs import PromptInputHook, takes_token_inputs
+from peftcore_torch.prefix import build_prefix
+from peftcore_torch.unipelt import build_bottleneck_adapter, build_gate
 
 Builder = Callable[[nn.Module, dict, Any, str], None]
 
@@ -80,10 +87,32 @@ def build_modules_to_save(model: nn.Module, modules: dict, op: SaveModule, adapt
     wrap_layer(model, modules, op.path, SavedModule).add(adapter_name, op)
 
 
+def build_bitfit(model: nn.Module, modules: dict, op: TrainBias, adapter_name: str) -> None:
+    wrap_layer(model, modules, op.path, BiasAdapter).add(adapter_name, op)
+
+
+def build_prompt(model: nn.Module, modules: dict, op: AddPrompt, adapter_name: str) -> None:
+    target = modules.get(op.path)
+    base = target.base_layer if isinstance(target, AdapterLayer) else target
+    if not isinstance(base, nn.Embedding):
+        kind = type(base).__name__ if base is not None else "missing"
+        raise PlanError(f"torch backend prompts an nn.Embedding; {op.path!r} is {kind}")
+    layer = wrap_layer(model, modules, op.path, PromptEmbedding)
+    assert isinstance(layer, PromptEmbedding)
+    if layer.input_hook is None and takes_token_inputs(model):
+        layer.input_hook = PromptInputHook(model, layer)
+    layer.add(adapter_name, op)
+
+
 BUILDERS: dict[str, Builder] = {
     "freeze_base": build_freeze_base,
     "lora": build_lora,
     "modules_to_save": build_modules_to_save,
+    "bitfit_bias": build_bitfit,
+    "prompt_embedding": build_prompt,
+    "prefix": build_prefix,
+    "bottleneck_adapter": build_bottleneck_adapter,
+    "gate": build_gate,
 }
 
 
@@ -103,7 +132,7 @@ def apply_plan(model: nn.Module, plan: RewritePlan, builders: Mapping[str, Build
         delete_adapter(model, plan.adapter_name)
         for path, layer in adapter_layers(model).items():
             if path not in wrappers_before:
-                replace_module(model, modules, path, layer.base_layer)
+                replace_module(model, modules, path, layer.unwrap(merge=False))
         for param, flag in trainable_before:
             param.requires_grad_(flag)
         raise
@@ -142,11 +171,16 @@ def import_adapter(model: nn.Module, adapter_name: str, tensors: Mapping[str, np
 
 
 def to_numpy(tensor: torch.Tensor) -> np.ndarray:
-    """A CPU numpy copy; bfloat16 (which numpy lacks) becomes float32."""
+    """A CPU numpy copy; bfloat16 (which numpy lacks) becomes float32.
+
+    The copy is made in torch before ``.numpy()``: a numpy view makes torch mark the
+    parameter's own storage non-resizable, which breaks FSDP's resharding after export.
+    """
     tensor = tensor.detach()
     if tensor.dtype == torch.bfloat16:
         tensor = tensor.to(torch.float32)
-    return tensor.cpu().numpy().copy()
+    host = tensor.cpu()
+    return (host.clone() if host is tensor else host).numpy()
 
 
 def for_each_layer(model: nn.Module, action: Callable[[AdapterLayer], None]) -> None:
@@ -170,6 +204,30 @@ def unload(model: nn.Module, merge: bool) -> nn.Module:
     for path, layer in adapter_layers(model).items():
         replace_module(model, modules, path, layer.unwrap(merge))
     return model
+
+
+def bake(model: nn.Module, adapter_name: str) -> None:
+    for layer in adapter_layers(model).values():
+        if isinstance(layer, PromptEmbedding):
+            layer.bake(adapter_name)
+
+
+def adapter_gradients(model: nn.Module, adapter_name: str, loss: torch.Tensor) -> dict[str, np.ndarray]:
+    """d loss / d tensor for every tensor of the adapter (zeros where it did not take part)."""
+    entries = [
+        (f"{path}.{layer.canonical_name(attr)}", layer, attr, getattr(layer, attr)[adapter_name])
+        for path, layer in adapter_layers(model).items()
+        for attr in layer.tensor_names(adapter_name)
+    ]
+    wanted = [entry for entry in entries if entry[3].requires_grad]
+    grads = torch.autograd.grad(loss, [entry[3] for entry in wanted], allow_unused=True, retain_graph=False) if wanted else []
+    by_name = {entry[0]: grad for entry, grad in zip(wanted, grads)}
+    out: dict[str, np.ndarray] = {}
+    for name, layer, attr, tensor in entries:
+        grad = by_name.get(name)
+        grad = torch.zeros_like(tensor) if grad is None else grad
+        out[name] = to_numpy(layer.canonical_export(attr, grad))
+    return out
 
 
 def count_parameters(model: nn.Module) -> tuple[int, int]:

@@ -39,6 +39,7 @@ def describe_model(model: nn.Module, extra_kinds: Optional[dict] = None) -> Mode
         backend="torch",
         model_type=str(getattr(getattr(model, "config", None), "model_type", "") or ""),
         output_head=_output_head(model, layers),
+        input_embedding=_input_embedding(model),
     )
 
 
@@ -84,6 +85,21 @@ def _kind(module: nn.Module, extra_kinds: dict) -> str:
     if isinstance(module, _NORM) or type(module).__name__.endswith(("RMSNorm", "LayerNorm")):
         return "norm"
     return "other"
+
+
+def _input_embedding(model: nn.Module) -> Optional[str]:
+    """Path of the layer transformers reports as the input embedding, if any."""
+    getter = getattr(model, "get_input_embeddings", None)
+    if not callable(getter):
+        return None
+    try:
+        embedding = getter()
+    except (NotImplementedError, AttributeError):
+        return None
+    for path, module in walk(model):
+        if module is embedding or (isinstance(module, AdapterLayer) and module.base_layer is embedding):
+            return path
+    return None
 
 
 def _output_head(model: nn.Module, layers: list[LayerNode]) -> Optional[str]:

@@ -17,36 +17,20 @@ from typing import Any, Mapping, Optional
 import torch
 from torch import nn
 
+from peftcore.adapter_state import AdapterBookkeeping
 from peftcore.errors import AdapterError, PlanError
 
 
-class AdapterLayer(nn.Module):
-    """A base layer plus named adapters. Subclasses set ``adapter_tensor_names``."""
-
-    adapter_tensor_names: tuple = ()
+class AdapterLayer(AdapterBookkeeping, nn.Module):
+    """A base layer plus named adapters. Subclasses set ``adapter_tensor_names`` (and
+    ``canonical_names`` where an attribute's saved name differs); the bookkeeping rules
+    come from :class:`~peftcore.adapter_state.AdapterBookkeeping`."""
 
     def __init__(self, base_layer: nn.Module) -> None:
         super().__init__()
         self.base_layer = base_layer
-        self.active_adapters: list[str] = []
-        self.disabled = False
-        self.merged_adapters: list[str] = []
+        self.init_adapter_state()
         self._unmerged_weight: Optional[torch.Tensor] = None
-
-    # -- bookkeeping ----------------------------------------------------------------------
-    def adapter_names(self) -> list[str]:
-        first = getattr(self, self.adapter_tensor_names[0]) if self.adapter_tensor_names else {}
-        return list(first.keys())
-
-    def has_adapter(self, adapter_name: str) -> bool:
-        return adapter_name in self.adapter_names()
-
-    def adapters_to_run(self) -> list[str]:
-        """Active, present and not merged: the adapters forward must add."""
-        if self.disabled:
-            return []
-        present = self.adapter_names()
-        return [a for a in self.active_adapters if a in present and a not in self.merged_adapters]
 
     def base_weight(self) -> torch.Tensor:
         return self.base_layer.weight
@@ -75,28 +59,25 @@ class AdapterLayer(nn.Module):
     # -- generic adapter state ------------------------------------------------------------
     def export(self, adapter_name: str) -> dict[str, torch.Tensor]:
         return {
-            name: self.canonical_export(name, getattr(self, name)[adapter_name].detach())
-            for name in self.adapter_tensor_names
+            self.canonical_name(name): self.canonical_export(name, getattr(self, name)[adapter_name].detach())
+            for name in self.tensor_names(adapter_name)
         }
 
     def load(self, adapter_name: str, tensors: Mapping[str, Any]) -> None:
         """Copy canonical tensors (numpy arrays or torch tensors) into the adapter."""
-        for name in self.adapter_tensor_names:
-            if name not in tensors:
-                raise AdapterError(f"tensor {name!r} missing for adapter {adapter_name!r}")
+        for name in self.tensor_names(adapter_name):
+            key = self.canonical_name(name)
+            if key not in tensors:
+                raise AdapterError(f"tensor {key!r} missing for adapter {adapter_name!r}")
             target = getattr(self, name)[adapter_name]
-            value = self.native_import(name, torch.as_tensor(tensors[name]))
+            value = self.native_import(name, torch.as_tensor(tensors[key]))
             if tuple(value.shape) != tuple(target.shape):
-                raise AdapterError(f"tensor {name!r} has shape {tuple(value.shape)}, expected {tuple(target.shape)}")
+                raise AdapterError(f"tensor {key!r} has shape {tuple(value.shape)}, expected {tuple(target.shape)}")
             with torch.no_grad():
                 target.copy_(value.to(device=target.device, dtype=target.dtype))
 
     def delete(self, adapter_name: str) -> None:
-        for name in self.adapter_tensor_names:
-            store = getattr(self, name)
-            if adapter_name in store:
-                del store[adapter_name]
-        self.active_adapters = [a for a in self.active_adapters if a != adapter_name]
+        self.forget_adapter(adapter_name)
 
     def set_trainable(self, adapter_name: str, trainable: bool) -> None:
         for name in self.adapter_tensor_names:

@@ -3,25 +3,49 @@
 A is ``(r, in_features)`` and B ``(out_features, r)`` for every base type (canonical
 layout); only the merge transposes for ``Conv1D``, whose weight is ``(in, out)``, and
 for ``nn.Embedding``, whose table is ``(num_embeddings, dim)``.
+
+Forward, fastest first: one active adapter on a plain frozen ``nn.Linear``/``Conv1D``
+runs as a single fused autograd node, or folded into a temporary weight for long
+inference batches (:mod:`peftcore_torch.lora_kernels`); anything else (several active
+adapters, hooks on the base layer, mixed dtypes, autocast) calls the base layer and
+adds each update. Dropout with ``p = 0`` is skipped, not called. A mixed-adapter batch
+routes each row to its own adapter (:mod:`peftcore_torch.row_routing`).
+
+Merging is unchanged: :class:`~peftcore_torch.layers.AdapterLayer` keeps the original
+weight while merged and restores it, so merge/unmerge cycles leave it bit-identical.
 """
 
 from __future__ import annotations
 
 import math
-from typing import Any
+from typing import Any, Optional
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from peftcore.errors import AdapterError
+from peftcore.errors import AdapterError, BackendError
 from peftcore.plan import AddLora
 from peftcore_torch.layers import AdapterLayer
+from peftcore_torch.lora_kernels import can_fuse, folding_pays, fused_lora_linear, merged_weight
+from peftcore_torch.row_routing import (
+    RowRouting,
+    add_row_updates,
+    add_stacked_row_updates,
+    contiguous_groups,
+    routed_folded_linear,
+)
 
 
 def is_conv1d(module: nn.Module) -> bool:
     """transformers' GPT-2 style ``Conv1D`` (weight stored ``(in, out)``), without importing transformers."""
     return type(module).__name__ == "Conv1D" and hasattr(module, "nf") and module.weight.dim() == 2
+
+
+def _runs_as_identity(dropout: nn.Module) -> bool:
+    if isinstance(dropout, nn.Identity):
+        return True
+    return isinstance(dropout, nn.Dropout) and (dropout.p == 0 or not dropout.training)
 
 
 class _LoraMixin(AdapterLayer):
@@ -34,6 +58,7 @@ class _LoraMixin(AdapterLayer):
         self.lora_dropout = nn.ModuleDict()
         self.scaling: dict[str, float] = {}
         self.r: dict[str, int] = {}
+        self.batch_routing: Optional[RowRouting] = None
 
     def _add_tensors(self, adapter_name: str, op: AddLora) -> None:
         if self.has_adapter(adapter_name):
@@ -60,6 +85,39 @@ class _LoraMixin(AdapterLayer):
         compute = torch.float32 if a.dtype in (torch.float16, torch.bfloat16) else a.dtype
         return (b.to(compute) @ a.to(compute)) * self.scaling[adapter_name]
 
+    # -- mixed-adapter batches --------------------------------------------------------
+    def routes_rows(self) -> bool:
+        """Whether this layer's forward routes rows to their adapters (a subclass with
+        its own forward does not, unless it says so)."""
+        return type(self).forward in (LoraLinear.forward, LoraEmbedding.forward)
+
+    def set_batch_adapters(self, routing: Optional[RowRouting]) -> None:
+        """Route each row of the next forward passes to its own adapter (None: stop)."""
+        if routing is not None and not self.routes_rows():
+            raise BackendError(f"{type(self).__name__} cannot run a batch whose rows use different adapters")
+        self.batch_routing = routing
+
+    def _row_groups(self, x: torch.Tensor) -> Optional[dict[str, tuple[int, ...]]]:
+        """``{adapter: rows}`` for a mixed-adapter batch, None when not routing rows.
+        A disabled layer routes no row to any adapter."""
+        if self.batch_routing is None:
+            return None
+        if self.merged_adapters:
+            raise AdapterError(f"adapters {self.merged_adapters} are merged; unmerge them before a mixed-adapter batch")
+        batch_size = int(x.shape[0]) if x.dim() > 0 else 1
+        return {} if self.disabled else self.batch_routing.groups_for(self.lora_A, batch_size)
+
+    @staticmethod
+    def _uniform(groups: dict[str, tuple[int, ...]], x: torch.Tensor) -> Optional[list[str]]:
+        """The one adapter every row runs, as a list, or None when rows differ."""
+        if len(groups) == 1 and len(next(iter(groups.values()))) == x.shape[0]:
+            return list(groups)
+        return None
+
+    def _scaled(self, hidden: torch.Tensor, adapter_name: str) -> torch.Tensor:
+        scaling = self.scaling[adapter_name]
+        return hidden * scaling if scaling != 1.0 else hidden
+
 
 class LoraLinear(_LoraMixin):
     """LoRA around ``nn.Linear`` or transformers' ``Conv1D``."""
@@ -67,6 +125,7 @@ class LoraLinear(_LoraMixin):
     def __init__(self, base_layer: nn.Module) -> None:
         super().__init__(base_layer)
         self.fan_in_fan_out = is_conv1d(base_layer)
+        self._plain_base = self.fan_in_fan_out or type(base_layer) is nn.Linear
 
     def features(self) -> tuple[int, int]:
         weight = self.base_layer.weight
@@ -82,14 +141,90 @@ class LoraLinear(_LoraMixin):
         delta = self.canonical_delta(adapter_name)
         return delta.T if self.fan_in_fan_out else delta
 
+    def update(self, adapter_name: str, x: torch.Tensor) -> torch.Tensor:
+        """The adapter's change to the output for input ``x``: ``s * dropout(x) A^T B^T``."""
+        a = self.lora_A[adapter_name]
+        dropout = self.lora_dropout[adapter_name]
+        x = x.to(a.dtype)
+        x2 = (x if _runs_as_identity(dropout) else dropout(x)).reshape(-1, x.shape[-1])
+        # (r, tokens) intermediate: the operand layouts BLAS runs fastest (see lora_kernels)
+        hidden_t = self._scaled(a @ x2.t(), adapter_name)
+        update = hidden_t.t() @ self.lora_B[adapter_name].t()
+        return update.view(*x.shape[:-1], update.shape[-1])
+
     def forward(self, x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
+        groups = self._row_groups(x)
+        running = self.adapters_to_run() if groups is None else self._uniform(groups, x)
+        if running is None:  # rows use different adapters
+            return self._forward_mixed(x, groups, *args, **kwargs)  # type: ignore[arg-type]
+        if len(running) == 1 and not args and not kwargs:
+            fused = self._fused_forward(x, running[0])
+            if fused is not None:
+                return fused
         result = self.base_layer(x, *args, **kwargs)
-        for name in self.adapters_to_run():
-            a = self.lora_A[name]
-            lora_in = self.lora_dropout[name](x.to(a.dtype))
-            update = F.linear(F.linear(lora_in, a), self.lora_B[name]) * self.scaling[name]
-            result = result + update.to(result.dtype)
+        for name in running:
+            result = result + self.update(name, x).to(result.dtype)
         return result
+
+    def _forward_mixed(
+        self, x: torch.Tensor, groups: dict[str, tuple[int, ...]], *args: Any, **kwargs: Any
+    ) -> torch.Tensor:
+        routing = self.batch_routing
+        assert routing is not None
+        if self._can_fold_rows(x, groups, args, kwargs):
+            base, in_out = self.base_layer, self.fan_in_fan_out
+
+            def folded(name: str) -> torch.Tensor:
+                return merged_weight(base.weight, self.lora_A[name], self.lora_B[name], self.scaling[name], in_out)
+
+            return routed_folded_linear(x, base, in_out, routing, groups, folded)
+        result = self.base_layer(x, *args, **kwargs)
+        if self._can_stack_rows(x, result, groups):
+            factors = {name: (self.lora_A[name], self.lora_B[name], self.scaling[name]) for name in groups}
+            return add_stacked_row_updates(result, x, routing, factors)
+        return add_row_updates(result, x, routing, groups, self.update)
+
+    def _can_stack_rows(self, x: torch.Tensor, result: torch.Tensor, groups: dict[str, tuple[int, ...]]) -> bool:
+        """Inference with every adapter's factors in the input's dtype and device, no dropout."""
+        if torch.is_grad_enabled() or not groups or x.dim() < 2 or not result.is_contiguous():
+            return False
+        return all(
+            _runs_as_identity(self.lora_dropout[name])
+            and self.lora_A[name].dtype == self.lora_B[name].dtype == x.dtype == result.dtype
+            and self.lora_A[name].device == x.device == result.device
+            for name in groups
+        )
+
+    def _can_fold_rows(self, x: torch.Tensor, groups: dict[str, tuple[int, ...]], args: tuple, kwargs: dict) -> bool:
+        """Inference, each adapter's rows consecutive, plain factors, and enough tokens per
+        adapter to pay for folding. (For interleaved rows, gathering them for folded
+        weights and scattering the results back cost as much as adding the updates.)"""
+        routing = self.batch_routing
+        if args or kwargs or torch.is_grad_enabled() or not groups or routing is None:
+            return False
+        if not contiguous_groups(routing, groups):
+            return False
+        if x.dim() < 2 or x.numel() == 0:
+            return False
+        tokens_per_row = x.numel() // (int(x.shape[0]) * int(x.shape[-1]))
+        smallest_group = min(len(rows) for rows in groups.values())
+        if not folding_pays(smallest_group * tokens_per_row, self.base_layer.weight):
+            return False
+        base = self.base_layer
+        return all(
+            _runs_as_identity(self.lora_dropout[name])
+            and can_fuse(base, self._plain_base, x, self.lora_A[name], self.lora_B[name])
+            for name in groups
+        )
+
+    def _fused_forward(self, x: torch.Tensor, name: str) -> Optional[torch.Tensor]:
+        a, b = self.lora_A[name], self.lora_B[name]
+        base = self.base_layer
+        if not can_fuse(base, self._plain_base, x, a, b):
+            return None
+        dropout = self.lora_dropout[name]
+        lora_input = None if _runs_as_identity(dropout) else dropout(x)
+        return fused_lora_linear(x, lora_input, base.weight, base.bias, a, b, self.scaling[name], self.fan_in_fan_out)
 
 
 class LoraEmbedding(_LoraMixin):
@@ -105,15 +240,22 @@ class LoraEmbedding(_LoraMixin):
     def delta_weight(self, adapter_name: str) -> torch.Tensor:
         return self.canonical_delta(adapter_name).T
 
+    def update(self, adapter_name: str, x: torch.Tensor) -> torch.Tensor:
+        """The adapter's change to the output for token ids ``x``."""
+        base = self.base_layer
+        looked_up = F.embedding(
+            x, self.lora_A[adapter_name].T, base.padding_idx, base.max_norm, base.norm_type, base.scale_grad_by_freq, base.sparse
+        )
+        return F.linear(self._scaled(looked_up, adapter_name), self.lora_B[adapter_name])
+
     def forward(self, x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
         result = self.base_layer(x, *args, **kwargs)
-        base = self.base_layer
-        for name in self.adapters_to_run():
-            looked_up = F.embedding(
-                x, self.lora_A[name].T, base.padding_idx, base.max_norm, base.norm_type, base.scale_grad_by_freq, base.sparse
-            )
-            update = (looked_up @ self.lora_B[name].T) * self.scaling[name]
-            result = result + update.to(result.dtype)
+        groups = self._row_groups(x)
+        running = self.adapters_to_run() if groups is None else self._uniform(groups, x)
+        if running is None:  # rows use different adapters
+            return add_row_updates(result, x, self.batch_routing, groups, self.update)  # type: ignore[arg-type]
+        for name in running:
+            result = result + self.update(name, x).to(result.dtype)
         return result
 
 

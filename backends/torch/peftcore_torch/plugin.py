@@ -93,6 +93,13 @@ def peftcore_set_adapters_enabled(model: Any, enabled: bool) -> None:
 
 
 @hookimpl
+def peftcore_set_batch_adapters(model: Any, adapter_names: Any) -> None:
+    from peftcore_torch.row_routing import set_batch_adapters
+
+    set_batch_adapters(model, adapter_names)
+
+
+@hookimpl
 def peftcore_set_trainable(model: Any, adapter_name: str, trainable: bool) -> None:
     from peftcore_torch.apply import for_each_layer
 
@@ -128,6 +135,20 @@ def peftcore_unload(model: Any, merge: bool) -> Any:
 
 
 @hookimpl
+def peftcore_bake(model: Any, adapter_name: str) -> None:
+    from peftcore_torch.apply import bake
+
+    bake(model, adapter_name)
+
+
+@hookimpl
+def peftcore_adapter_gradients(model: Any, adapter_name: str, loss: Any) -> Mapping[str, Any]:
+    from peftcore_torch.apply import adapter_gradients
+
+    return adapter_gradients(model, adapter_name, loss)
+
+
+@hookimpl
 def peftcore_count_parameters(model: Any) -> tuple:
     from peftcore_torch.apply import count_parameters
 
@@ -135,7 +156,18 @@ def peftcore_count_parameters(model: Any) -> tuple:
 
 
 @hookimpl
+def peftcore_gate_values(model: Any, adapter_name: str) -> Mapping[str, Any]:
+    from peftcore_torch.unipelt import gate_values
+
+    return gate_values(model, adapter_name)
+
+
+@hookimpl
 def peftcore_build_toy_model(spec: Any, weights: Mapping[str, Any]) -> Any:
+    if getattr(spec, "toy_family", "") == "attention_block":
+        from peftcore_torch.attention_toy import build_attention_toy
+
+        return build_attention_toy(spec, weights)
     from peftcore_torch.toys import build_toy
 
     return build_toy(spec, weights)

@@ -119,6 +119,7 @@ class IA3Config(PeftConfig):
 
     method: ClassVar[str] = "ia3"
     peft_type: ClassVar[str] = "IA3"
+    plan_ops: ClassVar[tuple] = ("freeze_base", "ia3_scale", "modules_to_save")
 
     target_modules: Targets = None
     feedforward_modules: Targets = None

@@ -1,0 +1,187 @@
+"""Mixed-adapter batches: each row of a batch runs through the adapter it names.
+
+``PeftModel(..., adapter_names=[...])`` sets one :class:`RowRouting` on every adapter
+layer for the length of the call (the ``peftcore_set_batch_adapters`` hook). Rows
+naming ``"__base__"`` (or an adapter the layer does not hold) get the base output. A
+LoRA layer takes one of three routes:
+
+* inference, each adapter's rows consecutive and long enough: every run of rows is one
+  product with its adapter folded into a temporary weight, written straight into the
+  output (:func:`routed_folded_linear`); the update costs no pass over the output;
+* inference otherwise: the base output once, then every row's update in place from the
+  adapters' factors stacked and picked per row, two batched products
+  (:func:`add_stacked_row_updates`): x read once, the output updated once;
+* under autograd, with dropout, or mixed dtypes: for each adapter, gather its rows,
+  compute its update, scatter-add it (:func:`add_row_updates`).
+
+``python benchmarks/bench_mixed.py`` times the alternatives on one layer; on
+interleaved rows, folding (which must gather and scatter) and grouping cost about what
+stacking costs, and stacking won on the whole model (BENCHMARKS.md).
+"""
+
+from __future__ import annotations
+
+from typing import Any, Callable, Optional, Sequence
+
+import torch
+from torch import nn
+
+from peftcore.api import BASE_ROW
+from peftcore.errors import AdapterError, BackendError
+
+RowDelta = Callable[[str, torch.Tensor], torch.Tensor]
+
+
+class RowRouting:
+    """Which rows of a batch each adapter runs on, with index tensors cached per device."""
+
+    def __init__(self, adapter_names: Sequence[str]) -> None:
+        self.names = list(adapter_names)
+        self.rows: dict[str, tuple[int, ...]] = {}
+        for name in dict.fromkeys(self.names):
+            if name != BASE_ROW:
+                self.rows[name] = tuple(row for row, other in enumerate(self.names) if other == name)
+        self._indices: dict[tuple[tuple[int, ...], torch.device], torch.Tensor] = {}
+        self._slots: dict[tuple[tuple[str, ...], torch.device], torch.Tensor] = {}
+
+    def __len__(self) -> int:
+        return len(self.names)
+
+    def index(self, rows: tuple[int, ...], device: torch.device) -> torch.Tensor:
+        key = (rows, device)
+        if key not in self._indices:
+            self._indices[key] = torch.tensor(rows, dtype=torch.long, device=device)
+        return self._indices[key]
+
+    def groups_for(self, held: Any, batch_size: int) -> dict[str, tuple[int, ...]]:
+        """``{adapter: rows}`` for the adapters in ``held``; checks the batch size."""
+        if batch_size != len(self.names):
+            raise AdapterError(
+                f"adapter_names has {len(self.names)} entries but the batch has {batch_size} rows; "
+                "give one name per row"
+            )
+        return {name: rows for name, rows in self.rows.items() if name in held}
+
+    def slots(self, names: tuple[str, ...], device: torch.device) -> torch.Tensor:
+        """Per row, the position of its adapter in ``names``, or ``len(names)`` for none."""
+        key = (names, device)
+        if key not in self._slots:
+            position = {name: i for i, name in enumerate(names)}
+            rows = [position.get(name, len(names)) for name in self.names]
+            self._slots[key] = torch.tensor(rows, dtype=torch.long, device=device)
+        return self._slots[key]
+
+    def rows_outside(self, groups: dict[str, tuple[int, ...]]) -> tuple[int, ...]:
+        """The rows no adapter of ``groups`` runs on (they get the base output)."""
+        return tuple(row for row, name in enumerate(self.names) if name not in groups)
+
+
+def _span(rows: tuple[int, ...]) -> Optional[slice]:
+    """``rows`` as a slice when they are consecutive (then no gather is needed)."""
+    return slice(rows[0], rows[-1] + 1) if rows and rows[-1] - rows[0] == len(rows) - 1 else None
+
+
+def add_row_updates(
+    result: torch.Tensor, x: torch.Tensor, routing: RowRouting, groups: dict[str, tuple[int, ...]], delta: RowDelta
+) -> torch.Tensor:
+    """``result`` plus, for each adapter in ``groups``, ``delta(adapter, x[rows])`` on its rows.
+
+    Without autograd the updates are added in place; with it, out of place.
+    """
+    in_place = not torch.is_grad_enabled()
+    for name, rows in groups.items():
+        index = routing.index(rows, x.device)
+        update = delta(name, x.index_select(0, index)).to(result.dtype)
+        result = result.index_add_(0, index, update) if in_place else result.index_add(0, index, update)
+    return result
+
+
+def add_stacked_row_updates(
+    result: torch.Tensor,
+    x: torch.Tensor,
+    routing: RowRouting,
+    factors: dict[str, tuple[torch.Tensor, torch.Tensor, float]],
+) -> torch.Tensor:
+    """Inference only: add every row's update in place with two batched products.
+
+    The adapters' factors are stacked (ranks zero-padded to the largest, scaling folded
+    into A, one all-zero slot for rows without an adapter) and picked per row, so ``x``
+    is read once and ``result`` updated once, however the rows interleave.
+    """
+    names = tuple(factors)
+    first_a, first_b, _ = factors[names[0]]
+    rank = max(a.shape[0] for a, _, _ in factors.values())
+    stacked_a = first_a.new_zeros(len(names) + 1, rank, first_a.shape[1])
+    stacked_b = first_b.new_zeros(len(names) + 1, first_b.shape[0], rank)
+    for slot, (a, b, scaling) in enumerate(factors.values()):
+        stacked_a[slot, : a.shape[0]] = a * scaling
+        stacked_b[slot, :, : b.shape[1]] = b
+    slots = routing.slots(names, x.device)
+    x3 = x.reshape(x.shape[0], -1, x.shape[-1])
+    hidden = torch.bmm(x3, stacked_a[slots].transpose(1, 2))
+    result.view(result.shape[0], -1, result.shape[-1]).baddbmm_(hidden, stacked_b[slots].transpose(1, 2))
+    return result
+
+
+def contiguous_groups(routing: RowRouting, groups: dict[str, tuple[int, ...]]) -> bool:
+    """Whether each adapter's rows, and the remaining base rows, are consecutive rows."""
+    rest = routing.rows_outside(groups)
+    return all(_span(rows) is not None for rows in groups.values()) and (not rest or _span(rest) is not None)
+
+
+def routed_folded_linear(
+    x: torch.Tensor,
+    base: nn.Module,
+    weight_in_out: bool,
+    routing: RowRouting,
+    groups: dict[str, tuple[int, ...]],
+    folded_weight: Callable[[str], torch.Tensor],
+) -> torch.Tensor:
+    """A linear layer whose consecutive runs of rows (see :func:`contiguous_groups`) each
+    use their adapter folded into a temporary weight (``folded_weight(adapter)``), the
+    other rows the base weight: one product per run, written straight into its rows of
+    the output. For inference only."""
+    from peftcore_torch.lora_kernels import base_product
+
+    weight, bias = base.weight, base.bias
+    x3 = x.reshape(x.shape[0], -1, x.shape[-1])
+    out_features = int(weight.shape[1] if weight_in_out else weight.shape[0])
+    out = x3.new_empty(x3.shape[0], x3.shape[1], out_features)
+    parts = [(rows, folded_weight(name)) for name, rows in groups.items()]
+    rest = routing.rows_outside(groups)
+    if rest:
+        parts.append((rest, weight))
+    for rows, w in parts:
+        span = _span(rows)
+        assert span is not None, "routed_folded_linear needs consecutive rows"
+        base_product(x3[span].reshape(-1, x3.shape[-1]), w, bias, weight_in_out, out=out[span].view(-1, out_features))
+    return out.view(*x.shape[:-1], out_features)
+
+
+def set_batch_adapters(model: nn.Module, adapter_names: Optional[Sequence[str]]) -> None:
+    """Route the rows of the next forward passes (``None`` stops routing).
+
+    Every adapter layer that would change a row's output must be able to route rows
+    (LoRA layers can); otherwise nothing is set and :class:`BackendError` names the layer.
+    """
+    from peftcore_torch.apply import adapter_layers
+
+    layers = adapter_layers(model)
+    if adapter_names is None:
+        for layer in layers.values():
+            if hasattr(layer, "set_batch_adapters"):
+                layer.set_batch_adapters(None)
+        return
+    routing = RowRouting(adapter_names)
+    wanted = set(routing.rows)
+    for path, layer in layers.items():
+        routes = getattr(layer, "routes_rows", lambda: False)()
+        involved = bool(layer.adapters_to_run()) or bool(wanted & set(layer.adapter_names()))
+        if involved and not routes:
+            raise BackendError(
+                f"layer {path!r} ({type(layer).__name__}) cannot run a batch whose rows use different adapters; "
+                "only LoRA layers can"
+            )
+    for layer in layers.values():
+        if getattr(layer, "routes_rows", lambda: False)():
+            layer.set_batch_adapters(routing)

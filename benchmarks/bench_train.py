@@ -1,0 +1,78 @@
+"""Measurement 1: one LoRA training step (forward, backward, AdamW step) on the GPT-2-shaped
+model, batch 8 x 128 tokens: peftcore vs HF PEFT vs the floor.
+
+The floor is the same model with every weight frozen and the backward pass run through
+the activations only (``enable_input_require_grads``): what any adapter method must pay
+at least. All three are built from the same seed and compute the same loss (checked).
+"""
+
+from __future__ import annotations
+
+from typing import Any, Callable, Dict, Optional
+
+from harness import Clock, Result, Settings, alternate, median
+from models import gpt2_model, token_batch, with_hf, with_peftcore
+
+BATCH = 8
+CONTENDERS = ("floor", "HF PEFT", "peftcore")
+
+
+class TrainingStep:
+    """A model, its optimizer and one batch; calling it runs one training step."""
+
+    def __init__(self, contender: str, device: str) -> None:
+        import torch
+
+        model = gpt2_model(device)
+        if contender == "floor":
+            model.requires_grad_(False)
+            model.enable_input_require_grads()
+            wrapped: Any = model
+        elif contender == "HF PEFT":
+            wrapped = with_hf(model)
+        else:
+            wrapped = with_peftcore(model)
+        model.train()
+        self.model = wrapped
+        trainable = [p for p in model.parameters() if p.requires_grad]
+        self.trainable = sum(p.numel() for p in trainable)
+        self.optimizer: Optional[Any] = torch.optim.AdamW(trainable, lr=1e-4) if trainable else None
+        self.ids = token_batch(BATCH, device)
+        self.last_loss = float("nan")
+
+    def __call__(self) -> None:
+        loss = self.model(input_ids=self.ids, labels=self.ids).loss
+        loss.backward()
+        if self.optimizer is not None:
+            self.optimizer.step()
+            self.optimizer.zero_grad(set_to_none=True)
+        self.last_loss = float(loss.detach())
+
+
+def run(settings: Settings, clock: Clock) -> Result:
+    steps: Dict[str, TrainingStep] = {name: TrainingStep(name, settings.device) for name in CONTENDERS}
+    first_losses = {}
+    for name, step in steps.items():
+        step()
+        first_losses[name] = step.last_loss
+    runners: Dict[str, Callable[[], None]] = dict(steps.items())  # type: ignore[arg-type]
+    times = alternate(runners, settings.rounds(15, 4), clock, warmup=1, label="train step")
+    note = ""
+    if max(first_losses.values()) - min(first_losses.values()) > 1e-4:
+        note = f"first-step losses differ: {first_losses}"
+    if steps["peftcore"].trainable != steps["HF PEFT"].trainable:
+        note += f" trainable counts differ ({steps['peftcore'].trainable} vs {steps['HF PEFT'].trainable})"
+    ms = {name: [1000.0 * t for t in values] for name, values in times.items()}
+    return Result(
+        key="train_step",
+        title=f"1. LoRA training step, GPT-2 shape, batch {BATCH}x128",
+        unit="ms/step",
+        peftcore=median(ms["peftcore"]),
+        hf=median(ms["HF PEFT"]),
+        reference=median(ms["floor"]),
+        reference_name="floor",
+        ratio_target=1.10,
+        target_text="<= 1.10x floor",
+        note=note.strip(),
+        samples=ms,
+    )

@@ -1,0 +1,226 @@
+"""Shared pieces of the benchmark harness: settings, A/B timing, results, the machine.
+
+Timing runs every contender in the same process, one after the other, the order
+rotated and reversed from round to round so that none always runs first, and reports
+medians. On a CPU with one torch thread (the default here) the clock is the calling
+thread's CPU time, which does not count time the thread spent waiting for a core that
+other processes held; with more threads, or on CUDA, it is wall time (CUDA
+synchronised before each reading).
+"""
+
+from __future__ import annotations
+
+import datetime
+import os
+import platform
+import statistics
+import sys
+import time
+from dataclasses import asdict, dataclass, field
+from typing import Any, Callable, Dict, List, Optional
+
+LIBRARIES = ("peftcore", "HF PEFT")
+
+
+@dataclass(frozen=True)
+class Settings:
+    """What every measurement needs to know about this run."""
+
+    device: str  # "cpu" or "cuda"
+    threads: int
+    quick: bool
+
+    def rounds(self, full: int, quick: int) -> int:
+        return quick if self.quick else full
+
+
+class Clock:
+    """Seconds, as described in the module docstring."""
+
+    def __init__(self, settings: Settings) -> None:
+        self.cuda = settings.device == "cuda"
+        self.thread_time = not self.cuda and settings.threads == 1
+        self.name = "thread CPU time" if self.thread_time else "wall time"
+
+    def __call__(self) -> float:
+        if self.cuda:
+            import torch
+
+            torch.cuda.synchronize()
+        return time.thread_time() if self.thread_time else time.perf_counter()
+
+
+def alternate(
+    runners: Dict[str, Callable[[], Any]], rounds: int, clock: Clock, warmup: int = 1, label: str = ""
+) -> Dict[str, List[float]]:
+    """Time each runner ``rounds`` times, interleaved; returns seconds per call by name."""
+    names = list(runners)
+    for name in names:
+        for _ in range(warmup):
+            runners[name]()
+    times: Dict[str, List[float]] = {name: [] for name in names}
+    for round_index in range(rounds):
+        shift = round_index % len(names)
+        order = names[shift:] + names[:shift]
+        if round_index % 2:
+            order = order[::-1]
+        for name in order:
+            start = clock()
+            runners[name]()
+            times[name].append(clock() - start)
+        progress(f"{label} round {round_index + 1}/{rounds}: " + ", ".join(f"{n} {times[n][-1]:.3f}s" for n in names))
+    return times
+
+
+def median(values: List[float]) -> float:
+    return float(statistics.median(values))
+
+
+def progress(message: str) -> None:
+    print(message, file=sys.stderr, flush=True)
+
+
+@dataclass
+class Result:
+    """One row of the table: peftcore and HF PEFT, optionally against a reference.
+
+    ``lower_is_better`` rows state the target as a bound on ``ratio_target`` (peftcore
+    over the reference, or over HF PEFT when there is no reference) or, for exact
+    rows, on the value itself (``exact_target``).
+    """
+
+    key: str
+    title: str
+    unit: str
+    peftcore: Optional[float] = None
+    hf: Optional[float] = None
+    reference: Optional[float] = None
+    reference_name: str = ""
+    ratio_target: Optional[float] = None
+    exact_target: Optional[float] = None
+    target_text: str = ""
+    note: str = ""
+    #: False when a requirement besides the ratio failed (the row is then NOT met)
+    other_requirements_met: Optional[bool] = None
+    samples: Dict[str, List[float]] = field(default_factory=dict)
+
+    @property
+    def skipped(self) -> bool:
+        return self.peftcore is None
+
+    def ratio(self, value: Optional[float]) -> Optional[float]:
+        base = self.reference if self.reference is not None else self.hf
+        if value is None or base is None or base == 0:
+            return None
+        return value / base
+
+    @property
+    def met(self) -> Optional[bool]:
+        if self.skipped:
+            return None
+        if self.other_requirements_met is False:
+            return False
+        if self.exact_target is not None:
+            return self.peftcore == self.exact_target
+        ratio = self.ratio(self.peftcore)
+        if self.ratio_target is None or ratio is None:
+            return None
+        return ratio <= self.ratio_target
+
+    def to_dict(self) -> Dict[str, Any]:
+        out = asdict(self)
+        out["met"] = self.met
+        return out
+
+
+def _number(value: Optional[float], unit: str) -> str:
+    if value is None:
+        return "-"
+    if unit == "max abs change":
+        return "0" if value == 0 else f"{value:.1e}"
+    if abs(value) >= 100:
+        return f"{value:,.0f}"
+    return f"{value:.3g}" if abs(value) < 1 else f"{value:.2f}"
+
+
+def markdown_table(results: List[Result]) -> str:
+    """The results as one markdown table."""
+    lines = [
+        "| measurement | unit | peftcore | HF PEFT | reference | peftcore ratio | HF PEFT ratio | target | met |",
+        "|---|---|---:|---:|---:|---:|---:|---|---|",
+    ]
+    for r in results:
+        if r.skipped:
+            lines.append(f"| {r.title} | {r.unit} | - | - | - | - | - | {r.target_text} | skipped: {r.note} |")
+            continue
+        against = r.reference_name if r.reference is not None else "HF PEFT"
+        ours, theirs = r.ratio(r.peftcore), r.ratio(r.hf) if r.reference is not None else None
+        ref = f"{_number(r.reference, r.unit)} ({r.reference_name})" if r.reference is not None else "-"
+        if r.exact_target is not None:
+            ours = theirs = None  # a ratio of an exact quantity says nothing
+        verdict = {True: "**met**", False: "**NOT met**", None: "-"}[r.met]
+        if r.note:
+            verdict += f" ({r.note})"
+        lines.append(
+            f"| {r.title} | {r.unit} | {_number(r.peftcore, r.unit)} | {_number(r.hf, r.unit)} | {ref} | "
+            f"{f'{ours:.3f}x {against}' if ours is not None else '-'} | "
+            f"{f'{theirs:.3f}x {against}' if theirs is not None else '-'} | {r.target_text} | {verdict} |"
+        )
+    return "\n".join(lines)
+
+
+def _cpu_model() -> str:
+    try:
+        with open("/proc/cpuinfo") as handle:
+            for line in handle:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def _version(module: str) -> str:
+    try:
+        return str(__import__(module).__version__)
+    except Exception as exc:  # a missing library is reported, not fatal
+        return f"not importable ({type(exc).__name__})"
+
+
+def load_average() -> Optional[List[float]]:
+    """The 1, 5 and 15 minute load averages (how busy the machine was), where known."""
+    return [round(v, 2) for v in os.getloadavg()] if hasattr(os, "getloadavg") else None
+
+
+def machine(settings: Settings, clock: Clock) -> Dict[str, Any]:
+    """What produced the numbers."""
+    info: Dict[str, Any] = {
+        "date": datetime.date.today().isoformat(),
+        "cpu": _cpu_model(),
+        "cpu_cores": os.cpu_count(),
+        "torch_threads": settings.threads,
+        "device": settings.device,
+        "clock": clock.name,
+        "quick": settings.quick,
+        "os": f"{platform.system()} {platform.release()} {platform.machine()}",
+        "load_average_end": load_average(),
+        "python": platform.python_version(),
+    }
+    for module in ("torch", "transformers", "peft", "peftcore"):
+        info[module] = _version(module)
+    if settings.device == "cuda":
+        import torch
+
+        info["gpu"] = torch.cuda.get_device_name()
+    return info
+
+
+def machine_text(info: Dict[str, Any]) -> str:
+    gpu = f", GPU {info['gpu']}" if "gpu" in info else ""
+    return (
+        f"{info['date']}; CPU {info['cpu']} ({info['cpu_cores']} cores){gpu}; device {info['device']}, "
+        f"{info['torch_threads']} torch thread(s), clock: {info['clock']}{' (--quick)' if info['quick'] else ''}; "
+        f"{info['os']}; load average (1/5/15 min) at start {info.get('load_average_start')}, "
+        f"at end {info.get('load_average_end')}; python {info['python']}, torch {info['torch']}, transformers {info['transformers']}, "
+        f"peft {info['peft']}, peftcore {info['peftcore']}"
+    )

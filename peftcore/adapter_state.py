@@ -1,0 +1,67 @@
+"""Adapter bookkeeping that every backend's adapter layers share, framework-free.
+
+A backend's adapter layer keeps each kind of adapter tensor in a dict-like attribute
+(``lora_A``, ``prompt_embeddings``...), keyed by adapter name, and lists those attributes
+in ``adapter_tensor_names``. Which adapters a layer has, which of them forward must run,
+and the canonical names of their tensors follow from that alone, so the rules live here
+once and the torch and SINGA layers (and third-party ones) inherit them.
+"""
+
+from __future__ import annotations
+
+from typing import Any, ClassVar, Mapping
+
+
+class AdapterBookkeeping:
+    """Mixin for adapter layers: names, active/merged/disabled state, tensor naming.
+
+    Every adapter has a tensor in the first attribute of ``adapter_tensor_names``; the
+    others may hold only some adapters (optional parts, such as residual prompt tuning's
+    MLP). ``canonical_names`` renames an attribute to its canonical tensor name where the
+    two differ (BitFit's ``bitfit_bias`` is saved as ``bias``). Call
+    :meth:`init_adapter_state` from the layer's ``__init__``.
+    """
+
+    adapter_tensor_names: ClassVar[tuple] = ()
+    canonical_names: ClassVar[Mapping[str, str]] = {}
+
+    def init_adapter_state(self) -> None:
+        self.active_adapters: list[str] = []
+        self.merged_adapters: list[str] = []
+        self.disabled = False
+
+    def adapter_store(self, attribute: str) -> Any:
+        """The dict-like store of one kind of adapter tensor."""
+        return getattr(self, attribute)
+
+    def adapter_names(self) -> list[str]:
+        """Every adapter this layer holds, in the order they were added."""
+        if not self.adapter_tensor_names:
+            return []
+        return list(self.adapter_store(self.adapter_tensor_names[0]).keys())
+
+    def has_adapter(self, adapter_name: str) -> bool:
+        return adapter_name in self.adapter_names()
+
+    def adapters_to_run(self) -> list[str]:
+        """Active, present and not merged: the adapters forward must add."""
+        if self.disabled:
+            return []
+        present = self.adapter_names()
+        return [a for a in self.active_adapters if a in present and a not in self.merged_adapters]
+
+    def tensor_names(self, adapter_name: str) -> list[str]:
+        """The attributes holding a tensor of ``adapter_name`` in this layer."""
+        return [name for name in self.adapter_tensor_names if adapter_name in self.adapter_store(name)]
+
+    def canonical_name(self, attribute: str) -> str:
+        """The canonical (saved) name of the tensors kept in ``attribute``."""
+        return self.canonical_names.get(attribute, attribute)
+
+    def forget_adapter(self, adapter_name: str) -> None:
+        """Drop the adapter's tensors from every store and from the active list."""
+        for name in self.adapter_tensor_names:
+            store = self.adapter_store(name)
+            if adapter_name in store:
+                del store[adapter_name]
+        self.active_adapters = [a for a in self.active_adapters if a != adapter_name]

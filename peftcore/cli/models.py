@@ -1,0 +1,132 @@
+"""What several commands share: building the model and the config from arguments."""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import json
+import os
+import sys
+from typing import Any, Optional
+
+from peftcore.config import PeftConfig
+from peftcore.errors import ConfigError
+from peftcore.graph import ModelGraph
+from peftcore.plan import RewritePlan
+from peftcore.plugins import Backend
+
+_LIST_FIELDS = ("target_modules", "exclude_modules", "modules_to_save")
+_REGEX_CHARS = "*.[]()|^$+?\\"
+
+
+def add_model_arguments(parser: argparse.ArgumentParser, required: bool) -> None:
+    """``--model`` and ``--backend``."""
+    parser.add_argument(
+        "--model", required=required, metavar="MODULE:FACTORY|DIR",
+        help="a callable that builds the model (mypkg.models:build) or a local transformers model directory",
+    )
+    parser.add_argument("--backend", help="backend name (default: the one that recognises the model)")
+
+
+def add_config_arguments(parser: argparse.ArgumentParser, default_method: Optional[str]) -> None:
+    """``--config FILE`` or ``--method NAME`` with ``--set KEY=VALUE`` fields."""
+    source = parser.add_mutually_exclusive_group()
+    source.add_argument("--config", metavar="FILE", help="an adapter_config.json-style file")
+    default = f" (default {default_method})" if default_method else " (default lora when --set is given)"
+    source.add_argument("--method", default=default_method, help=f"method name{default}, with --set fields")
+    parser.add_argument(
+        "--set", action="append", metavar="KEY=VALUE", help="config field: a JSON value, or a,b for a list (repeatable)"
+    )
+
+
+def load_model(spec: str) -> Any:
+    """Build a model from ``module:factory`` (a callable returning the model, imported
+    with the current directory on ``sys.path``) or a local transformers model directory
+    (loaded as the class its ``config.json`` names, so layer paths match its adapters)."""
+    if os.path.isdir(spec):
+        return _load_model_dir(spec)
+    module_name, sep, attr = spec.partition(":")
+    if not sep or not module_name or not attr:
+        raise ConfigError(f"--model must be MODULE:FACTORY or a model directory, got {spec!r}")
+    sys.path.insert(0, os.getcwd())
+    try:
+        module = importlib.import_module(module_name)
+    except ImportError as exc:
+        raise ConfigError(f"cannot import {module_name!r} for --model: {exc}") from None
+    finally:
+        sys.path.pop(0)
+    factory = getattr(module, attr, None)
+    if not callable(factory):
+        raise ConfigError(f"{module_name}:{attr} is not a callable that builds a model")
+    return factory()
+
+
+def _load_model_dir(directory: str) -> Any:
+    try:
+        import transformers
+    except ImportError as exc:
+        raise ConfigError(f"loading the model directory {directory!r} needs transformers: {exc}") from None
+    try:
+        config = transformers.AutoConfig.from_pretrained(directory, local_files_only=True)
+        names = list(getattr(config, "architectures", None) or [])
+        model_cls = getattr(transformers, names[0], None) if names else None
+        return (model_cls or transformers.AutoModel).from_pretrained(directory, local_files_only=True)
+    except (OSError, ValueError) as exc:
+        raise ConfigError(f"cannot load a transformers model from {directory!r}: {exc}") from None
+
+
+def describe(args: argparse.Namespace, config: Optional[PeftConfig] = None) -> tuple[Any, Backend, ModelGraph]:
+    """Build ``--model``, pick its backend and describe it."""
+    from peftcore.plugins import get_plugin_manager
+
+    model = load_model(args.model)
+    backend = get_plugin_manager().select_backend(model, backend=args.backend, config=config)
+    graph = backend.call("peftcore_describe", model=model, example_inputs=None)
+    return model, backend, graph
+
+
+def _parse_value(raw: str) -> Any:
+    try:
+        return json.loads(raw)
+    except json.JSONDecodeError:
+        return raw.split(",") if "," in raw else raw
+
+
+def build_config(args: argparse.Namespace) -> Optional[PeftConfig]:
+    """The config named by ``--config`` or ``--method``/``--set``; None when none is given."""
+    from peftcore.registry import PeftRegistry
+
+    if args.config:
+        if args.set:
+            raise ConfigError("--set applies to --method; edit the --config file instead")
+        try:
+            with open(args.config, encoding="utf-8") as handle:
+                data = json.load(handle)
+        except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+            raise ConfigError(f"cannot read config {args.config!r}: {exc}") from None
+        return PeftRegistry.config_from_dict(data)
+    method = args.method or ("lora" if args.set else None)
+    if method is None:
+        return None
+    fields = {}
+    for item in args.set or ():
+        key, sep, raw = item.partition("=")
+        if not sep:
+            raise ConfigError(f"--set takes KEY=VALUE, got {item!r}")
+        value = _parse_value(raw)
+        if key in _LIST_FIELDS and isinstance(value, str) and value != "all-linear":
+            # one name is a list of one, except a target_modules regex
+            is_regex = key == "target_modules" and any(c in value for c in _REGEX_CHARS)
+            value = value if is_regex else [value]
+        fields[key] = value
+    return PeftRegistry.get(method)(**fields)
+
+
+def read_plan_file(path: str) -> RewritePlan:
+    """A plan saved by ``peftcore plan --json``."""
+    try:
+        with open(path, encoding="utf-8") as handle:
+            text = handle.read()
+    except (OSError, UnicodeDecodeError) as exc:
+        raise ConfigError(f"cannot read plan {path!r}: {exc}") from None
+    return RewritePlan.from_json(text)

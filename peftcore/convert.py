@@ -1,0 +1,343 @@
+"""Convert adapters between layouts, without any framework.
+
+Three layouts meet here:
+
+- **HF PEFT**: ``adapter_config.json`` + ``adapter_model.safetensors`` with keys
+  ``base_model.model.<layer path>.lora_A.weight``...; no plan.
+- **peftcore**: the same two files and keys, plus the rewrite plan under the
+  ``peftcore`` key of the safetensors metadata (see :mod:`peftcore.io`).
+- **SINGA checkpoint**: the zip ``Model.save_states`` writes: ``tensor_dict.npz`` (one
+  array per tensor name) and ``states_attr.json``. A SINGA-backend adapter's tensors
+  are named ``<layer path>.lora_A.<adapter>`` / ``.lora_B.<adapter>`` and stored
+  transposed: A as ``(in, r)`` and B as ``(r, out)`` (canonical: ``(r, in)`` and
+  ``(out, r)``), for Linear, Gemm and Embedding layers alike. A ``modules_to_save`` copy
+  is ``<path>.modules_to_save.<adapter>[.<sublayer>].<attr>`` in SINGA's own layout
+  (``layer.Linear`` W is ``(in, out)``, canonical ``weight`` is ``(out, in)``). BitFit
+  and prompt tensors are stored in canonical layout; :mod:`peftcore.singa_checkpoint`
+  has the full table.
+
+A converted adapter is read into an :class:`Adapter` (config, plan and canonical
+tensors), checked, and written by :func:`save_peftcore_adapter` or
+:func:`save_hf_adapter`. :func:`convert` does the three steps. SINGA checkpoints are
+read with ``zipfile`` and ``np.load(allow_pickle=False)``: SINGA need not be installed
+and nothing is unpickled.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import tempfile
+import zipfile
+from dataclasses import dataclass
+from typing import Callable, Mapping, Optional, Union
+
+import numpy as np
+
+from peftcore.config import CONFIG_NAME, PeftConfig
+from peftcore.errors import AdapterError, ConfigError
+from peftcore.graph import LayerNode, ModelGraph
+from peftcore.io import (
+    DEFAULT_ADAPTER,
+    HF_PREFIX,
+    WEIGHTS_NAME,
+    check_adapter_name,
+    match_tensors,
+    read_adapter,
+    save_adapter,
+)
+from peftcore.methods.common import effective_modules_to_save
+from peftcore.plan import RewritePlan, check_plan_fits
+from peftcore.singa_checkpoint import SINGA_TENSORS_MEMBER, singa_adapter_tensors
+from peftcore.targeting import matches
+
+#: ``peft_type`` values Hugging Face PEFT knows. A method whose type is listed writes
+#: HF PEFT's config and tensor keys (peftcore's LoRA and prompt tuning do).
+HF_PEFT_TYPES = frozenset({
+    "LORA", "ADALORA", "LOHA", "LOKR", "OFT", "BOFT", "VERA", "IA3", "LN_TUNING",
+    "PROMPT_TUNING", "MULTITASK_PROMPT_TUNING", "P_TUNING", "PREFIX_TUNING", "ADAPTION_PROMPT",
+})
+
+#: Config values only peftcore reads, and what HF PEFT spells them as.
+_HF_VALUE_SPELLINGS = {"LORA": {"init_lora_weights": {"kaiming": True}}}
+
+_LORA_KEY = re.compile(r"^(?P<path>.+)\.(?P<name>lora_A\.weight|lora_B\.weight|lora_embedding_A|lora_embedding_B)$")
+
+
+@dataclass(frozen=True)
+class Adapter:
+    """An adapter in memory: its config, plan and canonical-layout tensors (keyed as
+    :meth:`RewritePlan.tensor_specs`), and the layout it was read from."""
+
+    config: PeftConfig
+    plan: RewritePlan
+    tensors: Mapping[str, np.ndarray]
+    layout: str  # "hf", "peftcore" or "singa"
+
+    @property
+    def num_parameters(self) -> int:
+        return int(sum(np.asarray(t).size for t in self.tensors.values()))
+
+
+def is_singa_checkpoint(path: Union[str, os.PathLike]) -> bool:
+    """Whether ``path`` is a file laid out as SINGA's ``save_states`` writes it."""
+    path = os.fspath(path)
+    if not (os.path.isfile(path) and zipfile.is_zipfile(path)):
+        return False
+    with zipfile.ZipFile(path) as archive:
+        return SINGA_TENSORS_MEMBER in archive.namelist()
+
+
+# -- reading ------------------------------------------------------------------------------
+def load_adapter_dir(
+    directory: Union[str, os.PathLike], graph: Optional[ModelGraph] = None, strict: bool = True
+) -> Adapter:
+    """Read an HF PEFT or peftcore adapter directory and check every tensor.
+
+    The plan is the stored one (peftcore), else planned against ``graph``, else, for a
+    LoRA adapter, rebuilt from the config and the tensors' names and shapes
+    (:func:`plan_from_tensors`). With a ``graph`` the plan is also checked against it.
+    """
+    directory = os.fspath(directory)
+    files = read_adapter(directory)
+    weights = os.path.join(directory, WEIGHTS_NAME)
+    if files.plan is not None:
+        plan = files.plan
+    elif graph is not None:
+        plan = files.config.loading_plan(graph, DEFAULT_ADAPTER)
+    else:
+        plan = plan_from_tensors(files.config, files.tensors, weights)
+    if graph is not None:
+        check_plan_fits(plan, graph, directory)
+    tensors = match_tensors(plan, files.tensors, weights, strict)
+    return Adapter(files.config, plan, tensors, "peftcore" if files.plan is not None else "hf")
+
+
+def plan_from_tensors(
+    config: PeftConfig, tensors: Mapping[str, np.ndarray], source: str, adapter_name: str = DEFAULT_ADAPTER
+) -> RewritePlan:
+    """The plan of a LoRA adapter file, from its config and tensors alone (no model).
+
+    Each ``<path>.lora_A.weight`` / ``lora_embedding_A`` pair gives a layer's kind and
+    sizes; tensors under a ``modules_to_save`` module give that module's parameters. The
+    config then plans against that partial graph, so its targets, rank and alpha patterns
+    are applied exactly as they would be on the model.
+    """
+    if config.method != "lora":
+        raise AdapterError(
+            f"{source}: a {config.method} adapter without a stored plan can only be planned "
+            "against its model (pass --model on the command line, graph= in Python)"
+        )
+    lora: dict[str, dict[str, np.ndarray]] = {}
+    others: dict[str, np.ndarray] = {}
+    for key, array in tensors.items():
+        bare = key[len(HF_PREFIX):] if key.startswith(HF_PREFIX) else key
+        found = _LORA_KEY.match(bare)
+        if found:
+            lora.setdefault(found["path"], {})[found["name"]] = np.asarray(array)
+        else:
+            others[bare] = np.asarray(array)
+    nodes = [_lora_node(path, parts, source) for path, parts in lora.items()]
+    nodes.extend(_saved_module_nodes(config, others, source))
+    graph = ModelGraph(layers=tuple(sorted(nodes, key=lambda n: _natural_key(n.path))))
+    if getattr(config, "target_modules", None) is None:  # the model-type default needs the model
+        config = config.replace(target_modules=sorted(lora))
+    return config.loading_plan(graph, adapter_name)
+
+
+def _lora_node(path: str, parts: Mapping[str, np.ndarray], source: str) -> LayerNode:
+    names = set(parts)
+    for kind, (a_name, b_name) in (("linear", ("lora_A.weight", "lora_B.weight")),
+                                   ("embedding", ("lora_embedding_A", "lora_embedding_B"))):
+        if names == {a_name, b_name}:
+            a, b = parts[a_name], parts[b_name]
+            break
+    else:
+        raise AdapterError(f"{source}: layer {path!r} has LoRA tensors {sorted(names)}, expected one A and one B")
+    if a.ndim != 2 or b.ndim != 2 or a.shape[0] != b.shape[1]:
+        raise AdapterError(
+            f"{source}: layer {path!r} has LoRA A of shape {a.shape} and B of shape {b.shape}; "
+            "expected A (r, in) and B (out, r) (convolution LoRA is not supported)"
+        )
+    in_f, out_f = int(a.shape[1]), int(b.shape[0])
+    if kind == "embedding":
+        return LayerNode(path, "embedding", num_embeddings=in_f, embedding_dim=out_f, params={"weight": (in_f, out_f)})
+    return LayerNode(path, "linear", in_features=in_f, out_features=out_f, params={"weight": (out_f, in_f)})
+
+
+def _saved_module_nodes(config: PeftConfig, others: Mapping[str, np.ndarray], source: str) -> list[LayerNode]:
+    """One node per ``modules_to_save`` module, owning every parameter under it."""
+    names = effective_modules_to_save(config.task_type, getattr(config, "modules_to_save", None)) or []
+    modules: dict[str, dict[str, tuple]] = {}
+    for key, array in others.items():
+        parts = key.split(".")
+        module = next((".".join(parts[:i]) for i in range(1, len(parts)) if matches(".".join(parts[:i]), names)), None)
+        if module is None:
+            raise AdapterError(
+                f"{source}: tensor {key!r} is neither a LoRA tensor nor under a modules_to_save module "
+                f"({names or 'none configured'})"
+            )
+        modules.setdefault(module, {})[key[len(module) + 1:]] = tuple(int(d) for d in array.shape)
+    return [LayerNode(path, "other", params=params) for path, params in modules.items()]
+
+
+def _natural_key(path: str) -> list:
+    return [(0, int(p), "") if p.isdigit() else (1, 0, p) for p in path.split(".")]
+
+
+def load_singa_checkpoint(
+    path: Union[str, os.PathLike],
+    config: PeftConfig,
+    plan: Optional[RewritePlan] = None,
+    graph: Optional[ModelGraph] = None,
+    adapter_name: Optional[str] = None,
+) -> Adapter:
+    """Read one adapter's tensors from a SINGA ``save_states`` checkpoint, in canonical layout.
+
+    The plan is ``plan`` (e.g. from ``peftcore plan --json``) or ``config`` planned
+    against ``graph`` (the model's, from any backend with the same layer paths).
+    ``adapter_name`` picks the adapter in the checkpoint (default: its only one).
+    """
+    if plan is None:
+        if graph is None:
+            raise AdapterError(
+                f"{os.fspath(path)}: converting a SINGA checkpoint needs the adapter's plan: pass the model "
+                "(--model, or graph= in Python) or a plan file (--plan, from `peftcore plan --json`)"
+            )
+        plan = config.loading_plan(graph, DEFAULT_ADAPTER)
+    elif plan.method != config.method:
+        raise ConfigError(f"the plan is for method {plan.method!r} but the config is {config.method!r}")
+    if graph is not None:
+        check_plan_fits(plan, graph, os.fspath(path))
+    name, tensors = singa_adapter_tensors(os.fspath(path), plan, adapter_name, graph)
+    plan = plan.with_adapter_name(name)
+    return Adapter(config, plan, tensors, "singa")
+
+
+# -- writing ------------------------------------------------------------------------------
+def save_peftcore_adapter(directory: Union[str, os.PathLike], adapter: Adapter) -> None:
+    """Write ``adapter`` in peftcore's layout (HF PEFT's files plus the stored plan)."""
+    save_adapter(os.fspath(directory), adapter.config, adapter.plan, adapter.tensors)
+
+
+def check_hf_compatible(config: PeftConfig) -> None:
+    """Raise :class:`AdapterError` unless HF PEFT can load an adapter of this config."""
+    if config.peft_type in HF_PEFT_TYPES:
+        return
+    baked = config.baked()
+    hint = (
+        f"; bake it first (PeftModel.bake()) to get a plain {baked.method} adapter"
+        if baked.peft_type in HF_PEFT_TYPES and baked is not config else ""
+    )
+    raise AdapterError(
+        f"HF PEFT has no {config.peft_type!r} method, so a {config.method} adapter cannot be written "
+        f"in its layout{hint}"
+    )
+
+
+def hf_config_dict(config: PeftConfig) -> dict:
+    """``config`` as HF PEFT's ``adapter_config.json`` (peftcore-only spellings replaced)."""
+    check_hf_compatible(config)
+    data = config.to_dict()
+    for key, spellings in _HF_VALUE_SPELLINGS.get(config.peft_type, {}).items():
+        value = data.get(key)
+        if isinstance(value, str) and value in spellings:
+            data[key] = spellings[value]
+    return data
+
+
+def save_hf_adapter(directory: Union[str, os.PathLike], adapter: Adapter) -> None:
+    """Write ``adapter`` as HF PEFT writes it: no peftcore metadata, HF config values."""
+    from safetensors.numpy import save_file
+
+    config_text = json.dumps(hf_config_dict(adapter.config), indent=2, sort_keys=True)
+    tensors = {
+        (spec.hf_name if spec.hf_root else HF_PREFIX + spec.hf_name): np.ascontiguousarray(adapter.tensors[name])
+        for name, spec in adapter.plan.tensor_specs().items()
+    }
+    directory = os.fspath(directory)
+    os.makedirs(directory, exist_ok=True)
+    _write_all_or_nothing(directory, {
+        CONFIG_NAME: lambda tmp: _write_text(tmp, config_text),
+        WEIGHTS_NAME: lambda tmp: save_file(tensors, tmp, metadata={"format": "pt"}),
+    })
+
+
+def _write_text(path: str, text: str) -> None:
+    with open(path, "w", encoding="utf-8") as handle:
+        handle.write(text)
+
+
+def _write_all_or_nothing(directory: str, writers: Mapping[str, Callable[[str], object]]) -> None:
+    """Write every file in full under a temporary name, then rename them all into place
+    (in order, the last one last), so an error never leaves a half-written adapter."""
+    staged: list[tuple[str, str]] = []
+    try:
+        for name, write in writers.items():
+            fd, tmp = tempfile.mkstemp(prefix=f".{name}.", suffix=".tmp", dir=directory)
+            os.close(fd)
+            staged.append((tmp, os.path.join(directory, name)))
+            write(tmp)
+        for tmp, target in staged:
+            os.replace(tmp, target)
+    finally:
+        for tmp, _ in staged:
+            if os.path.exists(tmp):
+                os.unlink(tmp)
+
+
+# -- the whole conversion -----------------------------------------------------------------
+def convert(
+    source: Union[str, os.PathLike],
+    destination: Union[str, os.PathLike],
+    to: str = "peftcore",
+    *,
+    graph: Optional[ModelGraph] = None,
+    config: Optional[PeftConfig] = None,
+    plan: Optional[RewritePlan] = None,
+    adapter_name: Optional[str] = None,
+    overwrite: bool = False,
+    strict: bool = True,
+) -> Adapter:
+    """Read the adapter at ``source`` (either adapter layout or a SINGA checkpoint) and
+    write it to the directory ``destination`` in layout ``to`` (``"peftcore"`` or ``"hf"``).
+
+    Adapter directories need nothing else (``graph`` adds a check against the model and
+    is needed to plan a non-LoRA HF adapter). A SINGA checkpoint needs ``config`` and
+    either ``plan`` or ``graph``. Returns the adapter as written.
+    """
+    if to not in ("peftcore", "hf"):
+        raise ConfigError(f"cannot convert to {to!r}; choose 'peftcore' or 'hf'")
+    if adapter_name is not None:
+        check_adapter_name(adapter_name)
+    _check_destination(os.fspath(destination), overwrite)
+    if is_singa_checkpoint(source):
+        if config is None:
+            raise ConfigError("converting a SINGA checkpoint needs the adapter's config (--config, or --method/--set)")
+        adapter = load_singa_checkpoint(source, config, plan, graph, adapter_name)
+    elif os.path.isdir(source):
+        if config is not None or plan is not None or adapter_name is not None:
+            raise ConfigError("an adapter directory carries its own config; --config, --method/--set, --plan and "
+                              "--adapter-name apply to SINGA checkpoints only")
+        adapter = load_adapter_dir(source, graph, strict)
+    elif os.path.exists(source):
+        raise AdapterError(
+            f"{os.fspath(source)} is neither an adapter directory nor a SINGA save_states checkpoint "
+            f"(a zip holding {SINGA_TENSORS_MEMBER})"
+        )
+    else:
+        raise AdapterError(f"{os.fspath(source)} does not exist")
+    if to == "hf":
+        save_hf_adapter(destination, adapter)
+    else:
+        save_peftcore_adapter(destination, adapter)
+    return adapter
+
+
+def _check_destination(destination: str, overwrite: bool) -> None:
+    if os.path.exists(destination) and not os.path.isdir(destination):
+        raise AdapterError(f"{destination} exists and is not a directory")
+    taken = [n for n in (CONFIG_NAME, WEIGHTS_NAME) if os.path.exists(os.path.join(destination, n))]
+    if taken and not overwrite:
+        raise AdapterError(f"{destination} already holds an adapter ({', '.join(taken)}); pass --force to overwrite")

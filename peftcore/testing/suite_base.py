@@ -1,0 +1,62 @@
+"""Fixtures and helpers the conformance test classes share."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+import pytest
+
+from peftcore.api import PeftModel, get_peft_model
+from peftcore.config import PeftConfig
+from peftcore.methods.lora import LoraConfig
+from peftcore.plugins import Backend
+from peftcore.testing.toys import TOY_SPECS, ToySpec, adapter_effects, reference_forward
+
+ATOL = 1e-5
+
+
+class SuiteBase:
+    """Fixtures and helpers; ``backends`` names the backends the tests run on."""
+
+    backends: list = []
+
+    @pytest.fixture(params=TOY_SPECS, ids=[s.name for s in TOY_SPECS])
+    def toy(self, request: Any) -> ToySpec:
+        return request.param
+
+    @pytest.fixture
+    def rng(self) -> np.random.Generator:
+        return np.random.default_rng(1234)
+
+    # -- helpers --------------------------------------------------------------------------
+    def build(self, backend: Backend, spec: ToySpec, weights: dict) -> Any:
+        return backend.call("peftcore_build_toy_model", spec=spec, weights=weights)
+
+    def run(self, backend: Backend, model: Any, inputs: np.ndarray) -> np.ndarray:
+        native = model.model if isinstance(model, PeftModel) else model
+        return np.asarray(backend.call("peftcore_toy_forward", model=native, inputs=inputs), dtype=np.float64)
+
+    def wrap(self, backend: Backend, spec: ToySpec, weights: dict, inputs: np.ndarray, **lora: Any) -> PeftModel:
+        config = LoraConfig(target_modules=[s.name for s in spec.layers], **lora)
+        return self.wrap_with(backend, spec, weights, inputs, config)
+
+    def wrap_with(self, backend: Backend, spec: ToySpec, weights: dict, inputs: np.ndarray, config: PeftConfig) -> PeftModel:
+        return get_peft_model(self.build(backend, spec, weights), config, backend=backend.name, example_inputs=inputs)
+
+    def randomise(self, backend: Backend, peft_model: PeftModel, adapter: str, rng: np.random.Generator) -> dict:
+        tensors = {
+            key: (rng.standard_normal(spec.shape) * 0.2).astype(np.float32)
+            for key, spec in peft_model.plans[adapter].tensor_specs().items()
+        }
+        backend.call("peftcore_import_adapter", model=peft_model.model, adapter_name=adapter, tensors=tensors)
+        return tensors
+
+    def exported(self, peft_model: PeftModel, adapter: str) -> dict:
+        tensors = peft_model.backend.call("peftcore_export_adapter", model=peft_model.model, adapter_name=adapter)
+        return {key: np.asarray(value) for key, value in tensors.items()}
+
+    def expected(self, spec: ToySpec, weights: dict, inputs: np.ndarray, peft_model: PeftModel, *adapters: str) -> np.ndarray:
+        """The numpy reference output with ``adapters`` active, from their exported tensors."""
+        effects = [adapter_effects(peft_model.plans[a], self.exported(peft_model, a)) for a in adapters]
+        return reference_forward(spec, weights, inputs, effects=effects)

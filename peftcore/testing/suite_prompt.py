@@ -1,0 +1,112 @@
+"""Conformance tests for prompt tuning and residual prompt tuning (mixed into
+:class:`~peftcore.testing.ConformanceSuite`); they run on the toy model with an
+embedding input."""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any
+
+import numpy as np
+import pytest
+
+from peftcore.api import PeftModel
+from peftcore.errors import AdapterError
+from peftcore.methods.prompt_tuning import PromptTuningConfig, ResidualPromptTuningConfig
+from peftcore.plan import RewritePlan
+from peftcore.plugins import Backend
+from peftcore.testing.suite_base import ATOL, SuiteBase
+from peftcore.testing.toys import TOKEN_MODEL, reference_forward
+
+PROMPT_CONFIGS = {
+    "prompt": lambda: PromptTuningConfig(num_virtual_tokens=3),
+    "residual": lambda: ResidualPromptTuningConfig(num_virtual_tokens=3, bottleneck_size=5, activation="tanh"),
+    "residual-separate": lambda: ResidualPromptTuningConfig(
+        num_virtual_tokens=2, bottleneck_size=4, layer_norm=False, separate_mlps=True, dropout=0.1
+    ),
+}
+
+
+class PromptTests(SuiteBase):
+    """Prompt tuning (plain and residual) on the token toy model."""
+
+    @pytest.fixture(params=sorted(PROMPT_CONFIGS))
+    def prompt_config(self, request: Any) -> Any:
+        return PROMPT_CONFIGS[request.param]()
+
+    def prompted(self, backend: Backend, config: Any, rng: Any) -> tuple[PeftModel, dict, np.ndarray]:
+        weights, inputs = TOKEN_MODEL.random_weights(rng), TOKEN_MODEL.random_inputs(rng)
+        return self.wrap_with(backend, TOKEN_MODEL, weights, inputs, config), weights, inputs
+
+    def test_prompt_trainable_count(self, peftcore_backend: Backend, prompt_config: Any, rng: Any) -> None:
+        peft_model, _, _ = self.prompted(peftcore_backend, prompt_config, rng)
+        trainable, total = peft_model.get_nb_trainable_parameters()
+        width = TOKEN_MODEL.steps[0].out_dim
+        assert trainable == peft_model.plans["default"].num_trainable()
+        if not isinstance(prompt_config, ResidualPromptTuningConfig):
+            assert trainable == prompt_config.num_virtual_tokens * width
+        assert total == trainable + sum(int(np.prod(s)) for s in TOKEN_MODEL.weight_shapes().values())
+
+    def test_prompt_matches_reference(self, peftcore_backend: Backend, prompt_config: Any, rng: Any) -> None:
+        peft_model, weights, inputs = self.prompted(peftcore_backend, prompt_config, rng)
+        self.randomise(peftcore_backend, peft_model, "default", rng)
+        got = self.run(peftcore_backend, peft_model, inputs)
+        np.testing.assert_allclose(got, self.expected(TOKEN_MODEL, weights, inputs, peft_model, "default"), atol=ATOL)
+        with peft_model.disable_adapter():
+            np.testing.assert_allclose(self.run(peftcore_backend, peft_model, inputs), reference_forward(TOKEN_MODEL, weights, inputs), atol=ATOL)
+
+    def test_prompt_cannot_merge(self, peftcore_backend: Backend, rng: Any) -> None:
+        peft_model, _, inputs = self.prompted(peftcore_backend, PromptTuningConfig(num_virtual_tokens=2), rng)
+        before = self.run(peftcore_backend, peft_model, inputs)
+        with pytest.raises(AdapterError, match="cannot be merged"):
+            peft_model.merge_adapter()
+        with pytest.raises(AdapterError, match="cannot be merged"):
+            peft_model.merge_and_unload()
+        np.testing.assert_array_equal(self.run(peftcore_backend, peft_model, inputs), before)
+
+    def test_prompt_save_load_resume(self, peftcore_backend: Backend, prompt_config: Any, rng: Any, tmp_path: Any) -> None:
+        peft_model, weights, inputs = self.prompted(peftcore_backend, prompt_config, rng)
+        self.randomise(peftcore_backend, peft_model, "default", rng)
+        expected = self.run(peftcore_backend, peft_model, inputs)
+        peft_model.save_pretrained(str(tmp_path))
+        for trainable in (False, True):
+            fresh = self.build(peftcore_backend, TOKEN_MODEL, weights)
+            loaded = PeftModel.from_pretrained(
+                fresh, str(tmp_path), backend=peftcore_backend.name, example_inputs=inputs, is_trainable=trainable
+            )
+            np.testing.assert_allclose(self.run(peftcore_backend, loaded, inputs), expected, atol=ATOL)
+            count = loaded.get_nb_trainable_parameters()[0]
+            assert count == (peft_model.plans["default"].num_trainable() if trainable else 0)
+
+    def test_residual_prompt_bakes_to_the_same_outputs(self, peftcore_backend: Backend, rng: Any, tmp_path: Any) -> None:
+        config = ResidualPromptTuningConfig(num_virtual_tokens=3, bottleneck_size=6, dropout=0.2)
+        peft_model, weights, inputs = self.prompted(peftcore_backend, config, rng)
+        self.randomise(peftcore_backend, peft_model, "default", rng)
+        unbaked = self.run(peftcore_backend, peft_model, inputs)
+        before = peft_model.plans["default"].num_trainable()
+        peft_model.bake()
+        np.testing.assert_allclose(self.run(peftcore_backend, peft_model, inputs), unbaked, atol=1e-6)
+        assert type(peft_model.peft_config["default"]) is PromptTuningConfig
+        assert peft_model.plans["default"].num_trainable() == 3 * TOKEN_MODEL.steps[0].out_dim < before
+        assert set(self.exported(peft_model, "default")) == set(peft_model.plans["default"].tensor_specs())
+        peft_model.save_pretrained(str(tmp_path))
+        loaded = PeftModel.from_pretrained(
+            self.build(peftcore_backend, TOKEN_MODEL, weights), str(tmp_path), backend=peftcore_backend.name, example_inputs=inputs
+        )
+        np.testing.assert_allclose(self.run(peftcore_backend, loaded, inputs), unbaked, atol=1e-6)
+
+    def test_pruned_prompt_matches_reference(self, peftcore_backend: Backend, rng: Any) -> None:
+        """An XPrompt-pruned prompt: two of three tokens kept, half of each one's pieces masked."""
+        weights, inputs = TOKEN_MODEL.random_weights(rng), TOKEN_MODEL.random_inputs(rng)
+        model = self.build(peftcore_backend, TOKEN_MODEL, weights)
+        graph = peftcore_backend.call("peftcore_describe", model=model, example_inputs=inputs)
+        config = PromptTuningConfig(num_virtual_tokens=2)
+        plan = PromptTuningConfig(num_virtual_tokens=3).plan(graph)
+        op = plan.ops_of("prompt_embedding")[0]
+        pruned = dataclasses.replace(op, num_virtual_tokens=2, token_mask=(1, 0, 1), piece_mask=((1, 0), (0, 1)))
+        plan = RewritePlan(plan.method, "default", tuple(pruned if o is op else o for o in plan.ops))
+        peft_model = PeftModel(model, peftcore_backend, graph)
+        peft_model.add_adapter("default", config, plan=plan)
+        self.randomise(peftcore_backend, peft_model, "default", rng)
+        got = self.run(peftcore_backend, peft_model, inputs)
+        np.testing.assert_allclose(got, self.expected(TOKEN_MODEL, weights, inputs, peft_model, "default"), atol=ATOL)

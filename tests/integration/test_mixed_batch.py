@@ -1,0 +1,233 @@
+"""Mixed-adapter batches: ``peft_model(inputs, adapter_names=[...])`` runs each row through
+the adapter it names (``"__base__"``: none), as Hugging Face PEFT's argument does.
+
+Every row of a mixed batch must equal that row run alone with its adapter active, on
+each route the torch layers take: for inference, folding each adapter into a temporary
+weight (long batches whose rows are grouped by adapter) or adding every row's update at
+once from stacked factors; under autograd (and for embeddings), adding each adapter's
+update on its rows. On GPT-2 (``Conv1D``), Linear and Embedding layers.
+"""
+
+from __future__ import annotations
+
+import warnings
+from pathlib import Path
+from typing import Any, List
+
+import pytest
+
+torch = pytest.importorskip("torch", reason="torch is not installed")
+transformers = pytest.importorskip("transformers")
+from torch import nn  # noqa: E402
+
+import peftcore  # noqa: E402
+from peftcore import AdapterError, BackendError, LoraConfig  # noqa: E402
+
+VOCAB = 50
+ADAPTERS = ["one", "two", "three"]
+ATOL = 1e-5
+
+
+def gpt2() -> nn.Module:
+    config = transformers.GPT2Config(vocab_size=VOCAB, n_positions=64, n_embd=32, n_layer=2, n_head=2,
+                                     bos_token_id=0, eos_token_id=0)
+    torch.manual_seed(0)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        return transformers.GPT2LMHeadModel(config).eval()
+
+
+def mlp() -> nn.Module:
+    torch.manual_seed(0)
+    return nn.Sequential(nn.Embedding(VOCAB, 16), nn.Linear(16, 32), nn.ReLU(), nn.Linear(32, 8)).eval()
+
+
+def lora(targets: Any, r: int = 4, **changes: Any) -> LoraConfig:
+    return LoraConfig(r=r, lora_alpha=2 * r, target_modules=targets, init_lora_weights=False, **changes)
+
+
+def with_adapters(model: nn.Module, targets: Any, ranks: List[int] = [4, 2, 8]) -> Any:
+    peft_model = peftcore.get_peft_model(model, lora(targets, ranks[0]), adapter_name=ADAPTERS[0])
+    for name, r in zip(ADAPTERS[1:], ranks[1:]):
+        peft_model.add_adapter(name, lora(targets, r))
+    return peft_model
+
+
+def outputs(peft_model: Any, tokens: Any, **kwargs: Any) -> Any:
+    out = peft_model(tokens, **kwargs)
+    return out.logits if hasattr(out, "logits") else out
+
+
+def one_by_one(peft_model: Any, tokens: Any, names: List[str]) -> Any:
+    """Each row run alone with its adapter active (or with adapters disabled)."""
+    rows = []
+    for row, name in enumerate(names):
+        if name == "__base__":
+            with peft_model.disable_adapter():
+                rows.append(outputs(peft_model, tokens[row:row + 1]))
+        else:
+            peft_model.set_adapter(name)
+            rows.append(outputs(peft_model, tokens[row:row + 1]))
+    peft_model.set_adapter(ADAPTERS[0])
+    return torch.cat(rows)
+
+
+ROW_ORDERS = {
+    "interleaved": ["one", "two", "__base__", "three", "one", "two", "three", "__base__"],
+    "grouped": ["one", "one", "two", "two", "three", "three", "__base__", "__base__"],
+    "one adapter": ["two"] * 8,
+}
+
+
+@pytest.mark.parametrize("order", list(ROW_ORDERS))
+@pytest.mark.parametrize("length", [3, 48], ids=["short (updates added)", "long (adapters folded)"])
+def test_each_row_matches_its_adapter_run_alone_gpt2(order: str, length: int, monkeypatch: pytest.MonkeyPatch) -> None:
+    import peftcore_torch.lora as torch_lora
+
+    folded_calls = []
+    real = torch_lora.routed_folded_linear
+    monkeypatch.setattr(torch_lora, "routed_folded_linear", lambda *a, **k: folded_calls.append(1) or real(*a, **k))
+    peft_model = with_adapters(gpt2(), ["c_attn", "c_proj", "c_fc"])
+    tokens = torch.randint(0, VOCAB, (8, length), generator=torch.Generator().manual_seed(1))
+    names = ROW_ORDERS[order]
+    with torch.no_grad():
+        mixed = outputs(peft_model, tokens, adapter_names=names)
+        expected = one_by_one(peft_model, tokens, names)
+        base_only = outputs(peft_model, tokens, adapter_names=["__base__"] * 8)
+        with peft_model.disable_adapter():
+            assert torch.allclose(base_only, outputs(peft_model, tokens), atol=ATOL)
+    torch.testing.assert_close(mixed, expected, atol=ATOL, rtol=1e-4)
+    assert not torch.allclose(mixed, base_only, atol=1e-3), "the adapters must change the output"
+    # folding takes consecutive rows per adapter and enough tokens; one adapter for all rows runs unrouted
+    assert bool(folded_calls) == (length > 3 and order == "grouped"), "both routes are covered"
+
+
+@pytest.mark.parametrize("length", [2, 40])
+@pytest.mark.parametrize("names", [["three", "__base__", "one", "three"], ["three", "three", "one", "__base__"]],
+                         ids=["interleaved", "grouped"])
+def test_linear_and_embedding_layers_route_rows(length: int, names: List[str]) -> None:
+    peft_model = with_adapters(mlp(), ["0", "1", "3"])
+    tokens = torch.randint(0, VOCAB, (4, length), generator=torch.Generator().manual_seed(2))
+    with torch.no_grad():
+        mixed = outputs(peft_model, tokens, adapter_names=names)
+        expected = one_by_one(peft_model, tokens, names)
+    torch.testing.assert_close(mixed, expected, atol=ATOL, rtol=1e-4)
+
+
+def test_an_adapter_only_on_some_layers_leaves_the_others_as_base() -> None:
+    peft_model = peftcore.get_peft_model(mlp(), lora(["1", "3"]), adapter_name="one")
+    peft_model.add_adapter("two", lora(["3"]))
+    tokens = torch.randint(0, VOCAB, (3, 5), generator=torch.Generator().manual_seed(3))
+    names = ["two", "one", "__base__"]
+    with torch.no_grad():
+        torch.testing.assert_close(outputs(peft_model, tokens, adapter_names=names),
+                                   one_by_one(peft_model, tokens, names), atol=ATOL, rtol=1e-4)
+
+
+def test_gradients_of_a_mixed_batch_match_each_adapter_trained_on_its_rows() -> None:
+    peft_model = with_adapters(mlp(), ["1", "3"])
+    peft_model.set_adapter(ADAPTERS)  # every adapter trainable; rows still use only the adapter they name
+    tokens = torch.randint(0, VOCAB, (6, 4), generator=torch.Generator().manual_seed(4))
+    names = ["one", "two", "one", "three", "__base__", "two"]
+    params = {n: p for n, p in peft_model.model.named_parameters() if "lora_" in n}
+    tracked = outputs(peft_model, tokens, adapter_names=names)
+    with torch.no_grad():  # inference takes another route (stacked factors); same numbers
+        untracked = outputs(peft_model, tokens, adapter_names=names)
+    torch.testing.assert_close(tracked.detach(), untracked, atol=ATOL, rtol=1e-4)
+    tracked.pow(2).sum().backward()
+    mixed = {n: p.grad.clone() for n, p in params.items()}
+    for p in params.values():
+        p.grad = None
+    for row, name in enumerate(names):
+        if name != "__base__":  # a base row reaches no adapter factor
+            outputs(peft_model, tokens[row:row + 1], adapter_names=[name]).pow(2).sum().backward()
+    for n, p in params.items():
+        torch.testing.assert_close(mixed[n], p.grad, atol=1e-5, rtol=1e-4)
+    assert all(mixed[n].abs().sum() > 0 for n in params), "every adapter has rows, so every factor gets a gradient"
+
+
+def test_mixed_batches_agree_with_hf_peft(tmp_path: Path) -> None:
+    peft = pytest.importorskip("peft")
+    ours = with_adapters(gpt2(), ["c_attn", "c_proj", "c_fc"])
+    ours.save_pretrained(tmp_path)
+    theirs = peft.PeftModel.from_pretrained(gpt2(), tmp_path / ADAPTERS[0], adapter_name=ADAPTERS[0])
+    for name in ADAPTERS[1:]:
+        theirs.load_adapter(tmp_path / name, adapter_name=name)
+    theirs.eval()
+    tokens = torch.randint(0, VOCAB, (8, 40), generator=torch.Generator().manual_seed(5))
+    names = ROW_ORDERS["interleaved"]
+    with torch.no_grad(), warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        expected = theirs(input_ids=tokens, adapter_names=names).logits
+        got = ours(input_ids=tokens, adapter_names=names).logits
+    torch.testing.assert_close(got, expected, atol=1e-4, rtol=1e-4)
+
+
+def test_routing_ends_with_the_call_even_when_it_fails() -> None:
+    peft_model = with_adapters(mlp(), ["1", "3"])
+    tokens = torch.randint(0, VOCAB, (2, 3))
+    with torch.no_grad():
+        plain = outputs(peft_model, tokens)
+        outputs(peft_model, tokens, adapter_names=["two", "three"])
+        assert torch.equal(outputs(peft_model, tokens), plain)
+        layer = peft_model.model[1]
+        with pytest.raises(RuntimeError):
+            # the embedding rejects float inputs: the call fails after routing was set
+            peft_model(torch.randint(0, VOCAB, (2, 3)).float(), adapter_names=["two", "one"])
+        assert layer.batch_routing is None
+        assert torch.equal(outputs(peft_model, tokens), plain)
+
+
+def test_disabled_adapters_give_the_base_output_for_every_row() -> None:
+    peft_model = with_adapters(mlp(), ["1", "3"])
+    tokens = torch.randint(0, VOCAB, (3, 4))
+    with torch.no_grad(), peft_model.disable_adapter():
+        base = outputs(peft_model, tokens)
+        assert torch.equal(outputs(peft_model, tokens, adapter_names=["one", "two", "three"]), base)
+
+
+# -- errors -------------------------------------------------------------------------------
+def test_an_unknown_adapter_name_is_named_with_a_suggestion() -> None:
+    peft_model = with_adapters(mlp(), ["1"])
+    with pytest.raises(AdapterError, match=r"'thre'.*did you mean 'three'"):
+        peft_model(torch.zeros(2, 3, dtype=torch.long), adapter_names=["one", "thre"])
+
+
+def test_one_name_per_row() -> None:
+    peft_model = with_adapters(mlp(), ["1"])
+    with pytest.raises(AdapterError, match="3 entries but the batch has 2 rows"):
+        peft_model(torch.zeros(2, 3, dtype=torch.long), adapter_names=["one", "two", "one"])
+    with pytest.raises(AdapterError, match="one per row"):
+        peft_model(torch.zeros(1, 3, dtype=torch.long), adapter_names="one")
+
+
+def test_a_batch_size_mismatch_seen_only_inside_the_model_is_caught_by_the_layer() -> None:
+    peft_model = with_adapters(mlp(), ["1"])
+    with pytest.raises(AdapterError, match="2 entries but the batch has 4 rows"):
+        # ``input`` is not a name the API inspects: only the layers see the batch
+        peft_model(input=torch.zeros(4, 3, dtype=torch.long), adapter_names=["one", "two"])
+
+
+def test_merged_adapters_cannot_be_mixed() -> None:
+    peft_model = with_adapters(mlp(), ["1"])
+    peft_model.merge_adapter(["one"])
+    with pytest.raises(AdapterError, match="merged"):
+        peft_model(torch.zeros(2, 3, dtype=torch.long), adapter_names=["one", "two"])
+    peft_model.unmerge_adapter()
+    peft_model(torch.zeros(2, 3, dtype=torch.long), adapter_names=["one", "two"])
+
+
+def test_a_layer_that_cannot_route_rows_is_refused_and_nothing_is_routed() -> None:
+    model = mlp()
+    peft_model = peftcore.get_peft_model(model, lora(["1"], modules_to_save=["3"]), adapter_name="one")
+    peft_model.add_adapter("two", lora(["1"]))
+    with pytest.raises(BackendError, match=r"'3'.*cannot run a batch whose rows use different adapters"):
+        peft_model(torch.zeros(2, 3, dtype=torch.long), adapter_names=["one", "two"])
+    assert peft_model.model[1].batch_routing is None
+
+
+def test_a_backend_without_the_hook_says_so(monkeypatch: pytest.MonkeyPatch) -> None:
+    peft_model = with_adapters(mlp(), ["1"])
+    monkeypatch.setattr(peft_model.backend, "implements", lambda hook: hook != "peftcore_set_batch_adapters")
+    with pytest.raises(BackendError, match="cannot run mixed-adapter batches"):
+        peft_model(torch.zeros(2, 3, dtype=torch.long), adapter_names=["one", "two"])

@@ -1,0 +1,56 @@
+"""Tiny ``transformers`` models built locally with seeded random weights (no downloads)."""
+
+from __future__ import annotations
+
+import warnings
+from typing import Any, Callable
+
+import torch
+import transformers
+
+VOCAB = 60
+
+
+def seeded(build: Callable[[], Any], seed: int = 0) -> Any:
+    torch.manual_seed(seed)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        model = build()
+    return model.eval()
+
+
+def llama_lm(seed: int = 0) -> Any:
+    config = transformers.LlamaConfig(
+        vocab_size=VOCAB, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+        num_key_value_heads=2, max_position_embeddings=64, pad_token_id=0,
+    )
+    return seeded(lambda: transformers.LlamaForCausalLM(config), seed)
+
+
+def gpt2_lm(seed: int = 0) -> Any:
+    config = transformers.GPT2Config(
+        vocab_size=VOCAB, n_positions=64, n_embd=32, n_layer=2, n_head=2, pad_token_id=0,
+        bos_token_id=1, eos_token_id=2,
+    )
+    return seeded(lambda: transformers.GPT2LMHeadModel(config), seed)
+
+
+def gpt2_cls(seed: int = 0) -> Any:
+    config = transformers.GPT2Config(
+        vocab_size=VOCAB, n_positions=64, n_embd=32, n_layer=2, n_head=2, pad_token_id=0,
+        bos_token_id=1, eos_token_id=2, num_labels=3,
+    )
+    return seeded(lambda: transformers.GPT2ForSequenceClassification(config), seed)
+
+
+def bert_cls(seed: int = 0) -> Any:
+    config = transformers.BertConfig(
+        vocab_size=VOCAB, hidden_size=32, num_hidden_layers=2, num_attention_heads=2, intermediate_size=64,
+        max_position_embeddings=64, num_labels=3, type_vocab_size=2,
+    )
+    return seeded(lambda: transformers.BertForSequenceClassification(config), seed)
+
+
+def random_ids(batch: int, length: int, seed: int = 1) -> torch.Tensor:
+    generator = torch.Generator().manual_seed(seed)
+    return torch.randint(3, VOCAB, (batch, length), generator=generator)
