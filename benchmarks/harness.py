@@ -138,6 +138,8 @@ def _number(value: Optional[float], unit: str) -> str:
         return "-"
     if unit == "max abs change":
         return "0" if value == 0 else f"{value:.1e}"
+    if unit.startswith("MiB"):
+        return f"{value:.1f}"
     if abs(value) >= 100:
         return f"{value:,.0f}"
     return f"{value:.3g}" if abs(value) < 1 else f"{value:.2f}"
@@ -221,6 +223,6 @@ def machine_text(info: Dict[str, Any]) -> str:
         f"{info['date']}; CPU {info['cpu']} ({info['cpu_cores']} cores){gpu}; device {info['device']}, "
         f"{info['torch_threads']} torch thread(s), clock: {info['clock']}{' (--quick)' if info['quick'] else ''}; "
         f"{info['os']}; load average (1/5/15 min) at start {info.get('load_average_start')}, "
-        f"at end {info.get('load_average_end')}; python {info['python']}, torch {info['torch']}, transformers {info['transformers']}, "
-        f"peft {info['peft']}, peftcore {info['peftcore']}"
+        f"at end {info.get('load_average_end')}; python {info['python']}, torch {info['torch']}, "
+        f"transformers {info['transformers']}, peft {info['peft']}, peftcore {info['peftcore']}"
     )

@@ -53,10 +53,10 @@ def with_peftcore(model: Any, adapter_name: str = "default", random_init: bool =
 def add_peftcore_adapter(peft_model: Any, adapter_name: str) -> None:
     import peftcore
 
-    peft_model.add_adapter(
-        adapter_name,
-        peftcore.LoraConfig(r=RANK, lora_alpha=ALPHA, lora_dropout=0.0, target_modules=LORA_TARGETS, init_lora_weights=False),
+    config = peftcore.LoraConfig(
+        r=RANK, lora_alpha=ALPHA, lora_dropout=0.0, target_modules=LORA_TARGETS, init_lora_weights=False
     )
+    peft_model.add_adapter(adapter_name, config)
 
 
 def hf_config(random_init: bool = False) -> Any:

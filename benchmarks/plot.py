@@ -11,7 +11,7 @@ import json
 import sys
 from typing import Any, Dict, List, Optional
 
-COLOURS = {"HF PEFT": "#d98c3a", "peftcore": "#3a78d9"}
+COLOURS = {"HF PEFT": "#d98c3a", "peftcore": "#3a78d9", "floor": "#9a9a9a"}
 
 
 def _by_key(results: List[Dict[str, Any]]) -> Dict[str, Dict[str, Any]]:
@@ -30,7 +30,7 @@ def _relative_time(ax: Any, rows: Dict[str, Dict[str, Any]]) -> None:
         target = rows[key].get("ratio_target")
         if target:
             ax.hlines(target, i - 0.45, i + 0.45, colors="black", linestyles="dashed", linewidth=1)
-            ax.text(i + 0.46, target, f"target {target}x", fontsize=7, va="center")
+            ax.text(i - 0.45, target + 0.004, f"target {target}x", fontsize=7, va="bottom")
     ax.axhline(1.0, color="grey", linewidth=0.8)
     ax.set_xticks(range(len(present)), [label for _, label in present], fontsize=8)
     ax.set_ylim(0.9, max(1.3, ax.get_ylim()[1]))
@@ -39,18 +39,20 @@ def _relative_time(ax: Any, rows: Dict[str, Dict[str, Any]]) -> None:
     ax.legend(fontsize=8, loc="upper left")
 
 
-def _pair(ax: Any, row: Optional[Dict[str, Any]], title: str, ylabel: str, log: bool = False) -> None:
+def _pair(ax: Any, row: Optional[Dict[str, Any]], title: str, ylabel: str, with_floor: bool = False) -> None:
     if row is None:
         ax.set_axis_off()
         ax.set_title(f"{title}: not measured", fontsize=10)
         return
     names = ["HF PEFT", "peftcore"]
     values = [row["hf"], row["peftcore"]]
+    floor = row.get("samples", {}).get("floor")
+    if with_floor and floor:
+        names.insert(0, "floor")
+        values.insert(0, floor[0])
     bars = ax.bar(names, [v if v else 0 for v in values], color=[COLOURS[n] for n in names])
     labels = ["0 (exact)" if v == 0 else (f"{v:.1e}" if v < 0.01 else f"{v:.3g}") for v in values]
     ax.bar_label(bars, labels=labels, fontsize=8)
-    if log:
-        ax.set_yscale("log")
     ax.set_ylabel(ylabel, fontsize=8)
     ax.set_title(title, fontsize=10)
 
@@ -83,8 +85,8 @@ def draw(data: Dict[str, Any], path: str) -> None:
     rows = _by_key(data["results"])
     figure, axes = plt.subplots(2, 2, figsize=(11, 8))
     _relative_time(axes[0][0], rows)
-    _pair(axes[0][1], rows.get("inject"), "LoRA injection, Llama-7B shape (meta)", "seconds (log)", log=True)
-    _pair(axes[1][0], rows.get("peak_memory"), "Peak memory of a training step", "MiB above pre-step")
+    _pair(axes[0][1], rows.get("inject"), "LoRA injection, Llama-7B shape (meta)", "seconds")
+    _pair(axes[1][0], rows.get("peak_memory"), "Peak memory of a training step", "MiB above pre-step", with_floor=True)
     _drift(axes[1][1], rows)
     machine = data.get("machine", {})
     figure.suptitle(

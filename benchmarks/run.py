@@ -96,9 +96,9 @@ def _settings(args: argparse.Namespace) -> Settings:
 def main(argv: Optional[List[str]] = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--quick", action="store_true", help="fewer rounds and an 8-layer injection model")
-    parser.add_argument("--only", default=",".join(MEASUREMENTS), help=f"comma-separated, from {','.join(MEASUREMENTS)}")
+    parser.add_argument("--only", default=",".join(MEASUREMENTS), help=f"comma-separated: {','.join(MEASUREMENTS)}")
     parser.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto")
-    parser.add_argument("--threads", type=int, default=0, help="torch threads (CPU default: 1, timed by thread CPU time)")
+    parser.add_argument("--threads", type=int, default=0, help="torch threads (CPU default 1, thread CPU time)")
     parser.add_argument("--singa-seed-dir", help="checkout of SINGA's examples/singa_peft, for the SINGA row")
     parser.add_argument("--singa-python", help="a Python interpreter with SINGA, when this one has none")
     parser.add_argument("--save", action="store_true", help="write results.json and results.png next to this script")

@@ -98,8 +98,9 @@ def test_each_row_matches_its_adapter_run_alone_gpt2(order: str, length: int, mo
             assert torch.allclose(base_only, outputs(peft_model, tokens), atol=ATOL)
     torch.testing.assert_close(mixed, expected, atol=ATOL, rtol=1e-4)
     assert not torch.allclose(mixed, base_only, atol=1e-3), "the adapters must change the output"
-    # folding takes consecutive rows per adapter and enough tokens; one adapter for all rows runs unrouted
-    assert bool(folded_calls) == (length > 3 and order == "grouped"), "both routes are covered"
+    # folding needs enough tokens per adapter (interleaved rows: on the narrow-output layers only);
+    # one adapter for all rows runs unrouted
+    assert bool(folded_calls) == (length > 3 and order != "one adapter"), "every route is covered"
 
 
 @pytest.mark.parametrize("length", [2, 40])

@@ -27,7 +27,7 @@ from torch import nn
 from peftcore.errors import AdapterError, BackendError
 from peftcore.plan import AddLora
 from peftcore_torch.layers import AdapterLayer
-from peftcore_torch.lora_kernels import can_fuse, folding_pays, fused_lora_linear, merged_weight
+from peftcore_torch.lora_kernels import can_fuse, folding_pays, fused_lora_linear, has_hooks, merged_weight
 from peftcore_torch.row_routing import (
     RowRouting,
     add_row_updates,
@@ -179,10 +179,12 @@ class LoraLinear(_LoraMixin):
 
             return routed_folded_linear(x, base, in_out, routing, groups, folded)
         result = self.base_layer(x, *args, **kwargs)
-        if self._can_stack_rows(x, result, groups):
+        # the output of a plain unhooked base layer is a fresh tensor nobody else holds
+        in_place = self._plain_base and not has_hooks(self.base_layer)
+        if in_place and self._can_stack_rows(x, result, groups):
             factors = {name: (self.lora_A[name], self.lora_B[name], self.scaling[name]) for name in groups}
             return add_stacked_row_updates(result, x, routing, factors)
-        return add_row_updates(result, x, routing, groups, self.update)
+        return add_row_updates(result, x, routing, groups, self.update, in_place)
 
     def _can_stack_rows(self, x: torch.Tensor, result: torch.Tensor, groups: dict[str, tuple[int, ...]]) -> bool:
         """Inference with every adapter's factors in the input's dtype and device, no dropout."""
@@ -196,13 +198,14 @@ class LoraLinear(_LoraMixin):
         )
 
     def _can_fold_rows(self, x: torch.Tensor, groups: dict[str, tuple[int, ...]], args: tuple, kwargs: dict) -> bool:
-        """Inference, each adapter's rows consecutive, plain factors, and enough tokens per
-        adapter to pay for folding. (For interleaved rows, gathering them for folded
-        weights and scattering the results back cost as much as adding the updates.)"""
+        """Inference with plain factors and enough tokens per adapter to pay for folding,
+        where folding wins: each adapter's rows consecutive, or (rows interleaved, so
+        gathered and copied back) an output no wider than the input."""
         routing = self.batch_routing
         if args or kwargs or torch.is_grad_enabled() or not groups or routing is None:
             return False
-        if not contiguous_groups(routing, groups):
+        in_features, out_features = self.features()
+        if out_features > in_features and not contiguous_groups(routing, groups):
             return False
         if x.dim() < 2 or x.numel() == 0:
             return False
@@ -252,8 +255,8 @@ class LoraEmbedding(_LoraMixin):
         result = self.base_layer(x, *args, **kwargs)
         groups = self._row_groups(x)
         running = self.adapters_to_run() if groups is None else self._uniform(groups, x)
-        if running is None:  # rows use different adapters
-            return add_row_updates(result, x, self.batch_routing, groups, self.update)  # type: ignore[arg-type]
+        if running is None:  # rows use different adapters; a lookup is cheap, so always out of place
+            return add_row_updates(result, x, self.batch_routing, groups, self.update, False)  # type: ignore[arg-type]
         for name in running:
             result = result + self.update(name, x).to(result.dtype)
         return result

@@ -171,7 +171,7 @@ _GLOBAL_HOOK_DICTS = (
 )
 
 
-def _has_hooks(module: nn.Module) -> bool:
+def has_hooks(module: nn.Module) -> bool:
     """Whether calling ``module`` would run a hook (its own or a global one)."""
     if any(getattr(module, name, None) for name in _HOOK_DICTS):
         return True
@@ -190,7 +190,7 @@ def can_fuse(base: nn.Module, exact_type: bool, x: torch.Tensor, lora_a: torch.T
     """Whether :func:`fused_lora_linear` computes exactly what calling ``base`` then adding
     the update would: a plain (``exact_type``) unhooked layer with a frozen weight, one
     dtype and device throughout, and no autocast."""
-    if not exact_type or x.dim() < 2 or _has_hooks(base):
+    if not exact_type or x.dim() < 2 or has_hooks(base):
         return False
     weight, bias = base.weight, base.bias
     if weight.requires_grad or not (x.dtype == weight.dtype == lora_a.dtype == lora_b.dtype):

@@ -5,18 +5,20 @@ layer for the length of the call (the ``peftcore_set_batch_adapters`` hook). Row
 naming ``"__base__"`` (or an adapter the layer does not hold) get the base output. A
 LoRA layer takes one of three routes:
 
-* inference, each adapter's rows consecutive and long enough: every run of rows is one
-  product with its adapter folded into a temporary weight, written straight into the
-  output (:func:`routed_folded_linear`); the update costs no pass over the output;
+* inference with enough tokens per adapter, when each adapter's rows are consecutive or
+  the layer's output is no wider than its input: one product per adapter with the
+  adapter folded into a temporary weight (:func:`routed_folded_linear`); consecutive
+  rows are read and written in place, others gathered and copied back;
 * inference otherwise: the base output once, then every row's update in place from the
   adapters' factors stacked and picked per row, two batched products
   (:func:`add_stacked_row_updates`): x read once, the output updated once;
 * under autograd, with dropout, or mixed dtypes: for each adapter, gather its rows,
   compute its update, scatter-add it (:func:`add_row_updates`).
 
-``python benchmarks/bench_mixed.py`` times the alternatives on one layer; on
-interleaved rows, folding (which must gather and scatter) and grouping cost about what
-stacking costs, and stacking won on the whole model (BENCHMARKS.md).
+``python benchmarks/bench_mixed.py`` times the alternatives on one layer (BENCHMARKS.md):
+on interleaved rows, stacking and grouping cost the same; folding (which must then
+gather rows and copy results back) is cheaper where the output is narrow, dearer where
+it is wide; on rows sorted by adapter, folding costs almost nothing.
 """
 
 from __future__ import annotations
@@ -82,13 +84,16 @@ def _span(rows: tuple[int, ...]) -> Optional[slice]:
 
 
 def add_row_updates(
-    result: torch.Tensor, x: torch.Tensor, routing: RowRouting, groups: dict[str, tuple[int, ...]], delta: RowDelta
+    result: torch.Tensor,
+    x: torch.Tensor,
+    routing: RowRouting,
+    groups: dict[str, tuple[int, ...]],
+    delta: RowDelta,
+    in_place: bool,
 ) -> torch.Tensor:
-    """``result`` plus, for each adapter in ``groups``, ``delta(adapter, x[rows])`` on its rows.
-
-    Without autograd the updates are added in place; with it, out of place.
-    """
-    in_place = not torch.is_grad_enabled()
+    """``result`` plus, for each adapter in ``groups``, ``delta(adapter, x[rows])`` on its
+    rows; added into ``result`` itself when ``in_place`` (never under autograd)."""
+    in_place = in_place and not torch.is_grad_enabled()
     for name, rows in groups.items():
         index = routing.index(rows, x.device)
         update = delta(name, x.index_select(0, index)).to(result.dtype)
@@ -102,7 +107,7 @@ def add_stacked_row_updates(
     routing: RowRouting,
     factors: dict[str, tuple[torch.Tensor, torch.Tensor, float]],
 ) -> torch.Tensor:
-    """Inference only: add every row's update in place with two batched products.
+    """Inference only: add every row's update into ``result`` with two batched products.
 
     The adapters' factors are stacked (ranks zero-padded to the largest, scaling folded
     into A, one all-zero slot for rows without an adapter) and picked per row, so ``x``
@@ -118,8 +123,9 @@ def add_stacked_row_updates(
         stacked_b[slot, :, : b.shape[1]] = b
     slots = routing.slots(names, x.device)
     x3 = x.reshape(x.shape[0], -1, x.shape[-1])
-    hidden = torch.bmm(x3, stacked_a[slots].transpose(1, 2))
-    result.view(result.shape[0], -1, result.shape[-1]).baddbmm_(hidden, stacked_b[slots].transpose(1, 2))
+    hidden_t = torch.bmm(stacked_a[slots], x3.transpose(1, 2))  # (batch, r, tokens): BLAS's faster layout
+    rows_out = result.view(result.shape[0], -1, result.shape[-1])
+    rows_out.baddbmm_(hidden_t.transpose(1, 2), stacked_b[slots].transpose(1, 2))
     return result
 
 
@@ -137,10 +143,10 @@ def routed_folded_linear(
     groups: dict[str, tuple[int, ...]],
     folded_weight: Callable[[str], torch.Tensor],
 ) -> torch.Tensor:
-    """A linear layer whose consecutive runs of rows (see :func:`contiguous_groups`) each
-    use their adapter folded into a temporary weight (``folded_weight(adapter)``), the
-    other rows the base weight: one product per run, written straight into its rows of
-    the output. For inference only."""
+    """A linear layer whose rows each use their adapter folded into a temporary weight
+    (``folded_weight(adapter)``), the other rows the base weight: one product per group
+    of rows. A group of consecutive rows is read and written in place; any other is
+    gathered, and its product copied into its rows. For inference only."""
     from peftcore_torch.lora_kernels import base_product
 
     weight, bias = base.weight, base.bias
@@ -153,8 +159,13 @@ def routed_folded_linear(
         parts.append((rest, weight))
     for rows, w in parts:
         span = _span(rows)
-        assert span is not None, "routed_folded_linear needs consecutive rows"
-        base_product(x3[span].reshape(-1, x3.shape[-1]), w, bias, weight_in_out, out=out[span].view(-1, out_features))
+        if span is not None:
+            target = out[span].view(-1, out_features)
+            base_product(x3[span].reshape(-1, x3.shape[-1]), w, bias, weight_in_out, out=target)
+            continue
+        index = routing.index(rows, x.device)
+        product = base_product(x3.index_select(0, index).reshape(-1, x3.shape[-1]), w, bias, weight_in_out)
+        out.index_copy_(0, index, product.view(len(rows), x3.shape[1], out_features))
     return out.view(*x.shape[:-1], out_features)
 
 
