@@ -4,9 +4,11 @@ a batch of 32 x 128 tokens whose row i names adapter ``i % 8``: peftcore vs HF P
 ``torch.no_grad()``. The two libraries hold identical adapter weights and their logits
 are checked to agree.
 
-Run on its own, this file also compares the two ways of routing rows inside one LoRA
-layer (grouping rows by adapter, as peftcore does, against stacking every row's A and B
-for batched products) on the layer shapes of this model::
+Run on its own, this file compares ways of routing rows inside one LoRA layer on the
+layer shapes of this model (see ``peftcore_torch.row_routing`` for which one peftcore
+takes when): grouping rows by adapter (HF PEFT's way), stacking every row's A and B for
+batched products, and folding each adapter into a temporary weight, on interleaved and
+on sorted rows::
 
     python benchmarks/bench_mixed.py
 """

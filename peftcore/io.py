@@ -312,6 +312,7 @@ def _write_files_atomically(directory: str, files: list[tuple[str, Callable[[str
             write(tmp)
             with open(tmp, "rb+") as handle:
                 os.fsync(handle.fileno())
+            os.chmod(tmp, _FILE_MODE)  # mkstemp makes files private (0600)
         for (name, _), tmp in zip(files, staged):
             os.replace(tmp, os.path.join(directory, name))
     finally:
@@ -319,6 +320,16 @@ def _write_files_atomically(directory: str, files: list[tuple[str, Callable[[str
             if os.path.exists(tmp):
                 os.unlink(tmp)
     _fsync_directory(directory)
+
+
+def _file_mode() -> int:
+    """The mode ``open()`` would give a new file: 0666 less the process umask."""
+    umask = os.umask(0o022)
+    os.umask(umask)
+    return 0o666 & ~umask
+
+
+_FILE_MODE = _file_mode()
 
 
 def _fsync_directory(directory: str) -> None:

@@ -13,6 +13,7 @@ in HF PEFT and back.
 from __future__ import annotations
 
 import dataclasses
+import math
 from dataclasses import dataclass
 from typing import Any, ClassVar, Mapping, Optional, Sequence
 
@@ -149,6 +150,16 @@ class AddPrompt(PlanOp):
             shapes.update({"residual_norm_weight": (m, d), "residual_norm_bias": (m, d)})
         return shapes
 
+    def residual_init_bound(self, name: str) -> float:
+        """How residual-MLP tensor ``name`` starts: uniform within ``+-bound``, or all
+        zeros for a bound of 0. The residual branch starts at zero (the LayerNorm's scale,
+        or without LayerNorm the up projection, is zero), so the prompt the model first
+        sees is exactly the one the init chose (a TEXT init is not drowned by the MLP)."""
+        if name.startswith("residual_norm") or (name.startswith("residual_up") and not self.residual_layer_norm):
+            return 0.0
+        fan_in = self.token_dim if name.startswith("residual_down") else self.residual_bottleneck
+        return 1.0 / math.sqrt(fan_in)
+
     def tensor_specs(self) -> dict[str, TensorSpec]:
         specs = {"prompt_embeddings": TensorSpec((self.num_virtual_tokens, self.token_dim), "prompt_embeddings", True)}
         specs.update({name: TensorSpec(shape, name, True) for name, shape in self.residual_shapes().items()})
@@ -224,6 +235,14 @@ class PromptTuningConfig(PeftConfig):
             check(bool(self.prompt_tuning_init_text), f"{name}: prompt_tuning_init='TEXT' needs prompt_tuning_init_text")
         check_type(name, "embedding_layer", self.embedding_layer, (str,), allow_none=True)
         validate_modules_to_save(name, self.modules_to_save)
+
+    def to_dict(self) -> dict[str, Any]:
+        # The saved prompt replaces any initial value, and HF PEFT would otherwise insist on
+        # loading the tokenizer by name to rebuild a TEXT init it then overwrites.
+        data = super().to_dict()
+        if data.get("prompt_tuning_init") == "TEXT":
+            data["prompt_tuning_init"] = "RANDOM"
+        return data
 
     # -- planning -------------------------------------------------------------------
     def plan(self, graph: ModelGraph, adapter_name: str = "default") -> RewritePlan:

@@ -1,8 +1,5 @@
 """Plugin discovery, backend selection and plugin faults."""
 
-import os
-import sys
-import textwrap
 import threading
 from pathlib import Path
 from typing import Any, Iterator

@@ -102,3 +102,18 @@ def test_baked_residual_prompt_loads_in_hf_peft(tmp_path):
     model.save_pretrained(str(tmp_path))
     hf_model = peft.PeftModel.from_pretrained(llama_lm(), str(tmp_path))
     torch.testing.assert_close(_hf_outputs(hf_model, input_ids=ids), expected, atol=1e-5, rtol=1e-5)
+
+
+def test_text_initialised_prompt_loads_in_hf_peft(tmp_path):
+    config = peftcore.PromptTuningConfig(
+        num_virtual_tokens=N, prompt_tuning_init="TEXT", prompt_tuning_init_text="a b",
+        tokenizer=lambda text: [3, 4], task_type="CAUSAL_LM",
+    )
+    model = peftcore.get_peft_model(llama_lm(), config)
+    ids = random_ids(2, 6)
+    with torch.no_grad():
+        expected = model(input_ids=ids).logits
+    model.save_pretrained(str(tmp_path))
+    # the saved prompt replaces any init, so the file says RANDOM and HF needs no tokenizer
+    hf_model = peft.PeftModel.from_pretrained(llama_lm(), str(tmp_path))
+    torch.testing.assert_close(_hf_outputs(hf_model, input_ids=ids), expected, atol=1e-5, rtol=1e-5)

@@ -201,3 +201,15 @@ def test_unload_removes_the_prompt_and_its_hook():
     assert not plain._forward_pre_hooks
     with torch.no_grad():
         torch.testing.assert_close(plain(input_ids=base_ids).logits, expected)
+
+
+@pytest.mark.parametrize("layer_norm", [True, False], ids=["norm", "no-norm"])
+def test_residual_branch_starts_at_zero_so_the_init_survives(layer_norm):
+    config = ResidualPromptTuningConfig(
+        num_virtual_tokens=N, bottleneck_size=8, layer_norm=layer_norm, prompt_tuning_init="SAMPLE_VOCAB"
+    )
+    model = peftcore.get_peft_model(llama_lm(), config)
+    layer = model.get_input_embeddings()
+    assert torch.equal(layer.prompt("default"), layer.prompt_embeddings["default"])
+    _train(model, steps=3)
+    assert not torch.equal(layer.prompt("default"), layer.prompt_embeddings["default"])

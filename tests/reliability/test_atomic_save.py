@@ -117,3 +117,12 @@ def test_save_over_an_existing_adapter_replaces_both_files(tmp_path: Path) -> No
     assert sorted(os.listdir(directory)) == [CONFIG_NAME, WEIGHTS_NAME]
     files = read_adapter(str(directory))
     assert files.config.r == 3 and files.plan == peft_model.plans["default"]
+
+
+def test_saved_files_get_the_usual_permissions(tmp_path: Path) -> None:
+    """Temporary files start private (0600); the renamed adapter files must not stay so."""
+    save_previous(tmp_path)
+    umask = os.umask(0o022)
+    os.umask(umask)
+    for name in (CONFIG_NAME, WEIGHTS_NAME):
+        assert (tmp_path / name).stat().st_mode & 0o777 == 0o666 & ~umask

@@ -145,14 +145,11 @@ class PromptEmbedding(AdapterLayer):
     def _add_residual(self, adapter_name: str, op: AddPrompt) -> None:
         for name, shape in op.residual_shapes().items():
             t = self.new_tensor(shape, f"{name}.{adapter_name}")
-            if name == "residual_norm_weight":
-                t.set_value(1.0)
-            elif name == "residual_norm_bias":
-                t.set_value(0.0)
-            else:  # a linear layer's usual init: uniform within 1/sqrt(fan_in)
-                fan_in = op.token_dim if name.startswith("residual_down") else op.residual_bottleneck
-                bound = 1.0 / math.sqrt(fan_in)
+            bound = op.residual_init_bound(name)
+            if bound:
                 t.uniform(-bound, bound)
+            else:
+                t.set_value(0.0)
             getattr(self, name)[adapter_name] = t
         self.residual_activation[adapter_name] = op.residual_activation
         self.residual_dropout[adapter_name] = float(op.residual_dropout)

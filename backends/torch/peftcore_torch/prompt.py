@@ -16,7 +16,6 @@ How the prompt reaches the model depends on the model:
 
 from __future__ import annotations
 
-import math
 from typing import Any, Optional
 
 import torch
@@ -87,15 +86,12 @@ class PromptEmbedding(AdapterLayer):
         shapes = op.residual_shapes()
         for name, shape in shapes.items():
             tensor = self.new_tensor(*shape)
+            bound = op.residual_init_bound(name)
             with torch.no_grad():
-                if name == "residual_norm_weight":
-                    tensor.fill_(1.0)
-                elif name == "residual_norm_bias":
-                    tensor.zero_()
-                else:  # nn.Linear's default: uniform within 1/sqrt(fan_in)
-                    fan_in = op.token_dim if name.startswith("residual_down") else op.residual_bottleneck
-                    bound = 1.0 / math.sqrt(fan_in)
+                if bound:
                     tensor.uniform_(-bound, bound)
+                else:
+                    tensor.zero_()
             getattr(self, name)[adapter_name] = tensor
         self.residual_activation[adapter_name] = op.residual_activation
         self.residual_dropout[adapter_name] = nn.Dropout(op.residual_dropout) if op.residual_dropout > 0 else nn.Identity()
