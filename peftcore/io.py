@@ -304,6 +304,7 @@ def _write_files_atomically(directory: str, files: list[tuple[str, Callable[[str
     error; a process killed outright leaves a ``.<name>.*.tmp`` file, which readers ignore.
     """
     staged: list[str] = []
+    mode = _file_mode()
     try:
         for name, write in files:
             fd, tmp = tempfile.mkstemp(prefix=f".{name}.", suffix=".tmp", dir=directory)
@@ -312,7 +313,7 @@ def _write_files_atomically(directory: str, files: list[tuple[str, Callable[[str
             write(tmp)
             with open(tmp, "rb+") as handle:
                 os.fsync(handle.fileno())
-            os.chmod(tmp, _FILE_MODE)  # mkstemp makes files private (0600)
+            os.chmod(tmp, mode)  # mkstemp makes files private (0600)
         for (name, _), tmp in zip(files, staged):
             os.replace(tmp, os.path.join(directory, name))
     finally:
@@ -328,8 +329,6 @@ def _file_mode() -> int:
     os.umask(umask)
     return 0o666 & ~umask
 
-
-_FILE_MODE = _file_mode()
 
 
 def _fsync_directory(directory: str) -> None:

@@ -39,25 +39,27 @@ DEFAULT_TARGETS: dict[str, list[str]] = {
 }
 
 
-def validate_targets(owner: str, name: str, targets: Targets, allow_none: bool = True) -> None:
-    """Check a ``target_modules``-style value, raising :class:`ConfigError`."""
+def validate_targets(owner: str, name: str, targets: Targets, allow_none: bool = True) -> Targets:
+    """Check a ``target_modules``-style value, raising :class:`ConfigError`; return it
+    normalised for saving (a set or tuple of names becomes a sorted list)."""
     if targets is None:
         if not allow_none:
             raise ConfigError(f"{owner}.{name} must be set")
-        return
+        return None
     if isinstance(targets, str):
         if targets == ALL_LINEAR:
-            return
+            return targets
         try:
             re.compile(targets)
         except re.error as exc:
             raise ConfigError(f"{owner}.{name} is not a valid regular expression: {exc}") from None
-        return
+        return targets
     if not isinstance(targets, (list, tuple, set, frozenset)):
         raise ConfigError(f"{owner}.{name} must be a list of names, a regex string or 'all-linear', got {targets!r}")
     for item in targets:
         if not isinstance(item, str) or not item:
             raise ConfigError(f"{owner}.{name} entries must be non-empty strings, got {item!r}")
+    return targets if isinstance(targets, list) else sorted(targets)
 
 
 def matches(path: str, targets: Targets) -> bool:

@@ -102,12 +102,8 @@ class BitFitConfig(PeftConfig):
     def validate(self) -> None:
         super().validate()
         name = type(self).__name__
-        validate_targets(name, "target_modules", self.target_modules)
-        validate_targets(name, "exclude_modules", self.exclude_modules)
-        for field_name in ("target_modules", "exclude_modules"):
-            value = getattr(self, field_name)
-            if isinstance(value, (set, frozenset, tuple)):
-                setattr(self, field_name, sorted(value))
+        self.target_modules = validate_targets(name, "target_modules", self.target_modules)
+        self.exclude_modules = validate_targets(name, "exclude_modules", self.exclude_modules)
         check_type(name, "add_missing_biases", self.add_missing_biases, (bool,))
         validate_layers_to_transform(name, self.layers_to_transform)
         validate_modules_to_save(name, self.modules_to_save)

@@ -100,12 +100,8 @@ class LoraConfig(PeftConfig):
             raise ConfigError(
                 f"{name}.init_lora_weights must be True, False or 'gaussian', got {self.init_lora_weights!r}"
             )
-        validate_targets(name, "target_modules", self.target_modules)
-        validate_targets(name, "exclude_modules", self.exclude_modules)
-        if isinstance(self.target_modules, (set, frozenset, tuple)):
-            self.target_modules = sorted(self.target_modules)
-        if isinstance(self.exclude_modules, (set, frozenset, tuple)):
-            self.exclude_modules = sorted(self.exclude_modules)
+        self.target_modules = validate_targets(name, "target_modules", self.target_modules)
+        self.exclude_modules = validate_targets(name, "exclude_modules", self.exclude_modules)
         validate_layers_to_transform(name, self.layers_to_transform)
         for field_name in ("rank_pattern", "alpha_pattern"):
             pattern = getattr(self, field_name)

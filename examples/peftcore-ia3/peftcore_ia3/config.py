@@ -131,17 +131,13 @@ class IA3Config(PeftConfig):
     def validate(self) -> None:
         super().validate()
         name = type(self).__name__
-        validate_targets(name, "target_modules", self.target_modules)
-        validate_targets(name, "exclude_modules", self.exclude_modules)
-        validate_targets(name, "feedforward_modules", self.feedforward_modules)
+        self.target_modules = validate_targets(name, "target_modules", self.target_modules)
+        self.exclude_modules = validate_targets(name, "exclude_modules", self.exclude_modules)
+        self.feedforward_modules = validate_targets(name, "feedforward_modules", self.feedforward_modules)
         check(
             self.feedforward_modules != ALL_LINEAR,
             f"{name}.feedforward_modules cannot be {ALL_LINEAR!r}; name the feed-forward layers (list or regex)",
         )
-        for field_name in ("target_modules", "feedforward_modules", "exclude_modules"):
-            value = getattr(self, field_name)
-            if isinstance(value, (set, frozenset, tuple)):
-                setattr(self, field_name, sorted(value))
         if isinstance(self.target_modules, list) and isinstance(self.feedforward_modules, list):
             stray = sorted(set(self.feedforward_modules) - set(self.target_modules))
             check(
