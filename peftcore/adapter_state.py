@@ -11,6 +11,8 @@ from __future__ import annotations
 
 from typing import Any, ClassVar, Mapping
 
+from peftcore.errors import AdapterError
+
 
 class AdapterBookkeeping:
     """Mixin for adapter layers: names, active/merged/disabled state, tensor naming.
@@ -57,6 +59,14 @@ class AdapterBookkeeping:
     def canonical_name(self, attribute: str) -> str:
         """The canonical (saved) name of the tensors kept in ``attribute``."""
         return self.canonical_names.get(attribute, attribute)
+
+    def canonical_tensor(self, adapter_name: str, tensors: Mapping[str, Any], attribute: str) -> tuple[str, Any]:
+        """``(canonical name, value)`` of ``attribute``'s tensor in ``tensors``, which a
+        loader must supply: a missing one is an :class:`AdapterError`."""
+        key = self.canonical_name(attribute)
+        if key not in tensors:
+            raise AdapterError(f"tensor {key!r} missing for adapter {adapter_name!r}")
+        return key, tensors[key]
 
     def forget_adapter(self, adapter_name: str) -> None:
         """Drop the adapter's tensors from every store and from the active list."""

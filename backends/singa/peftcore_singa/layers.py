@@ -134,14 +134,12 @@ class AdapterLayer(AdapterBookkeeping, layer.Layer):
         """Copy canonical numpy tensors into the adapter (shapes checked first)."""
         pending = []
         for name in self.tensor_names(adapter_name):
-            key = self.canonical_name(name)
-            if key not in tensors:
-                raise AdapterError(f"tensor {key!r} missing for adapter {adapter_name!r}")
+            key, given = self.canonical_tensor(adapter_name, tensors, name)
             target = getattr(self, name)[adapter_name]
-            value = self.native_import(name, np.asarray(tensors[key]))
+            value = self.native_import(name, np.asarray(given))
             if tuple(value.shape) != tuple(target.shape):
                 expected = self.canonical_export(name, np.empty(target.shape)).shape
-                raise AdapterError(f"tensor {key!r} has shape {np.asarray(tensors[key]).shape}, expected {expected}")
+                raise AdapterError(f"tensor {key!r} has shape {np.asarray(given).shape}, expected {expected}")
             pending.append((target, value))
         for target, value in pending:
             copy_into(target, value)

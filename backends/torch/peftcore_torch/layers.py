@@ -66,11 +66,9 @@ class AdapterLayer(AdapterBookkeeping, nn.Module):
     def load(self, adapter_name: str, tensors: Mapping[str, Any]) -> None:
         """Copy canonical tensors (numpy arrays or torch tensors) into the adapter."""
         for name in self.tensor_names(adapter_name):
-            key = self.canonical_name(name)
-            if key not in tensors:
-                raise AdapterError(f"tensor {key!r} missing for adapter {adapter_name!r}")
+            key, given = self.canonical_tensor(adapter_name, tensors, name)
             target = getattr(self, name)[adapter_name]
-            value = self.native_import(name, torch.as_tensor(tensors[key]))
+            value = self.native_import(name, torch.as_tensor(given))
             if tuple(value.shape) != tuple(target.shape):
                 raise AdapterError(f"tensor {key!r} has shape {tuple(value.shape)}, expected {tuple(target.shape)}")
             with torch.no_grad():
