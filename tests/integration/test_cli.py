@@ -8,7 +8,6 @@ point; the other cases call :func:`peftcore.cli.main` in-process, which is much 
 from __future__ import annotations
 
 import json
-import os
 import subprocess
 import sys
 from pathlib import Path
@@ -22,14 +21,14 @@ from peftcore.errors import PeftCoreError
 from peftcore.graph import LayerNode, ModelGraph
 from peftcore.plugins import get_plugin_manager
 from peftcore.registry import PeftRegistry
+from tests.subprocess_env import child_env
 
 ROOT = Path(__file__).resolve().parents[2]
 
 
 def run(*args: str, cwd: Path = ROOT) -> subprocess.CompletedProcess:
     """``python -m peftcore ARGS`` with this checkout first on the path."""
-    path = os.pathsep.join(p for p in (str(ROOT), os.environ.get("PYTHONPATH", "")) if p)
-    env = {**os.environ, "PYTHONPATH": path}
+    env = child_env(ROOT)
     return subprocess.run([sys.executable, "-m", "peftcore", *args], capture_output=True, text=True, cwd=cwd, env=env)
 
 

@@ -23,6 +23,7 @@ from typing import Any, Mapping
 
 import numpy as np
 import pytest
+from tests.subprocess_env import child_env
 
 torch = pytest.importorskip("torch")
 peft = pytest.importorskip("peft")
@@ -53,8 +54,7 @@ def cli(capsys: pytest.CaptureFixture, *args: str) -> tuple[int, str, str]:
 
 
 def env_with_checkout() -> dict[str, str]:
-    paths = [str(ROOT), str(ROOT / "backends" / "torch"), str(ROOT / "backends" / "singa"), os.environ.get("PYTHONPATH", "")]
-    return {**os.environ, "PYTHONPATH": os.pathsep.join(p for p in paths if p)}
+    return child_env(ROOT, ROOT / "backends" / "torch", ROOT / "backends" / "singa")
 
 
 def tiny_llama() -> Any:

@@ -7,7 +7,6 @@ and exit status 0) is checked everywhere.
 
 from __future__ import annotations
 
-import os
 import re
 import subprocess
 import sys
@@ -16,13 +15,14 @@ from pathlib import Path
 import pytest
 
 from peftcore.io import read_adapter
+from tests.subprocess_env import child_env
 
 ROOT = Path(__file__).resolve().parents[2]
 EXAMPLE = ROOT / "examples" / "singa_lora_mlp.py"
 
 
 def _run(code_or_args: list[str], timeout: int = 300) -> subprocess.CompletedProcess:
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(ROOT), str(ROOT / "backends" / "singa")])}
+    env = child_env(ROOT, ROOT / "backends" / "singa")
     return subprocess.run(
         [sys.executable, *code_or_args], capture_output=True, text=True, cwd=ROOT, env=env, timeout=timeout
     )

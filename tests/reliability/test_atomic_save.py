@@ -13,6 +13,7 @@ from typing import Any
 
 import numpy as np
 import pytest
+from tests.subprocess_env import child_env
 
 torch = pytest.importorskip("torch", reason="torch is not installed")
 
@@ -47,7 +48,7 @@ def weight_temp_files(directory: Path) -> list[str]:
 def kill_during_save(directory: Path, width: int, layers: int) -> bool:
     """Start a large save over ``directory`` in a subprocess and SIGKILL it as soon as its
     weights file is being written. True when the kill landed before the rename."""
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join(p for p in sys.path if p)}
+    env = child_env(*sys.path)
     proc = subprocess.Popen(
         [sys.executable, str(WORKER), str(directory), str(width), str(layers)],
         env=env,

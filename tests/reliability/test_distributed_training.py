@@ -4,7 +4,6 @@ with the same adapter weights as one process trained on the same global batches.
 from __future__ import annotations
 
 import importlib.util
-import os
 import subprocess
 import sys
 from pathlib import Path
@@ -13,6 +12,7 @@ from typing import Any
 
 import numpy as np
 import pytest
+from tests.subprocess_env import child_env
 
 torch = pytest.importorskip("torch", reason="torch is not installed")
 
@@ -48,7 +48,7 @@ def distributed_run(tmp_path_factory: pytest.TempPathFactory) -> Path:
         print(f"skipping distributed tests: {reason}")
         pytest.skip(reason)
     out_dir = tmp_path_factory.mktemp("distributed")
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join(p for p in sys.path if p)}
+    env = child_env(*sys.path)
     done = subprocess.run(
         [sys.executable, str(WORKER), str(out_dir)], env=env, capture_output=True, text=True, timeout=400
     )

@@ -16,6 +16,7 @@ from types import ModuleType
 from typing import Any, Iterator
 
 import pytest
+from tests.subprocess_env import child_env
 
 torch = pytest.importorskip("torch", reason="torch is not installed")
 from torch import nn  # noqa: E402
@@ -291,7 +292,7 @@ sys.exit("the forked child hung in get_plugin_manager()")
 
 
 def run_python(code: str) -> subprocess.CompletedProcess:
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join(p for p in sys.path if p)}
+    env = child_env(*sys.path)
     env.pop(ENV_DISABLED, None)
     return subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=120)
 

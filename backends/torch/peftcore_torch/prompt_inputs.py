@@ -29,6 +29,18 @@ from torch import nn
 MANAGED_ARGUMENTS = ("input_ids", "inputs_embeds")
 #: Attribute set on a cache object whose first ``value`` positions hold the prompt.
 CACHE_TAG = "peftcore_virtual_tokens"
+#: Names under which transformers passes (and returns) the key/value cache: ``cache`` from
+#: transformers 5.x on, ``past_key_values`` before (and still accepted, deprecated, there).
+CACHE_NAMES = ("cache", "past_key_values")
+
+
+def find_cache(container: Any) -> Any:
+    """The key/value cache in a call's arguments or a model output, under either name."""
+    for name in CACHE_NAMES:
+        value = container.get(name) if isinstance(container, dict) else getattr(container, name, None)
+        if value is not None:
+            return value
+    return None
 
 
 def takes_token_inputs(model: nn.Module) -> bool:
@@ -65,7 +77,7 @@ class PromptInputHook:
     def _after(self, module: nn.Module, args: Any, output: Any) -> None:
         self.layer.pending_prefix = 0
         prepended, self._prepended = self._prepended, 0
-        cache = output.get("past_key_values") if isinstance(output, dict) else getattr(output, "past_key_values", None)
+        cache = find_cache(output)
         if prepended and cache is not None:
             try:
                 setattr(cache, CACHE_TAG, prepended)
@@ -87,7 +99,7 @@ class PromptInputHook:
         if not isinstance(reference, torch.Tensor) or reference.dim() < 2:
             return None
         batch, length = reference.shape[0], reference.shape[1]
-        past = arguments.get("past_key_values")
+        past = find_cache(arguments)
         cached = _cache_length(past)
         if cached == 0:
             self._prepend(arguments, n, batch, length)
