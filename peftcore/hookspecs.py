@@ -79,6 +79,13 @@ def peftcore_apply(model: Any, plan: RewritePlan) -> Any:  # type: ignore[empty-
 
 
 @hookspec(firstresult=True)
+def peftcore_peft_model_class() -> type:  # type: ignore[empty-body]
+    """The backend's native PeftModel shell: a subclass of :class:`peftcore.peft_model.PeftModel`
+    and of the framework's model class, built as ``shell(model, backend_name, graph)``.
+    Optional: without it the core wraps the model in a plain handle."""
+
+
+@hookspec(firstresult=True)
 def peftcore_export_adapter(model: Any, adapter_name: str) -> Mapping[str, np.ndarray]:  # type: ignore[empty-body]
     """Return the adapter's tensors as numpy arrays in canonical layout, keyed by
     canonical name (``<layer path>.<tensor name>`` as in ``RewritePlan.tensor_specs``)."""

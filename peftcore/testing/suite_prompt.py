@@ -10,7 +10,7 @@ from typing import Any
 import numpy as np
 import pytest
 
-from peftcore.api import PeftModel
+from peftcore.peft_model import PeftModel, wrap_model
 from peftcore.errors import AdapterError
 from peftcore.methods.prompt_tuning import PromptTuningConfig, ResidualPromptTuningConfig
 from peftcore.plan import RewritePlan
@@ -105,7 +105,7 @@ class PromptTests(SuiteBase):
         op = plan.ops_of("prompt_embedding")[0]
         pruned = dataclasses.replace(op, num_virtual_tokens=2, token_mask=(1, 0, 1), piece_mask=((1, 0), (0, 1)))
         plan = RewritePlan(plan.method, "default", tuple(pruned if o is op else o for o in plan.ops))
-        peft_model = PeftModel(model, peftcore_backend, graph)
+        peft_model = wrap_model(model, peftcore_backend, example_inputs=inputs)
         peft_model.add_adapter("default", config, plan=plan)
         self.randomise(peftcore_backend, peft_model, "default", rng)
         got = self.run(peftcore_backend, peft_model, inputs)

@@ -163,8 +163,10 @@ def test_print_trainable_parameters(capsys: Any) -> None:
     assert "trainable params: 96 || all params:" in capsys.readouterr().out
 
 
-def test_handle_delegates_to_the_model() -> None:
+def test_peft_model_is_a_module_that_reaches_the_model() -> None:
     peft_model = peftcore.get_peft_model(mlp(), LoraConfig(r=2, target_modules=["fc1"]))
-    assert peft_model.get_base_model() is peft_model.model
-    assert peft_model.training is True and peft_model.eval() is peft_model.model
+    assert peft_model.get_base_model() is peft_model.model is peft_model.base_model.model
+    assert peft_model.training is True and peft_model.eval() is peft_model
+    assert not peft_model.model.training and not peft_model.model.fc1.training
+    assert peft_model.fc2 is peft_model.model.fc2  # unknown attributes come from the model
     assert peft_model.active_adapter == "default"

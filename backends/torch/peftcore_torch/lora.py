@@ -48,17 +48,44 @@ def _runs_as_identity(dropout: nn.Module) -> bool:
     return isinstance(dropout, nn.Dropout) and (dropout.p == 0 or not dropout.training)
 
 
+class LoraFactor(nn.Module):
+    """One LoRA factor stored as Hugging Face PEFT stores it: a module holding ``weight``."""
+
+    def __init__(self, weight: nn.Parameter) -> None:
+        super().__init__()
+        self.weight = weight
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return F.linear(x, self.weight)
+
+
+class FactorDict(nn.ModuleDict):
+    """Adapter name to LoRA factor. Stored as :class:`LoraFactor` modules, so state-dict
+    keys are HF PEFT's ``lora_A.<adapter>.weight``; indexing gives the weight itself."""
+
+    def __getitem__(self, key: str) -> nn.Parameter:  # type: ignore[override]
+        return self._modules[key].weight  # type: ignore[union-attr,return-value]
+
+    def __setitem__(self, key: str, value: Any) -> None:
+        super().__setitem__(key, LoraFactor(value) if isinstance(value, nn.Parameter) else value)
+
+
 class _LoraMixin(AdapterLayer):
-    adapter_tensor_names = ("lora_A", "lora_B")
+    adapter_tensor_names: tuple = ("lora_A", "lora_B")
+    lora_A: Any
+    lora_B: Any
 
     def __init__(self, base_layer: nn.Module) -> None:
         super().__init__(base_layer)
-        self.lora_A = nn.ParameterDict()
-        self.lora_B = nn.ParameterDict()
+        self.init_factor_stores()
         self.lora_dropout = nn.ModuleDict()
         self.scaling: dict[str, float] = {}
         self.r: dict[str, int] = {}
         self.batch_routing: Optional[RowRouting] = None
+
+    def init_factor_stores(self) -> None:
+        self.lora_A = FactorDict()
+        self.lora_B = FactorDict()
 
     def _add_tensors(self, adapter_name: str, op: AddLora) -> None:
         if self.has_adapter(adapter_name):
@@ -231,7 +258,26 @@ class LoraLinear(_LoraMixin):
 
 
 class LoraEmbedding(_LoraMixin):
-    """LoRA around ``nn.Embedding``: A is looked up like a table, then projected by B."""
+    """LoRA around ``nn.Embedding``: A is looked up like a table, then projected by B.
+
+    The factors are kept as HF PEFT keeps them for embeddings, in parameter dicts named
+    ``lora_embedding_A``/``lora_embedding_B``; their canonical names stay ``lora_A``/``lora_B``.
+    """
+
+    adapter_tensor_names = ("lora_embedding_A", "lora_embedding_B")
+    canonical_names = {"lora_embedding_A": "lora_A", "lora_embedding_B": "lora_B"}
+
+    def init_factor_stores(self) -> None:
+        self.lora_embedding_A = nn.ParameterDict()
+        self.lora_embedding_B = nn.ParameterDict()
+
+    @property  # type: ignore[override]
+    def lora_A(self) -> nn.ParameterDict:
+        return self.lora_embedding_A
+
+    @property  # type: ignore[override]
+    def lora_B(self) -> nn.ParameterDict:
+        return self.lora_embedding_B
 
     def features(self) -> tuple[int, int]:
         return int(self.base_layer.num_embeddings), int(self.base_layer.embedding_dim)

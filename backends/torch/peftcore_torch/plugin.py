@@ -55,6 +55,13 @@ def peftcore_describe(model: Any, example_inputs: Any) -> Any:
 
 
 @hookimpl
+def peftcore_peft_model_class() -> type:
+    from peftcore_torch.peft_model import TorchPeftModel
+
+    return TorchPeftModel
+
+
+@hookimpl
 def peftcore_apply(model: Any, plan: Any) -> Any:
     from peftcore_torch.apply import apply_plan
 

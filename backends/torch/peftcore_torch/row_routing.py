@@ -28,7 +28,7 @@ from typing import Any, Callable, Optional, Sequence
 import torch
 from torch import nn
 
-from peftcore.api import BASE_ROW
+from peftcore.peft_model import BASE_ROW
 from peftcore.errors import AdapterError, BackendError
 
 RowDelta = Callable[[str, torch.Tensor], torch.Tensor]

@@ -1,0 +1,105 @@
+"""The torch PeftModel: a ``torch.nn.Module`` laid out as Hugging Face PEFT's.
+
+``TorchPeftModel`` holds the adapted model as ``base_model.model``, so its submodules,
+and so its ``state_dict`` keys, are HF PEFT's (``base_model.model.<path>...``), and
+everyday torch code treats it as a module: ``.to()``/``.eval()``/``.half()`` return it,
+``deepcopy``, ``pickle`` and ``torch.save`` work, DDP and FSDP wrap it. The adapter
+state machine (configs, plans, active/merged adapters, saving, loading) is the core's
+:class:`peftcore.peft_model.PeftModel`. Attributes neither has come from the adapted
+model, as in HF PEFT.
+"""
+
+from __future__ import annotations
+
+import inspect
+from typing import Any, Optional
+
+from torch import nn
+
+from peftcore.graph import ModelGraph
+from peftcore.peft_model import PeftModel
+
+
+class TunerModel(nn.Module):
+    """``base_model`` of a :class:`TorchPeftModel` (HF PEFT's ``LoraModel`` place): it
+    holds the adapted model as ``model`` and passes unknown attributes to it."""
+
+    def __init__(self, model: nn.Module) -> None:
+        super().__init__()
+        self.model = model
+
+    def forward(self, *args: Any, **kwargs: Any) -> Any:
+        return self.model(*args, **kwargs)
+
+    def __getattr__(self, name: str) -> Any:
+        try:
+            return super().__getattr__(name)
+        except AttributeError:
+            if name == "model":  # not set yet (during unpickling)
+                raise
+            return getattr(self.model, name)
+
+
+class _BoundForward:
+    """``TorchPeftModel.forward`` as seen on an instance: calls it, and shows the adapted
+    model's ``forward`` signature to ``inspect.signature`` (``transformers.Trainer`` keeps
+    the batch columns that signature names)."""
+
+    __slots__ = ("peft_model",)
+
+    def __init__(self, peft_model: TorchPeftModel) -> None:
+        self.peft_model = peft_model
+
+    def __call__(self, *args: Any, **kwargs: Any) -> Any:
+        return self.peft_model.peft_forward(*args, **kwargs)
+
+    @property
+    def __signature__(self) -> inspect.Signature:
+        base = inspect.signature(self.peft_model.get_base_model().forward)
+        parameters = list(base.parameters.values())
+        if "adapter_names" not in base.parameters:
+            extra = inspect.Parameter("adapter_names", inspect.Parameter.KEYWORD_ONLY, default=None)
+            keyword_at = next(
+                (i for i, p in enumerate(parameters) if p.kind is inspect.Parameter.VAR_KEYWORD), len(parameters)
+            )
+            parameters.insert(keyword_at, extra)
+        return base.replace(parameters=parameters)
+
+    @property
+    def __name__(self) -> str:
+        return "forward"
+
+
+class _ForwardDescriptor:
+    def __get__(self, instance: Optional[TorchPeftModel], owner: type) -> Any:
+        if instance is None:
+            return owner.peft_forward
+        return _BoundForward(instance)
+
+
+class TorchPeftModel(PeftModel, nn.Module):
+    """A torch model with adapters (see the module docstring)."""
+
+    forward = _ForwardDescriptor()
+
+    def __init__(self, model: nn.Module, backend_name: str, graph: ModelGraph) -> None:
+        nn.Module.__init__(self)
+        self.base_model = TunerModel(model)
+        self.init_peft_state(backend_name, graph)
+
+    def get_base_model(self) -> nn.Module:
+        """The adapted model (HF PEFT's ``get_base_model()``)."""
+        return self.base_model.model
+
+    def __getattr__(self, name: str) -> Any:
+        try:
+            return nn.Module.__getattr__(self, name)
+        except AttributeError:
+            if name == "base_model":  # not set yet (during unpickling)
+                raise
+            return getattr(self.base_model, name)
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}(backend={self.backend_name!r}, adapters={list(self.peft_config)})\n" + repr(
+            self.base_model.model
+        )

@@ -1,0 +1,408 @@
+"""The framework-free half of every PeftModel: adapters, their state, merging, files.
+
+:class:`PeftModel` holds what is the same in every framework: the configs and plans of
+the adapters, which are active and merged, and the rules for adding, switching,
+merging, baking, saving and loading them. It is a mixin: each backend supplies the
+native shell (a ``torch.nn.Module`` on torch) that subclasses it, so the user holds a
+model of their own framework and ``isinstance(pm, peftcore.PeftModel)`` holds too.
+
+The shell calls :meth:`PeftModel.init_peft_state` in its constructor and provides
+:meth:`get_base_model`. The mixin keeps no plugin object, lock or module: it finds its
+backend by name when it needs one, so a PeftModel pickles and deep-copies as its
+framework allows.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+from typing import Any, Iterator, Mapping, Optional, Sequence, Union
+
+from peftcore.config import PeftConfig
+from peftcore.errors import AdapterError, BackendError, did_you_mean
+from peftcore.graph import ModelGraph
+from peftcore.io import (
+    DEFAULT_ADAPTER,
+    WEIGHTS_NAME,
+    AdapterFiles,
+    adapter_subdir,
+    check_adapter_name,
+    check_safe_to_merge,
+    match_tensors,
+    read_adapter,
+    save_adapter,
+)
+from peftcore.plan import RewritePlan, check_plan_fits
+from peftcore.plugins import Backend, get_plugin_manager
+
+#: The ``adapter_names`` entry for a row that runs the base model alone (HF PEFT's name).
+BASE_ROW = "__base__"
+
+
+class PeftModel:
+    """A model with adapters, native to its framework (mixin; see the module docstring).
+
+    Calling it runs the model with its active adapters. The adapted native model is
+    :meth:`get_base_model`; its layers are changed in place.
+    """
+
+    backend_name: str
+    graph: ModelGraph
+    peft_config: dict[str, PeftConfig]
+    plans: dict[str, RewritePlan]
+    active_adapters: list[str]
+
+    def init_peft_state(self, backend_name: str, graph: ModelGraph) -> None:
+        """Start with no adapter; called once by the backend's shell constructor."""
+        self.backend_name = backend_name
+        self.graph = graph
+        self.peft_config = {}
+        self.plans = {}
+        self.active_adapters = []
+        self._merged: list[str] = []
+
+    # -- what the native shell provides ---------------------------------------------------
+    def get_base_model(self) -> Any:
+        """The native model, with its adapter layers in place."""
+        raise NotImplementedError(f"{type(self).__name__} must implement get_base_model()")
+
+    def run_base_model(self, *args: Any, **kwargs: Any) -> Any:
+        """Call the native model (the shell may override, e.g. to skip its own hooks)."""
+        return self.get_base_model()(*args, **kwargs)
+
+    # -- the backend ------------------------------------------------------------------------
+    @property
+    def backend(self) -> Backend:
+        """The backend plugin that built this model (looked up by name, never stored)."""
+        return get_plugin_manager().get_backend(self.backend_name)
+
+    def _call_backend(self, hook_name: str, **kwargs: Any) -> Any:
+        return self.backend.call(hook_name, model=self.get_base_model(), **kwargs)
+
+    # -- calling ------------------------------------------------------------------------------
+    def peft_forward(self, *args: Any, adapter_names: Optional[Sequence[str]] = None, **kwargs: Any) -> Any:
+        """Run the model; the shell's ``forward`` calls this.
+
+        ``adapter_names`` (Hugging Face PEFT's argument) gives one adapter name per row
+        of the batch, ``"__base__"`` for the base model alone: each row runs through its
+        own adapter, whichever adapters are active. Merged adapters cannot be mixed.
+        """
+        if adapter_names is None:
+            return self.run_base_model(*args, **kwargs)
+        first_input = args[0] if args else kwargs.get("input_ids", kwargs.get("inputs_embeds"))
+        names = self._check_batch_adapters(adapter_names, first_input)
+        backend = self.backend
+        if not backend.implements("peftcore_set_batch_adapters"):
+            raise BackendError(
+                f"backend {backend.name!r} cannot run mixed-adapter batches (no peftcore_set_batch_adapters hook)"
+            )
+        backend.call("peftcore_set_batch_adapters", model=self.get_base_model(), adapter_names=names)
+        try:
+            return self.run_base_model(*args, **kwargs)
+        finally:
+            backend.call("peftcore_set_batch_adapters", model=self.get_base_model(), adapter_names=None)
+
+    def _check_batch_adapters(self, adapter_names: Sequence[str], first_input: Any) -> list[str]:
+        """``adapter_names`` as a list, every name an unmerged adapter or ``"__base__"``,
+        one per row of ``first_input`` when that has a shape."""
+        if isinstance(adapter_names, str) or not all(isinstance(n, str) for n in adapter_names):
+            raise AdapterError("adapter_names must be a list of adapter names, one per row of the batch")
+        names = list(adapter_names)
+        for name in dict.fromkeys(names):
+            if name != BASE_ROW and name not in self.peft_config:
+                raise AdapterError(
+                    f"adapter_names names no adapter {name!r}{did_you_mean(name, self.peft_config)} "
+                    f"(adapters: {list(self.peft_config)}; {BASE_ROW!r} means none)"
+                )
+        if self._merged:
+            raise AdapterError(f"adapters {self._merged} are merged; unmerge_adapter() before a mixed-adapter batch")
+        shape = getattr(first_input, "shape", None)
+        if shape is not None and len(shape) > 0 and int(shape[0]) != len(names):
+            raise AdapterError(f"adapter_names has {len(names)} entries but the batch has {int(shape[0])} rows")
+        return names
+
+    @property
+    def active_adapter(self) -> str:
+        """The first active adapter's name (HF PEFT's attribute)."""
+        return self.active_adapters[0] if self.active_adapters else ""
+
+    # -- adapters -------------------------------------------------------------------------
+    def add_adapter(self, adapter_name: str, config: PeftConfig, plan: Optional[RewritePlan] = None) -> RewritePlan:
+        """Plan ``config`` on this model and build it as a new adapter (not made active
+        unless it is the first one). Returns the plan."""
+        check_adapter_name(adapter_name)
+        if adapter_name in self.peft_config:
+            raise AdapterError(f"adapter {adapter_name!r} already exists; delete it first or pick another name")
+        if plan is None:
+            plan = config.plan(self.graph, adapter_name)
+        elif plan.adapter_name != adapter_name:
+            plan = plan.with_adapter_name(adapter_name)
+        self._call_backend("peftcore_apply", plan=plan)
+        self.peft_config[adapter_name] = config
+        self.plans[adapter_name] = plan
+        if not self.active_adapters:
+            self.set_adapter(adapter_name)
+        else:
+            self._call_backend("peftcore_set_trainable", adapter_name=adapter_name, trainable=False)
+            self._call_backend("peftcore_set_active_adapters", adapter_names=self.active_adapters)
+        return plan
+
+    def set_adapter(self, adapter_name: Union[str, Sequence[str]]) -> None:
+        """Make these adapters the active ones: used in forward and trainable."""
+        names = [adapter_name] if isinstance(adapter_name, str) else list(adapter_name)
+        for name in names:
+            self._require(name)
+        for name in self.peft_config:
+            trainable = name in names and not self.peft_config[name].inference_mode
+            self._call_backend("peftcore_set_trainable", adapter_name=name, trainable=trainable)
+        self._call_backend("peftcore_set_active_adapters", adapter_names=names)
+        self.active_adapters = names
+
+    def replace_adapter(
+        self, adapter_name: str, config: PeftConfig, plan: RewritePlan, tensors: Mapping[str, Any]
+    ) -> None:
+        """Rebuild adapter ``adapter_name`` from a new config, plan and canonical tensors,
+        keeping which adapters are active (XPrompt uses it to install a pruned prompt)."""
+        self._require(adapter_name)
+        active = list(self.active_adapters)
+        self.delete_adapter(adapter_name)
+        self.add_adapter(adapter_name, config, plan=plan)
+        self._call_backend("peftcore_import_adapter", adapter_name=adapter_name, tensors=tensors)
+        self.set_adapter(active)
+
+    def delete_adapter(self, adapter_name: str) -> None:
+        """Remove an adapter. Deleting the active one activates the first remaining."""
+        self._require(adapter_name)
+        if adapter_name in self._merged:
+            raise AdapterError(f"adapter {adapter_name!r} is merged; unmerge_adapter() before deleting it")
+        self._call_backend("peftcore_delete_adapter", adapter_name=adapter_name)
+        del self.peft_config[adapter_name]
+        del self.plans[adapter_name]
+        remaining = [a for a in self.active_adapters if a != adapter_name]
+        if not remaining and self.peft_config:
+            remaining = [next(iter(self.peft_config))]
+        self.active_adapters = []
+        if remaining:
+            self.set_adapter(remaining)
+
+    @contextlib.contextmanager
+    def disable_adapter(self) -> Iterator[None]:
+        """Context manager: run the base model alone inside the block.
+
+        Merged adapters are unmerged for the block and merged again after it.
+        """
+        merged = list(self._merged)
+        self.unmerge_adapter()
+        self._call_backend("peftcore_set_adapters_enabled", enabled=False)
+        try:
+            yield
+        finally:
+            self._call_backend("peftcore_set_adapters_enabled", enabled=True)
+            if merged:
+                self.merge_adapter(merged)
+
+    # -- merging ----------------------------------------------------------------------------
+    def merge_adapter(self, adapter_names: Optional[Sequence[str]] = None, safe_merge: bool = False) -> None:
+        """Fold adapters (default: the active ones) into the base weights.
+
+        With ``safe_merge``, the adapters' tensors and the change each layer would get
+        are checked for NaN/Inf (and overflow of the layer's dtype) before any weight
+        changes; a problem raises :class:`AdapterError` naming the adapter and tensor.
+        If the backend fails part-way, every weight is put back as it was.
+        """
+        names = list(adapter_names) if adapter_names is not None else list(self.active_adapters)
+        for name in names:
+            self._require(name)
+            self._require_mergeable(name)
+        todo = [n for n in names if n not in self._merged]
+        if todo:
+            if safe_merge:
+                self._check_safe_to_merge(self._merged + todo)
+            try:
+                self._call_backend("peftcore_merge", adapter_names=todo)
+            except BaseException:
+                # some layers may already hold the new deltas: restore them all exactly
+                self._call_backend("peftcore_unmerge")
+                if self._merged:
+                    self._call_backend("peftcore_merge", adapter_names=self._merged)
+                raise
+            self._merged.extend(todo)
+
+    def unmerge_adapter(self) -> None:
+        """Undo every merge, restoring the base weights."""
+        if self._merged:
+            self._call_backend("peftcore_unmerge")
+            self._merged = []
+
+    @property
+    def merged_adapters(self) -> list[str]:
+        return list(self._merged)
+
+    def merge_and_unload(self, safe_merge: bool = False) -> Any:
+        """Fold the active adapters into the base weights and return the plain model.
+
+        ``safe_merge`` checks the adapters first, as :meth:`merge_adapter` does.
+        """
+        if safe_merge:
+            self._check_safe_to_merge(self.active_adapters)
+        self.unmerge_adapter()
+        return self._unload(merge=True)
+
+    def _check_safe_to_merge(self, adapter_names: Sequence[str]) -> None:
+        exported = {
+            name: (self.plans[name], self._call_backend("peftcore_export_adapter", adapter_name=name))
+            for name in adapter_names
+        }
+        check_safe_to_merge(exported, self.graph)
+
+    def unload(self) -> Any:
+        """Remove every adapter without merging and return the plain model."""
+        self.unmerge_adapter()
+        return self._unload(merge=False)
+
+    def _unload(self, merge: bool) -> Any:
+        if merge:
+            for name in self.active_adapters:
+                self._require_mergeable(name)
+        model = self._call_backend("peftcore_unload", merge=merge)
+        self.peft_config.clear()
+        self.plans.clear()
+        self.active_adapters = []
+        return model
+
+    def bake(self, adapter_name: Optional[str] = None) -> None:
+        """Replace training-time reparameterisations by what they compute (default: the
+        active adapter). For residual prompt tuning the MLP's output becomes a plain
+        prompt: the outputs stay the same in eval mode, the adapter gets smaller and is
+        saved as an ordinary prompt-tuning adapter."""
+        name = adapter_name or self.active_adapter
+        self._require(name)
+        plan = self.plans[name]
+        baked = RewritePlan(plan.method, plan.adapter_name, tuple(op.baked() for op in plan.ops), plan.version)
+        if baked == plan:
+            return
+        if not self.backend.implements("peftcore_bake"):
+            raise BackendError(f"backend {self.backend.name!r} cannot bake adapters (no peftcore_bake hook)")
+        self._call_backend("peftcore_bake", adapter_name=name)
+        config = self.peft_config[name].baked()
+        self.plans[name] = RewritePlan(config.method, name, baked.ops, plan.version)
+        self.peft_config[name] = config
+
+    # -- parameters -------------------------------------------------------------------------
+    def get_nb_trainable_parameters(self) -> tuple[int, int]:
+        """``(trainable, total)`` parameter counts of the model as it is now."""
+        trainable, total = self._call_backend("peftcore_count_parameters")
+        return int(trainable), int(total)
+
+    def print_trainable_parameters(self) -> None:
+        trainable, total = self.get_nb_trainable_parameters()
+        share = 100.0 * trainable / total if total else 0.0
+        print(f"trainable params: {trainable:,} || all params: {total:,} || trainable%: {share:.4f}")
+
+    # -- files --------------------------------------------------------------------------------
+    def save_pretrained(self, save_directory: Union[str, os.PathLike], selected_adapters: Optional[Sequence[str]] = None) -> None:
+        """Save adapters: ``default`` at the top of the directory, others in a subfolder each."""
+        names = list(selected_adapters) if selected_adapters is not None else list(self.peft_config)
+        for name in names:
+            self._require(name)
+        if self._merged:
+            raise AdapterError(f"adapters {self._merged} are merged; unmerge_adapter() before saving")
+        for name in names:
+            tensors = self._call_backend("peftcore_export_adapter", adapter_name=name)
+            save_adapter(adapter_subdir(os.fspath(save_directory), name), self.peft_config[name], self.plans[name], tensors)
+
+    def load_adapter(
+        self, model_id: Union[str, os.PathLike], adapter_name: str, is_trainable: bool = False, strict: bool = True
+    ) -> None:
+        """Load a saved adapter from a directory and add it under ``adapter_name``.
+
+        The adapter's stored plan is re-applied as saved (an HF PEFT adapter, which has
+        none, is planned from its config). Every tensor is checked before the model is
+        touched; unexpected tensors are an error unless ``strict=False``.
+        """
+        self._add_from_files(read_adapter(os.fspath(model_id)), adapter_name, is_trainable, strict)
+
+    def _add_from_files(self, files: AdapterFiles, adapter_name: str, is_trainable: bool, strict: bool) -> None:
+        config = files.config.replace(inference_mode=not is_trainable)
+        plan = files.plan.with_adapter_name(adapter_name) if files.plan else config.loading_plan(self.graph, adapter_name)
+        check_plan_fits(plan, self.graph, files.directory)
+        tensors = match_tensors(plan, files.tensors, os.path.join(files.directory, WEIGHTS_NAME), strict)
+        self.add_adapter(adapter_name, config, plan=plan)
+        try:
+            self._call_backend("peftcore_import_adapter", adapter_name=adapter_name, tensors=tensors)
+        except BaseException:
+            self.delete_adapter(adapter_name)
+            raise
+
+    @classmethod
+    def from_pretrained(
+        cls,
+        model: Any,
+        model_id: Union[str, os.PathLike],
+        adapter_name: str = DEFAULT_ADAPTER,
+        is_trainable: bool = False,
+        backend: Optional[str] = None,
+        example_inputs: Any = None,
+        strict: bool = True,
+    ) -> PeftModel:
+        """Wrap ``model`` with the adapter saved in ``model_id``.
+
+        The adapter is frozen and the model is put in eval mode (dropout off), as Hugging
+        Face PEFT does, unless ``is_trainable``.
+        """
+        files = read_adapter(os.fspath(model_id))
+        chosen = get_plugin_manager().select_backend(model, backend=backend, config=files.config)
+        peft_model = wrap_model(model, chosen, example_inputs)
+        peft_model._add_from_files(files, adapter_name, is_trainable, strict)
+        if not is_trainable:
+            to_eval_mode = getattr(peft_model, "eval", None)
+            if callable(to_eval_mode):
+                to_eval_mode()
+        return peft_model
+
+    # -- helpers --------------------------------------------------------------------------------
+    def _require_mergeable(self, adapter_name: str) -> None:
+        fixed = sorted({op.op for op in self.plans[adapter_name].ops if not op.mergeable})
+        if fixed:
+            raise AdapterError(
+                f"adapter {adapter_name!r} cannot be merged into the base weights: its {', '.join(fixed)} op(s) "
+                "change the model's inputs or computation, not its weights (use unload() to remove it)"
+            )
+
+    def _require(self, adapter_name: str) -> None:
+        if adapter_name not in self.peft_config:
+            raise AdapterError(f"no adapter named {adapter_name!r}{did_you_mean(adapter_name, self.peft_config)}")
+
+
+class HandlePeftModel(PeftModel):
+    """The shell for a backend without a native one: a plain object that runs the model
+    when called and passes unknown attributes to it."""
+
+    def __init__(self, model: Any, backend_name: str, graph: ModelGraph) -> None:
+        object.__setattr__(self, "model", model)
+        self.init_peft_state(backend_name, graph)
+
+    def get_base_model(self) -> Any:
+        return self.model
+
+    def __call__(self, *args: Any, **kwargs: Any) -> Any:
+        return self.peft_forward(*args, **kwargs)
+
+    forward = __call__
+
+    def __getattr__(self, name: str) -> Any:
+        if name == "model":  # not yet set (e.g. during unpickling)
+            raise AttributeError(name)
+        return getattr(self.model, name)
+
+    def __repr__(self) -> str:
+        return f"PeftModel(backend={self.backend_name!r}, adapters={list(self.peft_config)}, model={self.model!r})"
+
+
+def wrap_model(model: Any, backend: Backend, example_inputs: Any = None) -> PeftModel:
+    """Describe ``model`` with ``backend`` and put it in the backend's native PeftModel shell."""
+    graph = backend.call("peftcore_describe", model=model, example_inputs=example_inputs)
+    shell: type[PeftModel] = HandlePeftModel
+    if backend.implements("peftcore_peft_model_class"):
+        shell = backend.call("peftcore_peft_model_class")
+    return shell(model, backend.name, graph)  # type: ignore[call-arg]
