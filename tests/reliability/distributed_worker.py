@@ -57,8 +57,8 @@ def train(module: nn.Module, batches: Iterator[tuple[torch.Tensor, torch.Tensor]
 def train_single() -> dict[str, Any]:
     """The reference: one process, whole global batches."""
     peft_model = build()
-    train(peft_model.model, global_batches())
-    return peft_model.backend.call("peftcore_export_adapter", model=peft_model.model, adapter_name="default")
+    train(peft_model, global_batches())
+    return peft_model.backend.call("peftcore_export_adapter", model=peft_model.get_base_model(), adapter_name="default")
 
 
 def local_batches(rank: int) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
@@ -71,7 +71,7 @@ def run_ddp(rank: int, out_dir: str) -> None:
     from torch.nn.parallel import DistributedDataParallel
 
     peft_model = build()
-    train(DistributedDataParallel(peft_model.model), local_batches(rank))
+    train(DistributedDataParallel(peft_model), local_batches(rank))  # the PeftModel itself is the module
     if rank == 0:
         peft_model.save_pretrained(os.path.join(out_dir, "ddp"))
 
@@ -86,9 +86,9 @@ def run_fsdp(rank: int, out_dir: str) -> None:
     peft_model = build()
     for layer in (peft_model.model[0], peft_model.model[2]):
         fully_shard(layer)
-    fully_shard(peft_model.model)
-    train(peft_model.model, local_batches(rank))
-    sharded = [m for m in peft_model.model.modules() if isinstance(m, FSDPModule)]
+    fully_shard(peft_model)  # the PeftModel itself is the root module
+    train(peft_model, local_batches(rank))
+    sharded = [m for m in peft_model.modules() if isinstance(m, FSDPModule)]
     for module in sharded:  # every rank: gather the full parameters of every sharded group
         module.unshard()
     if rank == 0:
