@@ -263,8 +263,9 @@ def run_method(recipe: Recipe, base_model: Any, tokenizer: Any, train: Sequence[
     """Adapt a copy of ``base_model`` with one method, evaluate it and optionally save it.
 
     ``epochs`` overrides the recipe's; ``quick`` stops after a few steps."""
-    import peftcore
     import torch
+
+    import peftcore
 
     torch.manual_seed(seed)
     peft_model = peftcore.get_peft_model(copy.deepcopy(base_model), recipe.make_config(tokenizer))

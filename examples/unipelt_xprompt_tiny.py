@@ -109,7 +109,7 @@ def pretrained_llama(steps: int, generator: torch.Generator) -> LlamaForCausalLM
     model = LlamaForCausalLM(config)
     optimiser = torch.optim.AdamW(model.parameters(), lr=3e-3)
     model.train()
-    for step in tqdm(range(steps), desc="pretraining the base", leave=False):
+    for _ in tqdm(range(steps), desc="pretraining the base", leave=False):
         ids = torch.cat([shift_batch(generator, k, 8, task_token=True) for k in SHIFTS])
         loss = lm_loss(model, ids)
         optimiser.zero_grad()

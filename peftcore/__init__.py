@@ -25,10 +25,15 @@ from peftcore.hookspecs import BackendInfo, hookimpl
 from peftcore.methods import BitFitConfig, LoraConfig, PromptTuningConfig, ResidualPromptTuningConfig
 from peftcore.methods.unipelt import UniPELTConfig, gate_values
 from peftcore.plan import PlanOp, RewritePlan, register_op
+from peftcore.plugins import get_plugin_manager
 from peftcore.registry import PeftRegistry, register_method
 from peftcore.xprompt import XPromptConfig, XPromptResult, xprompt_prune
 
 __version__ = "0.1.0"
+
+# The plugin layer feeds the method registry, which never imports it: a name the
+# built-in methods do not answer loads the installed plugins' methods (once).
+PeftRegistry.set_plugin_source(lambda: get_plugin_manager().registered_methods())
 
 __all__ = [
     "AdapterError",

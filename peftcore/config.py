@@ -10,9 +10,15 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import sys
 from typing import TYPE_CHECKING, Any, ClassVar, Mapping, Optional, TypeVar
 
 from peftcore.errors import ConfigError, did_you_mean
+
+if sys.version_info >= (3, 11):
+    from typing import dataclass_transform
+else:
+    from typing_extensions import dataclass_transform
 
 if TYPE_CHECKING:
     from peftcore.graph import ModelGraph
@@ -28,11 +34,14 @@ def runtime_field(default: Any = None) -> Any:
     return dataclasses.field(default=default, metadata={"saved": False})
 
 
+@dataclass_transform(kw_only_default=True)
 def config_class(cls: type[C]) -> type[C]:
     """Turn a config class into a dataclass whose constructor rejects unknown fields.
 
     An unknown keyword raises :class:`ConfigError` naming the field and the closest
-    known field, instead of Python's bare ``TypeError``.
+    known field, instead of Python's bare ``TypeError``. The constructor takes keyword
+    arguments only. Type checkers see the class as a keyword-only dataclass
+    (``dataclass_transform``).
     """
     cls = dataclasses.dataclass(cls)
     dataclass_init = cls.__init__

@@ -146,15 +146,16 @@ def plan_from_tensors(
     return config.loading_plan(graph, adapter_name)
 
 
+#: HF PEFT's names of a LoRA layer's (A, B) tensors, by layer kind.
+_LORA_TENSOR_NAMES = {"linear": ("lora_A.weight", "lora_B.weight"), "embedding": ("lora_embedding_A", "lora_embedding_B")}
+
+
 def _lora_node(path: str, parts: Mapping[str, np.ndarray], source: str) -> LayerNode:
     names = set(parts)
-    for kind, (a_name, b_name) in (("linear", ("lora_A.weight", "lora_B.weight")),
-                                   ("embedding", ("lora_embedding_A", "lora_embedding_B"))):
-        if names == {a_name, b_name}:
-            a, b = parts[a_name], parts[b_name]
-            break
-    else:
+    kind = next((k for k, a_and_b in _LORA_TENSOR_NAMES.items() if names == set(a_and_b)), None)
+    if kind is None:
         raise AdapterError(f"{source}: layer {path!r} has LoRA tensors {sorted(names)}, expected one A and one B")
+    a, b = (parts[name] for name in _LORA_TENSOR_NAMES[kind])
     if a.ndim != 2 or b.ndim != 2 or a.shape[0] != b.shape[1]:
         raise AdapterError(
             f"{source}: layer {path!r} has LoRA A of shape {a.shape} and B of shape {b.shape}; "

@@ -81,6 +81,7 @@ def run_demo(epochs: int = 10, seed: int = 0, plot: Optional[str] = None) -> dic
 
     config = peftcore.LoraConfig(r=8, lora_alpha=16, target_modules=["fc1", "fc2"])
     peft_model = peftcore.get_peft_model(model, config)
+    assert isinstance(peft_model, nn.Module)  # on torch the PeftModel is an nn.Module
     trainable, total = peft_model.get_nb_trainable_parameters()
     params = [p for p in peft_model.parameters() if p.requires_grad]
     started = time.perf_counter()

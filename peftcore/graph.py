@@ -84,6 +84,8 @@ class ModelGraph:
     model_type: str = ""
     output_head: Optional[str] = None
     input_embedding: Optional[str] = None
+    #: The layers by path (filled from ``layers``; not a constructor argument).
+    _by_path: dict[str, LayerNode] = field(init=False, repr=False, compare=False)
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "layers", tuple(self.layers))
@@ -101,12 +103,12 @@ class ModelGraph:
         return len(self.layers)
 
     def __contains__(self, path: object) -> bool:
-        return path in self._by_path  # type: ignore[attr-defined]
+        return path in self._by_path
 
     def get(self, path: str) -> LayerNode:
         """Return the layer at ``path`` or raise :class:`PlanError` naming it."""
         try:
-            return self._by_path[path]  # type: ignore[attr-defined,no-any-return]
+            return self._by_path[path]
         except KeyError:
             raise PlanError(f"the model has no layer {path!r}") from None
 

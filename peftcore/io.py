@@ -28,7 +28,8 @@ import numpy as np
 from peftcore.config import CONFIG_NAME, PeftConfig
 from peftcore.errors import AdapterError, PeftCoreError
 from peftcore.graph import ModelGraph
-from peftcore.plan import AddLora, RewritePlan, TensorSpec
+from peftcore.methods.lora import AddLora
+from peftcore.plan import RewritePlan, TensorSpec
 from peftcore.safetensors_reader import read_safetensors
 
 WEIGHTS_NAME = "adapter_model.safetensors"

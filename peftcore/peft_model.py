@@ -18,6 +18,7 @@ import contextlib
 import os
 from typing import Any, Iterator, Mapping, Optional, Sequence, Union
 
+from peftcore import model_ops
 from peftcore.config import PeftConfig
 from peftcore.errors import AdapterError, BackendError, did_you_mean
 from peftcore.graph import ModelGraph
@@ -32,11 +33,12 @@ from peftcore.io import (
     read_adapter,
     save_adapter,
 )
+from peftcore.model_ops import BASE_ROW
 from peftcore.plan import RewritePlan, check_plan_fits
 from peftcore.plugins import Backend, get_plugin_manager
+from peftcore.runtime import BackendRuntime
 
-#: The ``adapter_names`` entry for a row that runs the base model alone (HF PEFT's name).
-BASE_ROW = "__base__"
+__all__ = ["BASE_ROW", "HandlePeftModel", "PeftModel", "wrap_model"]
 
 
 class PeftModel:
@@ -47,19 +49,26 @@ class PeftModel:
     """
 
     backend_name: str
-    graph: ModelGraph
+    graph: Optional[ModelGraph]
     peft_config: dict[str, PeftConfig]
     plans: dict[str, RewritePlan]
     active_adapters: list[str]
 
-    def init_peft_state(self, backend_name: str, graph: ModelGraph) -> None:
-        """Start with no adapter; called once by the backend's shell constructor."""
+    def init_peft_state(self, backend_name: str, graph: Optional[ModelGraph]) -> None:
+        """Start with no adapter; called once by the backend's shell constructor.
+
+        ``graph`` is None when the backend cannot see the layers' shapes yet (SINGA
+        layers learn them at their first call): adapters added then are kept pending and
+        built by :meth:`build_pending_adapters`, which the shell calls before the first
+        forward.
+        """
         self.backend_name = backend_name
         self.graph = graph
         self.peft_config = {}
         self.plans = {}
         self.active_adapters = []
         self._merged: list[str] = []
+        self._pending: list[tuple[str, PeftConfig, Optional[RewritePlan]]] = []
 
     # -- what the native shell provides ---------------------------------------------------
     def get_base_model(self) -> Any:
@@ -76,8 +85,10 @@ class PeftModel:
         """The backend plugin that built this model (looked up by name, never stored)."""
         return get_plugin_manager().get_backend(self.backend_name)
 
-    def _call_backend(self, hook_name: str, **kwargs: Any) -> Any:
-        return self.backend.call(hook_name, model=self.get_base_model(), **kwargs)
+    @property
+    def runtime(self) -> BackendRuntime:
+        """The backend's runtime, through which every model-wide operation goes."""
+        return self.backend.runtime
 
     # -- calling ------------------------------------------------------------------------------
     def peft_forward(self, *args: Any, adapter_names: Optional[Sequence[str]] = None, **kwargs: Any) -> Any:
@@ -91,16 +102,15 @@ class PeftModel:
             return self.run_base_model(*args, **kwargs)
         first_input = args[0] if args else kwargs.get("input_ids", kwargs.get("inputs_embeds"))
         names = self._check_batch_adapters(adapter_names, first_input)
-        backend = self.backend
-        if not backend.implements("peftcore_set_batch_adapters"):
-            raise BackendError(
-                f"backend {backend.name!r} cannot run mixed-adapter batches (no peftcore_set_batch_adapters hook)"
-            )
-        backend.call("peftcore_set_batch_adapters", model=self.get_base_model(), adapter_names=names)
+        runtime, model = self.runtime, self.get_base_model()
+        try:
+            model_ops.set_batch_adapters(runtime, model, names)
+        except NotImplementedError as exc:
+            raise BackendError(str(exc)) from exc
         try:
             return self.run_base_model(*args, **kwargs)
         finally:
-            backend.call("peftcore_set_batch_adapters", model=self.get_base_model(), adapter_names=None)
+            model_ops.set_batch_adapters(runtime, model, None)
 
     def _check_batch_adapters(self, adapter_names: Sequence[str], first_input: Any) -> list[str]:
         """``adapter_names`` as a list, every name an unmerged adapter or ``"__base__"``,
@@ -131,21 +141,49 @@ class PeftModel:
         """Plan ``config`` on this model and build it as a new adapter (not made active
         unless it is the first one). Returns the plan."""
         check_adapter_name(adapter_name)
-        if adapter_name in self.peft_config:
+        if adapter_name in self.peft_config or adapter_name in self.pending_adapters:
             raise AdapterError(f"adapter {adapter_name!r} already exists; delete it first or pick another name")
+        if self.graph is None:
+            self._pending.append((adapter_name, config, plan))
+            return plan  # type: ignore[return-value]  # None until built: the layers' shapes are unknown
         if plan is None:
             plan = config.plan(self.graph, adapter_name)
         elif plan.adapter_name != adapter_name:
             plan = plan.with_adapter_name(adapter_name)
-        self._call_backend("peftcore_apply", plan=plan)
+        model_ops.apply_plan(self.runtime, self.get_base_model(), plan, self.backend.builders())
         self.peft_config[adapter_name] = config
         self.plans[adapter_name] = plan
         if not self.active_adapters:
             self.set_adapter(adapter_name)
         else:
-            self._call_backend("peftcore_set_trainable", adapter_name=adapter_name, trainable=False)
-            self._call_backend("peftcore_set_active_adapters", adapter_names=self.active_adapters)
+            model_ops.set_trainable(self.runtime, self.get_base_model(), adapter_name, False)
+            model_ops.set_active(self.runtime, self.get_base_model(), self.active_adapters)
         return plan
+
+    @property
+    def pending_adapters(self) -> list[str]:
+        """Adapters added before the model's layers knew their shapes, not built yet."""
+        return [name for name, _, _ in self._pending]
+
+    def build_pending_adapters(self, example_inputs: Any = None) -> None:
+        """Describe the model, now that its layers know their shapes (or by one forward on
+        ``example_inputs``), and build the adapters added before. Does nothing when none
+        is pending."""
+        if self.graph is None:
+            graph = self.backend.describe(self.get_base_model(), example_inputs)
+            if graph is None:
+                raise AdapterError(
+                    "the model's layers do not know their shapes yet: run one forward pass (or compile) first, "
+                    "or pass example_inputs"
+                )
+            self.graph = graph
+        pending, self._pending = self._pending, []
+        for index, (name, config, plan) in enumerate(pending):
+            try:
+                self.add_adapter(name, config, plan)
+            except BaseException:
+                self._pending = pending[index + 1 :]
+                raise
 
     def set_adapter(self, adapter_name: Union[str, Sequence[str]]) -> None:
         """Make these adapters the active ones: used in forward and trainable."""
@@ -154,8 +192,8 @@ class PeftModel:
             self._require(name)
         for name in self.peft_config:
             trainable = name in names and not self.peft_config[name].inference_mode
-            self._call_backend("peftcore_set_trainable", adapter_name=name, trainable=trainable)
-        self._call_backend("peftcore_set_active_adapters", adapter_names=names)
+            model_ops.set_trainable(self.runtime, self.get_base_model(), name, trainable)
+        model_ops.set_active(self.runtime, self.get_base_model(), names)
         self.active_adapters = names
 
     def replace_adapter(
@@ -167,7 +205,7 @@ class PeftModel:
         active = list(self.active_adapters)
         self.delete_adapter(adapter_name)
         self.add_adapter(adapter_name, config, plan=plan)
-        self._call_backend("peftcore_import_adapter", adapter_name=adapter_name, tensors=tensors)
+        self.import_adapter(adapter_name, tensors)
         self.set_adapter(active)
 
     def delete_adapter(self, adapter_name: str) -> None:
@@ -175,7 +213,7 @@ class PeftModel:
         self._require(adapter_name)
         if adapter_name in self._merged:
             raise AdapterError(f"adapter {adapter_name!r} is merged; unmerge_adapter() before deleting it")
-        self._call_backend("peftcore_delete_adapter", adapter_name=adapter_name)
+        model_ops.delete_adapter(self.runtime, self.get_base_model(), adapter_name)
         del self.peft_config[adapter_name]
         del self.plans[adapter_name]
         remaining = [a for a in self.active_adapters if a != adapter_name]
@@ -193,11 +231,11 @@ class PeftModel:
         """
         merged = list(self._merged)
         self.unmerge_adapter()
-        self._call_backend("peftcore_set_adapters_enabled", enabled=False)
+        model_ops.set_enabled(self.runtime, self.get_base_model(), False)
         try:
             yield
         finally:
-            self._call_backend("peftcore_set_adapters_enabled", enabled=True)
+            model_ops.set_enabled(self.runtime, self.get_base_model(), True)
             if merged:
                 self.merge_adapter(merged)
 
@@ -219,19 +257,19 @@ class PeftModel:
             if safe_merge:
                 self._check_safe_to_merge(self._merged + todo)
             try:
-                self._call_backend("peftcore_merge", adapter_names=todo)
+                model_ops.merge(self.runtime, self.get_base_model(), todo)
             except BaseException:
                 # some layers may already hold the new deltas: restore them all exactly
-                self._call_backend("peftcore_unmerge")
+                model_ops.unmerge(self.runtime, self.get_base_model())
                 if self._merged:
-                    self._call_backend("peftcore_merge", adapter_names=self._merged)
+                    model_ops.merge(self.runtime, self.get_base_model(), self._merged)
                 raise
             self._merged.extend(todo)
 
     def unmerge_adapter(self) -> None:
         """Undo every merge, restoring the base weights."""
         if self._merged:
-            self._call_backend("peftcore_unmerge")
+            model_ops.unmerge(self.runtime, self.get_base_model())
             self._merged = []
 
     @property
@@ -250,9 +288,10 @@ class PeftModel:
 
     def _check_safe_to_merge(self, adapter_names: Sequence[str]) -> None:
         exported = {
-            name: (self.plans[name], self._call_backend("peftcore_export_adapter", adapter_name=name))
+            name: (self.plans[name], self.export_adapter(name))
             for name in adapter_names
         }
+        assert self.graph is not None  # adapters exist only once the model is described
         check_safe_to_merge(exported, self.graph)
 
     def unload(self) -> Any:
@@ -264,7 +303,7 @@ class PeftModel:
         if merge:
             for name in self.active_adapters:
                 self._require_mergeable(name)
-        model = self._call_backend("peftcore_unload", merge=merge)
+        model = model_ops.unload(self.runtime, self.get_base_model(), merge)
         self.peft_config.clear()
         self.plans.clear()
         self.active_adapters = []
@@ -281,9 +320,7 @@ class PeftModel:
         baked = RewritePlan(plan.method, plan.adapter_name, tuple(op.baked() for op in plan.ops), plan.version)
         if baked == plan:
             return
-        if not self.backend.implements("peftcore_bake"):
-            raise BackendError(f"backend {self.backend.name!r} cannot bake adapters (no peftcore_bake hook)")
-        self._call_backend("peftcore_bake", adapter_name=name)
+        model_ops.bake(self.runtime, self.get_base_model(), name)
         config = self.peft_config[name].baked()
         self.plans[name] = RewritePlan(config.method, name, baked.ops, plan.version)
         self.peft_config[name] = config
@@ -291,13 +328,41 @@ class PeftModel:
     # -- parameters -------------------------------------------------------------------------
     def get_nb_trainable_parameters(self) -> tuple[int, int]:
         """``(trainable, total)`` parameter counts of the model as it is now."""
-        trainable, total = self._call_backend("peftcore_count_parameters")
+        trainable, total = model_ops.count_parameters(self.runtime, self.get_base_model())
         return int(trainable), int(total)
 
     def print_trainable_parameters(self) -> None:
         trainable, total = self.get_nb_trainable_parameters()
         share = 100.0 * trainable / total if total else 0.0
         print(f"trainable params: {trainable:,} || all params: {total:,} || trainable%: {share:.4f}")
+
+    # -- canonical tensors -----------------------------------------------------------------------
+    def export_adapter(self, adapter_name: str) -> dict[str, Any]:
+        """The adapter's tensors as canonical-layout numpy arrays, keyed by canonical name
+        (``<layer path>.<tensor name>``, as in ``RewritePlan.tensor_specs``)."""
+        self._require(adapter_name)
+        return model_ops.export_adapter(self.runtime, self.get_base_model(), adapter_name)
+
+    def import_adapter(self, adapter_name: str, tensors: Mapping[str, Any]) -> None:
+        """Copy canonical-layout numpy tensors into the adapter's parameters."""
+        self._require(adapter_name)
+        model_ops.import_adapter(self.runtime, self.get_base_model(), adapter_name, tensors)
+
+    def adapter_gradients(self, adapter_name: str, loss: Any) -> dict[str, Any]:
+        """d ``loss`` / d each of the adapter's tensors (canonical layout, numpy); ``loss`` is a
+        scalar of the model's framework computed by running it. Stored gradients stay."""
+        self._require(adapter_name)
+        try:
+            return model_ops.adapter_gradients(self.runtime, self.get_base_model(), adapter_name, loss)
+        except NotImplementedError as exc:
+            raise BackendError(str(exc)) from exc
+
+    def gate_values(self, adapter_name: Optional[str] = None) -> dict[str, Any]:
+        """The adapter's gate values from the last forward (UniPELT), keyed
+        ``<layer path>.<gate stem>`` (default: the active adapter)."""
+        name = adapter_name or self.active_adapter
+        self._require(name)
+        return model_ops.gate_values(self.runtime, self.get_base_model(), name)
 
     # -- files --------------------------------------------------------------------------------
     def save_pretrained(self, save_directory: Union[str, os.PathLike], selected_adapters: Optional[Sequence[str]] = None) -> None:
@@ -308,7 +373,7 @@ class PeftModel:
         if self._merged:
             raise AdapterError(f"adapters {self._merged} are merged; unmerge_adapter() before saving")
         for name in names:
-            tensors = self._call_backend("peftcore_export_adapter", adapter_name=name)
+            tensors = self.export_adapter(name)
             save_adapter(adapter_subdir(os.fspath(save_directory), name), self.peft_config[name], self.plans[name], tensors)
 
     def load_adapter(
@@ -323,13 +388,18 @@ class PeftModel:
         self._add_from_files(read_adapter(os.fspath(model_id)), adapter_name, is_trainable, strict)
 
     def _add_from_files(self, files: AdapterFiles, adapter_name: str, is_trainable: bool, strict: bool) -> None:
+        if self.graph is None:
+            raise AdapterError(
+                f"cannot load {files.directory!r} yet: the model's layers do not know their shapes; run one forward "
+                "pass (or compile) first, or pass example_inputs"
+            )
         config = files.config.replace(inference_mode=not is_trainable)
         plan = files.plan.with_adapter_name(adapter_name) if files.plan else config.loading_plan(self.graph, adapter_name)
         check_plan_fits(plan, self.graph, files.directory)
         tensors = match_tensors(plan, files.tensors, os.path.join(files.directory, WEIGHTS_NAME), strict)
         self.add_adapter(adapter_name, config, plan=plan)
         try:
-            self._call_backend("peftcore_import_adapter", adapter_name=adapter_name, tensors=tensors)
+            self.import_adapter(adapter_name, tensors)
         except BaseException:
             self.delete_adapter(adapter_name)
             raise
@@ -370,6 +440,11 @@ class PeftModel:
             )
 
     def _require(self, adapter_name: str) -> None:
+        if adapter_name in self.pending_adapters:
+            raise AdapterError(
+                f"adapter {adapter_name!r} is not built yet: the model's layers learn their shapes at the first "
+                "forward pass (or compile); run one first"
+            )
         if adapter_name not in self.peft_config:
             raise AdapterError(f"no adapter named {adapter_name!r}{did_you_mean(adapter_name, self.peft_config)}")
 
@@ -378,7 +453,7 @@ class HandlePeftModel(PeftModel):
     """The shell for a backend without a native one: a plain object that runs the model
     when called and passes unknown attributes to it."""
 
-    def __init__(self, model: Any, backend_name: str, graph: ModelGraph) -> None:
+    def __init__(self, model: Any, backend_name: str, graph: Optional[ModelGraph]) -> None:
         object.__setattr__(self, "model", model)
         self.init_peft_state(backend_name, graph)
 
@@ -400,9 +475,11 @@ class HandlePeftModel(PeftModel):
 
 
 def wrap_model(model: Any, backend: Backend, example_inputs: Any = None) -> PeftModel:
-    """Describe ``model`` with ``backend`` and put it in the backend's native PeftModel shell."""
-    graph = backend.call("peftcore_describe", model=model, example_inputs=example_inputs)
-    shell: type[PeftModel] = HandlePeftModel
-    if backend.implements("peftcore_peft_model_class"):
-        shell = backend.call("peftcore_peft_model_class")
+    """Describe ``model`` with ``backend`` and put it in the backend's native PeftModel shell.
+
+    A backend describes a model whose layers do not know their shapes yet as None; the
+    shell then builds adapters when the shapes are known (see ``init_peft_state``)."""
+    graph = backend.describe(model, example_inputs)
+    with model_ops.guarded(backend.runtime, "peft_model_class"):
+        shell: type[PeftModel] = backend.runtime.peft_model_class() or HandlePeftModel
     return shell(model, backend.name, graph)  # type: ignore[call-arg]

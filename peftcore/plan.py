@@ -7,6 +7,11 @@ adapter file stores the plan so loading re-applies exactly what was trained.
 Each op also declares the adapter tensors it owns (:meth:`PlanOp.tensor_specs`): their
 canonical names, shapes and Hugging Face PEFT key names. The adapter reader and
 writer use that to validate files without knowing any framework.
+
+This module holds the IR and the ops every method shares (:class:`FreezeBase`,
+:class:`SaveModule`); a method's own ops live in its module under
+:mod:`peftcore.methods` (a plugin's, in the plugin) and register themselves with
+:func:`register_op`.
 """
 
 from __future__ import annotations
@@ -14,7 +19,7 @@ from __future__ import annotations
 import json
 import math
 from dataclasses import MISSING, asdict, dataclass, field, fields
-from typing import Any, ClassVar, Mapping, Optional, Sequence
+from typing import Any, ClassVar, Mapping, Optional, Sequence, TypeVar
 
 from peftcore.errors import AdapterError, PlanError, did_you_mean
 from peftcore.graph import ModelGraph
@@ -23,11 +28,15 @@ from peftcore.graph import ModelGraph
 PLAN_FORMAT_VERSION = 1
 
 _OP_TYPES: dict[str, type[PlanOp]] = {}
+OpT = TypeVar("OpT", bound="PlanOp")
 
 
-def register_op(cls: type[PlanOp]) -> type[PlanOp]:
+def register_op(cls: type[OpT]) -> type[OpT]:
     """Class decorator: make an op type known to :meth:`RewritePlan.from_dict`.
 
+    The module that defines an op registers it when it is imported: the built-in
+    methods' modules (``import peftcore`` imports them all) and a plugin's modules (loaded
+    with the plugin), so deserialising a plan never has to look for anything.
     Third-party methods register their own op types the same way.
     """
     if not getattr(cls, "op", ""):
@@ -67,7 +76,12 @@ class PlanOp:
         """Check every field against the type of its default (ops come from files)."""
         for f in fields(self):
             value = getattr(self, f.name)
-            default = f.default if f.default is not MISSING else f.default_factory()  # type: ignore[misc]
+            if f.default is not MISSING:
+                default = f.default
+            elif f.default_factory is not MISSING:
+                default = f.default_factory()
+            else:  # a field without a default: nothing to check it against
+                continue
             if isinstance(default, bool):
                 ok = isinstance(value, bool)
             elif isinstance(default, (int, float)):
@@ -120,64 +134,6 @@ class FreezeBase(PlanOp):
     """Make every parameter of the base model non-trainable."""
 
     op: ClassVar[str] = "freeze_base"
-
-
-@register_op
-@dataclass(frozen=True)
-class AddLora(PlanOp):
-    """Add a low-rank delta ``scaling * B @ A`` to a linear or embedding layer.
-
-    ``A`` is ``(r, in_features)`` and ``B`` is ``(out_features, r)``; for an embedding,
-    ``in_features`` is the vocabulary size and ``out_features`` the embedding width.
-    ``init`` is ``"kaiming"`` (A kaiming-uniform, B zero), ``"gaussian"`` (A normal
-    with std 1/r, B zero) or ``"random"`` (both random: the output changes at once,
-    for tests).
-    """
-
-    op: ClassVar[str] = "lora"
-    layer_kind: str = "linear"
-    in_features: int = 0
-    out_features: int = 0
-    r: int = 8
-    lora_alpha: float = 8.0
-    scaling: float = 1.0
-    dropout: float = 0.0
-    init: str = "kaiming"
-
-    def __post_init__(self) -> None:
-        super().__post_init__()
-        if self.layer_kind not in ("linear", "embedding"):
-            raise PlanError(f"lora op on {self.path!r}: layer_kind must be 'linear' or 'embedding', got {self.layer_kind!r}")
-        if self.init not in ("kaiming", "gaussian", "random"):
-            raise PlanError(f"lora op on {self.path!r}: unknown init {self.init!r}")
-        if min(self.r, self.in_features, self.out_features) <= 0 or not 0.0 <= self.dropout < 1.0:
-            raise PlanError(f"lora op on {self.path!r}: r, in_features and out_features must be positive, dropout in [0, 1)")
-
-    def misfit(self, graph: ModelGraph) -> Optional[str]:
-        node = graph.get(self.path)
-        if node.kind != self.layer_kind:
-            return f"layer {self.path!r} is a {node.kind}, the adapter expects a {self.layer_kind}"
-        if node.kind == "embedding":
-            dims = (node.num_embeddings, node.embedding_dim)
-        else:
-            dims = (node.in_features, node.out_features)
-        if dims != (self.in_features, self.out_features):
-            return (
-                f"layer {self.path!r} maps {dims[0]} -> {dims[1]} features, the adapter was "
-                f"trained for {self.in_features} -> {self.out_features}"
-            )
-        return None
-
-    def tensor_specs(self) -> dict[str, TensorSpec]:
-        if self.layer_kind == "embedding":
-            return {
-                "lora_A": TensorSpec((self.r, self.in_features), "lora_embedding_A"),
-                "lora_B": TensorSpec((self.out_features, self.r), "lora_embedding_B"),
-            }
-        return {
-            "lora_A": TensorSpec((self.r, self.in_features), "lora_A.weight"),
-            "lora_B": TensorSpec((self.out_features, self.r), "lora_B.weight"),
-        }
 
 
 @register_op
@@ -313,13 +269,11 @@ def _op_from_dict(data: Any) -> PlanOp:
         raise PlanError(f"plan op must be an object with an 'op' field, got {data!r}")
     name = data["op"]
     cls = _OP_TYPES.get(name) if isinstance(name, str) else None
-    if cls is None and isinstance(name, str):
-        from peftcore.registry import PeftRegistry
-
-        PeftRegistry.load_plugins()  # a plugin's import registers its op types
-        cls = _OP_TYPES.get(name)
     if cls is None:
-        raise PlanError(f"unknown plan op {name!r}{did_you_mean(str(name), _OP_TYPES)}")
+        raise PlanError(
+            f"unknown plan op {name!r}{did_you_mean(str(name), _OP_TYPES)} (a plugin's ops are known "
+            "once the plugin is loaded: PeftRegistry.load_plugins())"
+        )
     allowed = {f.name for f in fields(cls)}
     kwargs = {k: v for k, v in data.items() if k != "op"}
     unknown = sorted(set(kwargs) - allowed)

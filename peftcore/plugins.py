@@ -14,13 +14,17 @@ import os
 import threading
 import warnings
 from dataclasses import dataclass
-from typing import Any, Optional
+from typing import Any, Callable, Optional, TypeVar
 
 import pluggy
 
 from peftcore import hookspecs
 from peftcore.errors import BackendError, PeftCoreError, did_you_mean
-from peftcore.hookspecs import REQUIRED_BACKEND_HOOKS, BackendInfo
+from peftcore.graph import ModelGraph
+from peftcore.model_ops import build_freeze_base, guarded
+from peftcore.runtime import BackendInfo, BackendRuntime, OpBuilder, missing_primitives
+
+T = TypeVar("T")
 
 ENTRY_POINT_GROUP = "peftcore"
 ENV_BACKEND = "PEFTCORE_BACKEND"
@@ -49,17 +53,38 @@ class PluginFailure:
 
 
 class Backend:
-    """One backend plugin; every hook call goes to this plugin only."""
+    """One backend plugin and its runtime; every call goes to this plugin only."""
 
     def __init__(self, name: str, plugin: Any, manager: PluginManager) -> None:
         self.name = name
         self.plugin = plugin
         self._manager = manager
-        self._callers: dict[str, Any] = {}
+        self._runtime: Optional[BackendRuntime] = None
         self._info: Optional[BackendInfo] = None
 
     def __repr__(self) -> str:
         return f"Backend({self.name!r})"
+
+    @property
+    def runtime(self) -> BackendRuntime:
+        """The plugin's :class:`~peftcore.runtime.BackendRuntime` (built once)."""
+        if self._runtime is None:
+            impls = [i for i in self._manager.pm.hook.peftcore_backend.get_hookimpls() if i.plugin is self.plugin]
+            if not impls:
+                raise BackendError(f"plugin {self.name!r} is not a backend (it does not implement peftcore_backend)")
+            try:
+                runtime = impls[0].function()
+            except Exception as exc:
+                raise BackendError(
+                    f"backend {self.name!r} failed in peftcore_backend: {type(exc).__name__}: {exc}"
+                ) from exc
+            if not isinstance(runtime, BackendRuntime):
+                raise BackendError(
+                    f"backend {self.name!r}: peftcore_backend returned {type(runtime).__name__}, "
+                    "not a peftcore.runtime.BackendRuntime"
+                )
+            self._runtime = runtime
+        return self._runtime
 
     @property
     def info(self) -> BackendInfo:
@@ -69,17 +94,18 @@ class Backend:
         return self._info
 
     def _compute_info(self) -> BackendInfo:
-        implemented = {caller.name for caller in self._manager.pm.get_hookcallers(self.plugin) or ()}
-        missing = [h for h in REQUIRED_BACKEND_HOOKS if h not in implemented]
         try:
-            info = self.call("peftcore_backend_info")
+            runtime = self.runtime
+            with guarded(runtime, "info"):
+                info = runtime.info()
         except PeftCoreError as exc:
             return BackendInfo(name=self.name, framework="?", available=False, reason=str(exc))
         if not isinstance(info, BackendInfo):
-            return BackendInfo(self.name, "?", False, reason=f"peftcore_backend_info returned {info!r}")
+            return BackendInfo(self.name, "?", False, reason=f"its runtime's info() returned {info!r}")
+        missing = missing_primitives(runtime) if info.available else []
         if missing:
             return BackendInfo(
-                info.name, info.framework, False, info.version, f"plugin does not implement {', '.join(missing)}"
+                info.name, info.framework, False, info.version, f"its runtime does not implement {', '.join(missing)}"
             )
         return info
 
@@ -87,30 +113,42 @@ class Backend:
     def available(self) -> bool:
         return self.info.available
 
-    def call(self, hook_name: str, **kwargs: Any) -> Any:
-        """Call ``hook_name`` on this backend only; foreign exceptions name the backend."""
-        caller = self._callers.get(hook_name)
-        if caller is None:
-            others = [p for p in self._manager.pm.get_plugins() if p is not self.plugin]
-            caller = self._manager.pm.subset_hook_caller(hook_name, remove_plugins=others)
-            self._callers[hook_name] = caller
-        try:
-            return caller(**kwargs)
-        except PeftCoreError:
-            raise
-        except Exception as exc:
-            raise BackendError(
-                f"backend {self.name!r} failed in {hook_name}: {type(exc).__name__}: {exc}"
-            ) from exc
-
-    def implements(self, hook_name: str) -> bool:
-        """Whether this backend implements the (optional) hook ``hook_name``."""
-        hook = getattr(self._manager.pm.hook, hook_name, None)
-        return hook is not None and any(impl.plugin is self.plugin for impl in hook.get_hookimpls())
-
     def require_available(self) -> None:
         if not self.available:
             raise BackendError(f"backend {self.name!r} is not available: {self.info.reason}")
+
+    # -- what the core asks of a backend ---------------------------------------------------
+    def detect(self, model: Any) -> bool:
+        """Whether this backend recognises ``model``."""
+        with guarded(self.runtime, "detect"):
+            return bool(self.runtime.detect(model))
+
+    def describe(self, model: Any, example_inputs: Any = None) -> Optional[ModelGraph]:
+        """``model`` as a ModelGraph (None while its layers do not know their shapes)."""
+        kinds = self._manager.layer_kinds(self.name)
+        with guarded(self.runtime, "describe"):
+            return self.runtime.describe(model, example_inputs, kinds)
+
+    def builders(self) -> dict[str, OpBuilder]:
+        """Every op builder: the core's generic ones, the backend's, then plugins' extras."""
+        runtime = self.runtime
+        builders: dict[str, OpBuilder] = {"freeze_base": build_freeze_base(runtime)}
+        with guarded(runtime, "builders"):
+            builders.update(runtime.builders())
+        builders.update(self._manager.op_builders(self.name))
+        return builders
+
+    def ops(self) -> list[str]:
+        """The op kinds this backend can build, plugins' extras included."""
+        with guarded(self.runtime, "builders"):
+            return sorted(self.builders())
+
+    def conformance_kit(self) -> Any:
+        """The toy-model kit the shared test suite uses for this backend."""
+        kit = self._manager.conformance_kit(self.name)
+        if kit is None:
+            raise BackendError(f"backend {self.name!r} has no conformance kit (peftcore_conformance_kit)")
+        return kit
 
 
 class PluginManager:
@@ -127,11 +165,44 @@ class PluginManager:
             self._load_entry_points()
         self._backends: dict[str, Backend] = {}
 
-    @property
-    def hook(self) -> Any:
-        """Broadcast hook relay, for extension hooks: each plugin is called on its own, and
-        one that raises is recorded in :attr:`failures`, named in a warning and left out."""
-        return _IsolatedRelay(self)
+    def broadcast(self, spec: Callable[..., T], **kwargs: Any) -> list[T]:
+        """Call the extension hook ``spec`` (a function of :mod:`peftcore.hookspecs`) on every
+        plugin, each on its own: one that raises is recorded in :attr:`failures`, named in
+        a warning and left out. Returns the results that are not None."""
+        caller = getattr(self.pm.hook, spec.__name__)
+        results: list[T] = []
+        for impl in reversed(caller.get_hookimpls()):  # pluggy's order: last registered first
+            try:
+                result = impl.function(*[kwargs[name] for name in impl.argnames])
+            except Exception as exc:  # a broken plugin must not take the others down
+                self.plugin_failed(impl.plugin_name, spec.__name__, exc)
+                continue
+            if result is not None:
+                results.append(result)
+        return results
+
+    def registered_methods(self) -> list[type]:
+        """Config classes that plugins contribute (``peftcore_register_methods``)."""
+        return [cls for group in self.broadcast(hookspecs.peftcore_register_methods) for cls in group]
+
+    def layer_kinds(self, backend: str) -> dict[Any, str]:
+        """Extra native layer classes mapped to IR kinds for ``backend``."""
+        kinds: dict[Any, str] = {}
+        for extra in self.broadcast(hookspecs.peftcore_layer_kinds, backend=backend):
+            kinds.update(extra)
+        return kinds
+
+    def op_builders(self, backend: str) -> dict[str, OpBuilder]:
+        """Extra op builders plugins add for ``backend``."""
+        builders: dict[str, OpBuilder] = {}
+        for extra in self.broadcast(hookspecs.peftcore_op_builders, backend=backend):
+            builders.update(extra)
+        return builders
+
+    def conformance_kit(self, backend: str) -> Any:
+        """The first conformance kit a plugin offers for ``backend``, or None."""
+        kits = self.broadcast(hookspecs.peftcore_conformance_kit, backend=backend)
+        return kits[0] if kits else None
 
     def plugin_failed(self, plugin_name: str, hook_name: str, exc: Exception) -> None:
         error = f"{hook_name} raised {type(exc).__name__}: {exc}"
@@ -169,7 +240,7 @@ class PluginManager:
         if not self._backends:
             for name, plugin in self.pm.list_name_plugin():
                 impls = {c.name for c in self.pm.get_hookcallers(plugin) or ()}
-                if "peftcore_backend_info" in impls:
+                if "peftcore_backend" in impls:
                     self._backends[name] = Backend(name, plugin, self)
         return dict(self._backends)
 
@@ -206,11 +277,11 @@ class PluginManager:
         if chosen:
             return self.get_backend(chosen)
         claims, errors = [], []
-        for name, candidate in sorted(self.backends().items()):
+        for _, candidate in sorted(self.backends().items()):
             if not candidate.available:
                 continue
             try:
-                if candidate.call("peftcore_detect", model=model):
+                if candidate.detect(model):
                     claims.append(candidate)
             except BackendError as exc:  # one broken plugin must not hide the others
                 errors.append(str(exc))
@@ -226,30 +297,6 @@ class PluginManager:
         )
 
 
-class _IsolatedRelay:
-    """``manager.hook.<name>(**kwargs)`` for broadcast hooks, one plugin at a time."""
-
-    def __init__(self, manager: PluginManager) -> None:
-        self._manager = manager
-
-    def __getattr__(self, hook_name: str) -> Any:
-        caller = getattr(self._manager.pm.hook, hook_name)
-
-        def call(**kwargs: Any) -> list:
-            results = []
-            for impl in reversed(caller.get_hookimpls()):  # pluggy's order: last registered first
-                try:
-                    result = impl.function(*[kwargs[name] for name in impl.argnames])
-                except Exception as exc:  # a broken plugin must not take the others down
-                    self._manager.plugin_failed(impl.plugin_name, hook_name, exc)
-                    continue
-                if result is not None:
-                    results.append(result)
-            return results
-
-        return call
-
-
 def _disabled_names() -> set[str]:
     raw = os.environ.get(ENV_DISABLED, "")
     return {part.strip() for part in raw.split(",") if part.strip()}
@@ -259,7 +306,10 @@ def _entry_point_names(group: str) -> list[str]:
     from importlib import metadata
 
     eps = metadata.entry_points()
-    selected = eps.select(group=group) if hasattr(eps, "select") else eps.get(group, [])  # Python 3.9
+    if hasattr(eps, "select"):
+        selected = eps.select(group=group)
+    else:  # Python 3.9: a dict of group -> entry points
+        selected = eps.get(group, [])  # type: ignore[arg-type]
     return list(dict.fromkeys(ep.name for ep in selected))
 
 

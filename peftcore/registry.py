@@ -7,20 +7,29 @@ A method is a config class (a :class:`~peftcore.config.PeftConfig` subclass whos
     class MyConfig(PeftConfig): ...
 
 or by a plugin's ``peftcore_register_methods`` hook (see :mod:`peftcore.hookspecs`), which
-is how third-party packages add methods. Built-in methods register themselves on import
-of :mod:`peftcore.methods`.
+is how third-party packages add methods.
+
+The registry sits above the methods and below the plugin layer: it registers the
+built-in methods (:data:`peftcore.methods.BUILTIN_METHODS`) itself, and it reaches
+plugins only through the source the plugin layer gives it
+(:meth:`MethodRegistry.set_plugin_source`; ``import peftcore`` connects the two).
 """
 
 from __future__ import annotations
 
 import os
 import threading
-from typing import Callable, Iterable, TypeVar
+from typing import Callable, Iterable, Optional, TypeVar
 
 from peftcore.config import PeftConfig
 from peftcore.errors import ConfigError, UnknownMethodError, did_you_mean
+from peftcore.methods import BUILTIN_METHODS
+from peftcore.plan import op_types
 
-C = TypeVar("C", bound=type)
+C = TypeVar("C", bound="type[PeftConfig]")
+
+#: Returns the config classes that installed plugins contribute (see ``set_plugin_source``).
+PluginMethodSource = Callable[[], Iterable[type]]
 
 
 class MethodRegistry:
@@ -28,6 +37,7 @@ class MethodRegistry:
 
     def __init__(self) -> None:
         self._methods: dict[str, type[PeftConfig]] = {}
+        self._plugin_source: Optional[PluginMethodSource] = None
         self._plugins_loaded = False
         self._loading_plugins = False
         self._lock = threading.RLock()
@@ -36,7 +46,7 @@ class MethodRegistry:
         """Class decorator registering a config class as method ``name``."""
 
         def decorate(cls: C) -> C:
-            self.add(name, cls)  # type: ignore[arg-type]
+            self.add(name, cls)
             return cls
 
         return decorate
@@ -58,6 +68,19 @@ class MethodRegistry:
                 config_cls.peft_type = name.upper()
             self._methods[name] = config_cls
 
+    def set_plugin_source(self, source: PluginMethodSource) -> None:
+        """Tell the registry where plugin methods come from.
+
+        ``source()`` returns the config classes of every installed plugin. The plugin
+        layer sets it (``import peftcore`` does); the registry calls it once, the first
+        time a name is not among the methods registered in-process (or when
+        :meth:`names` or :meth:`load_plugins` asks), so looking up a built-in method
+        never starts plugin discovery.
+        """
+        with self._lock:
+            self._plugin_source = source
+            self._plugins_loaded = False
+
     def load_plugins(self) -> None:
         """Collect the methods of every installed plugin (once; later calls are free)."""
         self._ensure_plugins()
@@ -66,28 +89,24 @@ class MethodRegistry:
         if self._plugins_loaded:
             return
         with self._lock:
-            if self._plugins_loaded or self._loading_plugins:
-                return  # done, or this very thread is loading them (a plugin asking back)
+            source = self._plugin_source
+            if self._plugins_loaded or self._loading_plugins or source is None:
+                return  # done, this very thread is loading them (a plugin asking back), or no plugin layer
             self._loading_plugins = True
             try:
-                from peftcore.plugins import get_plugin_manager
-
-                for config_classes in get_plugin_manager().hook.peftcore_register_methods():
-                    for config_cls in config_classes or ():
-                        self.add(config_cls.method or config_cls.__name__.lower(), config_cls)
+                for config_cls in source():  # add() rejects what is not a PeftConfig subclass
+                    self.add(getattr(config_cls, "method", "") or config_cls.__name__.lower(), config_cls)
             finally:  # only now may other threads skip the lock and trust the registry
                 self._plugins_loaded = True
                 self._loading_plugins = False
 
     def names(self) -> list[str]:
         """Every registered method name, plugin methods included."""
-        _builtin_methods()
         self._ensure_plugins()
         return sorted(self._methods)
 
     def get(self, name: str) -> type[PeftConfig]:
         """The config class of method ``name`` (or of HF ``peft_type`` ``name``)."""
-        _builtin_methods()
         found = self._lookup(name)
         if found is None:
             self._ensure_plugins()
@@ -105,8 +124,6 @@ class MethodRegistry:
         config_cls = self.get(name)
         if config_cls.plan_ops:
             return tuple(config_cls.plan_ops)
-        from peftcore.plan import op_types
-
         return tuple(sorted(op for op, op_cls in op_types().items() if op_cls.__module__ == config_cls.__module__))
 
     def missing_ops(self, built_ops: Iterable[str]) -> dict[str, list[str]]:
@@ -133,12 +150,10 @@ class MethodRegistry:
         return self.get(peft_type).from_dict(data)
 
 
-def _builtin_methods() -> None:
-    import peftcore.methods  # noqa: F401  (registers the built-in methods)
-
-
 #: The process-wide registry (also reachable as ``peftcore.PeftRegistry``).
 PeftRegistry = MethodRegistry()
+for _config_cls in BUILTIN_METHODS:
+    PeftRegistry.add(_config_cls.method, _config_cls)
 
 if hasattr(os, "register_at_fork"):  # a lock held by another thread at fork time stays held in the child
     os.register_at_fork(after_in_child=lambda: setattr(PeftRegistry, "_lock", threading.RLock()))

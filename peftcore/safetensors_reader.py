@@ -19,7 +19,8 @@ from __future__ import annotations
 import json
 import math
 import struct
-from typing import Any, BinaryIO
+from io import BufferedIOBase
+from typing import Any
 
 import numpy as np
 
@@ -68,14 +69,14 @@ def read_safetensors(path: str) -> tuple[dict[str, np.ndarray], dict[str, str]]:
     return tensors, metadata
 
 
-def _file_size(handle: BinaryIO) -> int:
+def _file_size(handle: BufferedIOBase) -> int:
     handle.seek(0, 2)
     size = handle.tell()
     handle.seek(0)
     return size
 
 
-def _read_header(handle: BinaryIO, size: int, path: str) -> tuple[int, dict[str, Any]]:
+def _read_header(handle: BufferedIOBase, size: int, path: str) -> tuple[int, dict[str, Any]]:
     if size < 8:
         raise AdapterError(f"{path}: not a safetensors file: {size} bytes, too short for the header length")
     (header_len,) = struct.unpack("<Q", handle.read(8))
@@ -161,7 +162,7 @@ def _check_layout(entries: list[tuple[str, str, tuple, int, int]], data_size: in
         raise AdapterError(f"{path}: {data_size - position} bytes after the last tensor belong to no entry")
 
 
-def _read_tensor(handle: BinaryIO, data_start: int, entry: tuple[str, str, tuple, int, int], path: str) -> np.ndarray:
+def _read_tensor(handle: BufferedIOBase, data_start: int, entry: tuple[str, str, tuple, int, int], path: str) -> np.ndarray:
     key, dtype, shape, begin, end = entry
     handle.seek(data_start + begin)
     buffer = bytearray(end - begin)

@@ -27,7 +27,8 @@ from typing import TYPE_CHECKING, Any, Callable, Iterable, Optional
 
 import numpy as np
 
-from peftcore.errors import AdapterError, BackendError, ConfigError
+from peftcore import model_ops
+from peftcore.errors import AdapterError, ConfigError
 from peftcore.methods.prompt_tuning import AddPrompt
 from peftcore.plan import RewritePlan
 
@@ -126,31 +127,29 @@ def xprompt_prune(
     op = _plain_prompt_op(plan, name)
     if config.num_pieces > op.token_dim:
         raise ConfigError(f"XPromptConfig.num_pieces={config.num_pieces} exceeds the prompt width {op.token_dim}")
-    if not peft_model.backend.implements("peftcore_adapter_gradients"):
-        raise BackendError(f"backend {peft_model.backend.name!r} cannot compute adapter gradients for XPrompt")
     scoring = _take(batches, config.scoring_batches)
     if not scoring:
         raise ConfigError("xprompt_prune needs at least one batch to score the prompt")
 
-    backend, model = peft_model.backend, peft_model.model
-    exported = {k: np.asarray(v) for k, v in backend.call("peftcore_export_adapter", model=model, adapter_name=name).items()}
+    exported = {k: np.asarray(v) for k, v in peft_model.export_adapter(name).items()}
     key = f"{op.path}.prompt_embeddings"
     trained = exported[key].astype(np.float64)
     tokens, width = trained.shape
 
     def score(values: np.ndarray, level: str) -> np.ndarray:
         current = {**exported, key: values.astype(exported[key].dtype)}
-        backend.call("peftcore_import_adapter", model=model, adapter_name=name, tensors=current)
+        peft_model.import_adapter(name, current)
         total: Optional[np.ndarray] = None
         for batch in tqdm(scoring, desc=f"XPrompt {level} scores", disable=not progress, leave=False):
-            grad = np.asarray(backend.call("peftcore_adapter_gradients", model=model, adapter_name=name, loss=loss_fn(peft_model, batch))[key])
+            grad = np.asarray(peft_model.adapter_gradients(name, loss_fn(peft_model, batch))[key])
             step = token_importance(values, grad) if level == "token" else piece_importance(values, grad, config.num_pieces)
             total = step if total is None else total + step
         assert total is not None
         return total / len(scoring)
 
     trainable = name in peft_model.active_adapters and not peft_model.peft_config[name].inference_mode
-    backend.call("peftcore_set_trainable", model=model, adapter_name=name, trainable=True)
+    runtime, model = peft_model.runtime, peft_model.get_base_model()
+    model_ops.set_trainable(runtime, model, name, True)
     try:
         token_mask = np.ones(tokens, dtype=np.int64)
         token_scores = np.zeros(tokens)
@@ -168,10 +167,10 @@ def xprompt_prune(
             piece_scores = score(masked, "piece")[kept]
             _prune_lowest(piece_mask.reshape(-1), piece_scores.reshape(-1), target)
     except BaseException:
-        backend.call("peftcore_import_adapter", model=model, adapter_name=name, tensors=exported)
+        peft_model.import_adapter(name, exported)
         raise
     finally:
-        backend.call("peftcore_set_trainable", model=model, adapter_name=name, trainable=trainable)
+        model_ops.set_trainable(runtime, model, name, trainable)
 
     pruned_op = dataclasses.replace(
         op,

@@ -19,14 +19,15 @@ def backend_records(manager: PluginManager) -> list[dict[str, Any]]:
     records = []
     for name, backend in sorted(manager.backends().items()):
         info = backend.info
-        missing = PeftRegistry.missing_ops(info.ops) if info.available else {}
+        ops = backend.ops() if info.available else []
+        missing = PeftRegistry.missing_ops(ops) if info.available else {}
         records.append({
             "name": name,
             "framework": info.framework,
             "available": info.available,
             "reason": info.reason,
             "version": info.version,
-            "ops": sorted(info.ops),
+            "ops": ops,
             "methods": sorted(m for m, lacking in missing.items() if not lacking),
             "missing": {m: lacking for m, lacking in sorted(missing.items()) if lacking},
         })

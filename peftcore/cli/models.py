@@ -10,7 +10,7 @@ import sys
 from typing import Any, Optional
 
 from peftcore.config import PeftConfig
-from peftcore.errors import ConfigError
+from peftcore.errors import ConfigError, PeftCoreError
 from peftcore.graph import ModelGraph
 from peftcore.plan import RewritePlan
 from peftcore.plugins import Backend
@@ -81,7 +81,9 @@ def describe(args: argparse.Namespace, config: Optional[PeftConfig] = None) -> t
 
     model = load_model(args.model)
     backend = get_plugin_manager().select_backend(model, backend=args.backend, config=config)
-    graph = backend.call("peftcore_describe", model=model, example_inputs=None)
+    graph = backend.describe(model)
+    if graph is None:
+        raise PeftCoreError(f"the {backend.name} model's layers do not know their shapes until its first forward pass")
     return model, backend, graph
 
 
@@ -123,7 +125,10 @@ def build_config(args: argparse.Namespace) -> Optional[PeftConfig]:
 
 
 def read_plan_file(path: str) -> RewritePlan:
-    """A plan saved by ``peftcore plan --json``."""
+    """A plan saved by ``peftcore plan --json`` (its ops may be a plugin's: plugins are loaded first)."""
+    from peftcore.registry import PeftRegistry
+
+    PeftRegistry.load_plugins()
     try:
         with open(path, encoding="utf-8") as handle:
             text = handle.read()

@@ -1,4 +1,8 @@
-"""Built-in PEFT methods. Importing this package registers them."""
+"""Built-in PEFT methods: one module per method, its config (the planner) and its plan ops.
+
+Importing a method's module registers its op types (:func:`peftcore.plan.register_op`);
+the method registry (:mod:`peftcore.registry`) registers :data:`BUILTIN_METHODS`.
+"""
 
 from __future__ import annotations
 
@@ -7,4 +11,14 @@ from peftcore.methods.lora import LoraConfig
 from peftcore.methods.prompt_tuning import PromptTuningConfig, ResidualPromptTuningConfig
 from peftcore.methods.unipelt import UniPELTConfig
 
-__all__ = ["BitFitConfig", "LoraConfig", "PromptTuningConfig", "ResidualPromptTuningConfig", "UniPELTConfig"]
+#: The built-in config classes; each names its method in its ``method`` class attribute.
+BUILTIN_METHODS = (LoraConfig, BitFitConfig, PromptTuningConfig, ResidualPromptTuningConfig, UniPELTConfig)
+
+__all__ = [
+    "BUILTIN_METHODS",
+    "BitFitConfig",
+    "LoraConfig",
+    "PromptTuningConfig",
+    "ResidualPromptTuningConfig",
+    "UniPELTConfig",
+]

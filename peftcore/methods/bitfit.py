@@ -21,7 +21,6 @@ from peftcore.methods.common import (
     validate_modules_to_save,
 )
 from peftcore.plan import FreezeBase, PlanOp, RewritePlan, TensorSpec, register_op
-from peftcore.registry import register_method
 from peftcore.targeting import ALL_LINEAR, Targets, layer_index, matches, select_layers, validate_targets
 
 #: Layer kinds that may carry a bias BitFit trains; only linears are given a new one.
@@ -72,7 +71,6 @@ class TrainBias(PlanOp):
         return None
 
 
-@register_method("bitfit")
 @config_class
 class BitFitConfig(PeftConfig):
     """Configure BitFit: only bias terms are trained.
@@ -89,6 +87,7 @@ class BitFitConfig(PeftConfig):
       classifier head, as in HF PEFT).
     """
 
+    method: ClassVar[str] = "bitfit"
     peft_type: ClassVar[str] = "BITFIT"
     plan_ops: ClassVar[tuple] = ("freeze_base", "bitfit_bias", "modules_to_save")
 

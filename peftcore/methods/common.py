@@ -11,7 +11,6 @@ from peftcore.graph import ModelGraph
 from peftcore.plan import SaveModule
 from peftcore.targeting import matches
 
-
 #: Heads HF PEFT trains in full for a task type; kept so HF configs mean the same here.
 TASK_MODULES_TO_SAVE = {
     "SEQ_CLS": ("classifier", "score"),

@@ -8,7 +8,7 @@ import re
 from typing import Any, ClassVar, Mapping, Optional, Union
 
 from peftcore.config import PeftConfig, check, check_type, config_class
-from peftcore.errors import ConfigError
+from peftcore.errors import ConfigError, PlanError
 from peftcore.graph import LayerNode, ModelGraph
 from peftcore.methods.common import (
     effective_modules_to_save,
@@ -16,15 +16,71 @@ from peftcore.methods.common import (
     validate_layers_to_transform,
     validate_modules_to_save,
 )
-from peftcore.plan import AddLora, FreezeBase, PlanOp, RewritePlan
-from peftcore.registry import register_method
+from peftcore.plan import FreezeBase, PlanOp, RewritePlan, TensorSpec, register_op
 from peftcore.targeting import Targets, select_layers, validate_targets
 
 #: ``init_lora_weights`` values and the op ``init`` they become.
 _INITS = {True: "kaiming", "kaiming": "kaiming", "gaussian": "gaussian", False: "random"}
 
 
-@register_method("lora")
+@register_op
+@dataclasses.dataclass(frozen=True)
+class AddLora(PlanOp):
+    """Add a low-rank delta ``scaling * B @ A`` to a linear or embedding layer.
+
+    ``A`` is ``(r, in_features)`` and ``B`` is ``(out_features, r)``; for an embedding,
+    ``in_features`` is the vocabulary size and ``out_features`` the embedding width.
+    ``init`` is ``"kaiming"`` (A kaiming-uniform, B zero), ``"gaussian"`` (A normal
+    with std 1/r, B zero) or ``"random"`` (both random: the output changes at once,
+    for tests).
+    """
+
+    op: ClassVar[str] = "lora"
+    layer_kind: str = "linear"
+    in_features: int = 0
+    out_features: int = 0
+    r: int = 8
+    lora_alpha: float = 8.0
+    scaling: float = 1.0
+    dropout: float = 0.0
+    init: str = "kaiming"
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if self.layer_kind not in ("linear", "embedding"):
+            raise PlanError(f"lora op on {self.path!r}: layer_kind must be 'linear' or 'embedding', got {self.layer_kind!r}")
+        if self.init not in ("kaiming", "gaussian", "random"):
+            raise PlanError(f"lora op on {self.path!r}: unknown init {self.init!r}")
+        if min(self.r, self.in_features, self.out_features) <= 0 or not 0.0 <= self.dropout < 1.0:
+            raise PlanError(f"lora op on {self.path!r}: r, in_features and out_features must be positive, dropout in [0, 1)")
+
+    def misfit(self, graph: ModelGraph) -> Optional[str]:
+        node = graph.get(self.path)
+        if node.kind != self.layer_kind:
+            return f"layer {self.path!r} is a {node.kind}, the adapter expects a {self.layer_kind}"
+        if node.kind == "embedding":
+            dims = (node.num_embeddings, node.embedding_dim)
+        else:
+            dims = (node.in_features, node.out_features)
+        if dims != (self.in_features, self.out_features):
+            return (
+                f"layer {self.path!r} maps {dims[0]} -> {dims[1]} features, the adapter was "
+                f"trained for {self.in_features} -> {self.out_features}"
+            )
+        return None
+
+    def tensor_specs(self) -> dict[str, TensorSpec]:
+        if self.layer_kind == "embedding":
+            return {
+                "lora_A": TensorSpec((self.r, self.in_features), "lora_embedding_A"),
+                "lora_B": TensorSpec((self.out_features, self.r), "lora_embedding_B"),
+            }
+        return {
+            "lora_A": TensorSpec((self.r, self.in_features), "lora_A.weight"),
+            "lora_B": TensorSpec((self.out_features, self.r), "lora_B.weight"),
+        }
+
+
 @config_class
 class LoraConfig(PeftConfig):
     """Configure LoRA (Hu et al., 2021), with HF PEFT's field names.
@@ -43,6 +99,7 @@ class LoraConfig(PeftConfig):
       head and ``"QUESTION_ANS"`` the ``qa_outputs`` head.
     """
 
+    method: ClassVar[str] = "lora"
     peft_type: ClassVar[str] = "LORA"
     plan_ops: ClassVar[tuple] = ("freeze_base", "lora", "modules_to_save")
     hf_unsupported_fields: ClassVar[Mapping[str, Any]] = {

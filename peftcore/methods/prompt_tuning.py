@@ -22,7 +22,6 @@ from peftcore.errors import ConfigError, PlanError
 from peftcore.graph import LayerNode, ModelGraph
 from peftcore.methods.common import effective_modules_to_save, modules_to_save_ops, validate_modules_to_save
 from peftcore.plan import FreezeBase, PlanOp, RewritePlan, TensorSpec, register_op
-from peftcore.registry import register_method
 
 PROMPT_INITS = ("random", "sample_vocab", "token_ids")
 ACTIVATIONS = ("relu", "gelu", "tanh", "sigmoid", "identity")
@@ -181,7 +180,6 @@ class AddPrompt(PlanOp):
         return dataclasses.replace(self, residual_bottleneck=0, init="random", init_token_ids=())
 
 
-@register_method("prompt_tuning")
 @config_class
 class PromptTuningConfig(PeftConfig):
     """Configure prompt tuning, with HF PEFT's field names.
@@ -197,6 +195,7 @@ class PromptTuningConfig(PeftConfig):
     - ``token_dim``: checked against the embedding width when set.
     """
 
+    method: ClassVar[str] = "prompt_tuning"
     peft_type: ClassVar[str] = "PROMPT_TUNING"
     plan_ops: ClassVar[tuple] = ("freeze_base", "prompt_embedding", "modules_to_save")
     hf_unsupported_fields: ClassVar[Mapping[str, Any]] = {}
@@ -218,7 +217,10 @@ class PromptTuningConfig(PeftConfig):
         super().validate()
         name = type(self).__name__
         check_type(name, "num_virtual_tokens", self.num_virtual_tokens, (int,))
-        check(self.num_virtual_tokens > 0, f"{name}.num_virtual_tokens must be positive, got {self.num_virtual_tokens}")
+        check(
+            self.num_virtual_tokens is not None and self.num_virtual_tokens > 0,
+            f"{name}.num_virtual_tokens must be positive, got {self.num_virtual_tokens}",
+        )
         for field_name in ("token_dim", "num_attention_heads", "num_layers"):
             check_type(name, field_name, getattr(self, field_name), (int,), allow_none=True)
         check(
@@ -319,7 +321,6 @@ class PromptTuningConfig(PeftConfig):
         return tuple((ids * repeats)[:count])
 
 
-@register_method("residual_prompt_tuning")
 @config_class
 class ResidualPromptTuningConfig(PromptTuningConfig):
     """Prompt tuning whose prompt passes through a residual bottleneck MLP while training.
@@ -331,6 +332,7 @@ class ResidualPromptTuningConfig(PromptTuningConfig):
     plain prompt and drops the MLP, for inference at prompt-tuning cost.
     """
 
+    method: ClassVar[str] = "residual_prompt_tuning"
     peft_type: ClassVar[str] = "RESIDUAL_PROMPT_TUNING"
 
     bottleneck_size: int = 64

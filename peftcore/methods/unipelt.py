@@ -26,7 +26,7 @@ from dataclasses import dataclass
 from typing import Any, ClassVar, Mapping, Optional, Union
 
 from peftcore.config import PeftConfig, check, check_type, config_class
-from peftcore.errors import AdapterError, BackendError, ConfigError, TargetNotFoundError, closest
+from peftcore.errors import AdapterError, ConfigError, TargetNotFoundError, closest
 from peftcore.graph import LayerNode, ModelGraph
 from peftcore.methods.common import (
     effective_modules_to_save,
@@ -34,9 +34,9 @@ from peftcore.methods.common import (
     validate_layers_to_transform,
     validate_modules_to_save,
 )
+from peftcore.methods.lora import AddLora
 from peftcore.methods.unipelt_ops import ADAPTER_ACTIVATIONS, AddBottleneckAdapter, AddGate, AddPrefix
-from peftcore.plan import AddLora, FreezeBase, PlanOp, RewritePlan
-from peftcore.registry import register_method
+from peftcore.plan import FreezeBase, PlanOp, RewritePlan
 from peftcore.targeting import DEFAULT_LAYERS_PATTERNS
 
 _INITS = {True: "kaiming", "kaiming": "kaiming", "gaussian": "gaussian", False: "random"}
@@ -73,7 +73,6 @@ BLOCK_LAYOUTS: dict[str, BlockLayout] = {
 }
 
 
-@register_method("unipelt")
 @config_class
 class UniPELTConfig(PeftConfig):
     """Configure UniPELT.
@@ -90,6 +89,7 @@ class UniPELTConfig(PeftConfig):
     - ``modules_to_save``: modules trained in full, as in LoRA (``task_type`` adds heads).
     """
 
+    method: ClassVar[str] = "unipelt"
     peft_type: ClassVar[str] = "UNIPELT"
     plan_ops: ClassVar[tuple] = ("freeze_base", "lora", "gate", "prefix", "bottleneck_adapter", "modules_to_save")
 
@@ -270,9 +270,7 @@ def gate_values(peft_model: Any, adapter_name: Optional[str] = None) -> dict[str
     expected = [f"{op.path}.{op.stem}" for op in plan.ops if isinstance(op, AddGate)]
     if not expected:
         raise AdapterError(f"adapter {name!r} ({plan.method}) has no gates")
-    if not peft_model.backend.implements("peftcore_gate_values"):
-        raise BackendError(f"backend {peft_model.backend.name!r} does not report gate values (no peftcore_gate_values hook)")
-    values: Mapping[str, Any] = peft_model.backend.call("peftcore_gate_values", model=peft_model.model, adapter_name=name)
+    values: Mapping[str, Any] = peft_model.gate_values(name)
     found = {key: values[key] for key in expected if key in values}
     if not found:
         raise AdapterError(f"adapter {name!r} has not run a forward pass yet; its gates have no values")

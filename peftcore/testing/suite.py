@@ -36,7 +36,7 @@ class LoraTests(SuiteBase):
     def test_describe_reports_canonical_shapes(self, peftcore_backend: Backend, toy: ToySpec, rng: Any) -> None:
         weights = toy.random_weights(rng)
         model = self.build(peftcore_backend, toy, weights)
-        graph = peftcore_backend.call("peftcore_describe", model=model, example_inputs=toy.random_inputs(rng))
+        graph = peftcore_backend.describe(model, toy.random_inputs(rng))
         assert isinstance(graph, ModelGraph)
         for step in toy.layers:
             node = graph.get(step.name)
@@ -77,7 +77,7 @@ class LoraTests(SuiteBase):
         weights, inputs = toy.random_weights(rng), toy.random_inputs(rng)
         peft_model = self.wrap(peftcore_backend, toy, weights, inputs, r=2)
         tensors = self.randomise(peftcore_backend, peft_model, "default", rng)
-        exported = peftcore_backend.call("peftcore_export_adapter", model=peft_model.model, adapter_name="default")
+        exported = peft_model.export_adapter("default")
         assert set(exported) == set(tensors) == set(peft_model.plans["default"].tensor_specs())
         for key, value in tensors.items():
             np.testing.assert_array_equal(np.asarray(exported[key]), value)
@@ -129,7 +129,8 @@ class LoraTests(SuiteBase):
         adapted = self.expected(toy, weights, inputs, peft_model, "default")
         merged_model = peft_model.merge_and_unload()
         np.testing.assert_allclose(self.run(peftcore_backend, merged_model, inputs), adapted, atol=ATOL)
-        graph = peftcore_backend.call("peftcore_describe", model=merged_model, example_inputs=inputs)
+        graph = peftcore_backend.describe(merged_model, inputs)
+        assert graph is not None
         assert [n.path for n in graph.of_kind("linear", "embedding")] == [s.name for s in toy.layers]
         second = self.wrap(peftcore_backend, toy, weights, inputs, r=2)
         self.randomise(peftcore_backend, second, "default", rng)

@@ -31,11 +31,11 @@ class SuiteBase:
 
     # -- helpers --------------------------------------------------------------------------
     def build(self, backend: Backend, spec: ToySpec, weights: dict) -> Any:
-        return backend.call("peftcore_build_toy_model", spec=spec, weights=weights)
+        return backend.conformance_kit().build(spec, weights)
 
     def run(self, backend: Backend, model: Any, inputs: np.ndarray) -> np.ndarray:
-        native = model.model if isinstance(model, PeftModel) else model
-        return np.asarray(backend.call("peftcore_toy_forward", model=native, inputs=inputs), dtype=np.float64)
+        native = model.get_base_model() if isinstance(model, PeftModel) else model
+        return np.asarray(backend.conformance_kit().forward(native, inputs), dtype=np.float64)
 
     def wrap(self, backend: Backend, spec: ToySpec, weights: dict, inputs: np.ndarray, **lora: Any) -> PeftModel:
         config = LoraConfig(target_modules=[s.name for s in spec.layers], **lora)
@@ -49,11 +49,11 @@ class SuiteBase:
             key: (rng.standard_normal(spec.shape) * 0.2).astype(np.float32)
             for key, spec in peft_model.plans[adapter].tensor_specs().items()
         }
-        backend.call("peftcore_import_adapter", model=peft_model.model, adapter_name=adapter, tensors=tensors)
+        peft_model.import_adapter(adapter, tensors)
         return tensors
 
     def exported(self, peft_model: PeftModel, adapter: str) -> dict:
-        tensors = peft_model.backend.call("peftcore_export_adapter", model=peft_model.model, adapter_name=adapter)
+        tensors = peft_model.export_adapter(adapter)
         return {key: np.asarray(value) for key, value in tensors.items()}
 
     def expected(self, spec: ToySpec, weights: dict, inputs: np.ndarray, peft_model: PeftModel, *adapters: str) -> np.ndarray:

@@ -7,7 +7,7 @@ from typing import Any
 import numpy as np
 
 from peftcore.api import PeftModel
-from peftcore.methods.bitfit import BitFitConfig
+from peftcore.methods.bitfit import BitFitConfig, TrainBias
 from peftcore.plugins import Backend
 from peftcore.testing.suite_base import ATOL, SuiteBase
 from peftcore.testing.toys import ToySpec, reference_forward
@@ -23,7 +23,7 @@ class BitFitTests(SuiteBase):
         weights, inputs = toy.random_weights(rng), toy.random_inputs(rng)
         base_out = self.run(peftcore_backend, self.build(peftcore_backend, toy, weights), inputs)
         peft_model = self.bitfit(peftcore_backend, toy, weights, inputs)
-        assert any(op.added for op in peft_model.plans["default"].ops_of("bitfit_bias")) == any(
+        assert any(isinstance(op, TrainBias) and op.added for op in peft_model.plans["default"].ops_of("bitfit_bias")) == any(
             not s.bias for s in toy.layers if s.kind == "linear"
         )
         np.testing.assert_array_equal(self.run(peftcore_backend, peft_model, inputs), base_out)
@@ -57,7 +57,8 @@ class BitFitTests(SuiteBase):
             np.testing.assert_allclose(self.run(peftcore_backend, peft_model, inputs), reference_forward(toy, weights, inputs), atol=ATOL)
         merged = peft_model.merge_and_unload()
         np.testing.assert_allclose(self.run(peftcore_backend, merged, inputs), adapted, atol=ATOL)
-        graph = peftcore_backend.call("peftcore_describe", model=merged, example_inputs=inputs)
+        graph = peftcore_backend.describe(merged, inputs)
+        assert graph is not None
         assert all(graph.get(s.name).has_bias for s in toy.layers if s.kind == "linear")
 
     def test_bitfit_save_load_round_trip(self, peftcore_backend: Backend, toy: ToySpec, rng: Any, tmp_path: Any) -> None:

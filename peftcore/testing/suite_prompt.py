@@ -10,9 +10,9 @@ from typing import Any
 import numpy as np
 import pytest
 
-from peftcore.peft_model import PeftModel, wrap_model
 from peftcore.errors import AdapterError
-from peftcore.methods.prompt_tuning import PromptTuningConfig, ResidualPromptTuningConfig
+from peftcore.methods.prompt_tuning import AddPrompt, PromptTuningConfig, ResidualPromptTuningConfig
+from peftcore.peft_model import PeftModel, wrap_model
 from peftcore.plan import RewritePlan
 from peftcore.plugins import Backend
 from peftcore.testing.suite_base import ATOL, SuiteBase
@@ -99,10 +99,12 @@ class PromptTests(SuiteBase):
         """An XPrompt-pruned prompt: two of three tokens kept, half of each one's pieces masked."""
         weights, inputs = TOKEN_MODEL.random_weights(rng), TOKEN_MODEL.random_inputs(rng)
         model = self.build(peftcore_backend, TOKEN_MODEL, weights)
-        graph = peftcore_backend.call("peftcore_describe", model=model, example_inputs=inputs)
+        graph = peftcore_backend.describe(model, inputs)
+        assert graph is not None
         config = PromptTuningConfig(num_virtual_tokens=2)
         plan = PromptTuningConfig(num_virtual_tokens=3).plan(graph)
         op = plan.ops_of("prompt_embedding")[0]
+        assert isinstance(op, AddPrompt)
         pruned = dataclasses.replace(op, num_virtual_tokens=2, token_mask=(1, 0, 1), piece_mask=((1, 0), (0, 1)))
         plan = RewritePlan(plan.method, "default", tuple(pruned if o is op else o for o in plan.ops))
         peft_model = wrap_model(model, peftcore_backend, example_inputs=inputs)

@@ -44,19 +44,19 @@ class UniPELTSuite:
     # -- helpers --------------------------------------------------------------------------
     def unipelt_model(self, backend: Backend, spec: AttentionToySpec, weights: dict, inputs: np.ndarray, **fields: Any) -> PeftModel:
         config = UniPELTConfig(**{"r": 3, "num_virtual_tokens": 2, "bottleneck_size": 4, **spec.unipelt_layout(), **fields})
-        model = backend.call("peftcore_build_toy_model", spec=spec, weights=weights)
+        model = backend.conformance_kit().build(spec, weights)
         return get_peft_model(model, config, backend=backend.name, example_inputs=inputs)
 
     def toy_output(self, backend: Backend, model: Any, inputs: np.ndarray) -> np.ndarray:
-        native = model.model if isinstance(model, PeftModel) else model
-        return np.asarray(backend.call("peftcore_toy_forward", model=native, inputs=inputs), dtype=np.float64)
+        native = model.get_base_model() if isinstance(model, PeftModel) else model
+        return np.asarray(backend.conformance_kit().forward(native, inputs), dtype=np.float64)
 
     def randomise_unipelt(self, backend: Backend, peft_model: PeftModel, rng: np.random.Generator, adapter: str = "default") -> dict:
         tensors = {
             key: (rng.standard_normal(spec.shape) * 0.4).astype(np.float32)
             for key, spec in peft_model.plans[adapter].tensor_specs().items()
         }
-        backend.call("peftcore_import_adapter", model=peft_model.model, adapter_name=adapter, tensors=tensors)
+        peft_model.import_adapter(adapter, tensors)
         return tensors
 
     # -- tests ------------------------------------------------------------------------------
@@ -104,7 +104,7 @@ class UniPELTSuite:
         self.randomise_unipelt(peftcore_backend, peft_model, unipelt_rng)
         expected = self.toy_output(peftcore_backend, peft_model, inputs)
         peft_model.save_pretrained(str(tmp_path))
-        fresh = peftcore_backend.call("peftcore_build_toy_model", spec=attention_toy, weights=weights)
+        fresh = peftcore_backend.conformance_kit().build(attention_toy, weights)
         loaded = PeftModel.from_pretrained(fresh, str(tmp_path), backend=peftcore_backend.name, example_inputs=inputs)
         np.testing.assert_array_equal(self.toy_output(peftcore_backend, loaded, inputs), expected)
         assert loaded.get_nb_trainable_parameters()[0] == 0

@@ -13,8 +13,9 @@ from typing import Any, Mapping, Optional, Sequence
 import numpy as np
 
 from peftcore.methods.bitfit import TrainBias
+from peftcore.methods.lora import AddLora
 from peftcore.methods.prompt_tuning import AddPrompt
-from peftcore.plan import AddLora, RewritePlan
+from peftcore.plan import RewritePlan
 
 
 @dataclass(frozen=True)

@@ -24,12 +24,13 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Any, ClassVar, Mapping, Optional
+from typing import Any, Callable, ClassVar, Mapping, Optional
 
 import numpy as np
 
+from peftcore.methods.lora import AddLora
 from peftcore.methods.unipelt_ops import AddBottleneckAdapter, AddGate, AddPrefix
-from peftcore.plan import AddLora, RewritePlan
+from peftcore.plan import RewritePlan
 
 BLOCK = "layers.0"
 LINEARS = ("attn.q", "attn.k", "attn.v", "attn.o", "ffn.fc1", "ffn.fc2")
@@ -80,7 +81,7 @@ class AttentionToySpec:
 
 ATTENTION_TOYS = (AttentionToySpec("encoder_block"), AttentionToySpec("causal_block", causal=True))
 
-_ACTIVATIONS = {
+_ACTIVATIONS: dict[str, Callable[[np.ndarray], np.ndarray]] = {
     "relu": lambda z: np.maximum(z, 0.0),
     "tanh": np.tanh,
     "gelu": lambda z: 0.5 * z * (1.0 + np.vectorize(math.erf)(z / np.sqrt(2.0))),

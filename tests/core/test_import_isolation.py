@@ -20,7 +20,7 @@ def test_torch_plugin_module_imports_without_torch() -> None:
         "import sys\n"
         "sys.modules['torch'] = None  # makes `import torch` fail\n"
         "import peftcore_torch.plugin as p\n"
-        "info = p.peftcore_backend_info()\n"
+        "info = p.peftcore_backend().info()\n"
         "assert not info.available and 'torch' in info.reason, info\n"
         "print('ok')\n"
     )

@@ -17,10 +17,10 @@ from peftcore import (
     RewritePlan,
     TargetNotFoundError,
 )
+from peftcore.errors import AdapterError
 from peftcore.methods.prompt_tuning import AddPrompt
 from peftcore.plan import check_plan_fits
 from peftcore.registry import PeftRegistry
-from peftcore.errors import AdapterError
 
 GRAPH = ModelGraph(
     layers=(

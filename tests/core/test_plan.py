@@ -1,3 +1,4 @@
+import dataclasses
 import json
 
 import pytest
@@ -5,7 +6,8 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from peftcore import LayerNode, LoraConfig, ModelGraph, PlanError, RewritePlan
-from peftcore.plan import AddLora, FreezeBase, SaveModule
+from peftcore.methods.lora import AddLora
+from peftcore.plan import FreezeBase, SaveModule
 
 GRAPH = ModelGraph(
     layers=(
@@ -44,7 +46,7 @@ def test_graph_json_round_trip() -> None:
 
 def test_plan_ops_are_frozen() -> None:
     op = AddLora(path="x", in_features=2, out_features=2)
-    with pytest.raises(Exception):
+    with pytest.raises(dataclasses.FrozenInstanceError):
         op.r = 3  # type: ignore[misc]
 
 

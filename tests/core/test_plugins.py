@@ -8,37 +8,45 @@ import pytest
 
 import peftcore
 from peftcore import BackendError, BackendInfo, LoraConfig, hookimpl
-from peftcore.hookspecs import REQUIRED_BACKEND_HOOKS
 from peftcore.plugins import ENV_BACKEND, ENV_DISABLED, PluginManager, get_plugin_manager, reset_plugin_manager
+from peftcore.runtime import REQUIRED_PRIMITIVES, BackendRuntime
 
 
 class FakeModel:
     pass
 
 
-class BrokenBackend:
-    """A backend whose hooks raise, claiming FakeModel."""
+class BrokenRuntime(BackendRuntime):
+    """A runtime claiming FakeModel whose every other primitive raises."""
 
-    @hookimpl
-    def peftcore_backend_info(self) -> BackendInfo:
+    name, framework = "broken", "Fake"
+
+    def info(self) -> BackendInfo:
         return BackendInfo("broken", "Fake", available=True, version="0")
 
-    @hookimpl
-    def peftcore_detect(self, model: Any) -> bool:
+    def detect(self, model: Any) -> bool:
         return isinstance(model, FakeModel)
 
 
 def _raiser(name: str) -> Any:
-    def hook(self: Any, **kwargs: Any) -> Any:
+    def primitive(self: Any, *args: Any, **kwargs: Any) -> Any:
         raise RuntimeError("boom")
 
-    hook.__name__ = name
-    return hookimpl(hook)
+    primitive.__name__ = name
+    return primitive
 
 
-for _name in REQUIRED_BACKEND_HOOKS:
-    if not hasattr(BrokenBackend, _name):
-        setattr(BrokenBackend, _name, _raiser(_name))
+for _name in REQUIRED_PRIMITIVES:
+    if _name not in vars(BrokenRuntime):
+        setattr(BrokenRuntime, _name, _raiser(_name))
+
+
+class BrokenBackend:
+    """A backend plugin whose runtime raises in every primitive but ``info`` and ``detect``."""
+
+    @hookimpl
+    def peftcore_backend(self) -> BackendRuntime:
+        return BrokenRuntime()
 
 
 @pytest.fixture
@@ -92,23 +100,42 @@ def test_plugin_raising_in_hook_is_named_and_others_keep_working(fresh_manager: 
     torch = pytest.importorskip("torch")
     manager = get_plugin_manager()
     manager.register(BrokenBackend(), "broken")
-    with pytest.raises(BackendError, match=r"backend 'broken' failed in peftcore_describe: RuntimeError: boom"):
+    with pytest.raises(BackendError, match=r"backend 'broken' failed in describe: RuntimeError: boom"):
         peftcore.get_peft_model(FakeModel(), LoraConfig(target_modules=["x"]))
     model = torch.nn.Sequential(torch.nn.Linear(2, 2))
     wrapped = peftcore.get_peft_model(model, LoraConfig(target_modules=["0"]))
     assert wrapped.backend.name == "torch"
 
 
-def test_incomplete_backend_is_unavailable(fresh_manager: None) -> None:
+def test_incomplete_backend_is_unavailable_and_told_what_it_lacks(fresh_manager: None) -> None:
+    class HalfRuntime(BackendRuntime):
+        def info(self) -> BackendInfo:
+            return BackendInfo("half", "Fake", available=True)
+
+        def detect(self, model: Any) -> bool:
+            return False
+
     class HalfBackend:
         @hookimpl
-        def peftcore_backend_info(self) -> BackendInfo:
-            return BackendInfo("half", "Fake", available=True)
+        def peftcore_backend(self) -> BackendRuntime:
+            return HalfRuntime()
 
     manager = get_plugin_manager()
     manager.register(HalfBackend(), "half")
-    with pytest.raises(BackendError, match="half.*not available: plugin does not implement peftcore_detect"):
+    with pytest.raises(BackendError, match="half.*not available: its runtime does not implement describe, peft_model_class"):
         manager.get_backend("half")
+
+
+def test_a_backend_hook_returning_something_else_is_unavailable(fresh_manager: None) -> None:
+    class OddBackend:
+        @hookimpl
+        def peftcore_backend(self) -> Any:
+            return {"not": "a runtime"}
+
+    manager = get_plugin_manager()
+    manager.register(OddBackend(), "odd")
+    with pytest.raises(BackendError, match="odd.*not available.*returned dict, not a peftcore.runtime.BackendRuntime"):
+        manager.get_backend("odd")
 
 
 def test_entry_point_that_fails_to_import_is_reported(fresh_manager: None, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
@@ -152,11 +179,11 @@ def test_hooks_are_called_on_the_selected_backend_only(fresh_manager: None) -> N
             self.label = label
 
         @hookimpl
-        def peftcore_backend_info(self) -> BackendInfo:
+        def peftcore_backend(self) -> BackendRuntime:
             calls.append(self.label)
-            return BackendInfo(self.label, "Fake", available=True)
+            return BrokenRuntime()
 
     manager.register(Recorder("a"), "a")
     manager.register(Recorder("b"), "b")
-    assert manager.get_backend("b").info.name == "b"
-    assert calls == ["b"]
+    assert manager.get_backend("b").info.name == "broken"
+    assert calls == ["b"]  # only b's backend hook ran

@@ -1,7 +1,7 @@
 import pytest
 
 from peftcore import ConfigError, LayerNode, LoraConfig, ModelGraph, TargetNotFoundError, UnsupportedLayerError
-from peftcore.plan import AddLora
+from peftcore.methods.lora import AddLora
 
 
 def linear(path: str, n_in: int = 8, n_out: int = 8) -> LayerNode:

@@ -5,8 +5,9 @@ import json
 import pytest
 
 from peftcore import ConfigError, LayerNode, ModelGraph, PlanError, RewritePlan, TargetNotFoundError, UniPELTConfig
+from peftcore.methods.lora import AddLora
 from peftcore.methods.unipelt_ops import AddBottleneckAdapter, AddGate, AddPrefix
-from peftcore.plan import AddLora, check_plan_fits
+from peftcore.plan import check_plan_fits
 from peftcore.registry import PeftRegistry
 
 

@@ -11,9 +11,9 @@ import pytest
 @pytest.fixture(scope="module")
 def sg() -> Any:
     """The singa package (shims applied), or skip with the reason it is unavailable."""
-    from peftcore_singa.plugin import peftcore_backend_info
+    from peftcore_singa.plugin import peftcore_backend
 
-    info = peftcore_backend_info()
+    info = peftcore_backend().info()
     if not info.available:
         pytest.skip(f"peftcore backend 'singa' unavailable: {info.reason}")
     from peftcore_singa.compat import import_singa

@@ -23,6 +23,7 @@ from typing import Any, Mapping
 
 import numpy as np
 import pytest
+
 from tests.subprocess_env import child_env
 
 torch = pytest.importorskip("torch")
@@ -261,7 +262,7 @@ def test_singa_checkpoint_to_canonical_layout(singa_like: dict, capsys: pytest.C
         converted = read_adapter(str(folder / name))
         assert converted.plan == singa_like["plan"]
         loaded = peftcore.PeftModel.from_pretrained(mlp_twin(singa_like["weights"]), str(folder / name))
-        tensors = loaded.backend.call("peftcore_export_adapter", model=loaded.model, adapter_name="default")
+        tensors = loaded.export_adapter("default")
         for key, value in singa_like["expected"]["default"].items():
             np.testing.assert_array_equal(tensors[key], value, err_msg=key)
     # the converted adapter computes what the SINGA model did: W + scaling * B @ A, head replaced
@@ -269,7 +270,7 @@ def test_singa_checkpoint_to_canonical_layout(singa_like: dict, capsys: pytest.C
     expected = singa_like["expected"]["default"]
     weights = {**singa_like["weights"], "head.weight": expected["head.weight"], "head.bias": expected["head.bias"]}
     reference = reference_forward(MLP, weights, x, [lora_deltas(singa_like["plan"], expected)])
-    np.testing.assert_allclose(loaded.backend.call("peftcore_toy_forward", model=loaded.model, inputs=x), reference, atol=1e-5)
+    np.testing.assert_allclose(loaded.backend.conformance_kit().forward(loaded.model, x), reference, atol=1e-5)
 
 
 def test_singa_checkpoint_adapter_choice_and_hf_output(singa_like: dict, capsys: pytest.CaptureFixture) -> None:
@@ -429,7 +430,7 @@ sys.exit(main(["convert", "square.zip", "square_via_singa_model", "--model", "si
 def singa_python() -> str:
     """An interpreter that can import SINGA, or skip saying why there is none."""
     candidates = [os.environ.get("PEFTCORE_SINGA_PYTHON", ""), "/opt/singa-venv/bin/python", sys.executable]
-    probe = "from peftcore_singa.plugin import peftcore_backend_info as i; info = i(); print(info.available, info.reason)"
+    probe = "from peftcore_singa.plugin import peftcore_backend as i; info = i().info(); print(info.available, info.reason)"
     reasons = []
     for python in dict.fromkeys(c for c in candidates if c):
         if not os.path.exists(python):

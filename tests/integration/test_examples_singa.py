@@ -41,9 +41,9 @@ def test_example_skips_cleanly_without_singa() -> None:
 
 
 def _require_singa_and_sklearn() -> None:
-    from peftcore_singa.plugin import peftcore_backend_info
+    from peftcore_singa.plugin import peftcore_backend
 
-    info = peftcore_backend_info()
+    info = peftcore_backend().info()
     if not info.available:
         pytest.skip(f"peftcore backend 'singa' unavailable: {info.reason}")
     pytest.importorskip("sklearn", reason="the example's digits data come from scikit-learn")

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import warnings
 from pathlib import Path
-from typing import Any, List
+from typing import Any, List, Sequence
 
 import pytest
 
@@ -46,7 +46,7 @@ def lora(targets: Any, r: int = 4, **changes: Any) -> LoraConfig:
     return LoraConfig(r=r, lora_alpha=2 * r, target_modules=targets, init_lora_weights=False, **changes)
 
 
-def with_adapters(model: nn.Module, targets: Any, ranks: List[int] = [4, 2, 8]) -> Any:
+def with_adapters(model: nn.Module, targets: Any, ranks: Sequence[int] = (4, 2, 8)) -> Any:
     peft_model = peftcore.get_peft_model(model, lora(targets, ranks[0]), adapter_name=ADAPTERS[0])
     for name, r in zip(ADAPTERS[1:], ranks[1:]):
         peft_model.add_adapter(name, lora(targets, r))
@@ -227,8 +227,10 @@ def test_a_layer_that_cannot_route_rows_is_refused_and_nothing_is_routed() -> No
     assert peft_model.model[1].batch_routing is None
 
 
-def test_a_backend_without_the_hook_says_so(monkeypatch: pytest.MonkeyPatch) -> None:
+def test_a_backend_without_row_routing_says_so(monkeypatch: pytest.MonkeyPatch) -> None:
+    from peftcore.runtime import BackendRuntime
+
     peft_model = with_adapters(mlp(), ["1"])
-    monkeypatch.setattr(peft_model.backend, "implements", lambda hook: hook != "peftcore_set_batch_adapters")
+    monkeypatch.setattr(type(peft_model.runtime), "row_routing", BackendRuntime.row_routing)
     with pytest.raises(BackendError, match="cannot run mixed-adapter batches"):
         peft_model(torch.zeros(2, 3, dtype=torch.long), adapter_names=["one", "two"])

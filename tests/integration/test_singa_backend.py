@@ -17,7 +17,6 @@ import pytest
 
 from peftcore import LoraConfig, get_peft_model
 from peftcore.api import PeftModel
-from peftcore.errors import BackendError
 from peftcore.graph import LayerNode, ModelGraph
 from peftcore.io import read_adapter, save_adapter
 from peftcore.testing.toys import MLP, TOKEN_MODEL, ToySpec, ToyStep, lora_deltas, reference_forward
@@ -63,10 +62,11 @@ def test_plugin_reports_unavailable_when_singa_import_fails(monkeypatch: pytest.
     from peftcore_singa import plugin
 
     monkeypatch.setitem(sys.modules, "singa", None)  # makes `import singa` raise ImportError
-    info = plugin.peftcore_backend_info()
+    runtime = plugin.peftcore_backend()
+    info = runtime.info()
     assert not info.available and info.name == "singa"
     assert "singa is not importable" in info.reason and "import of singa halted" in info.reason
-    assert plugin.peftcore_detect(model=object()) is False
+    assert runtime.detect(object()) is False
 
 
 def test_compat_shims_only_fill_missing_names() -> None:
@@ -93,8 +93,8 @@ def test_backend_info_without_singa_applies_no_shims() -> None:
         "import importlib.util\n"
         "if importlib.util.find_spec('singa') is not None: sys.exit(0)\n"
         "before = hasattr(collections, 'Iterable')\n"
-        "from peftcore_singa.plugin import peftcore_backend_info\n"
-        "info = peftcore_backend_info()\n"
+        "from peftcore_singa.plugin import peftcore_backend\n"
+        "info = peftcore_backend().info()\n"
         "assert not info.available and 'No module named' in info.reason, info\n"
         "assert hasattr(collections, 'Iterable') == before\n"
     )
@@ -104,7 +104,7 @@ def test_backend_info_without_singa_applies_no_shims() -> None:
 # -- with SINGA ----------------------------------------------------------------------------
 
 
-def test_uninitialised_model_needs_example_inputs(sg: Any) -> None:
+def test_uninitialised_model_is_planned_at_its_first_forward(sg: Any) -> None:
     from singa import autograd, layer, model, tensor
 
     from peftcore.errors import UnsupportedLayerError
@@ -120,8 +120,8 @@ def test_uninitialised_model_needs_example_inputs(sg: Any) -> None:
             return self.fc2(autograd.relu(self.fc1(x)))
 
     x = np.ones((2, 5), np.float32)
-    with pytest.raises(BackendError, match="example_inputs"):
-        get_peft_model(Net(), LoraConfig(target_modules=["fc1"]), backend="singa")
+    pending = get_peft_model(Net(), LoraConfig(target_modules=["fc1"]), backend="singa")
+    assert pending.graph is None and pending.pending_adapters == ["default"]
     peft = get_peft_model(Net(), LoraConfig(target_modules=["fc1"]), example_inputs=x)
     assert peft.backend.name == "singa"  # detected, not named
     assert peft.graph.get("fc1").params["weight"] == (8, 5)
@@ -251,7 +251,7 @@ def test_embedding_lora_trains(sg: Any) -> None:
     after = _params(model)
     assert not np.array_equal(before["embed.lora_B.default"], after["embed.lora_B.default"])
     np.testing.assert_array_equal(before["embed.W"], after["embed.W"])
-    exported = peft.backend.call("peftcore_export_adapter", model=model, adapter_name="default")
+    exported = peft.export_adapter("default")
     expected = reference_forward(TOKEN_MODEL, weights, tokens, [lora_deltas(peft.plans["default"], exported)])
     np.testing.assert_allclose(_forward(model, tokens), expected, atol=1e-5)
 
@@ -277,7 +277,7 @@ def test_gemm_lora_matches_reference_and_merges(sg: Any, trans_b: bool, alpha: f
     w = tensor.to_numpy(net.proj.base_layer.W)
     canonical = w if trans_b else w.T
     bias = tensor.to_numpy(net.proj.base_layer.b).reshape(-1)
-    exported = peft.backend.call("peftcore_export_adapter", model=net, adapter_name="default")
+    exported = peft.export_adapter("default")
     delta = lora_deltas(peft.plans["default"], exported)["proj"]
     expected = alpha * x @ canonical.T + bias + x @ delta.T
     unmerged = _forward(net, x)

@@ -34,11 +34,11 @@ RESIDUAL_CONFIGS = {
 
 
 def _toy(spec: ToySpec, weights: dict) -> Any:
-    return get_plugin_manager().get_backend("singa").call("peftcore_build_toy_model", spec=spec, weights=weights)
+    return get_plugin_manager().get_backend("singa").conformance_kit().build(spec, weights)
 
 
 def _forward(model: Any, inputs: np.ndarray) -> np.ndarray:
-    return get_plugin_manager().get_backend("singa").call("peftcore_toy_forward", model=model, inputs=inputs)
+    return get_plugin_manager().get_backend("singa").conformance_kit().forward(model, inputs)
 
 
 def _params(model: Any) -> dict[str, np.ndarray]:
@@ -49,7 +49,7 @@ def _params(model: Any) -> dict[str, np.ndarray]:
 
 def _randomise(peft: PeftModel, rng: np.random.Generator, scale: float = 0.3) -> dict[str, np.ndarray]:
     tensors = {k: (rng.standard_normal(s.shape) * scale).astype(np.float32) for k, s in peft.plans["default"].tensor_specs().items()}
-    peft.backend.call("peftcore_import_adapter", model=peft.model, adapter_name="default", tensors=tensors)
+    peft.import_adapter("default", tensors)
     return tensors
 
 
@@ -210,7 +210,7 @@ def test_baked_prompt_trains_like_a_plain_prompt(sg: Any) -> None:
     baked = _params(model)["embed.prompt_embeddings.default"]
     plain = _toy(TOKEN_MODEL, weights)
     plain_peft = get_peft_model(plain, PromptTuningConfig(num_virtual_tokens=2))
-    plain_peft.backend.call("peftcore_import_adapter", model=plain, adapter_name="default", tensors={"embed.prompt_embeddings": baked})
+    plain_peft.import_adapter("default", {"embed.prompt_embeddings": baked})
     for trained in (model, plain):
         Trainer(trained, x, y, use_graph=False).steps(2)
     after = _params(model)["embed.prompt_embeddings.default"]
@@ -396,9 +396,9 @@ def test_torch_and_singa_share_bitfit_and_prompt_adapters(sg: Any, case: str, tm
     base = reference_forward(spec, weights, x)
 
     def torch_out(model: Any) -> np.ndarray:
-        return torch_backend.call("peftcore_toy_forward", model=model, inputs=x)
+        return torch_backend.conformance_kit().forward(model, x)
 
-    torch_model = torch_backend.call("peftcore_build_toy_model", spec=spec, weights=weights)
+    torch_model = torch_backend.conformance_kit().build(spec, weights)
     torch_peft = get_peft_model(torch_model, make_config(), example_inputs=x)
     optimizer = torch.optim.SGD([p for p in torch_model.parameters() if p.requires_grad], lr=0.2)
     for _ in range(3):
@@ -418,7 +418,7 @@ def test_torch_and_singa_share_bitfit_and_prompt_adapters(sg: Any, case: str, tm
     assert np.abs(singa_out - base).max() > 1e-3
     singa_peft.save_pretrained(str(tmp_path / "from_singa"))
     torch_loaded = PeftModel.from_pretrained(
-        torch_backend.call("peftcore_build_toy_model", spec=spec, weights=weights), str(tmp_path / "from_singa")
+        torch_backend.conformance_kit().build(spec, weights), str(tmp_path / "from_singa")
     )
     assert torch_loaded.backend.name == "torch"
     np.testing.assert_allclose(torch_out(torch_loaded.model), singa_out, atol=1e-5)

@@ -19,9 +19,9 @@ torch = pytest.importorskip("torch")
 
 @pytest.fixture(scope="module")
 def singa_backend() -> Any:
-    from peftcore_singa.plugin import peftcore_backend_info
+    from peftcore_singa.plugin import peftcore_backend
 
-    info = peftcore_backend_info()
+    info = peftcore_backend().info()
     if not info.available:
         pytest.skip(f"peftcore backend 'singa' unavailable: {info.reason}")
     return get_plugin_manager().get_backend("singa")
@@ -29,10 +29,10 @@ def singa_backend() -> Any:
 
 def _setup(backend_name: str, weights: dict, prompt: np.ndarray) -> Any:
     backend = get_plugin_manager().get_backend(backend_name)
-    model = backend.call("peftcore_build_toy_model", spec=TOKEN_MODEL, weights=weights)
+    model = backend.conformance_kit().build(TOKEN_MODEL, weights)
     inputs = np.zeros(TOKEN_MODEL.input_shape, dtype=np.int64)
     peft = get_peft_model(model, PromptTuningConfig(num_virtual_tokens=len(prompt)), backend=backend_name, example_inputs=inputs)
-    backend.call("peftcore_import_adapter", model=peft.model, adapter_name="default", tensors={"embed.prompt_embeddings": prompt})
+    peft.import_adapter("default", {"embed.prompt_embeddings": prompt})
     return peft
 
 
@@ -63,9 +63,7 @@ def test_singa_gradients_and_xprompt_masks_match_torch(singa_backend: Any) -> No
     targets = rng.standard_normal((TOKEN_MODEL.input_shape[0], 3)).astype(np.float32)
     models = {name: _setup(name, weights, prompt) for name in ("torch", "singa")}
     grads = {
-        name: peft.backend.call(
-            "peftcore_adapter_gradients", model=peft.model, adapter_name="default", loss=_loss_for(name, targets)(peft, batches[0])
-        )["embed.prompt_embeddings"]
+        name: peft.adapter_gradients("default", _loss_for(name, targets)(peft, batches[0]))["embed.prompt_embeddings"]
         for name, peft in models.items()
     }
     np.testing.assert_allclose(grads["singa"], grads["torch"], atol=1e-5)
@@ -77,6 +75,6 @@ def test_singa_gradients_and_xprompt_masks_match_torch(singa_backend: Any) -> No
     np.testing.assert_array_equal(results["singa"].piece_mask, results["torch"].piece_mask)
     assert results["singa"].num_pruned_tokens == 3 and (results["singa"].piece_mask == 0).sum() == 3
     outputs = {
-        name: peft.backend.call("peftcore_toy_forward", model=peft.model, inputs=batches[0]) for name, peft in models.items()
+        name: peft.backend.conformance_kit().forward(peft.model, batches[0]) for name, peft in models.items()
     }
     np.testing.assert_allclose(outputs["singa"], outputs["torch"], atol=1e-5)

@@ -84,7 +84,7 @@ def test_registry_finds_the_method_through_the_entry_point() -> None:
 
 @needs_torch
 def test_torch_backend_lists_the_new_op() -> None:
-    assert "ia3_scale" in get_plugin_manager().get_backend("torch").info.ops
+    assert "ia3_scale" in get_plugin_manager().get_backend("torch").ops()
 
 
 def test_plugin_imports_and_plans_without_torch() -> None:

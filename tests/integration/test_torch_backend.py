@@ -140,7 +140,7 @@ def test_errors_leave_the_model_untouched() -> None:
     assert all(p.requires_grad for p in model.parameters())
 
     peft_model = peftcore.get_peft_model(model, LoraConfig(r=2, target_modules=["fc1"]))
-    bad_plan = peftcore.RewritePlan("lora", "bad", (peftcore.plan.AddLora(path="fc2", in_features=5, out_features=4),))
+    bad_plan = peftcore.RewritePlan("lora", "bad", (peftcore.methods.lora.AddLora(path="fc2", in_features=5, out_features=4),))
     with pytest.raises(PlanError, match="expects 5 -> 4 features, the layer has 32 -> 4"):
         peft_model.add_adapter("bad", peft_model.peft_config["default"], plan=bad_plan)
     assert type(peft_model.model.fc2) is nn.Linear and "bad" not in peft_model.peft_config

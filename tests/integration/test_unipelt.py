@@ -12,8 +12,16 @@ torch = pytest.importorskip("torch", reason="torch is not installed")
 transformers = pytest.importorskip("transformers", reason="transformers is not installed")
 
 import peftcore  # noqa: E402
-from peftcore import AdapterError, ConfigError, LoraConfig, PeftModel, PlanError, TargetNotFoundError  # noqa: E402
-from peftcore import UniPELTConfig, gate_values  # noqa: E402
+from peftcore import (  # noqa: E402
+    AdapterError,
+    ConfigError,
+    LoraConfig,
+    PeftModel,
+    PlanError,
+    TargetNotFoundError,
+    UniPELTConfig,
+    gate_values,
+)
 from peftcore_torch.lora import LoraLinear  # noqa: E402
 from peftcore_torch.prefix import AttentionPrefix, RoutedConfig  # noqa: E402
 from peftcore_torch.unipelt import GatedLoraLinear  # noqa: E402

@@ -83,7 +83,7 @@ def test_score_through_a_mask_equals_the_score_from_the_prompt_gradient():
             loss = model(inputs_embeds=inputs, labels=labels).loss
         (grad_mask,) = torch.autograd.grad(loss, mask)
         via_mask += grad_mask.abs()
-        grads = model.backend.call("peftcore_adapter_gradients", model=model.model, adapter_name="default", loss=_loss(model, batch))
+        grads = model.adapter_gradients("default", _loss(model, batch))
         via_gradient += torch.from_numpy(token_importance(prompt.numpy(), grads["model.embed_tokens.prompt_embeddings"]))
     torch.testing.assert_close(via_gradient.float(), via_mask, rtol=1e-4, atol=1e-7)
 

@@ -58,7 +58,7 @@ def train_single() -> dict[str, Any]:
     """The reference: one process, whole global batches."""
     peft_model = build()
     train(peft_model, global_batches())
-    return peft_model.backend.call("peftcore_export_adapter", model=peft_model.get_base_model(), adapter_name="default")
+    return peft_model.export_adapter("default")
 
 
 def local_batches(rank: int) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:

@@ -13,6 +13,7 @@ from typing import Any
 
 import numpy as np
 import pytest
+
 from tests.subprocess_env import child_env
 
 torch = pytest.importorskip("torch", reason="torch is not installed")
@@ -34,7 +35,7 @@ def save_previous(directory: Path) -> dict[str, np.ndarray]:
     """Save the adapter that must survive; returns its tensors."""
     peft_model = peftcore.get_peft_model(small_model(), LoraConfig(r=2, target_modules=["0", "2"], init_lora_weights=False))
     peft_model.save_pretrained(directory)
-    return peft_model.backend.call("peftcore_export_adapter", model=peft_model.model, adapter_name="default")
+    return peft_model.export_adapter("default")
 
 
 def digest(directory: Path) -> dict[str, str]:
@@ -87,7 +88,7 @@ def test_killed_save_leaves_previous_adapter_loadable(tmp_path: Path) -> None:
     assert landed, "could not kill the save while its weights were being written"
     assert digest(directory) == before
     loaded = PeftModel.from_pretrained(small_model(), directory)  # the leftover temp file is ignored
-    now = loaded.backend.call("peftcore_export_adapter", model=loaded.model, adapter_name="default")
+    now = loaded.export_adapter("default")
     assert set(now) == set(previous)
     for name in previous:
         np.testing.assert_array_equal(now[name], previous[name])
@@ -98,7 +99,7 @@ def test_failed_save_cleans_up_and_keeps_previous(tmp_path: Path) -> None:
     previous = save_previous(directory)
     before = digest(directory)
     peft_model = peftcore.get_peft_model(small_model(), LoraConfig(r=2, target_modules=["0", "2"]))
-    exported = peft_model.backend.call("peftcore_export_adapter", model=peft_model.model, adapter_name="default")
+    exported = peft_model.export_adapter("default")
     broken = {**exported, "0.lora_A": exported["0.lora_A"].astype(object)}  # safetensors cannot write it
     with pytest.raises(Exception, match="object"):
         from peftcore.io import save_adapter

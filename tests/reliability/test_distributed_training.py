@@ -12,6 +12,7 @@ from typing import Any
 
 import numpy as np
 import pytest
+
 from tests.subprocess_env import child_env
 
 torch = pytest.importorskip("torch", reason="torch is not installed")
@@ -77,7 +78,7 @@ def trained_adapter(out_dir: Path, mode: str) -> dict[str, np.ndarray]:
 def assert_same_adapter(distributed: dict[str, np.ndarray], single: dict[str, Any]) -> None:
     assert set(distributed) == set(single)
     start = load_worker().build()
-    initial = start.backend.call("peftcore_export_adapter", model=start.model, adapter_name="default")
+    initial = start.export_adapter("default")
     for name, expected in single.items():
         assert not np.allclose(expected, initial[name]), f"{name} did not train"
         np.testing.assert_allclose(distributed[name], expected, rtol=0, atol=TOLERANCE, err_msg=name)

@@ -16,7 +16,15 @@ import numpy as np
 import pytest
 
 from peftcore import AdapterError, LayerNode, LoraConfig, ModelGraph
-from peftcore.io import CONFIG_NAME, WEIGHTS_NAME, adapter_subdir, check_adapter_name, match_tensors, read_adapter, save_adapter
+from peftcore.io import (
+    CONFIG_NAME,
+    WEIGHTS_NAME,
+    adapter_subdir,
+    check_adapter_name,
+    match_tensors,
+    read_adapter,
+    save_adapter,
+)
 
 GRAPH = ModelGraph(layers=(LayerNode("fc", "linear", "Linear", 3, 2, params={"weight": (2, 3)}),))
 CONFIG = LoraConfig(r=2, target_modules=["fc"])

@@ -80,7 +80,7 @@ def test_merge_unmerge_cycles_restore_base_bits(dtype: Any) -> None:
     peft_model = peftcore.get_peft_model(model, config())
     peft_model.add_adapter("second", config(r=2, lora_alpha=32, target_modules=["fc1", "proj"]))
     assert_bit_identical(snapshot(peft_model.model), original)
-    for cycle in range(4):
+    for _ in range(4):
         expected = peft_model(tokens())
         peft_model.merge_adapter()
         assert snapshot(peft_model.model)["fc1.weight"].ne(original["fc1.weight"]).any()

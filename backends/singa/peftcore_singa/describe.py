@@ -8,8 +8,9 @@ in ``_layers``).
 
 SINGA layers create their parameters lazily, on the first forward. :func:`describe_model`
 therefore runs one eval-mode forward with ``example_inputs`` when some layer is not
-initialised yet, and raises a :class:`~peftcore.errors.BackendError` asking for them when
-none were given. Shapes are canonical: ``layer.Linear`` stores W as ``(in, out)`` and is
+initialised yet; when none were given and no layer has run, it returns None (the shapes
+are not known yet), and the PeftModel keeps its adapters pending until SINGA initialises
+the layers (see :mod:`peftcore_singa.peft_model`). Shapes are canonical: ``layer.Linear`` stores W as ``(in, out)`` and is
 reported ``(out, in)``; ``layer.Gemm`` stores ``(out, in)`` (``transB=True``, the default)
 or ``(in, out)``; an Embedding table is ``(num_embeddings, dim)`` in both.
 """
@@ -158,34 +159,34 @@ def to_tensors(example_inputs: Any, dev: Any) -> tuple:
     return (to_tensor(example_inputs, dev),)
 
 
-def ensure_initialised(model: Any, example_inputs: Any) -> None:
-    """Initialise lazily built layers with one eval-mode forward on ``example_inputs``.
+def ensure_initialised(model: Any, example_inputs: Any) -> bool:
+    """Initialise lazily built layers with one eval-mode forward on ``example_inputs``;
+    return whether the layers know their shapes.
 
-    Does nothing when every layer is initialised already. Without ``example_inputs``,
-    a model none of whose layers has run yet is an error; in a model that has run
-    (``compile`` or a batch), layers still uninitialised are ones its forward does not
-    reach. Those stay uninitialised, are described as ``other`` and cannot be adapted.
+    Does nothing when every layer is initialised already. Without ``example_inputs``, a
+    model none of whose layers has run yet does not know its shapes (False); in a model
+    that has run (``compile`` or a batch), layers still uninitialised are ones its forward
+    does not reach. Those stay uninitialised, are described as ``other`` and cannot be
+    adapted.
     """
     lazy = [(path, node) for path, node in walk(model) if type(node).initialize is not layer.Layer.initialize]
-    pending = [path for path, node in lazy if not node._initialized]
-    if not pending:
-        return
+    if all(node._initialized for _, node in lazy):
+        return True
     if example_inputs is None:
-        if any(node._initialized for _, node in lazy):
-            return
-        raise BackendError(
-            f"the SINGA model is not initialised yet (layer {pending[0]!r} has no parameters before its "
-            "first forward); pass example_inputs=<a batch of inputs> to get_peft_model / "
-            "PeftModel.from_pretrained, or run model.compile([x], ...) first"
-        )
+        return any(node._initialized for _, node in lazy)
     inputs = to_tensors(example_inputs, model_device(model))
     with eval_mode(model):
         model.forward(*inputs)
+    return True
 
 
-def describe_model(model: Any, example_inputs: Any = None, extra_kinds: Optional[dict] = None) -> ModelGraph:
-    """Build the ModelGraph of ``model``; ``extra_kinds`` maps extra layer classes to IR kinds."""
-    ensure_initialised(model, example_inputs)
+def describe_model(model: Any, example_inputs: Any = None, extra_kinds: Optional[dict] = None) -> Optional[ModelGraph]:
+    """Build the ModelGraph of ``model``; ``extra_kinds`` maps extra layer classes to IR kinds.
+
+    None when no layer has run yet and no ``example_inputs`` were given: the shapes are
+    not known until SINGA initialises the layers (compile or the first forward)."""
+    if not ensure_initialised(model, example_inputs):
+        return None
     extra_kinds = extra_kinds or {}
     layers = [describe_layer(path, node, extra_kinds) for path, node in walk(model)]
     linears = [n.path for n in layers if n.kind == "linear"]

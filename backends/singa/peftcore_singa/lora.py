@@ -28,7 +28,7 @@ apply_shims()
 
 from singa import autograd, layer, singa_wrap, tensor  # noqa: E402
 
-from peftcore.plan import AddLora  # noqa: E402
+from peftcore.methods.lora import AddLora  # noqa: E402
 from peftcore_singa.describe import linear_features  # noqa: E402
 from peftcore_singa.layers import AdapterLayer, to_numpy  # noqa: E402
 

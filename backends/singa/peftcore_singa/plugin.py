@@ -9,21 +9,24 @@ Python >= 3.10 / numpy >= 1.24, applied before its first import (see
 Using it::
 
     model = MyModel()                          # a singa.model.Model (or layer.Layer)
-    peft = get_peft_model(model, LoraConfig(target_modules=["fc1"]), example_inputs=x)
-    model.compile([tx], is_train=True, use_graph=False)   # after get_peft_model
-    model.train(); out, loss = model(tx, ty)
+    peft_model = get_peft_model(model, LoraConfig(target_modules=["fc1"]))   # a singa Model
+    peft_model.set_optimizer(sgd)
+    peft_model.compile([tx], is_train=True, use_graph=False)   # adapters built here
+    peft_model.train(); out, loss = peft_model(tx, ty)     # your model's train_one_batch
 
 SINGA specifics a user must know:
 
 * **Lazy layers.** SINGA creates parameters on the first forward. ``describe`` runs one
   eval-mode forward with ``example_inputs`` (numpy arrays or SINGA tensors, one or a
-  list) when some layer is not initialised, and raises asking for them otherwise.
+  list) when some layer is not initialised, and returns None without them: the
+  :class:`~peftcore_singa.peft_model.SingaPeftModel` then keeps the adapters pending and
+  builds them when SINGA initialises the layers (``compile`` or the first forward).
 * **Graph mode.** With ``compile(..., use_graph=True)`` the first ``train_one_batch``
   records forward, backward and update, and later calls replay that record. Call
   ``get_peft_model`` / ``from_pretrained`` / ``add_adapter`` *before* ``compile`` and the
   first training step. Every later change that alters a training step (set/delete
   adapter, disable_adapter, merge/unmerge, unload, trainable flags) drops the recorded
-  graph (:func:`peftcore_singa.apply.invalidate_graph`), so the next step re-records it;
+  graph (:meth:`peftcore_singa.runtime.SingaRuntime.model_changed`), so the next step re-records it;
   placeholders fed with ``copy_from_numpy`` keep working. Do not merge in the middle of a
   recorded training run you want to keep replaying.
 * **Freezing** sets ``stores_grad = requires_grad = False`` on every frozen tensor (SINGA
@@ -49,164 +52,31 @@ SINGA specifics a user must know:
 
 from __future__ import annotations
 
-from typing import Any, Mapping, Sequence
+from typing import Any
 
-from peftcore.hookspecs import BackendInfo, hookimpl
+from peftcore.hookspecs import hookimpl
+from peftcore.runtime import BackendRuntime, UnavailableRuntime
 
 NAME = "singa"
 FRAMEWORK = "Apache SINGA"
 
 
 @hookimpl
-def peftcore_backend_info() -> BackendInfo:
+def peftcore_backend() -> BackendRuntime:
     try:
         from peftcore_singa.compat import import_singa, singa_version
 
-        singa = import_singa()
-        version = singa_version(singa)
+        version = singa_version(import_singa())
+        from peftcore_singa.runtime import SingaRuntime
     except Exception as exc:  # any failure (ImportError, numpy ABI errors...) means unavailable
-        return BackendInfo(
-            NAME, FRAMEWORK, available=False, reason=f"singa is not importable ({type(exc).__name__}: {exc})"
-        )
-    return BackendInfo(NAME, FRAMEWORK, available=True, version=version, ops=tuple(sorted(_builders())))
+        return UnavailableRuntime(NAME, FRAMEWORK, f"singa is not importable ({type(exc).__name__}: {exc})")
+    return SingaRuntime(version)
 
 
 @hookimpl
-def peftcore_detect(model: Any) -> bool:
-    from peftcore_singa.compat import singa_imported
+def peftcore_conformance_kit(backend: str) -> Any:
+    if backend != NAME:
+        return None
+    from peftcore_singa.toys import SingaToyKit
 
-    if not singa_imported():
-        return False
-    from peftcore_singa.compat import import_singa
-
-    singa = import_singa()
-    return isinstance(model, (singa.model.Model, singa.layer.Layer))
-
-
-def _builders() -> dict:
-    from peftcore.plugins import get_plugin_manager
-    from peftcore_singa.apply import BUILDERS
-
-    builders = dict(BUILDERS)
-    for extra in get_plugin_manager().hook.peftcore_op_builders(backend=NAME):
-        builders.update(extra or {})
-    return builders
-
-
-@hookimpl
-def peftcore_describe(model: Any, example_inputs: Any) -> Any:
-    from peftcore.plugins import get_plugin_manager
-    from peftcore_singa.describe import describe_model
-
-    extra: dict = {}
-    for kinds in get_plugin_manager().hook.peftcore_layer_kinds(backend=NAME):
-        extra.update(kinds or {})
-    return describe_model(model, example_inputs, extra)
-
-
-@hookimpl
-def peftcore_apply(model: Any, plan: Any) -> Any:
-    from peftcore_singa.apply import apply_plan
-
-    return apply_plan(model, plan, _builders())
-
-
-@hookimpl
-def peftcore_export_adapter(model: Any, adapter_name: str) -> Mapping[str, Any]:
-    from peftcore_singa.apply import export_adapter
-
-    return export_adapter(model, adapter_name)
-
-
-@hookimpl
-def peftcore_import_adapter(model: Any, adapter_name: str, tensors: Mapping[str, Any]) -> None:
-    from peftcore_singa.apply import import_adapter
-
-    import_adapter(model, adapter_name, tensors)
-
-
-@hookimpl
-def peftcore_set_active_adapters(model: Any, adapter_names: Sequence[str]) -> None:
-    from peftcore_singa.apply import set_active
-
-    set_active(model, adapter_names)
-
-
-@hookimpl
-def peftcore_set_adapters_enabled(model: Any, enabled: bool) -> None:
-    from peftcore_singa.apply import for_each_layer
-
-    def switch(layer: Any) -> None:
-        layer.disabled = not enabled
-
-    for_each_layer(model, switch)
-
-
-@hookimpl
-def peftcore_set_trainable(model: Any, adapter_name: str, trainable: bool) -> None:
-    from peftcore_singa.apply import for_each_layer
-
-    for_each_layer(model, lambda layer: layer.set_trainable(adapter_name, trainable))
-
-
-@hookimpl
-def peftcore_delete_adapter(model: Any, adapter_name: str) -> None:
-    from peftcore_singa.apply import delete_adapter
-
-    delete_adapter(model, adapter_name)
-
-
-@hookimpl
-def peftcore_merge(model: Any, adapter_names: Sequence[str]) -> None:
-    from peftcore_singa.apply import for_each_layer
-
-    for_each_layer(model, lambda layer: layer.merge(list(adapter_names)))
-
-
-@hookimpl
-def peftcore_unmerge(model: Any) -> None:
-    from peftcore_singa.apply import for_each_layer
-
-    for_each_layer(model, lambda layer: layer.unmerge())
-
-
-@hookimpl
-def peftcore_unload(model: Any, merge: bool) -> Any:
-    from peftcore_singa.apply import unload
-
-    return unload(model, merge)
-
-
-@hookimpl
-def peftcore_bake(model: Any, adapter_name: str) -> None:
-    from peftcore_singa.apply import bake
-
-    bake(model, adapter_name)
-
-
-@hookimpl
-def peftcore_adapter_gradients(model: Any, adapter_name: str, loss: Any) -> Mapping[str, Any]:
-    from peftcore_singa.apply import adapter_gradients
-
-    return adapter_gradients(model, adapter_name, loss)
-
-
-@hookimpl
-def peftcore_count_parameters(model: Any) -> tuple:
-    from peftcore_singa.apply import count_parameters
-
-    return count_parameters(model)
-
-
-@hookimpl
-def peftcore_build_toy_model(spec: Any, weights: Mapping[str, Any]) -> Any:
-    from peftcore_singa.toys import build_toy
-
-    return build_toy(spec, weights)
-
-
-@hookimpl
-def peftcore_toy_forward(model: Any, inputs: Any) -> Any:
-    from peftcore_singa.toys import toy_forward
-
-    return toy_forward(model, inputs)
+    return SingaToyKit()

@@ -122,3 +122,13 @@ def toy_forward(toy: Any, inputs: np.ndarray) -> np.ndarray:
     with eval_mode(toy):
         out = toy.forward(to_tensor(inputs, model_device(toy)))
     return to_numpy(out).astype(np.float64)
+
+
+class SingaToyKit:
+    """The conformance kit of the SINGA backend (``peftcore_conformance_kit``)."""
+
+    def build(self, spec: ToySpec, weights: Mapping[str, np.ndarray]) -> ToyModel:
+        return build_toy(spec, weights)
+
+    def forward(self, model: Any, inputs: np.ndarray) -> np.ndarray:
+        return toy_forward(model, inputs)

@@ -33,9 +33,10 @@ class ToyAttention(nn.Module):
         mask = torch.ones(seq, seq, dtype=torch.bool, device=x.device)
         if self.causal:
             mask = mask.tril()
-        key, value, mask = extend_key_values(self, query, key, value, mask[None, None])
+        key, value, extended = extend_key_values(self, query, key, value, mask[None, None])
+        assert extended is not None  # a mask in, a mask out
         scores = (query @ key.transpose(-1, -2)) / math.sqrt(x.shape[-1])
-        scores = scores.masked_fill(~mask, float("-inf"))
+        scores = scores.masked_fill(~extended, float("-inf"))
         return self.o((scores.softmax(dim=-1) @ value).squeeze(1))
 
 

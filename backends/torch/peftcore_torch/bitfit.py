@@ -121,7 +121,7 @@ class BiasAdapter(AdapterLayer):
                 assert bias is not None and self._bias_before_merge is not None
                 bias.copy_(self._bias_before_merge)
             else:
-                self.base_layer.bias = None
+                self.base_layer.register_parameter("bias", None)
         self._bias_before_merge = None
         self.merged_adapters = []
 

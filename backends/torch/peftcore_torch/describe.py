@@ -8,26 +8,16 @@ reported ``(out, in)``.
 
 from __future__ import annotations
 
-from typing import Any, Iterator, Optional
+from typing import Any, Optional
 
 from torch import nn
 
 from peftcore.graph import LayerNode, ModelGraph
 from peftcore_torch.layers import AdapterLayer
-from peftcore_torch.lora import is_conv1d
+from peftcore_torch.walk import is_conv1d, walk
 
 _CONV = (nn.Conv1d, nn.Conv2d, nn.Conv3d)
 _NORM = (nn.LayerNorm, nn.GroupNorm, nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d)
-
-
-def walk(model: nn.Module, prefix: str = "") -> Iterator[tuple[str, nn.Module]]:
-    """``named_modules`` that yields an adapter wrapper in place of its base layer and
-    does not descend into it."""
-    for name, child in model.named_children():
-        path = f"{prefix}.{name}" if prefix else name
-        yield path, child
-        if not isinstance(child, AdapterLayer):
-            yield from walk(child, path)
 
 
 def describe_model(model: nn.Module, extra_kinds: Optional[dict] = None) -> ModelGraph:
@@ -44,7 +34,8 @@ def describe_model(model: nn.Module, extra_kinds: Optional[dict] = None) -> Mode
 
 
 def describe_module(path: str, module: nn.Module, extra_kinds: dict) -> LayerNode:
-    wrapped = module.base_layer if isinstance(module, AdapterLayer) else module
+    # any module kind (a plugin's too): its attributes are read by name
+    wrapped: Any = module.base_layer if isinstance(module, AdapterLayer) else module
     kind = _kind(wrapped, extra_kinds)
     params = {name: tuple(p.shape) for name, p in wrapped.named_parameters(recurse=False)}
     weight = getattr(wrapped, "weight", None)

@@ -12,7 +12,7 @@ so any number of merge/unmerge cycles leaves the base weights bit-identical.
 
 from __future__ import annotations
 
-from typing import Any, Mapping, Optional
+from typing import Any, Mapping, Optional, cast
 
 import torch
 from torch import nn
@@ -33,7 +33,7 @@ class AdapterLayer(AdapterBookkeeping, nn.Module):
         self._unmerged_weight: Optional[torch.Tensor] = None
 
     def base_weight(self) -> torch.Tensor:
-        return self.base_layer.weight
+        return cast(torch.Tensor, self.base_layer.weight)
 
     def new_tensor(self, *shape: int) -> nn.Parameter:
         """An uninitialised parameter on the base weight's device and dtype."""
@@ -101,6 +101,7 @@ class AdapterLayer(AdapterBookkeeping, nn.Module):
     def unmerge(self) -> None:
         if not self.merged_adapters:
             return
+        assert self._unmerged_weight is not None  # saved by merge()
         with torch.no_grad():
             self.base_weight().copy_(self._unmerged_weight)
         self._unmerged_weight = None

@@ -18,14 +18,14 @@ weight while merged and restores it, so merge/unmerge cycles leave it bit-identi
 from __future__ import annotations
 
 import math
-from typing import Any, Optional
+from typing import Any, ClassVar, Optional, cast
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from peftcore.errors import AdapterError, BackendError
-from peftcore.plan import AddLora
+from peftcore.methods.lora import AddLora
 from peftcore_torch.layers import AdapterLayer
 from peftcore_torch.lora_kernels import can_fuse, folding_pays, fused_lora_linear, has_hooks, merged_weight
 from peftcore_torch.row_routing import (
@@ -35,11 +35,7 @@ from peftcore_torch.row_routing import (
     contiguous_groups,
     routed_folded_linear,
 )
-
-
-def is_conv1d(module: nn.Module) -> bool:
-    """transformers' GPT-2 style ``Conv1D`` (weight stored ``(in, out)``), without importing transformers."""
-    return type(module).__name__ == "Conv1D" and hasattr(module, "nf") and module.weight.dim() == 2
+from peftcore_torch.walk import is_conv1d
 
 
 def _runs_as_identity(dropout: nn.Module) -> bool:
@@ -64,14 +60,14 @@ class FactorDict(nn.ModuleDict):
     keys are HF PEFT's ``lora_A.<adapter>.weight``; indexing gives the weight itself."""
 
     def __getitem__(self, key: str) -> nn.Parameter:  # type: ignore[override]
-        return self._modules[key].weight  # type: ignore[union-attr,return-value]
+        return cast(LoraFactor, self._modules[key]).weight
 
     def __setitem__(self, key: str, value: Any) -> None:
         super().__setitem__(key, LoraFactor(value) if isinstance(value, nn.Parameter) else value)
 
 
 class _LoraMixin(AdapterLayer):
-    adapter_tensor_names: tuple = ("lora_A", "lora_B")
+    adapter_tensor_names: ClassVar[tuple] = ("lora_A", "lora_B")
     lora_A: Any
     lora_B: Any
 
@@ -155,7 +151,7 @@ class LoraLinear(_LoraMixin):
         self._plain_base = self.fan_in_fan_out or type(base_layer) is nn.Linear
 
     def features(self) -> tuple[int, int]:
-        weight = self.base_layer.weight
+        weight = self.base_weight()
         if self.fan_in_fan_out:
             return int(weight.shape[0]), int(weight.shape[1])
         return int(weight.shape[1]), int(weight.shape[0])
@@ -199,10 +195,10 @@ class LoraLinear(_LoraMixin):
         routing = self.batch_routing
         assert routing is not None
         if self._can_fold_rows(x, groups, args, kwargs):
-            base, in_out = self.base_layer, self.fan_in_fan_out
+            base, in_out, weight = self.base_layer, self.fan_in_fan_out, self.base_weight()
 
             def folded(name: str) -> torch.Tensor:
-                return merged_weight(base.weight, self.lora_A[name], self.lora_B[name], self.scaling[name], in_out)
+                return merged_weight(weight, self.lora_A[name], self.lora_B[name], self.scaling[name], in_out)
 
             return routed_folded_linear(x, base, in_out, routing, groups, folded)
         result = self.base_layer(x, *args, **kwargs)
@@ -238,7 +234,7 @@ class LoraLinear(_LoraMixin):
             return False
         tokens_per_row = x.numel() // (int(x.shape[0]) * int(x.shape[-1]))
         smallest_group = min(len(rows) for rows in groups.values())
-        if not folding_pays(smallest_group * tokens_per_row, self.base_layer.weight):
+        if not folding_pays(smallest_group * tokens_per_row, self.base_weight()):
             return False
         base = self.base_layer
         return all(
@@ -254,7 +250,8 @@ class LoraLinear(_LoraMixin):
             return None
         dropout = self.lora_dropout[name]
         lora_input = None if _runs_as_identity(dropout) else dropout(x)
-        return fused_lora_linear(x, lora_input, base.weight, base.bias, a, b, self.scaling[name], self.fan_in_fan_out)
+        bias = cast(Optional[torch.Tensor], base.bias)
+        return fused_lora_linear(x, lora_input, self.base_weight(), bias, a, b, self.scaling[name], self.fan_in_fan_out)
 
 
 class LoraEmbedding(_LoraMixin):
@@ -266,16 +263,17 @@ class LoraEmbedding(_LoraMixin):
 
     adapter_tensor_names = ("lora_embedding_A", "lora_embedding_B")
     canonical_names = {"lora_embedding_A": "lora_A", "lora_embedding_B": "lora_B"}
+    base_layer: nn.Embedding
 
     def init_factor_stores(self) -> None:
         self.lora_embedding_A = nn.ParameterDict()
         self.lora_embedding_B = nn.ParameterDict()
 
-    @property  # type: ignore[override]
+    @property
     def lora_A(self) -> nn.ParameterDict:
         return self.lora_embedding_A
 
-    @property  # type: ignore[override]
+    @property
     def lora_B(self) -> nn.ParameterDict:
         return self.lora_embedding_B
 

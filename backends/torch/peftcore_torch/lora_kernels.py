@@ -24,7 +24,7 @@ smaller side folds the adapter into a temporary copy of the weight instead
 
 from __future__ import annotations
 
-from typing import Any, Optional
+from typing import Any, Optional, cast
 
 import torch
 from torch import nn
@@ -89,7 +89,7 @@ class _FusedLoraLinear(torch.autograd.Function):
     """One autograd node for base product plus LoRA update (frozen base weight)."""
 
     @staticmethod
-    def forward(  # type: ignore[override]
+    def forward(
         ctx: Any,
         x: torch.Tensor,
         lora_input: Optional[torch.Tensor],
@@ -112,7 +112,7 @@ class _FusedLoraLinear(torch.autograd.Function):
         return out
 
     @staticmethod
-    def backward(ctx: Any, grad: torch.Tensor) -> tuple:  # type: ignore[override]
+    def backward(ctx: Any, grad: torch.Tensor) -> tuple:
         source, hidden_t, weight, lora_a, lora_b = ctx.saved_tensors
         need_x, need_input, _, need_bias, need_a, need_b = ctx.needs_input_grad[:6]
         grad2 = grad.reshape(-1, grad.shape[-1])
@@ -192,7 +192,7 @@ def can_fuse(base: nn.Module, exact_type: bool, x: torch.Tensor, lora_a: torch.T
     dtype and device throughout, and no autocast."""
     if not exact_type or x.dim() < 2 or has_hooks(base):
         return False
-    weight, bias = base.weight, base.bias
+    weight, bias = cast(torch.Tensor, base.weight), cast(Optional[torch.Tensor], base.bias)
     if weight.requires_grad or not (x.dtype == weight.dtype == lora_a.dtype == lora_b.dtype):
         return False
     if bias is not None and bias.dtype != weight.dtype:

@@ -11,7 +11,7 @@ from torch import nn
 from peftcore.errors import AdapterError
 from peftcore.plan import SaveModule
 from peftcore_torch.layers import AdapterLayer
-from peftcore_torch.lora import is_conv1d
+from peftcore_torch.walk import is_conv1d
 
 
 class SavedModule(AdapterLayer):

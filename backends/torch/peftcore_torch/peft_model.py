@@ -71,7 +71,7 @@ class _BoundForward:
 
 
 class _ForwardDescriptor:
-    def __get__(self, instance: Optional[TorchPeftModel], owner: type) -> Any:
+    def __get__(self, instance: Optional[TorchPeftModel], owner: type[TorchPeftModel]) -> Any:
         if instance is None:
             return owner.peft_forward
         return _BoundForward(instance)

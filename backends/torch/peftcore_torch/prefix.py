@@ -40,8 +40,8 @@ from torch import nn
 
 from peftcore.errors import AdapterError, PlanError
 from peftcore.methods.unipelt_ops import AddPrefix
+from peftcore_torch.gates import GatedLayer, broadcast_gate
 from peftcore_torch.layers import AdapterLayer
-from peftcore_torch.unipelt import GatedLayer, broadcast_gate
 
 PREFIX_CHILD = "prefix"
 ROUTED_IMPLEMENTATION = "peftcore_prefix"
@@ -53,6 +53,8 @@ class AttentionPrefix(GatedLayer):
 
     adapter_tensor_names = ("prefix_keys", "prefix_values", "gate_weight", "gate_bias")
     canonical_names = {"prefix_keys": "keys", "prefix_values": "values", "gate_weight": "gate.weight", "gate_bias": "gate.bias"}
+    #: the attention module (a transformers one, or any with ``extend_key_values`` calls), not a child
+    attention: Any
 
     def __init__(self, attention: nn.Module) -> None:
         super().__init__(nn.Identity())
@@ -63,7 +65,7 @@ class AttentionPrefix(GatedLayer):
         self._input: Optional[torch.Tensor] = None
         self._hook = attention.register_forward_pre_hook(self._capture_input, with_kwargs=True)
         if is_transformers_attention(attention):
-            attention.config = RoutedConfig(attention.config)
+            self.attention.config = RoutedConfig(self.attention.config)
 
     def _capture_input(self, module: nn.Module, args: tuple, kwargs: dict) -> None:
         hidden = kwargs.get("hidden_states", args[0] if args else None)
@@ -92,7 +94,8 @@ class AttentionPrefix(GatedLayer):
         if not names:
             return key, value, mask
         batch, heads, key_len, head_dim = key.shape
-        prefix_keys, prefix_values = [], []
+        prefix_keys: list[torch.Tensor] = []
+        prefix_values: list[torch.Tensor] = []
         for name in names:
             keys, values = self.prefix_keys[name], self.prefix_values[name]
             if keys.shape[1] != heads * head_dim:
@@ -208,7 +211,7 @@ def routed_attention(module: nn.Module, query: torch.Tensor, key: torch.Tensor, 
 
 
 def _real_implementation(module: nn.Module) -> str:
-    config = module.config
+    config: Any = module.config  # a transformers config, or ours around it
     real = config.peftcore_real_config if isinstance(config, RoutedConfig) else config
     implementation = real._attn_implementation or "eager"
     if implementation not in SUPPORTED_IMPLEMENTATIONS:

@@ -16,7 +16,7 @@ How the prompt reaches the model depends on the model:
 
 from __future__ import annotations
 
-from typing import Any, Optional
+from typing import Any, Callable, Optional
 
 import torch
 import torch.nn.functional as F
@@ -26,7 +26,7 @@ from peftcore.errors import AdapterError
 from peftcore.methods.prompt_tuning import RESIDUAL_TENSORS, AddPrompt
 from peftcore_torch.layers import AdapterLayer
 
-_ACTIVATIONS = {
+_ACTIVATIONS: dict[str, Callable[[torch.Tensor], torch.Tensor]] = {
     "relu": F.relu,
     "gelu": F.gelu,
     "tanh": torch.tanh,
@@ -39,6 +39,14 @@ class PromptEmbedding(AdapterLayer):
     """An embedding layer whose output gets each active adapter's virtual tokens in front."""
 
     adapter_tensor_names = ("prompt_embeddings", *RESIDUAL_TENSORS)
+    base_layer: nn.Embedding
+    # the residual reparameterisation's tensors (made by name from RESIDUAL_TENSORS)
+    residual_down_weight: nn.ParameterDict
+    residual_down_bias: nn.ParameterDict
+    residual_up_weight: nn.ParameterDict
+    residual_up_bias: nn.ParameterDict
+    residual_norm_weight: nn.ParameterDict
+    residual_norm_bias: nn.ParameterDict
 
     def __init__(self, base_layer: nn.Module) -> None:
         super().__init__(base_layer)

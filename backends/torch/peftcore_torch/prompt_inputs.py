@@ -93,7 +93,8 @@ class PromptInputHook:
         except TypeError:
             return None  # let the model report its own argument error
         arguments = dict(bound.arguments)
-        arguments.update(arguments.pop(self.var_keyword, None) or {})
+        if self.var_keyword is not None:
+            arguments.update(arguments.pop(self.var_keyword, None) or {})
         ids, embeds = arguments.get("input_ids"), arguments.get("inputs_embeds")
         reference = ids if ids is not None else embeds
         if not isinstance(reference, torch.Tensor) or reference.dim() < 2:
@@ -120,6 +121,7 @@ class PromptInputHook:
             arguments["input_ids"] = torch.cat([placeholders, ids], dim=1)
             self.layer.pending_prefix = n
         else:
+            assert embeds is not None  # _before saw input_ids or inputs_embeds
             arguments["inputs_embeds"] = torch.cat([self.layer.prompt_batch(batch, embeds.dtype), embeds], dim=1)
         mask = arguments.get("attention_mask")
         if isinstance(mask, torch.Tensor) and mask.dim() == 2:

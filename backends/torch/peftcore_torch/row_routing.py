@@ -1,7 +1,7 @@
 """Mixed-adapter batches: each row of a batch runs through the adapter it names.
 
 ``PeftModel(..., adapter_names=[...])`` sets one :class:`RowRouting` on every adapter
-layer for the length of the call (the ``peftcore_set_batch_adapters`` hook). Rows
+layer for the length of the call (:func:`peftcore.model_ops.set_batch_adapters`). Rows
 naming ``"__base__"`` (or an adapter the layer does not hold) get the base output. A
 LoRA layer takes one of three routes:
 
@@ -23,13 +23,13 @@ it is wide; on rows sorted by adapter, folding costs almost nothing.
 
 from __future__ import annotations
 
-from typing import Any, Callable, Optional, Sequence
+from typing import Any, Callable, Optional, Sequence, cast
 
 import torch
 from torch import nn
 
-from peftcore.peft_model import BASE_ROW
-from peftcore.errors import AdapterError, BackendError
+from peftcore.errors import AdapterError
+from peftcore.model_ops import BASE_ROW
 
 RowDelta = Callable[[str, torch.Tensor], torch.Tensor]
 
@@ -149,7 +149,7 @@ def routed_folded_linear(
     gathered, and its product copied into its rows. For inference only."""
     from peftcore_torch.lora_kernels import base_product
 
-    weight, bias = base.weight, base.bias
+    weight, bias = cast(torch.Tensor, base.weight), cast(Optional[torch.Tensor], base.bias)
     x3 = x.reshape(x.shape[0], -1, x.shape[-1])
     out_features = int(weight.shape[1] if weight_in_out else weight.shape[0])
     out = x3.new_empty(x3.shape[0], x3.shape[1], out_features)
@@ -167,32 +167,3 @@ def routed_folded_linear(
         product = base_product(x3.index_select(0, index).reshape(-1, x3.shape[-1]), w, bias, weight_in_out)
         out.index_copy_(0, index, product.view(len(rows), x3.shape[1], out_features))
     return out.view(*x.shape[:-1], out_features)
-
-
-def set_batch_adapters(model: nn.Module, adapter_names: Optional[Sequence[str]]) -> None:
-    """Route the rows of the next forward passes (``None`` stops routing).
-
-    Every adapter layer that would change a row's output must be able to route rows
-    (LoRA layers can); otherwise nothing is set and :class:`BackendError` names the layer.
-    """
-    from peftcore_torch.apply import adapter_layers
-
-    layers = adapter_layers(model)
-    if adapter_names is None:
-        for layer in layers.values():
-            if hasattr(layer, "set_batch_adapters"):
-                layer.set_batch_adapters(None)
-        return
-    routing = RowRouting(adapter_names)
-    wanted = set(routing.rows)
-    for path, layer in layers.items():
-        routes = getattr(layer, "routes_rows", lambda: False)()
-        involved = bool(layer.adapters_to_run()) or bool(wanted & set(layer.adapter_names()))
-        if involved and not routes:
-            raise BackendError(
-                f"layer {path!r} ({type(layer).__name__}) cannot run a batch whose rows use different adapters; "
-                "only LoRA layers can"
-            )
-    for layer in layers.values():
-        if getattr(layer, "routes_rows", lambda: False)():
-            layer.set_batch_adapters(routing)

@@ -64,3 +64,17 @@ def toy_forward(model: Any, inputs: np.ndarray) -> np.ndarray:
             return model(torch.from_numpy(inputs)).detach().cpu().to(torch.float64).numpy()
     finally:
         model.train(was_training)
+
+
+class TorchToyKit:
+    """The conformance kit of the torch backend (``peftcore_conformance_kit``)."""
+
+    def build(self, spec: Any, weights: Mapping[str, np.ndarray]) -> nn.Module:
+        if getattr(spec, "toy_family", "") == "attention_block":
+            from peftcore_torch.attention_toy import build_attention_toy
+
+            return build_attention_toy(spec, weights)
+        return build_toy(spec, weights)
+
+    def forward(self, model: Any, inputs: np.ndarray) -> np.ndarray:
+        return toy_forward(model, inputs)

@@ -2,7 +2,7 @@
 
 A gate is ``sigmoid(x @ weight.T + bias)`` on a submodule's input ``x``, averaged over
 every axis between the batch and the features: one value per example. Each gated
-layer keeps the last forward's values per adapter (:func:`gate_values` reads them).
+layer keeps the last forward's values per adapter (:mod:`peftcore_torch.gates`).
 
 The ``gate`` op attaches to what earlier ops of the plan built at its path: a
 :class:`~peftcore_torch.lora.LoraLinear` (the gate then replaces the LoRA's
@@ -18,82 +18,21 @@ layers' ``merge`` raises :class:`~peftcore.errors.AdapterError`.
 from __future__ import annotations
 
 import math
-from typing import Any, Optional
+from typing import Any, Callable
 
-import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from peftcore.errors import AdapterError, PlanError
 from peftcore.methods.unipelt_ops import AddBottleneckAdapter, AddGate
+from peftcore_torch.gates import GatedLayer, broadcast_gate
 from peftcore_torch.layers import AdapterLayer
 from peftcore_torch.lora import LoraLinear
+from peftcore_torch.prefix import AttentionPrefix, prefix_holder
+from peftcore_torch.walk import is_conv1d, wrap_layer
 
-_ACTIVATIONS = {"relu": F.relu, "gelu": F.gelu, "tanh": torch.tanh, "silu": F.silu}
-
-
-def gate_of(weight: torch.Tensor, bias: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
-    """One gate value per example (shape ``(batch,)``) from input ``x`` of shape ``(batch, ..., in)``."""
-    per_position = torch.sigmoid(F.linear(x.to(weight.dtype), weight, bias))[..., 0]
-    return per_position.reshape(per_position.shape[0], -1).mean(dim=1)
-
-
-class GatedLayer(AdapterLayer):
-    """Adds optional per-adapter gates (``gate_weight``, ``gate_bias``) to an adapter layer.
-
-    Subclasses put ``"gate_weight", "gate_bias"`` in ``adapter_tensor_names`` after their
-    own tensors and map them in ``canonical_names`` to ``<stem>.weight`` / ``<stem>.bias``.
-    """
-
-    def init_gates(self) -> None:
-        self.gate_weight = nn.ParameterDict()
-        self.gate_bias = nn.ParameterDict()
-        self.last_gates: dict[str, torch.Tensor] = {}
-
-    def add_gate(self, adapter_name: str, op: AddGate) -> None:
-        if not self.has_adapter(adapter_name):
-            raise PlanError(f"gate op on {op.path!r}: adapter {adapter_name!r} has no {op.target} there to gate; "
-                            f"the gate must follow the op that builds it")
-        if adapter_name in self.gate_weight:
-            raise AdapterError(f"the {op.target} of adapter {adapter_name!r} on {op.path!r} already has a gate")
-        weight, bias = self.new_tensor(1, op.in_features), self.new_tensor(1)
-        bound = 1.0 / math.sqrt(op.in_features)  # nn.Linear's default initialisation
-        with torch.no_grad():
-            weight.uniform_(-bound, bound)
-            bias.uniform_(-bound, bound)
-        self.gate_weight[adapter_name] = weight
-        self.gate_bias[adapter_name] = bias
-
-    def gate(self, adapter_name: str, x: torch.Tensor) -> Optional[torch.Tensor]:
-        """The adapter's gate on input ``x`` (``(batch,)``), recorded; None if it has no gate."""
-        if adapter_name not in self.gate_weight:
-            return None
-        value = gate_of(self.gate_weight[adapter_name], self.gate_bias[adapter_name], x)
-        self.last_gates[adapter_name] = value.detach()
-        return value
-
-    def delete(self, adapter_name: str) -> None:
-        super().delete(adapter_name)
-        self.last_gates.pop(adapter_name, None)
-
-    def recorded_gates(self, adapter_name: str) -> dict[str, np.ndarray]:
-        """``{gate stem: values}`` of the last forward, if the adapter is gated here and ran."""
-        value = self.last_gates.get(adapter_name)
-        if value is None or adapter_name not in self.gate_weight:
-            return {}
-        stem = self.canonical_names["gate_weight"].rsplit(".", 1)[0]
-        return {stem: value.to(torch.float32).cpu().numpy().copy()}
-
-    def refuse_merge(self, adapter_names: list[str], what: str) -> None:
-        present = [a for a in adapter_names if self.has_adapter(a)]
-        if present:
-            raise AdapterError(f"adapter(s) {present} cannot be merged: {what}")
-
-
-def broadcast_gate(gate: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
-    """``(batch,)`` gate values shaped to multiply ``like`` (``(batch, ...)``)."""
-    return gate.reshape(gate.shape[0], *([1] * (like.dim() - 1))).to(like.dtype)
+_ACTIVATIONS: dict[str, Callable[[torch.Tensor], torch.Tensor]] = {"relu": F.relu, "gelu": F.gelu, "tanh": torch.tanh, "silu": F.silu}
 
 
 class GatedLoraLinear(GatedLayer, LoraLinear):
@@ -109,10 +48,12 @@ class GatedLoraLinear(GatedLayer, LoraLinear):
     @classmethod
     def upgrade(cls, layer: LoraLinear) -> GatedLoraLinear:
         """Turn a plain ``LoraLinear`` into a ``GatedLoraLinear`` in place."""
-        if not isinstance(layer, cls):
-            layer.__class__ = cls
-            layer.init_gates()
-        return layer  # type: ignore[return-value]
+        if isinstance(layer, cls):
+            return layer
+        layer.__class__ = cls
+        assert isinstance(layer, cls)
+        layer.init_gates()
+        return layer
 
     def forward(self, x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
         result = self.base_layer(x, *args, **kwargs)
@@ -134,6 +75,11 @@ class BottleneckAdapter(GatedLayer):
     """``y + gate * up(act(down(y)))`` on the output ``y`` of a linear layer (Houlsby-style)."""
 
     adapter_tensor_names = ("down_weight", "down_bias", "up_weight", "up_bias", "gate_weight", "gate_bias")
+    # made by name in __init__
+    down_weight: nn.ParameterDict
+    down_bias: nn.ParameterDict
+    up_weight: nn.ParameterDict
+    up_bias: nn.ParameterDict
     canonical_names = {
         "down_weight": "adapter.down.weight", "down_bias": "adapter.down.bias",
         "up_weight": "adapter.up.weight", "up_bias": "adapter.up.bias",
@@ -150,7 +96,7 @@ class BottleneckAdapter(GatedLayer):
     def add(self, adapter_name: str, op: AddBottleneckAdapter) -> None:
         if self.has_adapter(adapter_name):
             raise AdapterError(f"layer {op.path!r} already has an adapter named {adapter_name!r}")
-        weight = self.base_layer.weight
+        weight = self.base_weight()
         features = int(weight.shape[1]) if type(self.base_layer).__name__ == "Conv1D" else int(weight.shape[0])
         if features != op.features:
             raise PlanError(f"bottleneck_adapter op for {op.path!r} expects {op.features} output features, the layer has {features}")
@@ -186,16 +132,15 @@ class BottleneckAdapter(GatedLayer):
 
 
 def build_gate(model: nn.Module, modules: dict, op: AddGate, adapter_name: str) -> None:
-    from peftcore_torch.prefix import AttentionPrefix, prefix_holder
 
     layer: Any = modules.get(op.path)
     if op.target == "prefix":
         layer = prefix_holder(layer)
-        expected: type = AttentionPrefix
+        expected: type[GatedLayer] = AttentionPrefix
     elif op.target == "adapter":
         expected = BottleneckAdapter
     else:
-        expected = LoraLinear
+        expected = GatedLoraLinear
         if isinstance(layer, LoraLinear):
             layer = GatedLoraLinear.upgrade(layer)
     if not isinstance(layer, expected):
@@ -205,24 +150,9 @@ def build_gate(model: nn.Module, modules: dict, op: AddGate, adapter_name: str) 
 
 
 def build_bottleneck_adapter(model: nn.Module, modules: dict, op: AddBottleneckAdapter, adapter_name: str) -> None:
-    from peftcore_torch.apply import wrap_layer
-    from peftcore_torch.lora import is_conv1d
-
     target = modules.get(op.path)
     base = target.base_layer if isinstance(target, AdapterLayer) else target
     if not (isinstance(base, nn.Linear) or (base is not None and is_conv1d(base))):
         kind = type(base).__name__ if base is not None else "missing"
         raise PlanError(f"torch backend puts a bottleneck adapter on a Linear or Conv1D; {op.path!r} is {kind}")
     wrap_layer(model, modules, op.path, BottleneckAdapter).add(adapter_name, op)
-
-
-def gate_values(model: nn.Module, adapter_name: str) -> dict[str, np.ndarray]:
-    """Every recorded gate of ``adapter_name``, keyed ``<op path>.<gate stem>``."""
-    from peftcore_torch.apply import adapter_layers
-
-    values: dict[str, np.ndarray] = {}
-    for path, layer in adapter_layers(model).items():
-        if isinstance(layer, GatedLayer):
-            for stem, value in layer.recorded_gates(adapter_name).items():
-                values[f"{path}.{stem}"] = value
-    return values

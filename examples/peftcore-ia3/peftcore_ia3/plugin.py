@@ -3,7 +3,7 @@
 It registers the (IA)^3 method with peftcore and, for the torch backend, the builder
 of the ``ia3_scale`` plan op. This module imports without torch: torch and the layer
 module are imported inside the builder. It is not a backend (it implements no
-``peftcore_backend_info``), only the broadcast extension hooks.
+``peftcore_backend``), only the broadcast extension hooks.
 """
 
 from __future__ import annotations
@@ -36,9 +36,8 @@ def build_ia3_scale_torch(model: Any, modules: dict, op: IA3Scale, adapter_name:
 
     from peftcore.errors import PlanError
     from peftcore_ia3.torch_layers import IA3Linear
-    from peftcore_torch.apply import wrap_layer
     from peftcore_torch.layers import AdapterLayer
-    from peftcore_torch.lora import is_conv1d
+    from peftcore_torch.walk import is_conv1d, wrap_layer
 
     target = modules.get(op.path)
     base = target.base_layer if isinstance(target, AdapterLayer) else target

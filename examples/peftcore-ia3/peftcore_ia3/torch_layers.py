@@ -17,7 +17,7 @@ from torch import nn
 
 from peftcore_ia3.config import IA3Scale
 from peftcore_torch.layers import AdapterLayer
-from peftcore_torch.lora import is_conv1d
+from peftcore_torch.walk import is_conv1d
 
 
 class IA3Linear(AdapterLayer):

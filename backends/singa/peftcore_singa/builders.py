@@ -1,0 +1,85 @@
+"""The SINGA builders of plan ops: one function per op kind the backend builds.
+
+A builder is ``builder(model, layers, op, adapter_name)``: ``layers`` maps every layer
+path (adapter layers included, ``""`` for the model) to its layer. SINGA layers create
+their parameters at their first call, so a builder refuses a layer that has not run yet
+(the core plans only once the layers know their shapes). ``freeze_base`` is the core's.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from peftcore_singa.compat import apply_shims
+
+apply_shims()
+
+from singa import layer  # noqa: E402
+
+from peftcore.errors import PlanError  # noqa: E402
+from peftcore.methods.bitfit import TrainBias  # noqa: E402
+from peftcore.methods.lora import AddLora  # noqa: E402
+from peftcore.methods.prompt_tuning import AddPrompt  # noqa: E402
+from peftcore.plan import SaveModule  # noqa: E402
+from peftcore.runtime import OpBuilder  # noqa: E402
+from peftcore_singa.bitfit import BiasAdapter, base_bias  # noqa: E402
+from peftcore_singa.layers import AdapterLayer  # noqa: E402
+from peftcore_singa.lora import LoraEmbedding, LoraLinear  # noqa: E402
+from peftcore_singa.modules_to_save import SavedModule  # noqa: E402
+from peftcore_singa.prompt import PromptEmbedding  # noqa: E402
+from peftcore_singa.walk import wrap_layer  # noqa: E402
+
+
+def build_lora(model: Any, layers: dict, op: AddLora, adapter_name: str) -> None:
+    target = layers.get(op.path)
+    base = target.base_layer if isinstance(target, AdapterLayer) else target
+    if isinstance(base, layer.Embedding):
+        wrapper_type: type[AdapterLayer] = LoraEmbedding
+    elif isinstance(base, (layer.Linear, layer.Gemm)):
+        wrapper_type = LoraLinear
+    else:
+        kind = type(base).__name__ if base is not None else "missing"
+        raise PlanError(f"singa backend cannot put LoRA on {op.path!r} ({kind}); it supports Linear, Gemm, Embedding")
+    if not base._initialized:
+        raise PlanError(f"layer {op.path!r} is not initialised (no forward has reached it); pass example_inputs")
+    wrap_layer(model, layers, op.path, wrapper_type).add(adapter_name, op)
+
+
+def build_modules_to_save(model: Any, layers: dict, op: SaveModule, adapter_name: str) -> None:
+    wrap_layer(model, layers, op.path, SavedModule).add(adapter_name, op)
+
+
+def _initialised_base(layers: dict, path: str) -> Any:
+    target = layers.get(path)
+    base = target.base_layer if isinstance(target, AdapterLayer) else target
+    if base is not None and not base._initialized:
+        raise PlanError(f"layer {path!r} is not initialised (no forward has reached it); pass example_inputs")
+    return base
+
+
+def build_bitfit(model: Any, layers: dict, op: TrainBias, adapter_name: str) -> None:
+    base = _initialised_base(layers, op.path)
+    if base is not None and not isinstance(base, (layer.Linear, layer.Gemm)) and base_bias(base) is None:
+        raise PlanError(
+            f"singa backend trains the bias of Linear, Gemm and layers with a 'bias' tensor; "
+            f"{op.path!r} ({type(base).__name__}) has none"
+        )
+    wrap_layer(model, layers, op.path, BiasAdapter).add(adapter_name, op)
+
+
+def build_prompt(model: Any, layers: dict, op: AddPrompt, adapter_name: str) -> None:
+    base = _initialised_base(layers, op.path)
+    if not isinstance(base, layer.Embedding):
+        kind = type(base).__name__ if base is not None else "missing"
+        raise PlanError(f"singa backend prompts a layer.Embedding; {op.path!r} is {kind}")
+    wrap_layer(model, layers, op.path, PromptEmbedding).add(adapter_name, op)
+
+
+BUILDERS: dict[str, OpBuilder] = {
+    "lora": build_lora,
+    "modules_to_save": build_modules_to_save,
+    "bitfit_bias": build_bitfit,
+    "prompt_embedding": build_prompt,
+}
+
+

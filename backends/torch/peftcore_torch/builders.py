@@ -1,0 +1,72 @@
+"""The torch builders of plan ops: one function per op kind the backend builds.
+
+A builder is ``builder(model, layers, op, adapter_name)``: ``layers`` maps every module
+path (adapter layers included, ``""`` for the model) to its module. Builders wrap the
+layer at ``op.path`` with an adapter layer (:func:`~peftcore_torch.walk.wrap_layer`) and
+add the adapter to it. ``freeze_base`` is the core's, built on the runtime's primitives.
+"""
+
+from __future__ import annotations
+
+from torch import nn
+
+from peftcore.errors import PlanError
+from peftcore.methods.bitfit import TrainBias
+from peftcore.methods.lora import AddLora
+from peftcore.methods.prompt_tuning import AddPrompt
+from peftcore.plan import SaveModule
+from peftcore.runtime import OpBuilder
+from peftcore_torch.bitfit import BiasAdapter
+from peftcore_torch.layers import AdapterLayer
+from peftcore_torch.lora import LoraEmbedding, LoraLinear
+from peftcore_torch.modules_to_save import SavedModule
+from peftcore_torch.prefix import build_prefix
+from peftcore_torch.prompt import PromptEmbedding
+from peftcore_torch.prompt_inputs import PromptInputHook, takes_token_inputs
+from peftcore_torch.unipelt import build_bottleneck_adapter, build_gate
+from peftcore_torch.walk import is_conv1d, wrap_layer
+
+
+def build_lora(model: nn.Module, layers: dict, op: AddLora, adapter_name: str) -> None:
+    target = layers.get(op.path)
+    base = target.base_layer if isinstance(target, AdapterLayer) else target
+    if isinstance(base, nn.Embedding):
+        wrapper_type: type[AdapterLayer] = LoraEmbedding
+    elif isinstance(base, nn.Linear) or (base is not None and is_conv1d(base)):
+        wrapper_type = LoraLinear
+    else:
+        kind = type(base).__name__ if base is not None else "missing"
+        raise PlanError(f"torch backend cannot put LoRA on {op.path!r} ({kind}); it supports Linear, Conv1D, Embedding")
+    wrap_layer(model, layers, op.path, wrapper_type).add(adapter_name, op)
+
+
+def build_modules_to_save(model: nn.Module, layers: dict, op: SaveModule, adapter_name: str) -> None:
+    wrap_layer(model, layers, op.path, SavedModule).add(adapter_name, op)
+
+
+def build_bitfit(model: nn.Module, layers: dict, op: TrainBias, adapter_name: str) -> None:
+    wrap_layer(model, layers, op.path, BiasAdapter).add(adapter_name, op)
+
+
+def build_prompt(model: nn.Module, layers: dict, op: AddPrompt, adapter_name: str) -> None:
+    target = layers.get(op.path)
+    base = target.base_layer if isinstance(target, AdapterLayer) else target
+    if not isinstance(base, nn.Embedding):
+        kind = type(base).__name__ if base is not None else "missing"
+        raise PlanError(f"torch backend prompts an nn.Embedding; {op.path!r} is {kind}")
+    layer = wrap_layer(model, layers, op.path, PromptEmbedding)
+    assert isinstance(layer, PromptEmbedding)
+    if layer.input_hook is None and takes_token_inputs(model):
+        layer.input_hook = PromptInputHook(model, layer)
+    layer.add(adapter_name, op)
+
+
+BUILDERS: dict[str, OpBuilder] = {
+    "lora": build_lora,
+    "modules_to_save": build_modules_to_save,
+    "bitfit_bias": build_bitfit,
+    "prompt_embedding": build_prompt,
+    "prefix": build_prefix,
+    "bottleneck_adapter": build_bottleneck_adapter,
+    "gate": build_gate,
+}

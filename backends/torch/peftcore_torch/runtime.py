@@ -1,0 +1,97 @@
+"""The torch backend's runtime: the primitives the core's model-wide operations use."""
+
+from __future__ import annotations
+
+from typing import Any, Iterable, Mapping, Optional, Sequence
+
+import numpy as np
+import torch
+from torch import nn
+
+from peftcore.graph import ModelGraph
+from peftcore.runtime import BackendInfo, BackendRuntime, OpBuilder
+from peftcore_torch.layers import AdapterLayer
+from peftcore_torch.walk import replace_module, walk
+
+NAME = "torch"
+FRAMEWORK = "PyTorch"
+
+
+class TorchRuntime(BackendRuntime):
+    """PyTorch: models are ``nn.Module``; parameters train when ``requires_grad``."""
+
+    name = NAME
+    framework = FRAMEWORK
+
+    def info(self) -> BackendInfo:
+        return BackendInfo(NAME, FRAMEWORK, available=True, version=torch.__version__)
+
+    def detect(self, model: Any) -> bool:
+        return isinstance(model, nn.Module)
+
+    def describe(self, model: Any, example_inputs: Any, extra_kinds: Mapping[Any, str]) -> Optional[ModelGraph]:
+        from peftcore_torch.describe import describe_model
+
+        return describe_model(model, dict(extra_kinds))
+
+    def peft_model_class(self) -> type:
+        from peftcore_torch.peft_model import TorchPeftModel
+
+        return TorchPeftModel
+
+    def layers(self, model: Any) -> Iterable[tuple[str, Any]]:
+        return walk(model)
+
+    def is_adapter_layer(self, layer: Any) -> bool:
+        return isinstance(layer, AdapterLayer)
+
+    def replace_layer(self, model: Any, layers: dict, path: str, new: Any) -> None:
+        replace_module(model, layers, path, new)
+
+    def parameters(self, model: Any) -> list[Any]:
+        return list(model.parameters())
+
+    def is_trainable(self, tensor: Any) -> bool:
+        return bool(tensor.requires_grad)
+
+    def set_trainable(self, tensor: Any, trainable: bool) -> None:
+        tensor.requires_grad_(trainable)
+
+    def numel(self, tensor: Any) -> int:
+        return int(tensor.numel())
+
+    def to_numpy(self, tensor: Any) -> np.ndarray:
+        """A CPU numpy copy; bfloat16 (which numpy lacks) becomes float32.
+
+        The copy is made in torch before ``.numpy()``: a numpy view makes torch mark the
+        parameter's own storage non-resizable, which breaks FSDP's resharding after export.
+        """
+        if isinstance(tensor, np.ndarray):
+            return tensor
+        tensor = tensor.detach()
+        if tensor.dtype == torch.bfloat16:
+            tensor = tensor.to(torch.float32)
+        host = tensor.cpu()
+        return (host.clone() if host is tensor else host).numpy()
+
+    def adapter_parameters(self, layer: Any) -> list[Any]:
+        base = {id(p) for p in layer.base_layer.parameters()}
+        return [p for p in layer.parameters() if id(p) not in base]
+
+    def builders(self) -> Mapping[str, OpBuilder]:
+        from peftcore_torch.builders import BUILDERS
+
+        return BUILDERS
+
+    def gradients(self, loss: Any, tensors: Sequence[Any]) -> list[Optional[Any]]:
+        wanted = [i for i, t in enumerate(tensors) if t.requires_grad]
+        found = torch.autograd.grad(loss, [tensors[i] for i in wanted], allow_unused=True) if wanted else ()
+        grads: list[Optional[Any]] = [None] * len(tensors)
+        for index, grad in zip(wanted, found):
+            grads[index] = grad
+        return grads
+
+    def row_routing(self, adapter_names: Sequence[str]) -> Any:
+        from peftcore_torch.row_routing import RowRouting
+
+        return RowRouting(adapter_names)

@@ -1,0 +1,59 @@
+"""Model-walking helpers every torch layer file and builder uses (the backend's bottom module).
+
+- :func:`walk` lists a model's modules by path, an adapter layer in place of its base
+  layer (it does not descend into adapter layers).
+- :func:`replace_module` and :func:`wrap_layer` put an adapter layer in a model; a
+  builder (first-party or a plugin's, registered through ``peftcore_op_builders``) calls
+  ``wrap_layer(model, layers, path, MyAdapterLayer).add(adapter_name, op)``.
+"""
+
+from __future__ import annotations
+
+from typing import Iterator
+
+from torch import Tensor, nn
+
+from peftcore.errors import PlanError, did_you_mean
+from peftcore_torch.layers import AdapterLayer
+
+
+def is_conv1d(module: nn.Module) -> bool:
+    """transformers' GPT-2 style ``Conv1D`` (weight stored ``(in, out)``), without importing transformers."""
+    weight = getattr(module, "weight", None)
+    return type(module).__name__ == "Conv1D" and hasattr(module, "nf") and isinstance(weight, Tensor) and weight.dim() == 2
+
+
+def walk(model: nn.Module, prefix: str = "") -> Iterator[tuple[str, nn.Module]]:
+    """``named_modules`` that yields an adapter layer in place of its base layer and does
+    not descend into it."""
+    for name, child in model.named_children():
+        path = f"{prefix}.{name}" if prefix else name
+        yield path, child
+        if not isinstance(child, AdapterLayer):
+            yield from walk(child, path)
+
+
+def replace_module(model: nn.Module, layers: dict[str, nn.Module], path: str, new: nn.Module) -> None:
+    """Put ``new`` at ``path`` in ``model`` (and in the ``layers`` index)."""
+    parent_path, _, child = path.rpartition(".")
+    parent = layers[parent_path] if parent_path else model
+    setattr(parent, child, new)
+    layers[path] = new
+
+
+def wrap_layer(
+    model: nn.Module, layers: dict[str, nn.Module], path: str, wrapper_type: type[AdapterLayer]
+) -> AdapterLayer:
+    """The ``wrapper_type`` adapter layer at ``path``, wrapping the layer there if needed."""
+    if path not in layers or not path:
+        raise PlanError(f"the model has no module {path!r}{did_you_mean(path, [p for p in layers if p])}")
+    current = layers[path]
+    if isinstance(current, wrapper_type):
+        return current
+    if isinstance(current, AdapterLayer):
+        raise PlanError(
+            f"module {path!r} already carries a {type(current).__name__}; it cannot also take a {wrapper_type.__name__}"
+        )
+    wrapper = wrapper_type(current)
+    replace_module(model, layers, path, wrapper)
+    return wrapper

@@ -1,0 +1,204 @@
+"""What a backend provides: a small runtime of framework primitives plus op builders.
+
+The core does everything that is the same in every framework (applying a plan with
+rollback, exporting and importing canonical tensors, the active/trainable/enabled state,
+merging, unloading, baking, counting: :mod:`peftcore.model_ops`). It reaches a model
+only through a :class:`BackendRuntime`, which a backend plugin returns from its one
+backend hook, ``peftcore_backend``. A runtime says what it is (:meth:`BackendRuntime.info`),
+recognises and describes models, walks and replaces layers, converts tensors to numpy,
+flips trainability, and builds each plan op kind it supports with a builder.
+
+Adapter layers, which each backend builds on its framework's kernels, follow one
+protocol (:class:`AdapterLayerProtocol`). What belongs to one method is a capability of
+that method's layers, found by the core with ``getattr``: ``bake(adapter)`` (residual
+prompt tuning), ``recorded_gates(adapter)`` (UniPELT), ``routes_rows()`` with
+``set_batch_adapters(routing)`` (mixed-adapter batches). A runtime missing a required
+primitive is reported unavailable, naming it, when its plugin registers.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any, Callable, Iterable, Mapping, Optional, Protocol, Sequence, runtime_checkable
+
+if TYPE_CHECKING:
+    import numpy as np
+
+    from peftcore.graph import ModelGraph
+
+#: ``builder(model, layers, op, adapter_name)``: build one op (each builder takes its own
+#: :class:`~peftcore.plan.PlanOp` subclass); ``layers`` maps every layer path of the model
+#: (``""`` is the model) to its layer and is kept current by builders that replace a layer.
+OpBuilder = Callable[[Any, dict, Any, str], None]
+
+
+@dataclass(frozen=True)
+class BackendInfo:
+    """What a backend says about itself.
+
+    ``ops`` lists the plan op kinds it can build (``"lora"``, ``"freeze_base"``...);
+    ``reason`` says why it is unavailable (e.g. its framework is not installed).
+    """
+
+    name: str
+    framework: str
+    available: bool
+    version: Optional[str] = None
+    reason: str = ""
+    ops: Sequence[str] = field(default_factory=tuple)
+
+
+@runtime_checkable
+class AdapterLayerProtocol(Protocol):
+    """What the core needs of every adapter layer a backend builds."""
+
+    active_adapters: list[str]
+    merged_adapters: list[str]
+    disabled: bool
+
+    def adapter_names(self) -> list[str]: ...
+
+    def has_adapter(self, adapter_name: str) -> bool: ...
+
+    def adapters_to_run(self) -> list[str]: ...
+
+    def tensor_names(self, adapter_name: str) -> list[str]: ...
+
+    def canonical_name(self, attribute: str) -> str: ...
+
+    def export(self, adapter_name: str) -> Mapping[str, Any]: ...
+
+    def load(self, adapter_name: str, tensors: Mapping[str, Any]) -> None: ...
+
+    def delete(self, adapter_name: str) -> None: ...
+
+    def set_trainable(self, adapter_name: str, trainable: bool) -> None: ...
+
+    def merge(self, adapter_names: list[str]) -> None: ...
+
+    def unmerge(self) -> None: ...
+
+    def unwrap(self, merge: bool) -> Any: ...
+
+
+class BackendRuntime:
+    """Base class of a backend's runtime; subclasses implement every method that raises
+    ``NotImplementedError`` here (:data:`REQUIRED_PRIMITIVES`)."""
+
+    #: The backend's name (``"torch"``) and framework (``"PyTorch"``).
+    name: str = ""
+    framework: str = ""
+
+    # -- identity ------------------------------------------------------------------------
+    def info(self) -> BackendInfo:
+        """Describe the backend and whether it can run here (import the framework lazily)."""
+        raise NotImplementedError
+
+    def detect(self, model: Any) -> bool:
+        """Whether ``model`` is a native model of this framework; never imports it."""
+        raise NotImplementedError
+
+    def describe(self, model: Any, example_inputs: Any, extra_kinds: Mapping[Any, str]) -> Optional[ModelGraph]:
+        """The model as a ModelGraph with canonical shapes (adapter layers described as
+        their base layers); None while its layers do not know their shapes yet."""
+        raise NotImplementedError
+
+    def peft_model_class(self) -> type:
+        """The native PeftModel shell (see :mod:`peftcore.peft_model`)."""
+        raise NotImplementedError
+
+    # -- primitives ----------------------------------------------------------------------
+    def layers(self, model: Any) -> Iterable[tuple[str, Any]]:
+        """Every layer of ``model`` by dotted path, parents before children, adapter
+        layers included (their base layers are not listed separately)."""
+        raise NotImplementedError
+
+    def is_adapter_layer(self, layer: Any) -> bool:
+        """Whether ``layer`` is one of this backend's adapter layers."""
+        raise NotImplementedError
+
+    def replace_layer(self, model: Any, layers: dict, path: str, new: Any) -> None:
+        """Put ``new`` at ``path`` in ``model`` and in the ``layers`` index."""
+        raise NotImplementedError
+
+    def parameters(self, model: Any) -> list[Any]:
+        """Every parameter tensor of ``model``, once each."""
+        raise NotImplementedError
+
+    def is_trainable(self, tensor: Any) -> bool:
+        raise NotImplementedError
+
+    def set_trainable(self, tensor: Any, trainable: bool) -> None:
+        raise NotImplementedError
+
+    def numel(self, tensor: Any) -> int:
+        raise NotImplementedError
+
+    def to_numpy(self, tensor: Any) -> np.ndarray:
+        """A host numpy copy of a tensor (numpy arrays pass through)."""
+        raise NotImplementedError
+
+    def adapter_parameters(self, layer: Any) -> list[Any]:
+        """The parameter tensors an adapter layer owns (not its base layer's)."""
+        raise NotImplementedError
+
+    def builders(self) -> Mapping[str, OpBuilder]:
+        """One builder per op kind this backend builds itself."""
+        raise NotImplementedError
+
+    # -- optional ------------------------------------------------------------------------
+    def gradients(self, loss: Any, tensors: Sequence[Any]) -> list[Optional[Any]]:
+        """d ``loss`` / d each tensor (None where one took no part), leaving stored
+        gradients alone. Optional: XPrompt's scoring needs it."""
+        raise NotImplementedError(f"backend {self.name!r} cannot compute adapter gradients")
+
+    def model_changed(self, model: Any) -> None:
+        """Told after every change to what a forward computes (SINGA drops a recorded graph)."""
+
+    def row_routing(self, adapter_names: Sequence[str]) -> Any:
+        """The per-call routing object a mixed-adapter batch sets on layers that route rows.
+        Optional: without it mixed-adapter batches are refused."""
+        raise NotImplementedError(f"backend {self.name!r} cannot run mixed-adapter batches")
+
+
+#: Methods a runtime must override.
+REQUIRED_PRIMITIVES = (
+    "info",
+    "detect",
+    "describe",
+    "peft_model_class",
+    "layers",
+    "is_adapter_layer",
+    "replace_layer",
+    "parameters",
+    "is_trainable",
+    "set_trainable",
+    "numel",
+    "to_numpy",
+    "adapter_parameters",
+    "builders",
+)
+
+
+def missing_primitives(runtime: Any) -> list[str]:
+    """The required primitives ``runtime`` lacks (not a BackendRuntime: it lacks all of
+    those it does not define)."""
+    missing = []
+    for name in REQUIRED_PRIMITIVES:
+        method = getattr(type(runtime), name, None)
+        if not callable(method) or method is getattr(BackendRuntime, name):
+            missing.append(name)
+    return missing
+
+
+class UnavailableRuntime(BackendRuntime):
+    """The runtime of a backend whose framework cannot be used here, with the reason."""
+
+    def __init__(self, name: str, framework: str, reason: str) -> None:
+        self.name, self.framework, self.reason = name, framework, reason
+
+    def info(self) -> BackendInfo:
+        return BackendInfo(self.name, self.framework, available=False, reason=self.reason)
+
+    def detect(self, model: Any) -> bool:
+        return False
