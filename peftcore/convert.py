@@ -6,21 +6,15 @@ Three layouts meet here:
   ``base_model.model.<layer path>.lora_A.weight``...; no plan.
 - **peftcore**: the same two files and keys, plus the rewrite plan under the
   ``peftcore`` key of the safetensors metadata (see :mod:`peftcore.io`).
-- **SINGA checkpoint**: the zip ``Model.save_states`` writes: ``tensor_dict.npz`` (one
-  array per tensor name) and ``states_attr.json``. A SINGA-backend adapter's tensors
-  are named ``<layer path>.lora_A.<adapter>`` / ``.lora_B.<adapter>`` and stored
-  transposed: A as ``(in, r)`` and B as ``(r, out)`` (canonical: ``(r, in)`` and
-  ``(out, r)``), for Linear, Gemm and Embedding layers alike. A ``modules_to_save`` copy
-  is ``<path>.modules_to_save.<adapter>[.<sublayer>].<attr>`` in SINGA's own layout
-  (``layer.Linear`` W is ``(in, out)``, canonical ``weight`` is ``(out, in)``). BitFit
-  and prompt tensors are stored in canonical layout; :mod:`peftcore.singa_checkpoint`
-  has the full table.
+- **framework checkpoints**, whose layout a backend knows and offers as a
+  :class:`~peftcore.runtime.CheckpointFormat` (the ``peftcore_checkpoint_formats`` hook):
+  the SINGA backend reads the zip SINGA's ``Model.save_states`` writes
+  (:mod:`peftcore_singa.checkpoint` has its naming and layout table), without SINGA
+  installed and without unpickling anything.
 
 A converted adapter is read into an :class:`Adapter` (config, plan and canonical
 tensors), checked, and written by :func:`save_peftcore_adapter` or
-:func:`save_hf_adapter`. :func:`convert` does the three steps. SINGA checkpoints are
-read with ``zipfile`` and ``np.load(allow_pickle=False)``: SINGA need not be installed
-and nothing is unpickled.
+:func:`save_hf_adapter`. :func:`convert` does the three steps.
 """
 
 from __future__ import annotations
@@ -29,7 +23,6 @@ import json
 import os
 import re
 import tempfile
-import zipfile
 from dataclasses import dataclass
 from typing import Callable, Mapping, Optional, Union
 
@@ -49,7 +42,8 @@ from peftcore.io import (
 )
 from peftcore.methods.common import effective_modules_to_save
 from peftcore.plan import RewritePlan, check_plan_fits
-from peftcore.singa_checkpoint import SINGA_TENSORS_MEMBER, singa_adapter_tensors
+from peftcore.plugins import get_plugin_manager
+from peftcore.runtime import CheckpointFormat
 from peftcore.targeting import matches
 
 #: ``peft_type`` values Hugging Face PEFT knows. A method whose type is listed writes
@@ -73,20 +67,19 @@ class Adapter:
     config: PeftConfig
     plan: RewritePlan
     tensors: Mapping[str, np.ndarray]
-    layout: str  # "hf", "peftcore" or "singa"
+    layout: str  # "hf", "peftcore" or a checkpoint format's name ("singa")
 
     @property
     def num_parameters(self) -> int:
         return int(sum(np.asarray(t).size for t in self.tensors.values()))
 
 
-def is_singa_checkpoint(path: Union[str, os.PathLike]) -> bool:
-    """Whether ``path`` is a file laid out as SINGA's ``save_states`` writes it."""
-    path = os.fspath(path)
-    if not (os.path.isfile(path) and zipfile.is_zipfile(path)):
-        return False
-    with zipfile.ZipFile(path) as archive:
-        return SINGA_TENSORS_MEMBER in archive.namelist()
+def checkpoint_format(path: Union[str, os.PathLike]) -> Optional[CheckpointFormat]:
+    """The framework checkpoint format (from a backend plugin) that recognises ``path``, if any."""
+    for fmt in get_plugin_manager().checkpoint_formats():
+        if fmt.recognises(path):
+            return fmt
+    return None
 
 
 # -- reading ------------------------------------------------------------------------------
@@ -187,14 +180,16 @@ def _natural_key(path: str) -> list:
     return [(0, int(p), "") if p.isdigit() else (1, 0, p) for p in path.split(".")]
 
 
-def load_singa_checkpoint(
+def load_checkpoint(
     path: Union[str, os.PathLike],
+    fmt: CheckpointFormat,
     config: PeftConfig,
     plan: Optional[RewritePlan] = None,
     graph: Optional[ModelGraph] = None,
     adapter_name: Optional[str] = None,
 ) -> Adapter:
-    """Read one adapter's tensors from a SINGA ``save_states`` checkpoint, in canonical layout.
+    """Read one adapter's tensors from a framework checkpoint of format ``fmt`` (a SINGA
+    ``save_states`` zip, say), in canonical layout.
 
     The plan is ``plan`` (e.g. from ``peftcore plan --json``) or ``config`` planned
     against ``graph`` (the model's, from any backend with the same layer paths).
@@ -203,7 +198,7 @@ def load_singa_checkpoint(
     if plan is None:
         if graph is None:
             raise AdapterError(
-                f"{os.fspath(path)}: converting a SINGA checkpoint needs the adapter's plan: pass the model "
+                f"{os.fspath(path)}: converting a {fmt.description} needs the adapter's plan: pass the model "
                 "(--model, or graph= in Python) or a plan file (--plan, from `peftcore plan --json`)"
             )
         plan = config.loading_plan(graph, DEFAULT_ADAPTER)
@@ -211,9 +206,9 @@ def load_singa_checkpoint(
         raise ConfigError(f"the plan is for method {plan.method!r} but the config is {config.method!r}")
     if graph is not None:
         check_plan_fits(plan, graph, os.fspath(path))
-    name, tensors = singa_adapter_tensors(os.fspath(path), plan, adapter_name, graph)
+    name, tensors = fmt.adapter_tensors(os.fspath(path), plan, adapter_name, graph)
     plan = plan.with_adapter_name(name)
-    return Adapter(config, plan, tensors, "singa")
+    return Adapter(config, plan, tensors, fmt.name)
 
 
 # -- writing ------------------------------------------------------------------------------
@@ -313,19 +308,20 @@ def convert(
     if adapter_name is not None:
         check_adapter_name(adapter_name)
     _check_destination(os.fspath(destination), overwrite)
-    if is_singa_checkpoint(source):
+    fmt = None if os.path.isdir(source) else checkpoint_format(source)
+    if fmt is not None:
         if config is None:
-            raise ConfigError("converting a SINGA checkpoint needs the adapter's config (--config, or --method/--set)")
-        adapter = load_singa_checkpoint(source, config, plan, graph, adapter_name)
+            raise ConfigError(f"converting a {fmt.description} needs the adapter's config (--config, or --method/--set)")
+        adapter = load_checkpoint(source, fmt, config, plan, graph, adapter_name)
     elif os.path.isdir(source):
         if config is not None or plan is not None or adapter_name is not None:
             raise ConfigError("an adapter directory carries its own config; --config, --method/--set, --plan and "
-                              "--adapter-name apply to SINGA checkpoints only")
+                              "--adapter-name apply to framework checkpoints (SINGA's save_states) only")
         adapter = load_adapter_dir(source, graph, strict)
     elif os.path.exists(source):
+        known = "; ".join(f.description for f in get_plugin_manager().checkpoint_formats()) or "none installed"
         raise AdapterError(
-            f"{os.fspath(source)} is neither an adapter directory nor a SINGA save_states checkpoint "
-            f"(a zip holding {SINGA_TENSORS_MEMBER})"
+            f"{os.fspath(source)} is neither an adapter directory nor a checkpoint format a backend reads ({known})"
         )
     else:
         raise AdapterError(f"{os.fspath(source)} does not exist")

@@ -1,13 +1,14 @@
 """The plugin contract: pluggy hook specifications (project name and prefix ``peftcore``).
 
-Five hooks in all:
+Six hooks in all:
 
 * ``peftcore_backend`` makes a plugin a backend: it returns the backend's
   :class:`~peftcore.runtime.BackendRuntime` (primitives plus op builders). It is called on
   each plugin on its own, never broadcast.
 * The extension hooks are broadcast to every plugin, each plugin called on its own so a
-  failing one is left out and named: methods, native layer kinds, op builders, and the
-  conformance kit of toy models a backend's test suite uses.
+  failing one is left out and named: methods, native layer kinds, op builders, checkpoint
+  formats ``peftcore convert`` reads, and the conformance kit of toy models a backend's
+  test suite uses.
 
 A plugin module must import without its framework installed (keep heavy imports inside
 functions) and report itself unavailable through its runtime's ``info()`` instead.
@@ -25,7 +26,7 @@ from peftcore.runtime import BackendInfo
 
 if TYPE_CHECKING:
     from peftcore.config import PeftConfig
-    from peftcore.runtime import BackendRuntime
+    from peftcore.runtime import BackendRuntime, CheckpointFormat
 
 PROJECT = "peftcore"
 hookspec = pluggy.HookspecMarker(PROJECT)
@@ -53,6 +54,11 @@ def peftcore_layer_kinds(backend: str) -> Mapping[Any, str]:  # type: ignore[emp
 @hookspec
 def peftcore_op_builders(backend: str) -> Mapping[str, Callable[..., Any]]:  # type: ignore[empty-body]
     """Builders for extra op kinds on ``backend``: ``{op name: builder(model, layers, op, adapter_name)}``."""
+
+
+@hookspec
+def peftcore_checkpoint_formats() -> Sequence[CheckpointFormat]:  # type: ignore[empty-body]
+    """Framework checkpoint layouts ``peftcore convert`` can read adapters from."""
 
 
 @hookspec

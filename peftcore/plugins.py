@@ -22,7 +22,7 @@ from peftcore import hookspecs
 from peftcore.errors import BackendError, PeftCoreError, did_you_mean
 from peftcore.graph import ModelGraph
 from peftcore.model_ops import build_freeze_base, guarded
-from peftcore.runtime import BackendInfo, BackendRuntime, OpBuilder, missing_primitives
+from peftcore.runtime import BackendInfo, BackendRuntime, CheckpointFormat, OpBuilder, missing_primitives
 
 T = TypeVar("T")
 
@@ -74,7 +74,7 @@ class Backend:
                 raise BackendError(f"plugin {self.name!r} is not a backend (it does not implement peftcore_backend)")
             try:
                 runtime = impls[0].function()
-            except Exception as exc:
+            except PLUGIN_FAULTS as exc:
                 raise BackendError(
                     f"backend {self.name!r} failed in peftcore_backend: {type(exc).__name__}: {exc}"
                 ) from exc
@@ -174,7 +174,7 @@ class PluginManager:
         for impl in reversed(caller.get_hookimpls()):  # pluggy's order: last registered first
             try:
                 result = impl.function(*[kwargs[name] for name in impl.argnames])
-            except Exception as exc:  # a broken plugin must not take the others down
+            except PLUGIN_FAULTS as exc:  # a broken plugin must not take the others down
                 self.plugin_failed(impl.plugin_name, spec.__name__, exc)
                 continue
             if result is not None:
@@ -199,12 +199,16 @@ class PluginManager:
             builders.update(extra)
         return builders
 
+    def checkpoint_formats(self) -> list[CheckpointFormat]:
+        """Framework checkpoint layouts plugins can read adapters from."""
+        return [fmt for group in self.broadcast(hookspecs.peftcore_checkpoint_formats) for fmt in group]
+
     def conformance_kit(self, backend: str) -> Any:
         """The first conformance kit a plugin offers for ``backend``, or None."""
         kits = self.broadcast(hookspecs.peftcore_conformance_kit, backend=backend)
         return kits[0] if kits else None
 
-    def plugin_failed(self, plugin_name: str, hook_name: str, exc: Exception) -> None:
+    def plugin_failed(self, plugin_name: str, hook_name: str, exc: BaseException) -> None:
         error = f"{hook_name} raised {type(exc).__name__}: {exc}"
         if not any(f.name == plugin_name and f.error == error for f in self.failures):
             self.failures.append(PluginFailure(plugin_name, error))
@@ -216,7 +220,7 @@ class PluginManager:
                 continue
             try:
                 self.pm.load_setuptools_entrypoints(ENTRY_POINT_GROUP, name=name)
-            except Exception as exc:  # a broken plugin must not take the others down
+            except PLUGIN_FAULTS as exc:  # a broken plugin must not take the others down
                 self.failures.append(PluginFailure(name, f"{type(exc).__name__}: {exc}"))
 
     def register(self, plugin: Any, name: str) -> None:
@@ -225,7 +229,7 @@ class PluginManager:
             return
         try:
             self.pm.register(plugin, name=name)
-        except Exception as exc:
+        except PLUGIN_FAULTS as exc:
             raise BackendError(f"plugin {name!r} could not be registered: {exc}") from exc
         self._backends.clear()
 

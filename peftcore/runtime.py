@@ -18,13 +18,26 @@ primitive is reported unavailable, naming it, when its plugin registers.
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any, Callable, Iterable, Mapping, Optional, Protocol, Sequence, runtime_checkable
+from typing import (
+    TYPE_CHECKING,
+    Any,
+    Callable,
+    Iterable,
+    Mapping,
+    Optional,
+    Protocol,
+    Sequence,
+    Union,
+    runtime_checkable,
+)
 
 if TYPE_CHECKING:
     import numpy as np
 
     from peftcore.graph import ModelGraph
+    from peftcore.plan import RewritePlan
 
 #: ``builder(model, layers, op, adapter_name)``: build one op (each builder takes its own
 #: :class:`~peftcore.plan.PlanOp` subclass); ``layers`` maps every layer path of the model
@@ -79,6 +92,26 @@ class AdapterLayerProtocol(Protocol):
     def unmerge(self) -> None: ...
 
     def unwrap(self, merge: bool) -> Any: ...
+
+
+@runtime_checkable
+class CheckpointFormat(Protocol):
+    """A framework's own checkpoint file as a source of adapters (``peftcore convert``).
+
+    ``name`` is the layout's short name (``"singa"``), ``description`` says what such a
+    file is, for messages. ``adapter_tensors`` returns ``(adapter name, canonical
+    tensors)`` of one adapter of ``plan``; ``adapter_name`` None means the only one.
+    It must read without the framework installed and never unpickle.
+    """
+
+    name: str
+    description: str
+
+    def recognises(self, path: Union[str, os.PathLike]) -> bool: ...
+
+    def adapter_tensors(
+        self, path: str, plan: RewritePlan, adapter_name: Optional[str], graph: Optional[ModelGraph]
+    ) -> tuple[str, dict[str, np.ndarray]]: ...
 
 
 class BackendRuntime:

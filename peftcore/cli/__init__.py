@@ -88,6 +88,7 @@ def cmd_backends(args: argparse.Namespace) -> int:
 
 def cmd_convert(args: argparse.Namespace) -> int:
     from peftcore.convert import convert
+    from peftcore.plugins import get_plugin_manager
 
     config = build_config(args)
     plan = read_plan_file(args.plan) if args.plan else None
@@ -97,6 +98,7 @@ def cmd_convert(args: argparse.Namespace) -> int:
         adapter_name=args.adapter_name, overwrite=args.force,
     )
     names = {"hf": "HF PEFT adapter", "peftcore": "peftcore adapter", "singa": "SINGA checkpoint"}
+    names.update({fmt.name: fmt.description for fmt in get_plugin_manager().checkpoint_formats() if fmt.name not in names})
     ops = [op for op in adapter.plan.ops if op.path]
     print(f"{args.source} ({names[adapter.layout]}) -> {args.destination} ({names[args.to]})")
     print(

@@ -300,7 +300,7 @@ def test_singa_checkpoint_adapter_choice_and_hf_output(singa_like: dict, capsys:
 
 def test_singa_square_saved_weight_needs_the_layer_type(tmp_path: Path) -> None:
     from peftcore.graph import ModelGraph
-    from peftcore.singa_checkpoint import singa_adapter_tensors
+    from peftcore_singa.checkpoint import singa_adapter_tensors
 
     weights = MLP.random_weights(np.random.default_rng(0))
     twin = peftcore.get_peft_model(mlp_twin(weights), peftcore.LoraConfig(r=2, target_modules=["fc1"], modules_to_save=["block"]))
@@ -350,7 +350,7 @@ def test_bad_singa_checkpoints_are_refused_without_unpickling(tmp_path: Path, si
     with pytest.raises(AdapterError, match="'fc1.lora_B.second' has dtype int32"):
         convert(tmp_path / "int.zip", tmp_path / "out", config=config, plan=plan, adapter_name="second")
     (tmp_path / "notes.txt").write_text("not a checkpoint")
-    with pytest.raises(AdapterError, match="neither an adapter directory nor a SINGA save_states checkpoint"):
+    with pytest.raises(AdapterError, match=r"neither an adapter directory nor a checkpoint format a backend reads \(SINGA save_states"):
         convert(tmp_path / "notes.txt", tmp_path / "out", config=config, plan=plan)
     assert not (tmp_path / "out").exists()
 
@@ -487,3 +487,44 @@ def test_checkpoint_of_a_real_singa_run(tmp_path: Path, capsys: pytest.CaptureFi
     with torch.no_grad():
         out = hf_model(torch.from_numpy(np.load(tmp_path / "inputs.npy"))).numpy()
     np.testing.assert_allclose(out, np.load(tmp_path / "two_default_out.npy"), atol=1e-5)
+
+
+def test_a_plugins_checkpoint_format_is_read_by_convert(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Framework checkpoint layouts come from plugins (the SINGA one included): a third
+    party's format is recognised and read the same way."""
+    from peftcore import hookimpl
+    from peftcore.plugins import get_plugin_manager, reset_plugin_manager
+
+    config = peftcore.LoraConfig(r=2, target_modules=["fc1"])
+    weights = MLP.random_weights(np.random.default_rng(0))
+    plan = peftcore.get_peft_model(mlp_twin(weights), config).plans["default"]
+    canonical = {name: np.full(spec.shape, 0.5, np.float32) for name, spec in plan.tensor_specs().items()}
+
+    class TextFormat:
+        name, description = "text", "text checkpoint (*.txtckpt)"
+
+        def recognises(self, path: Any) -> bool:
+            return str(path).endswith(".txtckpt")
+
+        def adapter_tensors(self, path: str, plan: RewritePlan, adapter_name: Any, graph: Any) -> Any:
+            return adapter_name or "default", dict(canonical)
+
+    class TextPlugin:
+        @hookimpl
+        def peftcore_checkpoint_formats(self) -> Any:
+            return [TextFormat()]
+
+    reset_plugin_manager()
+    try:
+        get_plugin_manager().register(TextPlugin(), "text-format")
+        (tmp_path / "model.txtckpt").write_text("anything")
+        adapter = convert(tmp_path / "model.txtckpt", tmp_path / "out", "peftcore", config=config, plan=plan)
+        assert adapter.layout == "text"
+        loaded = peftcore.PeftModel.from_pretrained(mlp_twin(weights), str(tmp_path / "out")).export_adapter("default")
+        for key, value in canonical.items():
+            np.testing.assert_array_equal(loaded[key], value)
+        (tmp_path / "other.bin").write_bytes(b"\0")
+        with pytest.raises(AdapterError, match=r"neither an adapter directory nor a checkpoint format.*text checkpoint"):
+            convert(tmp_path / "other.bin", tmp_path / "out2", "peftcore", config=config, plan=plan)
+    finally:
+        reset_plugin_manager()

@@ -80,3 +80,10 @@ def peftcore_conformance_kit(backend: str) -> Any:
     from peftcore_singa.toys import SingaToyKit
 
     return SingaToyKit()
+
+
+@hookimpl
+def peftcore_checkpoint_formats() -> Any:
+    from peftcore_singa.checkpoint import SingaCheckpointFormat
+
+    return [SingaCheckpointFormat()]

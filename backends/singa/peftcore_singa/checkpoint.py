@@ -1,5 +1,10 @@
 """Read an adapter out of a SINGA ``Model.save_states`` checkpoint, without SINGA.
 
+The SINGA backend offers this to ``peftcore convert`` as a checkpoint format
+(:class:`SingaCheckpointFormat`, through the ``peftcore_checkpoint_formats`` hook), so
+the core knows no framework's checkpoint layout. This module imports neither singa nor
+the backend's layer modules.
+
 ``save_states(path)`` writes a zip holding ``tensor_dict.npz`` (``np.savez`` of every
 state tensor, keyed by tensor name) and ``states_attr.json`` (per name: ``state_type``
 0 for model states, 1 for the auxiliary states the caller passed, with shape and dtype).
@@ -32,9 +37,10 @@ from __future__ import annotations
 
 import io
 import json
+import os
 import re
 import zipfile
-from typing import Mapping, Optional
+from typing import Mapping, Optional, Union
 
 import numpy as np
 
@@ -183,3 +189,22 @@ def _stored_transposed(
         f"layer type (layer.Linear: yes, Gemm/Embedding: no). Pass the SINGA model (--model) so "
         f"its layer types are known"
     )
+
+
+class SingaCheckpointFormat:
+    """A SINGA ``save_states`` zip as a source of adapters for ``peftcore convert``."""
+
+    name = "singa"
+    description = f"SINGA save_states checkpoint (a zip holding {SINGA_TENSORS_MEMBER})"
+
+    def recognises(self, path: Union[str, os.PathLike]) -> bool:
+        path = os.fspath(path)
+        if not (os.path.isfile(path) and zipfile.is_zipfile(path)):
+            return False
+        with zipfile.ZipFile(path) as archive:
+            return SINGA_TENSORS_MEMBER in archive.namelist()
+
+    def adapter_tensors(
+        self, path: str, plan: RewritePlan, adapter_name: Optional[str], graph: Optional[ModelGraph]
+    ) -> tuple[str, dict[str, np.ndarray]]:
+        return singa_adapter_tensors(path, plan, adapter_name, graph)
