@@ -17,16 +17,21 @@ from peftcore.errors import (
     PeftCoreError,
     PlanError,
     TargetNotFoundError,
+    UnknownFieldError,
     UnknownMethodError,
     UnsupportedLayerError,
 )
 from peftcore.graph import LayerNode, ModelGraph
+from peftcore.hf_compat import get_peft_config, get_peft_model_state_dict, set_peft_model_state_dict
 from peftcore.hookspecs import BackendInfo, hookimpl
 from peftcore.methods import BitFitConfig, LoraConfig, PromptTuningConfig, ResidualPromptTuningConfig
+from peftcore.methods.p_tuning import PromptEncoderConfig
+from peftcore.methods.prefix_tuning import PrefixTuningConfig
 from peftcore.methods.unipelt import UniPELTConfig, gate_values
 from peftcore.plan import PlanOp, RewritePlan, register_op
 from peftcore.plugins import get_plugin_manager
 from peftcore.registry import PeftRegistry, register_method
+from peftcore.task_type import TaskType
 from peftcore.xprompt import XPromptConfig, XPromptResult, xprompt_prune
 
 __version__ = "0.1.0"
@@ -50,10 +55,14 @@ __all__ = [
     "PeftRegistry",
     "PlanError",
     "PlanOp",
+    "PrefixTuningConfig",
+    "PromptEncoderConfig",
     "PromptTuningConfig",
     "ResidualPromptTuningConfig",
     "RewritePlan",
     "TargetNotFoundError",
+    "TaskType",
+    "UnknownFieldError",
     "UnknownMethodError",
     "UnsupportedLayerError",
     "XPromptConfig",
@@ -61,9 +70,12 @@ __all__ = [
     "UniPELTConfig",
     "config_class",
     "gate_values",
+    "get_peft_config",
     "get_peft_model",
+    "get_peft_model_state_dict",
     "hookimpl",
     "register_method",
     "register_op",
+    "set_peft_model_state_dict",
     "xprompt_prune",
 ]

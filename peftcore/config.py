@@ -11,9 +11,11 @@ from __future__ import annotations
 import dataclasses
 import json
 import sys
+import warnings
 from typing import TYPE_CHECKING, Any, ClassVar, Mapping, Optional, TypeVar
 
-from peftcore.errors import ConfigError, did_you_mean
+from peftcore.errors import ConfigError, UnknownFieldError, did_you_mean
+from peftcore.task_type import TASK_TYPES
 
 if sys.version_info >= (3, 11):
     from typing import dataclass_transform
@@ -50,7 +52,7 @@ def config_class(cls: type[C]) -> type[C]:
     def __init__(self: Any, *args: Any, **kwargs: Any) -> None:
         unknown = [k for k in kwargs if k not in names]
         if unknown:
-            raise ConfigError(
+            raise UnknownFieldError(
                 f"{cls.__name__} has no field {unknown[0]!r}{did_you_mean(unknown[0], names)}"
             )
         if len(args) > 0:
@@ -94,6 +96,13 @@ class PeftConfig:
             raise ConfigError(f"backend must be a backend name (str) or None, got {self.backend!r}")
         if self.task_type is not None and not isinstance(self.task_type, str):
             raise ConfigError(f"task_type must be a string or None, got {self.task_type!r}")
+        if self.task_type is not None:
+            if self.task_type not in TASK_TYPES:
+                raise ConfigError(
+                    f"invalid task_type {self.task_type!r}{did_you_mean(str(self.task_type), TASK_TYPES)}; "
+                    f"must be one of {', '.join(TASK_TYPES)} (peftcore.TaskType) or None"
+                )
+            self.task_type = str(TASK_TYPES[TASK_TYPES.index(self.task_type)])  # a TaskType member -> its string
         if not isinstance(self.inference_mode, bool):
             raise ConfigError(f"inference_mode must be True or False, got {self.inference_mode!r}")
         if self.base_model_name_or_path is not None and not isinstance(self.base_model_name_or_path, str):
@@ -149,6 +158,7 @@ class PeftConfig:
             raise ConfigError(f"config has peft_type {peft_type!r}, expected {cls.peft_type!r} for {cls.__name__}")
         names = {f.name for f in dataclasses.fields(cls)}
         kwargs: dict[str, Any] = {}
+        ignored: list[str] = []
         for key, value in data.items():
             if key in names:
                 kwargs[key] = value
@@ -157,15 +167,31 @@ class PeftConfig:
             elif key in cls.hf_unsupported_fields:
                 if value not in (cls.hf_unsupported_fields[key], None, False, {}, []):
                     raise ConfigError(f"{cls.__name__}: {key}={value!r} is an HF PEFT feature peftcore does not support")
+            elif _is_off(value):
+                ignored.append(key)  # most likely a newer HF PEFT's feature, left off
             else:
-                raise ConfigError(f"{cls.__name__} has no field {key!r}{did_you_mean(key, names)}")
+                raise ConfigError(
+                    f"{cls.__name__} has no field {key!r}{did_you_mean(key, names)}: the config was probably "
+                    f"written by a newer PEFT version, and {key}={value!r} would change what the adapter computes, "
+                    "which peftcore cannot do"
+                )
+        if ignored:
+            warnings.warn(
+                f"{cls.__name__}: ignoring config key(s) {', '.join(repr(k) for k in sorted(ignored))} that this "
+                "peftcore does not know (probably from a newer PEFT version); each is at a value that turns its "
+                "feature off",
+                UserWarning,
+                stacklevel=3,
+            )
         return cls(**kwargs)
 
     @classmethod
     def from_json(cls: type[C], text: str) -> C:
+        from peftcore import strict_json
+
         try:
-            data = json.loads(text)
-        except json.JSONDecodeError as exc:
+            data = strict_json.loads(text)
+        except ValueError as exc:  # JSONDecodeError too; numbers or nesting out of bounds
             raise ConfigError(f"config is not valid JSON: {exc}") from None
         return cls.from_dict(data)
 
@@ -175,6 +201,11 @@ class PeftConfig:
         if unknown:
             raise ConfigError(f"{type(self).__name__} has no field {unknown[0]!r}")
         return dataclasses.replace(self, **changes)
+
+
+def _is_off(value: Any) -> bool:
+    """Whether an unknown config key's value leaves a feature off (null, false, empty)."""
+    return value is None or value is False or (isinstance(value, (dict, list, str)) and len(value) == 0)
 
 
 def check(condition: bool, message: str) -> None:

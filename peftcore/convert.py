@@ -22,9 +22,8 @@ from __future__ import annotations
 import json
 import os
 import re
-import tempfile
 from dataclasses import dataclass
-from typing import Callable, Mapping, Optional, Union
+from typing import Mapping, Optional, Union
 
 import numpy as np
 
@@ -35,6 +34,7 @@ from peftcore.io import (
     DEFAULT_ADAPTER,
     HF_PREFIX,
     WEIGHTS_NAME,
+    _write_files_atomically,
     check_adapter_name,
     match_tensors,
     read_adapter,
@@ -254,33 +254,15 @@ def save_hf_adapter(directory: Union[str, os.PathLike], adapter: Adapter) -> Non
     }
     directory = os.fspath(directory)
     os.makedirs(directory, exist_ok=True)
-    _write_all_or_nothing(directory, {
-        CONFIG_NAME: lambda tmp: _write_text(tmp, config_text),
-        WEIGHTS_NAME: lambda tmp: save_file(tensors, tmp, metadata={"format": "pt"}),
-    })
+    _write_files_atomically(directory, [
+        (CONFIG_NAME, lambda tmp: _write_text(tmp, config_text)),
+        (WEIGHTS_NAME, lambda tmp: save_file(tensors, tmp, metadata={"format": "pt"})),
+    ])
 
 
 def _write_text(path: str, text: str) -> None:
     with open(path, "w", encoding="utf-8") as handle:
         handle.write(text)
-
-
-def _write_all_or_nothing(directory: str, writers: Mapping[str, Callable[[str], object]]) -> None:
-    """Write every file in full under a temporary name, then rename them all into place
-    (in order, the last one last), so an error never leaves a half-written adapter."""
-    staged: list[tuple[str, str]] = []
-    try:
-        for name, write in writers.items():
-            fd, tmp = tempfile.mkstemp(prefix=f".{name}.", suffix=".tmp", dir=directory)
-            os.close(fd)
-            staged.append((tmp, os.path.join(directory, name)))
-            write(tmp)
-        for tmp, target in staged:
-            os.replace(tmp, target)
-    finally:
-        for tmp, _ in staged:
-            if os.path.exists(tmp):
-                os.unlink(tmp)
 
 
 # -- the whole conversion -----------------------------------------------------------------

@@ -19,6 +19,11 @@ class ConfigError(PeftCoreError, ValueError):
     """A PEFT config has an unknown field, a bad value, or an unsupported option."""
 
 
+class UnknownFieldError(ConfigError, TypeError):
+    """A config was given a keyword it has no field for (a ``TypeError`` too, as a
+    dataclass constructor would raise)."""
+
+
 class UnknownMethodError(PeftCoreError, KeyError):
     """No PEFT method is registered under the requested name."""
 

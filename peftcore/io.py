@@ -18,18 +18,23 @@ from __future__ import annotations
 
 import json
 import os
-import tempfile
+import secrets
+import shutil
+import stat
 import warnings
 from dataclasses import dataclass
-from typing import Any, Callable, Mapping, Optional
+from typing import Any, Callable, Mapping, Optional, Sequence
 
 import numpy as np
 
+from peftcore import strict_json
 from peftcore.config import CONFIG_NAME, PeftConfig
 from peftcore.errors import AdapterError, PeftCoreError
 from peftcore.graph import ModelGraph
 from peftcore.methods.lora import AddLora
+from peftcore.model_ops import BASE_ROW
 from peftcore.plan import RewritePlan, TensorSpec
+from peftcore.safe_files import read_bounded
 from peftcore.safetensors_reader import read_safetensors
 
 WEIGHTS_NAME = "adapter_model.safetensors"
@@ -39,6 +44,8 @@ FORMAT_VERSION = 1
 DEFAULT_ADAPTER = "default"
 #: Largest ``adapter_config.json`` read (real ones are a few kilobytes).
 MAX_CONFIG_BYTES = 16 * 1024 * 1024
+#: An adapter name names a folder: well under the usual 255-byte limit of a file name.
+MAX_ADAPTER_NAME_BYTES = 200
 
 _FLOAT_DTYPES = (np.float16, np.float32, np.float64)
 #: Largest finite value of each dtype a backend may report for a layer.
@@ -75,7 +82,30 @@ def check_adapter_name(adapter_name: str) -> str:
         raise AdapterError(f"adapter name {adapter_name!r} must be a plain name (no path separators or '..')")
     if adapter_name in (CONFIG_NAME, WEIGHTS_NAME):
         raise AdapterError(f"adapter name {adapter_name!r} is the name of an adapter file; pick another name")
+    if adapter_name == BASE_ROW:
+        raise AdapterError(f"adapter name {BASE_ROW!r} is reserved: in adapter_names it means the base model alone")
+    if len(adapter_name.encode("utf-8", "surrogatepass")) > MAX_ADAPTER_NAME_BYTES or not adapter_name.isprintable():
+        raise AdapterError(
+            f"adapter name {adapter_name[:40]!r}... must be printable and at most {MAX_ADAPTER_NAME_BYTES} bytes "
+            "(it names a folder)"
+        )
     return adapter_name
+
+
+def adapter_save_dirs(root: str, adapter_names: Sequence[str]) -> dict[str, str]:
+    """Where each adapter is saved under ``root``, every name checked before anything is
+    written. A subfolder that exists as a symbolic link (or as anything but a folder) is
+    refused: an adapter is written only inside the save directory."""
+    root = os.fspath(root)
+    dirs = {name: adapter_subdir(root, name) for name in adapter_names}
+    for name, directory in dirs.items():
+        if name != DEFAULT_ADAPTER and os.path.lexists(directory):
+            if os.path.islink(directory) or not os.path.isdir(directory):
+                raise AdapterError(
+                    f"{directory}: the folder for adapter {name!r} is a symbolic link or not a folder; "
+                    "refusing to write outside the save directory"
+                )
+    return dirs
 
 
 def adapter_subdir(root: str, adapter_name: str) -> str:
@@ -144,19 +174,40 @@ def read_adapter(directory: str) -> AdapterFiles:
                 stacklevel=2,
             )
             config = _parse_config(saved_config, f"{weights_path}: config in '{METADATA_KEY}' metadata")
+    if plan is not None:
+        check_plan_matches_config(plan, config, weights_path)
     return AdapterFiles(directory, config, plan, tensors)
 
 
+def check_plan_matches_config(plan: RewritePlan, config: PeftConfig, where: str) -> None:
+    """Refuse a stored plan that disagrees with its config where a reader of the config
+    alone (HF PEFT, ``convert --to hf``) would compute something else: for a LoRA plan,
+    each layer's rank, alpha and scaling must be what the config gives that layer."""
+    if plan.method != config.method or plan.method != "lora":
+        if plan.method != config.method:
+            raise AdapterError(f"{where}: the stored plan is for method {plan.method!r}, the config for {config.method!r}")
+        return
+    rank_and_alpha = getattr(config, "rank_and_alpha", None)
+    scaling_of = getattr(config, "scaling", None)
+    if not callable(rank_and_alpha) or not callable(scaling_of):
+        return
+    for op in plan.ops:
+        if not isinstance(op, AddLora):
+            continue
+        r, alpha = rank_and_alpha(op.path)
+        expected = float(scaling_of(r, alpha))
+        if op.r != r or not np.isclose(op.lora_alpha, float(alpha), rtol=1e-9, atol=0.0) or not np.isclose(
+            op.scaling, expected, rtol=1e-9, atol=0.0
+        ):
+            raise AdapterError(
+                f"{where}: the stored plan's entry for layer {op.path!r} (r={op.r}, lora_alpha={op.lora_alpha}, "
+                f"scaling={op.scaling}) disagrees with the config (r={r}, lora_alpha={alpha}, scaling={expected}); "
+                "refusing an adapter whose plan and config would load differently"
+            )
+
+
 def _read_config_json(path: str) -> Any:
-    try:
-        with open(path, "rb") as handle:
-            raw = handle.read(MAX_CONFIG_BYTES + 1)
-    except FileNotFoundError:
-        raise AdapterError(f"{path}: file is missing") from None
-    except OSError as exc:
-        raise AdapterError(f"{path}: not a readable JSON file: {exc}") from None
-    if len(raw) > MAX_CONFIG_BYTES:
-        raise AdapterError(f"{path}: larger than {MAX_CONFIG_BYTES} bytes, not an adapter config")
+    raw = read_bounded(path, MAX_CONFIG_BYTES, "adapter config")  # a regular file only: never a FIFO
     try:
         return _strict_json(raw.decode("utf-8"))
     except (UnicodeDecodeError, ValueError, RecursionError) as exc:
@@ -164,19 +215,10 @@ def _read_config_json(path: str) -> Any:
 
 
 def _strict_json(text: str) -> Any:
-    """``json.loads`` that refuses what standard JSON has no place for: NaN, Infinity
-    and numbers too large for a float (Python's parser would make them infinite)."""
-
-    def finite(literal: str) -> float:
-        value = float(literal)
-        if not np.isfinite(value):
-            raise ValueError(f"number {literal[:40]} is out of range")
-        return value
-
-    def refuse(name: str) -> Any:
-        raise ValueError(f"{name} is not valid JSON")
-
-    return json.loads(text, parse_float=finite, parse_constant=refuse)
+    """``json.loads`` that refuses what standard JSON has no place for: NaN, Infinity,
+    numbers too large for a float or an int64, nesting too deep (see
+    :mod:`peftcore.strict_json`)."""
+    return strict_json.loads(text)
 
 
 def _parse_config(data: Any, source: str) -> PeftConfig:
@@ -211,33 +253,47 @@ def _parse_record(text: str, weights_path: str) -> tuple[RewritePlan, Optional[d
 
 
 def match_tensors(
-    plan: RewritePlan, tensors: Mapping[str, np.ndarray], source: str, strict: bool = True
+    plan: RewritePlan,
+    tensors: Mapping[str, np.ndarray],
+    source: str,
+    strict: bool = True,
+    *,
+    allow_non_finite: bool = False,
+    dtypes: Optional[Mapping[str, str]] = None,
 ) -> dict[str, np.ndarray]:
     """Map file tensors (HF keys) onto the plan's canonical names, checking each one.
 
     Keys may carry HF PEFT's ``base_model.model.`` prefix or not. Missing tensors, wrong
     shapes and non-float dtypes are errors; unexpected keys are errors when ``strict``.
+    Names, dtypes and shapes are checked (from the file's header when it has one) before
+    any tensor is read, and only the tensors the plan needs are read. Unless
+    ``allow_non_finite``, a tensor holding NaN/Inf, or values beyond the largest finite
+    value of its layer's dtype (``dtypes``: layer path -> dtype name), is an error.
     """
     by_key: dict[str, str] = {}
     specs = plan.tensor_specs()
     for name, spec in specs.items():
         by_key[_hf_key(spec)] = name
-    found: dict[str, np.ndarray] = {}
+    # names, dtypes and shapes first, from the file's header where it has one: no tensor
+    # data is read until everything the plan needs is known to be there and to fit
+    header_spec = getattr(tensors, "spec", None)
+    keys: dict[str, str] = {}
     unexpected = []
-    for key, array in tensors.items():
+    for key in tensors:
         canonical = by_key.get(key) or by_key.get(HF_PREFIX + key)
         if canonical is None:
             unexpected.append(key)
             continue
-        if canonical in found:
+        if canonical in keys:
             raise AdapterError(f"{source}: tensor {key!r} is stored twice (with and without {HF_PREFIX!r})")
         spec = specs[canonical]
-        if array.dtype.type not in _FLOAT_DTYPES:
-            raise AdapterError(f"{source}: tensor {key!r} has dtype {array.dtype}, expected a float type")
-        if tuple(array.shape) != tuple(spec.shape):
-            raise AdapterError(f"{source}: tensor {key!r} has shape {tuple(array.shape)}, expected {tuple(spec.shape)}")
-        found[canonical] = array
-    missing = [_hf_key(s) for n, s in specs.items() if n not in found]
+        dtype, shape = header_spec(key) if callable(header_spec) else (tensors[key].dtype, tensors[key].shape)
+        if np.dtype(dtype).type not in _FLOAT_DTYPES:
+            raise AdapterError(f"{source}: tensor {key!r} has dtype {np.dtype(dtype)}, expected a float type")
+        if tuple(shape) != tuple(spec.shape):
+            raise AdapterError(f"{source}: tensor {key!r} has shape {tuple(shape)}, expected {tuple(spec.shape)}")
+        keys[canonical] = key
+    missing = [_hf_key(s) for n, s in specs.items() if n not in keys]
     if missing:
         raise AdapterError(f"{source}: missing tensor(s) {', '.join(repr(m) for m in missing[:5])}"
                            + (f" and {len(missing) - 5} more" if len(missing) > 5 else ""))
@@ -246,10 +302,38 @@ def match_tensors(
             f"{source}: unexpected tensor(s) {', '.join(repr(u) for u in unexpected[:5])} that the adapter's "
             f"plan does not create (pass strict=False to ignore them)"
         )
+    found = {canonical: tensors[key] for canonical, key in keys.items()}
+    if not allow_non_finite:
+        layer_of = {
+            (f"{op.path}.{name}" if op.path else name): op.path for op in plan.ops for name in op.tensor_specs()
+        }
+        for canonical, array in found.items():
+            _check_finite(array, keys[canonical], (dtypes or {}).get(layer_of.get(canonical, "")), source)
     return found
 
 
-def check_safe_to_merge(adapters: Mapping[str, tuple[RewritePlan, Mapping[str, np.ndarray]]], graph: ModelGraph) -> None:
+def _check_finite(array: np.ndarray, key: str, layer_dtype: Optional[str], source: str) -> None:
+    bad = int(array.size - np.count_nonzero(np.isfinite(array)))
+    if bad:
+        raise AdapterError(
+            f"{source}: tensor {key!r} holds {bad} NaN/Inf value(s); refusing to load it "
+            "(pass allow_non_finite=True to load it anyway)"
+        )
+    limit = _DTYPE_MAX.get(layer_dtype or "")
+    if limit is not None and array.size:
+        largest = float(np.max(np.abs(array)))
+        if largest > limit:
+            raise AdapterError(
+                f"{source}: tensor {key!r} holds a value of magnitude {largest:.3g}, beyond the largest {layer_dtype} "
+                "its layer can hold; refusing to load it (pass allow_non_finite=True to load it anyway)"
+            )
+
+
+def check_safe_to_merge(
+    adapters: Mapping[str, tuple[RewritePlan, Mapping[str, np.ndarray]]],
+    graph: ModelGraph,
+    dtypes: Optional[Mapping[str, str]] = None,
+) -> None:
     """Raise :class:`AdapterError` unless merging ``adapters`` (name -> (plan, exported
     tensors), in merge order) keeps the merged weights finite.
 
@@ -257,6 +341,8 @@ def check_safe_to_merge(adapters: Mapping[str, tuple[RewritePlan, Mapping[str, n
     ``scaling * B @ A`` of all the adapters must fit the layer's dtype. The base
     weights stay with the backend, so a finite weight plus a fitting delta whose sum
     still overflows (a weight already near its dtype's limit) is not caught here.
+    ``dtypes`` gives each layer's dtype as it is now (the model may have been cast since
+    it was described); the graph's is used only for a layer it does not name.
     """
     deltas: dict[str, np.ndarray] = {}
     for name, (plan, tensors) in adapters.items():
@@ -270,7 +356,7 @@ def check_safe_to_merge(adapters: Mapping[str, tuple[RewritePlan, Mapping[str, n
             a, b = tensors.get(f"{op.path}.lora_A"), tensors.get(f"{op.path}.lora_B")
             if a is None or b is None:
                 continue
-            dtype = graph.get(op.path).dtype if op.path in graph else "float32"
+            dtype = (dtypes or {}).get(op.path) or (graph.get(op.path).dtype if op.path in graph else "float32")
             compute = np.float64 if dtype == "float64" else np.float32
             with np.errstate(over="ignore", invalid="ignore"):
                 delta = (np.asarray(b, dtype=compute) @ np.asarray(a, dtype=compute)) * compute(op.scaling)
@@ -303,32 +389,76 @@ def _write_files_atomically(directory: str, files: list[tuple[str, Callable[[str
     temporary name and flushed to disk; only then are they renamed over their targets,
     in order, so the last one is the commit point. Temporary files are removed on any
     error; a process killed outright leaves a ``.<name>.*.tmp`` file, which readers ignore.
+
+    If a rename fails (the process lives on), the files already renamed are put back as
+    they were (their old versions are kept as hard links until the end), so the directory
+    never pairs a new file with an old one. New files get the mode ``open()`` gives
+    (0666 less the umask): they are created with it, and the umask is never changed.
     """
     staged: list[str] = []
-    mode = _file_mode()
+    backups: dict[str, Optional[str]] = {}
     try:
         for name, write in files:
-            fd, tmp = tempfile.mkstemp(prefix=f".{name}.", suffix=".tmp", dir=directory)
-            os.close(fd)
+            tmp, mode = _new_temp_file(directory, name)
             staged.append(tmp)
             write(tmp)
             with open(tmp, "rb+") as handle:
                 os.fsync(handle.fileno())
-            os.chmod(tmp, mode)  # mkstemp makes files private (0600)
-        for (name, _), tmp in zip(files, staged):
-            os.replace(tmp, os.path.join(directory, name))
+            os.chmod(tmp, mode)  # some writers (safetensors) make their file private (0600)
+        for name, _ in files:
+            target = os.path.join(directory, name)
+            backups[target] = None
+            if os.path.lexists(target):
+                backup = _new_temp_name(directory, name + ".old")
+                try:
+                    os.link(target, backup)
+                except OSError:  # a file system without hard links
+                    shutil.copyfile(target, backup)
+                backups[target] = backup
+        renamed: list[str] = []
+        try:
+            for (name, _), tmp in zip(files, staged):
+                target = os.path.join(directory, name)
+                os.replace(tmp, target)
+                renamed.append(target)
+        except BaseException:
+            for target in renamed:  # put the directory back as it was
+                previous = backups[target]
+                if previous is None:
+                    os.unlink(target)
+                else:
+                    os.replace(previous, target)
+                    backups[target] = None
+            raise
     finally:
-        for tmp in staged:
-            if os.path.exists(tmp):
-                os.unlink(tmp)
+        for leftover in [*staged, *(b for b in backups.values() if b)]:
+            if os.path.lexists(leftover):
+                os.unlink(leftover)
     _fsync_directory(directory)
 
 
-def _file_mode() -> int:
-    """The mode ``open()`` would give a new file: 0666 less the process umask."""
-    umask = os.umask(0o022)
-    os.umask(umask)
-    return 0o666 & ~umask
+def _new_temp_name(directory: str, name: str) -> str:
+    return os.path.join(directory, f".{name}.{secrets.token_hex(8)}.tmp")
+
+
+def _new_temp_file(directory: str, name: str) -> tuple[str, int]:
+    """Create an empty hidden temporary file for ``name`` in ``directory``, never
+    following a link; return its path and the mode it was created with, the one
+    ``open()`` gives a new file (the kernel applies the umask to 0666: nothing
+    process-wide is read or changed)."""
+    flags = os.O_CREAT | os.O_EXCL | os.O_WRONLY | getattr(os, "O_NOFOLLOW", 0) | getattr(os, "O_CLOEXEC", 0)
+    for _ in range(100):
+        tmp = _new_temp_name(directory, name)
+        try:
+            fd = os.open(tmp, flags, 0o666)
+        except FileExistsError:
+            continue
+        try:
+            mode = stat.S_IMODE(os.fstat(fd).st_mode)
+        finally:
+            os.close(fd)
+        return tmp, mode
+    raise AdapterError(f"{directory}: could not create a temporary file for {name}")
 
 
 

@@ -22,6 +22,11 @@ from peftcore.errors import BackendError, PeftCoreError, PlanError
 from peftcore.plan import PlanOp, RewritePlan
 from peftcore.runtime import BackendRuntime, OpBuilder
 
+#: What plugin and backend code may raise that is a fault of that code, not a request to
+#: stop: every ``Exception`` and ``SystemExit`` (a plugin's ``sys.exit()`` must not end the
+#: user's process). ``KeyboardInterrupt`` still reaches the user.
+PLUGIN_FAULTS: tuple[type[BaseException], ...] = (Exception, SystemExit)
+
 #: The ``adapter_names`` entry for a row that runs the base model alone (HF PEFT's name).
 BASE_ROW = "__base__"
 
@@ -33,7 +38,7 @@ def guarded(runtime: BackendRuntime, operation: str) -> Iterator[None]:
         yield
     except PeftCoreError:
         raise
-    except Exception as exc:
+    except PLUGIN_FAULTS as exc:
         raise BackendError(f"backend {runtime.name!r} failed in {operation}: {type(exc).__name__}: {exc}") from exc
 
 
@@ -133,6 +138,19 @@ def unload(runtime: BackendRuntime, model: Any, merge: bool) -> Any:
             runtime.replace_layer(model, layers, path, layer.unwrap(merge))
         runtime.model_changed(model)
     return model
+
+
+def layer_dtypes(runtime: BackendRuntime, model: Any) -> dict[str, str]:
+    """Each adapter layer's base weight dtype as it is now (``"float16"``...), for layers
+    that report it (optional ``weight_dtype()``); the graph's record may be stale."""
+    out: dict[str, str] = {}
+    with guarded(runtime, "reading layer dtypes"):
+        for path, layer in adapter_layers(runtime, model).items():
+            report = getattr(layer, "weight_dtype", None)
+            dtype = report() if callable(report) else None
+            if dtype:
+                out[path] = str(dtype)
+    return out
 
 
 def export_adapter(runtime: BackendRuntime, model: Any, adapter_name: str) -> dict[str, np.ndarray]:

@@ -15,18 +15,21 @@ framework allows.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import os
+import warnings
 from typing import Any, Iterator, Mapping, Optional, Sequence, Union
 
 from peftcore import model_ops
 from peftcore.config import PeftConfig
 from peftcore.errors import AdapterError, BackendError, did_you_mean
 from peftcore.graph import ModelGraph
+from peftcore.hf_compat import HFCompatMixin, check_hf_save_arguments, split_embedding_layers, write_model_card
 from peftcore.io import (
     DEFAULT_ADAPTER,
     WEIGHTS_NAME,
     AdapterFiles,
-    adapter_subdir,
+    adapter_save_dirs,
     check_adapter_name,
     check_safe_to_merge,
     match_tensors,
@@ -41,7 +44,7 @@ from peftcore.runtime import BackendRuntime
 __all__ = ["BASE_ROW", "HandlePeftModel", "PeftModel", "wrap_model"]
 
 
-class PeftModel:
+class PeftModel(HFCompatMixin):
     """A model with adapters, native to its framework (mixin; see the module docstring).
 
     Calling it runs the model with its active adapters. The adapted native model is
@@ -137,9 +140,29 @@ class PeftModel:
         return self.active_adapters[0] if self.active_adapters else ""
 
     # -- adapters -------------------------------------------------------------------------
-    def add_adapter(self, adapter_name: str, config: PeftConfig, plan: Optional[RewritePlan] = None) -> RewritePlan:
-        """Plan ``config`` on this model and build it as a new adapter (not made active
-        unless it is the first one). Returns the plan."""
+    def add_adapter(
+        self,
+        adapter_name: str,
+        peft_config: Optional[PeftConfig] = None,
+        plan: Optional[RewritePlan] = None,
+        *,
+        config: Optional[PeftConfig] = None,
+        low_cpu_mem_usage: bool = False,
+        autocast_adapter_dtype: bool = True,
+    ) -> RewritePlan:
+        """Plan ``peft_config`` on this model and build it as a new adapter (not made active
+        unless it is the first one). Returns the plan.
+
+        HF PEFT's signature: ``add_adapter(adapter_name, peft_config, low_cpu_mem_usage=False,
+        autocast_adapter_dtype=True)``; ``config=`` is accepted for ``peft_config``. The two
+        HF flags change nothing here (adapters are built at once, in the layer's dtype
+        policy of the backend)."""
+        if (peft_config is None) == (config is None):
+            raise TypeError("add_adapter() takes the adapter's config once, as peft_config")
+        config = peft_config if peft_config is not None else config
+        assert config is not None
+        if not isinstance(config, PeftConfig):
+            raise TypeError(f"peft_config must be a peftcore PeftConfig, got {type(config).__name__}")
         check_adapter_name(adapter_name)
         if adapter_name in self.peft_config or adapter_name in self.pending_adapters:
             raise AdapterError(f"adapter {adapter_name!r} already exists; delete it first or pick another name")
@@ -190,6 +213,7 @@ class PeftModel:
         names = [adapter_name] if isinstance(adapter_name, str) else list(adapter_name)
         for name in names:
             self._require(name)
+        self._unmerge_unless_active(names, "set_adapter")
         for name in self.peft_config:
             trainable = name in names and not self.peft_config[name].inference_mode
             model_ops.set_trainable(self.runtime, self.get_base_model(), name, trainable)
@@ -240,6 +264,19 @@ class PeftModel:
                 self.merge_adapter(merged)
 
     # -- merging ----------------------------------------------------------------------------
+    def _unmerge_unless_active(self, names: Sequence[str], operation: str) -> None:
+        """Keep every merged adapter among the active ones: a merged adapter that would
+        stop being active is unmerged first, with a warning (as HF PEFT does), so the
+        output is always the base model plus exactly the active adapters."""
+        if self._merged and not set(self._merged) <= set(names):
+            warnings.warn(
+                f"{operation}: adapters {self._merged} are merged and would no longer match the active "
+                "adapters; unmerging them first",
+                UserWarning,
+                stacklevel=3,
+            )
+            self.unmerge_adapter()
+
     def merge_adapter(self, adapter_names: Optional[Sequence[str]] = None, safe_merge: bool = False) -> None:
         """Fold adapters (default: the active ones) into the base weights.
 
@@ -253,6 +290,8 @@ class PeftModel:
             self._require(name)
             self._require_mergeable(name)
         todo = [n for n in names if n not in self._merged]
+        if names and not todo:
+            warnings.warn(f"adapters {names} are already merged, nothing to do", UserWarning, stacklevel=2)
         if todo:
             if safe_merge:
                 self._check_safe_to_merge(self._merged + todo)
@@ -292,7 +331,7 @@ class PeftModel:
             for name in adapter_names
         }
         assert self.graph is not None  # adapters exist only once the model is described
-        check_safe_to_merge(exported, self.graph)
+        check_safe_to_merge(exported, self.graph, model_ops.layer_dtypes(self.runtime, self.get_base_model()))
 
     def unload(self) -> Any:
         """Remove every adapter without merging and return the plain model."""
@@ -365,29 +404,101 @@ class PeftModel:
         return model_ops.gate_values(self.runtime, self.get_base_model(), name)
 
     # -- files --------------------------------------------------------------------------------
-    def save_pretrained(self, save_directory: Union[str, os.PathLike], selected_adapters: Optional[Sequence[str]] = None) -> None:
-        """Save adapters: ``default`` at the top of the directory, others in a subfolder each."""
+    def save_pretrained(
+        self,
+        save_directory: Union[str, os.PathLike],
+        safe_serialization: bool = True,
+        selected_adapters: Optional[Sequence[str]] = None,
+        save_embedding_layers: Union[str, bool] = "auto",
+        is_main_process: bool = True,
+        **kwargs: Any,
+    ) -> None:
+        """Save adapters: ``default`` at the top of the directory, others in a subfolder
+        each, and a model card (``README.md``), as HF PEFT does.
+
+        HF PEFT's arguments: ``safe_serialization`` (peftcore always writes safetensors;
+        False warns), ``save_embedding_layers`` (peftcore adapters hold no resized
+        embeddings: True warns that there is nothing to add), ``is_main_process`` (False
+        writes nothing), and ``state_dict`` among ``kwargs`` (accepted and ignored, as the
+        tensors are read from the model; ``transformers.Trainer`` passes it)."""
+        if isinstance(safe_serialization, (list, tuple)):  # the old positional selected_adapters
+            selected_adapters, safe_serialization = safe_serialization, True
+        unknown = sorted(set(kwargs) - {"state_dict", "convert_pissa_to_lora", "path_initial_model_for_weight_conversion"})
+        if unknown:
+            raise TypeError(f"save_pretrained() got unexpected keyword argument(s) {', '.join(map(repr, unknown))}")
+        check_hf_save_arguments(safe_serialization, save_embedding_layers)
         names = list(selected_adapters) if selected_adapters is not None else list(self.peft_config)
         for name in names:
             self._require(name)
         if self._merged:
             raise AdapterError(f"adapters {self._merged} are merged; unmerge_adapter() before saving")
+        if not is_main_process:
+            return
+        targets = adapter_save_dirs(os.fspath(save_directory), names)  # every name checked before any write
         for name in names:
             tensors = self.export_adapter(name)
-            save_adapter(adapter_subdir(os.fspath(save_directory), name), self.peft_config[name], self.plans[name], tensors)
+            save_adapter(targets[name], self.peft_config[name], self.plans[name], tensors)
+        if names:
+            write_model_card(os.fspath(save_directory), self)
 
     def load_adapter(
-        self, model_id: Union[str, os.PathLike], adapter_name: str, is_trainable: bool = False, strict: bool = True
+        self,
+        model_id: Union[str, os.PathLike],
+        adapter_name: str,
+        is_trainable: bool = False,
+        strict: bool = True,
+        **kwargs: Any,
     ) -> None:
         """Load a saved adapter from a directory and add it under ``adapter_name``.
 
         The adapter's stored plan is re-applied as saved (an HF PEFT adapter, which has
         none, is planned from its config). Every tensor is checked before the model is
-        touched; unexpected tensors are an error unless ``strict=False``.
+        touched; unexpected tensors are an error unless ``strict=False``. When
+        ``adapter_name`` exists already with the same plan (``transformers.Trainer``
+        resuming a checkpoint), its tensors are replaced in place, as HF PEFT does.
+        HF PEFT's ``torch_device``, ``autocast_adapter_dtype``, ``low_cpu_mem_usage``,
+        ``ephemeral_gpu_offload`` and hub arguments are accepted (see ``from_pretrained``).
         """
-        self._add_from_files(read_adapter(os.fspath(model_id)), adapter_name, is_trainable, strict)
+        allow_non_finite = bool(kwargs.pop("allow_non_finite", False))
+        files = read_adapter(_adapter_dir(model_id, kwargs))
+        if adapter_name in self.peft_config:
+            if adapter_name in self._merged:  # new tensors must not sit under a stale merge
+                self._unmerge_unless_active([], "load_adapter")
+            self._reload_from_files(files, adapter_name, is_trainable, strict, allow_non_finite)
+        else:
+            self._add_from_files(files, adapter_name, is_trainable, strict, allow_non_finite)
+        _to_device(self, kwargs.get("torch_device"))
 
-    def _add_from_files(self, files: AdapterFiles, adapter_name: str, is_trainable: bool, strict: bool) -> None:
+    def _reload_from_files(
+        self, files: AdapterFiles, adapter_name: str, is_trainable: bool, strict: bool, allow_non_finite: bool = False
+    ) -> None:
+        assert self.graph is not None
+        current = self.plans[adapter_name]
+        plan = files.plan.with_adapter_name(adapter_name) if files.plan else files.config.loading_plan(self.graph, adapter_name)
+        if plan.ops != current.ops:
+            raise AdapterError(
+                f"{files.directory}: adapter {adapter_name!r} exists with another plan; delete_adapter() it first "
+                "or load under another name"
+            )
+        tensors = match_tensors(
+            plan, files.tensors, os.path.join(files.directory, WEIGHTS_NAME), strict,
+            allow_non_finite=allow_non_finite, dtypes=self._layer_dtypes(),
+        )
+        self.import_adapter(adapter_name, tensors)
+        self.peft_config[adapter_name] = self.peft_config[adapter_name].replace(inference_mode=not is_trainable)
+        model_ops.set_trainable(
+            self.runtime, self.get_base_model(), adapter_name, is_trainable and adapter_name in self.active_adapters
+        )
+
+    def _layer_dtypes(self) -> dict[str, str]:
+        """Each layer's dtype as it is now: the graph's, updated from the adapter layers."""
+        assert self.graph is not None
+        recorded = {node.path: node.dtype for node in self.graph.layers if node.dtype}
+        return {**recorded, **model_ops.layer_dtypes(self.runtime, self.get_base_model())}
+
+    def _add_from_files(
+        self, files: AdapterFiles, adapter_name: str, is_trainable: bool, strict: bool, allow_non_finite: bool = False
+    ) -> None:
         if self.graph is None:
             raise AdapterError(
                 f"cannot load {files.directory!r} yet: the model's layers do not know their shapes; run one forward "
@@ -396,13 +507,35 @@ class PeftModel:
         config = files.config.replace(inference_mode=not is_trainable)
         plan = files.plan.with_adapter_name(adapter_name) if files.plan else config.loading_plan(self.graph, adapter_name)
         check_plan_fits(plan, self.graph, files.directory)
-        tensors = match_tensors(plan, files.tensors, os.path.join(files.directory, WEIGHTS_NAME), strict)
+        weights_path = os.path.join(files.directory, WEIGHTS_NAME)
+        adapter_tensors, embeddings = split_embedding_layers(files.tensors, self.graph, plan, weights_path)
+        tensors = match_tensors(
+            plan, adapter_tensors, weights_path, strict, allow_non_finite=allow_non_finite, dtypes=self._layer_dtypes()
+        )
         self.add_adapter(adapter_name, config, plan=plan)
         try:
             self.import_adapter(adapter_name, tensors)
+            if embeddings:
+                self._load_embedding_layers(embeddings)
         except BaseException:
             self.delete_adapter(adapter_name)
             raise
+
+    def _load_embedding_layers(self, weights: Mapping[str, Any]) -> None:
+        """Copy the embedding matrices an HF PEFT adapter saved (``save_embedding_layers``)
+        into the base model's embedding layers, as HF PEFT does. A shell that can
+        provides ``_set_base_weights(path -> numpy array)``; otherwise they are ignored
+        with a warning."""
+        setter = getattr(self, "_set_base_weights", None)
+        if setter is None:
+            warnings.warn(
+                f"the adapter holds embedding matrices for {sorted(weights)} (HF PEFT's save_embedding_layers); "
+                f"backend {self.backend_name!r} cannot load base weights, so they are ignored",
+                UserWarning,
+                stacklevel=3,
+            )
+            return
+        setter(weights)
 
     @classmethod
     def from_pretrained(
@@ -414,16 +547,36 @@ class PeftModel:
         backend: Optional[str] = None,
         example_inputs: Any = None,
         strict: bool = True,
+        config: Optional[PeftConfig] = None,
+        **kwargs: Any,
     ) -> PeftModel:
         """Wrap ``model`` with the adapter saved in ``model_id``.
 
         The adapter is frozen and the model is put in eval mode (dropout off), as Hugging
-        Face PEFT does, unless ``is_trainable``.
+        Face PEFT does, unless ``is_trainable``. HF PEFT's arguments: ``config`` (used
+        instead of the directory's ``adapter_config.json``), ``torch_device`` (where the
+        model goes after loading; needs a shell with ``.to()``), ``subfolder``;
+        ``autocast_adapter_dtype``, ``low_cpu_mem_usage``, ``ephemeral_gpu_offload`` and
+        the hub-only ``revision``/``cache_dir``/``token`` change nothing for a local
+        directory. peftcore's ``allow_non_finite=True`` (also for ``load_adapter``) loads
+        tensors holding NaN/Inf or values too large for their layer's dtype, which are
+        refused by default. Any other keyword is a ``TypeError``.
         """
-        files = read_adapter(os.fspath(model_id))
+        allow_non_finite = bool(kwargs.pop("allow_non_finite", False))
+        files = read_adapter(_adapter_dir(model_id, kwargs))
+        if config is not None:
+            if not isinstance(config, PeftConfig):
+                raise TypeError(f"config must be a peftcore PeftConfig, got {type(config).__name__}")
+            if config.method != files.config.method:
+                raise AdapterError(
+                    f"{files.directory}: config is a {type(config).__name__}, the saved adapter is "
+                    f"{type(files.config).__name__}"
+                )
+            files = dataclasses.replace(files, config=config)
         chosen = get_plugin_manager().select_backend(model, backend=backend, config=files.config)
         peft_model = wrap_model(model, chosen, example_inputs)
-        peft_model._add_from_files(files, adapter_name, is_trainable, strict)
+        peft_model._add_from_files(files, adapter_name, is_trainable, strict, allow_non_finite)
+        _to_device(peft_model, kwargs.get("torch_device"))
         if not is_trainable:
             to_eval_mode = getattr(peft_model, "eval", None)
             if callable(to_eval_mode):
@@ -447,6 +600,36 @@ class PeftModel:
             )
         if adapter_name not in self.peft_config:
             raise AdapterError(f"no adapter named {adapter_name!r}{did_you_mean(adapter_name, self.peft_config)}")
+
+
+#: HF PEFT's loading keywords that change nothing for a local directory in peftcore.
+_NEUTRAL_LOAD_KWARGS = frozenset(
+    {"autocast_adapter_dtype", "low_cpu_mem_usage", "ephemeral_gpu_offload", "revision", "cache_dir", "token",
+     "use_auth_token", "local_files_only", "force_download", "key_mapping", "torch_device", "subfolder"}
+)
+
+
+def _adapter_dir(model_id: Union[str, os.PathLike], kwargs: Mapping[str, Any]) -> str:
+    """The local adapter directory for HF PEFT's ``model_id`` (+ ``subfolder``); refuses
+    keywords HF PEFT does not take (as a ``TypeError``) and a ``key_mapping``."""
+    unknown = sorted(set(kwargs) - _NEUTRAL_LOAD_KWARGS)
+    if unknown:
+        raise TypeError(f"unexpected keyword argument(s) {', '.join(map(repr, unknown))}")
+    if kwargs.get("key_mapping"):
+        raise AdapterError("key_mapping is not supported: peftcore reads HF PEFT's key names as saved")
+    directory = os.fspath(model_id)
+    if kwargs.get("subfolder"):
+        directory = os.path.join(directory, kwargs["subfolder"])
+    return directory
+
+
+def _to_device(peft_model: Any, device: Any) -> None:
+    if device is None:
+        return
+    move = getattr(peft_model, "to", None)
+    if not callable(move):
+        raise AdapterError(f"torch_device={device!r}: this backend's model has no .to(); place it yourself")
+    move(device)
 
 
 class HandlePeftModel(PeftModel):

@@ -254,9 +254,11 @@ class RewritePlan:
 
     @classmethod
     def from_json(cls, text: str) -> RewritePlan:
+        from peftcore import strict_json
+
         try:
-            data = json.loads(text)
-        except json.JSONDecodeError as exc:
+            data = strict_json.loads(text)
+        except ValueError as exc:  # JSONDecodeError too; numbers or nesting out of bounds
             raise PlanError(f"rewrite plan is not valid JSON: {exc}") from None
         return cls.from_dict(data)
 

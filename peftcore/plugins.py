@@ -21,7 +21,7 @@ import pluggy
 from peftcore import hookspecs
 from peftcore.errors import BackendError, PeftCoreError, did_you_mean
 from peftcore.graph import ModelGraph
-from peftcore.model_ops import build_freeze_base, guarded
+from peftcore.model_ops import PLUGIN_FAULTS, build_freeze_base, guarded
 from peftcore.runtime import BackendInfo, BackendRuntime, CheckpointFormat, OpBuilder, missing_primitives
 
 T = TypeVar("T")

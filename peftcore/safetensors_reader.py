@@ -12,22 +12,35 @@ each tensor name to ``{"dtype", "shape", "data_offsets": [begin, end]}`` (offset
 relative to the data section that follows the header) plus an optional
 ``"__metadata__"`` object of strings, then the data section, which the tensors must
 cover exactly, without gaps or overlaps. Writing stays with the ``safetensors`` library.
+
+Tensors are read lazily: :func:`read_safetensors` checks the whole header and returns a
+mapping whose :meth:`SafetensorsTensors.spec` gives each tensor's dtype and shape from
+the header alone, so a loader checks names, shapes and sizes against its plan first and
+reads only the tensors it needs (a header declaring an 8 GiB tensor over a sparse hole
+costs nothing unless the plan asks for exactly that tensor). Only a regular file is
+opened (never a FIFO or device); a file changed after its header was read is refused.
 """
 
 from __future__ import annotations
 
-import json
 import math
+import os
 import struct
-from io import BufferedIOBase
-from typing import Any
+from io import BufferedReader
+from typing import Any, Iterator, Mapping
 
 import numpy as np
 
+from peftcore import strict_json
 from peftcore.errors import AdapterError
+from peftcore.safe_files import open_regular
 
-#: Largest header the format allows (the ``safetensors`` library's own limit).
-MAX_HEADER_BYTES = 100 * 1024 * 1024
+#: Largest header read (the ``safetensors`` library allows 100 MB; an adapter of 200,000
+#: tensors needs about 25).
+MAX_HEADER_BYTES = 32 * 1024 * 1024
+
+#: Most tensors a file may declare (counted while its header is parsed).
+MAX_TENSORS = 200_000
 
 #: Most dimensions a tensor may have (numpy's limit on older versions).
 MAX_DIMS = 32
@@ -53,43 +66,86 @@ DTYPES: dict[str, tuple[str, int]] = {
 _ENTRY_FIELDS = {"dtype", "shape", "data_offsets"}
 
 
-def read_safetensors(path: str) -> tuple[dict[str, np.ndarray], dict[str, str]]:
-    """Read every tensor and the string metadata of the safetensors file at ``path``."""
+class SafetensorsTensors(Mapping[str, np.ndarray]):
+    """The tensors of a checked safetensors file, each read from the file when first
+    asked for (and kept); :meth:`spec` answers from the header without reading."""
+
+    def __init__(self, path: str, entries: list[tuple[str, str, tuple, int, int]], data_start: int, identity: tuple) -> None:
+        self.path = path
+        self._entries = {entry[0]: entry for entry in entries}
+        self._data_start = data_start
+        self._identity = identity
+        self._loaded: dict[str, np.ndarray] = {}
+
+    def __getitem__(self, key: str) -> np.ndarray:
+        if key not in self._loaded:
+            entry = self._entries[key]
+            try:
+                with open_regular(self.path, "safetensors file") as handle:
+                    if _identity(handle) != self._identity:
+                        raise AdapterError(f"{self.path}: tensor {key!r}: the file changed after its header was read")
+                    self._loaded[key] = _read_tensor(handle, self._data_start, entry, self.path)
+            except OSError as exc:
+                raise AdapterError(f"{self.path}: tensor {key!r}: cannot read it: {exc}") from None
+        return self._loaded[key]
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self._entries)
+
+    def __len__(self) -> int:
+        return len(self._entries)
+
+    def subset(self, keys: Any) -> SafetensorsTensors:
+        """The same file's tensors named in ``keys`` only (still read lazily)."""
+        part = SafetensorsTensors(self.path, [self._entries[k] for k in keys], self._data_start, self._identity)
+        part._loaded = {k: v for k, v in self._loaded.items() if k in part._entries}
+        return part
+
+    def spec(self, key: str) -> tuple[np.dtype, tuple[int, ...]]:
+        """``(numpy dtype it loads as, shape)`` from the header alone."""
+        _, dtype, shape, _, _ = self._entries[key]
+        return (np.dtype(np.float32) if dtype == "BF16" else np.dtype(DTYPES[dtype][0]).newbyteorder("=")), shape
+
+
+def read_safetensors(path: str) -> tuple[SafetensorsTensors, dict[str, str]]:
+    """Check the header of the safetensors file at ``path``; return its tensors (read
+    lazily, see :class:`SafetensorsTensors`) and its string metadata."""
     try:
-        with open(path, "rb") as handle:
-            size = _file_size(handle)
+        with open_regular(path, "safetensors file") as handle:
+            identity = _identity(handle)
+            size = identity[2]
             header_len, header = _read_header(handle, size, path)
             metadata = _check_metadata(header.pop("__metadata__", {}), path)
             data_size = size - 8 - header_len
             entries = [_check_entry(key, value, data_size, path) for key, value in header.items()]
             _check_layout(entries, data_size, path)
-            tensors = {entry[0]: _read_tensor(handle, 8 + header_len, entry, path) for entry in entries}
     except OSError as exc:
         raise AdapterError(f"{path}: cannot read the file: {exc}") from None
-    return tensors, metadata
+    return SafetensorsTensors(path, entries, 8 + header_len, identity), metadata
 
 
-def _file_size(handle: BufferedIOBase) -> int:
-    handle.seek(0, 2)
-    size = handle.tell()
-    handle.seek(0)
-    return size
+def _identity(handle: Any) -> tuple:
+    info = os.fstat(handle.fileno())
+    return (info.st_dev, info.st_ino, info.st_size, info.st_mtime_ns)
 
 
-def _read_header(handle: BufferedIOBase, size: int, path: str) -> tuple[int, dict[str, Any]]:
+def _read_header(handle: BufferedReader, size: int, path: str) -> tuple[int, dict[str, Any]]:
     if size < 8:
         raise AdapterError(f"{path}: not a safetensors file: {size} bytes, too short for the header length")
     (header_len,) = struct.unpack("<Q", handle.read(8))
-    if header_len > min(MAX_HEADER_BYTES, size - 8):
+    if header_len > MAX_HEADER_BYTES:
+        raise AdapterError(
+            f"{path}: not a valid safetensors file: header length {header_len} is more than the "
+            f"{MAX_HEADER_BYTES} bytes allowed"
+        )
+    if header_len > size - 8:
         raise AdapterError(
             f"{path}: not a valid safetensors file: header length {header_len} exceeds the "
             f"{size - 8} bytes after it (truncated or corrupt)"
         )
     try:
-        header = json.loads(
-            handle.read(header_len).decode("utf-8"),
-            object_pairs_hook=_no_duplicate_keys,
-            parse_constant=_no_constants,
+        header = strict_json.loads(
+            handle.read(header_len).decode("utf-8"), max_objects=MAX_TENSORS + 2, object_pairs_hook=_no_duplicate_keys
         )
     except (UnicodeDecodeError, ValueError, RecursionError) as exc:
         raise AdapterError(f"{path}: not a valid safetensors file: header is not valid JSON: {exc}") from None
@@ -105,10 +161,6 @@ def _no_duplicate_keys(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
             raise ValueError(f"key {key!r} appears twice")
         result[key] = value
     return result
-
-
-def _no_constants(name: str) -> Any:
-    raise ValueError(f"{name} is not allowed in a header")
 
 
 def _check_metadata(metadata: Any, path: str) -> dict[str, str]:
@@ -162,7 +214,7 @@ def _check_layout(entries: list[tuple[str, str, tuple, int, int]], data_size: in
         raise AdapterError(f"{path}: {data_size - position} bytes after the last tensor belong to no entry")
 
 
-def _read_tensor(handle: BufferedIOBase, data_start: int, entry: tuple[str, str, tuple, int, int], path: str) -> np.ndarray:
+def _read_tensor(handle: BufferedReader, data_start: int, entry: tuple[str, str, tuple, int, int], path: str) -> np.ndarray:
     key, dtype, shape, begin, end = entry
     handle.seek(data_start + begin)
     buffer = bytearray(end - begin)

@@ -12,8 +12,9 @@ Matching rules (those of Hugging Face PEFT, so configs carry over):
 
 from __future__ import annotations
 
+import importlib
 import re
-from typing import Optional, Sequence, Union
+from typing import Any, Optional, Sequence, Union
 
 from peftcore.errors import ConfigError, TargetNotFoundError, UnsupportedLayerError, closest
 from peftcore.graph import LayerNode, ModelGraph
@@ -39,6 +40,101 @@ DEFAULT_TARGETS: dict[str, list[str]] = {
 }
 
 
+#: Bounds on a regular expression in a config (``target_modules``/``exclude_modules`` as
+#: a string, ``rank_pattern``/``alpha_pattern`` keys), which may come from a file: see
+#: :func:`check_regex`.
+try:  # the parser ``re`` itself uses (Python 3.11 made it private)
+    _sre_parse: Any = importlib.import_module("re._parser")
+except ImportError:  # pragma: no cover - Python < 3.11
+    _sre_parse = importlib.import_module("sre_parse")
+
+MAX_REGEX_CHARS = 500
+MAX_REGEX_REPEATS = 3
+_SMALL_REPEAT = 16
+
+
+def check_regex(where: str, pattern: str) -> None:
+    """Refuse a regular expression whose matching time could explode, before it runs.
+
+    Python's ``re`` backtracks, so ``([\\w.]|[\\w.])*Z`` takes time exponential in the
+    length of a layer path. Allowed are patterns of at most :data:`MAX_REGEX_CHARS`
+    characters with no repetition inside a repetition (``(a+)+``), no repeated
+    alternation (``(a|b)*``), no back-references, and at most :data:`MAX_REGEX_REPEATS`
+    long repetitions (``*``, ``+``, ``{m,n}`` with n >= 16) in all, which keeps matching
+    polynomial of low degree in the path length. Every pattern HF PEFT documents
+    (``.*\\.(q|v)_proj``, ``model\\.layers\\.\\d+\\.self_attn\\.(q|k|v)_proj``) passes.
+    """
+    if not isinstance(pattern, str):
+        raise ConfigError(f"{where} must be a string, got {pattern!r}")
+    if len(pattern) > MAX_REGEX_CHARS:
+        raise ConfigError(f"{where} is a regular expression of {len(pattern)} characters; at most {MAX_REGEX_CHARS}")
+    try:
+        re.compile(pattern)
+        parsed = _sre_parse.parse(pattern)
+    except (re.error, RecursionError, OverflowError) as exc:
+        raise ConfigError(f"{where} is not a valid regular expression: {exc}") from None
+    problem = _regex_problem(list(parsed), inside_repeat=False, counter=[0])
+    if problem:
+        raise ConfigError(
+            f"{where} = {pattern[:80]!r} could take exponential time to match ({problem}); simplify it "
+            "(see docs/reliability.md, 'Regular expressions from files')"
+        )
+
+
+def _regex_problem(items: list, inside_repeat: bool, counter: list[int]) -> Optional[str]:
+    for op, av in items:
+        name = str(op)
+        if name in ("MAX_REPEAT", "MIN_REPEAT", "POSSESSIVE_REPEAT"):
+            _low, high, body = av
+            repeats = high == _sre_parse.MAXREPEAT or high > 1
+            if repeats:
+                if inside_repeat:
+                    return "a repetition inside a repetition"
+                if _contains(list(body), "BRANCH"):
+                    return "a repeated alternation"
+                if high == _sre_parse.MAXREPEAT or high >= _SMALL_REPEAT:
+                    counter[0] += 1
+                    if counter[0] > MAX_REGEX_REPEATS:
+                        return f"more than {MAX_REGEX_REPEATS} unbounded repetitions"
+            problem = _regex_problem(list(body), inside_repeat or repeats, counter)
+        elif name in ("GROUPREF", "GROUPREF_EXISTS"):
+            return "a back-reference"
+        elif name == "SUBPATTERN":
+            problem = _regex_problem(list(av[-1]), inside_repeat, counter)
+        elif name == "BRANCH":
+            problem = next((p for sub in av[1] for p in [_regex_problem(list(sub), inside_repeat, counter)] if p), None)
+        elif name in ("ASSERT", "ASSERT_NOT"):
+            problem = _regex_problem(list(av[1]), inside_repeat, counter)
+        elif name == "ATOMIC_GROUP":
+            problem = _regex_problem(list(av), inside_repeat, counter)
+        else:
+            problem = None
+        if problem:
+            return problem
+    return None
+
+
+def _contains(items: list, wanted: str) -> bool:
+    for op, av in items:
+        name = str(op)
+        if name == wanted:
+            return True
+        children: list = []
+        if name in ("MAX_REPEAT", "MIN_REPEAT", "POSSESSIVE_REPEAT"):
+            children = [av[2]]
+        elif name == "SUBPATTERN":
+            children = [av[-1]]
+        elif name == "BRANCH":
+            children = list(av[1])
+        elif name in ("ASSERT", "ASSERT_NOT"):
+            children = [av[1]]
+        elif name == "ATOMIC_GROUP":
+            children = [av]
+        if any(_contains(list(child), wanted) for child in children):
+            return True
+    return False
+
+
 def validate_targets(owner: str, name: str, targets: Targets, allow_none: bool = True) -> Targets:
     """Check a ``target_modules``-style value, raising :class:`ConfigError`; return it
     normalised for saving (a set or tuple of names becomes a sorted list)."""
@@ -49,10 +145,7 @@ def validate_targets(owner: str, name: str, targets: Targets, allow_none: bool =
     if isinstance(targets, str):
         if targets == ALL_LINEAR:
             return targets
-        try:
-            re.compile(targets)
-        except re.error as exc:
-            raise ConfigError(f"{owner}.{name} is not a valid regular expression: {exc}") from None
+        check_regex(f"{owner}.{name}", targets)
         return targets
     if not isinstance(targets, (list, tuple, set, frozenset)):
         raise ConfigError(f"{owner}.{name} must be a list of names, a regex string or 'all-linear', got {targets!r}")

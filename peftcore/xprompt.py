@@ -16,7 +16,8 @@ Starting from a trained prompt-tuning adapter:
    (saved with it) and the user retrains with their own loop.
 
 The scoring loop is framework-neutral: the user brings batches and a loss function; the
-backend's ``peftcore_adapter_gradients`` hook turns each loss into numpy gradients.
+backend runtime's ``gradients`` primitive turns each loss into numpy gradients
+(:meth:`~peftcore.peft_model.PeftModel.adapter_gradients`).
 """
 
 from __future__ import annotations
@@ -196,6 +197,13 @@ def _plain_prompt_op(plan: RewritePlan, name: str) -> AddPrompt:
         raise AdapterError(f"adapter {name!r} is a residual prompt; bake() it before pruning")
     if op.token_mask or op.piece_mask:
         raise AdapterError(f"adapter {name!r} is already pruned")
+    if op.encoder:
+        raise AdapterError(f"adapter {name!r} is a P-tuning prompt (an encoder's output); XPrompt prunes a plain prompt")
+    if op.num_transformer_submodules != 1:
+        raise AdapterError(
+            f"adapter {name!r} stores a second (decoder) block of prompt rows; XPrompt prunes a prompt "
+            "trained with num_transformer_submodules=1"
+        )
     return op
 
 

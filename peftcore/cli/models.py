@@ -9,11 +9,14 @@ import os
 import sys
 from typing import Any, Optional
 
+from peftcore import strict_json
 from peftcore.config import PeftConfig
-from peftcore.errors import ConfigError, PeftCoreError
+from peftcore.errors import AdapterError, ConfigError, PeftCoreError
 from peftcore.graph import ModelGraph
+from peftcore.io import MAX_CONFIG_BYTES
 from peftcore.plan import RewritePlan
 from peftcore.plugins import Backend
+from peftcore.safe_files import read_bounded
 
 _LIST_FIELDS = ("target_modules", "exclude_modules", "modules_to_save")
 _REGEX_CHARS = "*.[]()|^$+?\\"
@@ -102,9 +105,8 @@ def build_config(args: argparse.Namespace) -> Optional[PeftConfig]:
         if args.set:
             raise ConfigError("--set applies to --method; edit the --config file instead")
         try:
-            with open(args.config, encoding="utf-8") as handle:
-                data = json.load(handle)
-        except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+            data = strict_json.loads(read_bounded(args.config, MAX_CONFIG_BYTES, "config").decode("utf-8"))
+        except (AdapterError, UnicodeDecodeError, ValueError) as exc:  # a FIFO, too big, bad JSON
             raise ConfigError(f"cannot read config {args.config!r}: {exc}") from None
         return PeftRegistry.config_from_dict(data)
     method = args.method or ("lora" if args.set else None)
@@ -130,8 +132,10 @@ def read_plan_file(path: str) -> RewritePlan:
 
     PeftRegistry.load_plugins()
     try:
-        with open(path, encoding="utf-8") as handle:
-            text = handle.read()
-    except (OSError, UnicodeDecodeError) as exc:
+        text = read_bounded(path, MAX_CONFIG_BYTES, "plan").decode("utf-8")
+    except (AdapterError, UnicodeDecodeError) as exc:
         raise ConfigError(f"cannot read plan {path!r}: {exc}") from None
-    return RewritePlan.from_json(text)
+    try:
+        return RewritePlan.from_json(text)
+    except PeftCoreError as exc:  # name the file
+        raise ConfigError(f"plan {path!r}: {exc}") from None

@@ -8,16 +8,28 @@ from __future__ import annotations
 
 from peftcore.methods.bitfit import BitFitConfig
 from peftcore.methods.lora import LoraConfig
+from peftcore.methods.p_tuning import PromptEncoderConfig
+from peftcore.methods.prefix_tuning import PrefixTuningConfig
 from peftcore.methods.prompt_tuning import PromptTuningConfig, ResidualPromptTuningConfig
 from peftcore.methods.unipelt import UniPELTConfig
 
 #: The built-in config classes; each names its method in its ``method`` class attribute.
-BUILTIN_METHODS = (LoraConfig, BitFitConfig, PromptTuningConfig, ResidualPromptTuningConfig, UniPELTConfig)
+BUILTIN_METHODS = (
+    LoraConfig,
+    BitFitConfig,
+    PromptTuningConfig,
+    ResidualPromptTuningConfig,
+    UniPELTConfig,
+    PrefixTuningConfig,
+    PromptEncoderConfig,
+)
 
 __all__ = [
     "BUILTIN_METHODS",
     "BitFitConfig",
     "LoraConfig",
+    "PrefixTuningConfig",
+    "PromptEncoderConfig",
     "PromptTuningConfig",
     "ResidualPromptTuningConfig",
     "UniPELTConfig",

@@ -17,7 +17,7 @@ from peftcore.methods.common import (
     validate_modules_to_save,
 )
 from peftcore.plan import FreezeBase, PlanOp, RewritePlan, TensorSpec, register_op
-from peftcore.targeting import Targets, select_layers, validate_targets
+from peftcore.targeting import Targets, check_regex, select_layers, validate_targets
 
 #: ``init_lora_weights`` values and the op ``init`` they become.
 _INITS = {True: "kaiming", "kaiming": "kaiming", "gaussian": "gaussian", False: "random"}
@@ -94,6 +94,7 @@ class LoraConfig(PeftConfig):
       regex matched against the end of the layer path.
     - ``init_lora_weights``: ``True`` (A kaiming-uniform, B zero), ``"gaussian"``, or
       ``False`` (B random too, so the adapter changes the output at once; for tests).
+    - ``bias``: ``"none"`` only (HF PEFT's default); ``"all"``/``"lora_only"`` are refused.
     - ``modules_to_save``: modules trained in full (a copy per adapter) and saved; as in
       HF PEFT, ``task_type="SEQ_CLS"`` / ``"TOKEN_CLS"`` adds the ``classifier`` / ``score``
       head and ``"QUESTION_ANS"`` the ``qa_outputs`` head.
@@ -103,7 +104,6 @@ class LoraConfig(PeftConfig):
     peft_type: ClassVar[str] = "LORA"
     plan_ops: ClassVar[tuple] = ("freeze_base", "lora", "modules_to_save")
     hf_unsupported_fields: ClassVar[Mapping[str, Any]] = {
-        "bias": "none",
         "use_dora": False,
         "megatron_config": None,
         "megatron_core": "megatron.core",
@@ -141,10 +141,18 @@ class LoraConfig(PeftConfig):
     rank_pattern: dict = dataclasses.field(default_factory=dict)
     alpha_pattern: dict = dataclasses.field(default_factory=dict)
     modules_to_save: Optional[list] = None
+    bias: str = "none"
 
     def validate(self) -> None:
         super().validate()
         name = type(self).__name__
+        if self.bias != "none":
+            raise ConfigError(
+                f"{name}.bias={self.bias!r} is not supported: peftcore's LoRA trains no biases (bias='none', "
+                "HF PEFT's default); to train biases alongside LoRA, add a BitFitConfig adapter"
+                if self.bias in ("all", "lora_only")
+                else f"{name}.bias must be 'none', 'all' or 'lora_only', got {self.bias!r}"
+            )
         check_type(name, "r", self.r, (int,))
         check(self.r > 0, f"{name}.r must be a positive integer, got {self.r}")
         check_type(name, "lora_alpha", self.lora_alpha, (int, float))
@@ -167,6 +175,7 @@ class LoraConfig(PeftConfig):
                 continue
             check(isinstance(pattern, dict), f"{name}.{field_name} must be a dict, got {pattern!r}")
             for key, value in pattern.items():
+                check_regex(f"{name}.{field_name} key", key)
                 check_type(name, f"{field_name}[{key!r}]", value, (int,) if field_name == "rank_pattern" else (int, float))
                 check(value > 0, f"{name}.{field_name}[{key!r}] must be positive, got {value}")
         validate_modules_to_save(name, self.modules_to_save)

@@ -24,6 +24,8 @@ from peftcore.methods.common import effective_modules_to_save, modules_to_save_o
 from peftcore.plan import FreezeBase, PlanOp, RewritePlan, TensorSpec, register_op
 
 PROMPT_INITS = ("random", "sample_vocab", "token_ids")
+#: P-tuning's prompt encoders (HF PEFT's ``encoder_reparameterization_type``, lower case).
+PROMPT_ENCODERS = ("mlp", "lstm")
 ACTIVATIONS = ("relu", "gelu", "tanh", "sigmoid", "identity")
 #: The residual MLP's tensors, in the order :meth:`AddPrompt.residual_shapes` lists them.
 RESIDUAL_TENSORS = (
@@ -36,6 +38,9 @@ RESIDUAL_TENSORS = (
 )
 #: Where HF PEFT's prompt-learning adapters keep the modules they train in full.
 HF_PROMPT_MODULES_PREFIX = "base_model."
+#: Task types whose HF PEFT model drops ``token_type_ids`` from a prompted call (the
+#: classification and QA models keep them, with zeros for the virtual tokens).
+DROPS_TOKEN_TYPE_IDS = ("CAUSAL_LM", "SEQ_2_SEQ_LM", "FEATURE_EXTRACTION")
 #: ``prompt_tuning_init`` values (HF PEFT's) and the op ``init`` they become.
 _CONFIG_INITS = {"RANDOM": "random", "SAMPLE_VOCAB": "sample_vocab", "TEXT": "token_ids"}
 
@@ -65,11 +70,28 @@ class AddPrompt(PlanOp):
     residual_separate: bool = False
     token_mask: Sequence[int] = ()
     piece_mask: Sequence[Sequence[int]] = ()
+    num_transformer_submodules: int = 1
+    encoder: str = ""
+    encoder_hidden: int = 0
+    encoder_num_layers: int = 2
+    encoder_dropout: float = 0.0
+    keep_token_type_ids: bool = True
 
     def __post_init__(self) -> None:
         super().__post_init__()
         self._check_masks()
         where = f"prompt_embedding op on {self.path!r}"
+        if self.encoder:
+            if self.encoder not in PROMPT_ENCODERS or self.encoder_hidden <= 0 or self.encoder_num_layers <= 0:
+                raise PlanError(f"{where}: encoder must be one of {PROMPT_ENCODERS} with positive hidden size and layers")
+            if not 0.0 <= self.encoder_dropout < 1.0:
+                raise PlanError(f"{where}: encoder_dropout must be in [0, 1)")
+            if self.residual or self.token_mask or self.piece_mask:
+                raise PlanError(f"{where}: a P-tuning prompt encoder cannot be combined with a residual MLP or masks")
+        if self.num_transformer_submodules not in (1, 2):
+            raise PlanError(f"{where}: num_transformer_submodules must be 1 or 2")
+        if self.num_transformer_submodules == 2 and (self.token_mask or self.piece_mask):
+            raise PlanError(f"{where}: a pruned (XPrompt) prompt needs num_transformer_submodules=1")
         if min(self.num_virtual_tokens, self.token_dim, self.num_embeddings) <= 0:
             raise PlanError(f"{where}: num_virtual_tokens, token_dim and num_embeddings must be positive")
         if self.init not in PROMPT_INITS:
@@ -149,6 +171,35 @@ class AddPrompt(PlanOp):
             shapes.update({"residual_norm_weight": (m, d), "residual_norm_bias": (m, d)})
         return shapes
 
+    def num_trainable(self) -> int:
+        # with P-tuning's encoder the saved prompt is the encoder's output, not trained itself
+        derived = self.num_virtual_tokens * self.num_transformer_submodules * self.token_dim if self.encoder else 0
+        return super().num_trainable() - derived
+
+    def encoder_shapes(self) -> dict[str, tuple]:
+        """Shapes of P-tuning's encoder tensors (HF PEFT's module names), none without one."""
+        if not self.encoder:
+            return {}
+        d, h = self.token_dim, self.encoder_hidden
+        shapes: dict[str, tuple] = {"embedding.weight": (self.num_virtual_tokens * self.num_transformer_submodules, d)}
+        if self.encoder == "mlp":
+            dims = [(h, d), (h, h), (d, h)]
+            for index, (out, inp) in zip((0, 2, 4), dims):
+                shapes[f"mlp_head.{index}.weight"] = (out, inp)
+                shapes[f"mlp_head.{index}.bias"] = (out,)
+            return shapes
+        for layer in range(self.encoder_num_layers):
+            for suffix in ("", "_reverse"):
+                shapes[f"lstm_head.weight_ih_l{layer}{suffix}"] = (4 * h, d if layer == 0 else 2 * h)
+                shapes[f"lstm_head.weight_hh_l{layer}{suffix}"] = (4 * h, h)
+                shapes[f"lstm_head.bias_ih_l{layer}{suffix}"] = (4 * h,)
+                shapes[f"lstm_head.bias_hh_l{layer}{suffix}"] = (4 * h,)
+        shapes.update({
+            "mlp_head.0.weight": (2 * h, 2 * h), "mlp_head.0.bias": (2 * h,),
+            "mlp_head.2.weight": (d, 2 * h), "mlp_head.2.bias": (d,),
+        })
+        return shapes
+
     def residual_init_bound(self, name: str) -> float:
         """How residual-MLP tensor ``name`` starts: uniform within ``+-bound``, or all
         zeros for a bound of 0. The residual branch starts at zero (the LayerNorm's scale,
@@ -160,7 +211,15 @@ class AddPrompt(PlanOp):
         return 1.0 / math.sqrt(fan_in)
 
     def tensor_specs(self) -> dict[str, TensorSpec]:
-        specs = {"prompt_embeddings": TensorSpec((self.num_virtual_tokens, self.token_dim), "prompt_embeddings", True)}
+        # HF PEFT's layout: with 2 submodules (an encoder-decoder model) the table has a
+        # second block of rows, which its prompt tuning stores but never puts in the model
+        rows = self.num_virtual_tokens * self.num_transformer_submodules
+        specs = {"prompt_embeddings": TensorSpec((rows, self.token_dim), "prompt_embeddings", True)}
+        # P-tuning's encoder: saved under peftcore's own keys (HF PEFT saves and loads only
+        # its output, ``prompt_embeddings``); its names follow HF's modules
+        specs.update(
+            {f"encoder.{name}": TensorSpec(shape, f"prompt_encoder.{name}", True) for name, shape in self.encoder_shapes().items()}
+        )
         specs.update({name: TensorSpec(shape, name, True) for name, shape in self.residual_shapes().items()})
         return specs
 
@@ -193,6 +252,10 @@ class PromptTuningConfig(PeftConfig):
     - ``embedding_layer``: path of the embedding layer to prompt; by default the model's
       input embedding (or its only embedding layer).
     - ``token_dim``: checked against the embedding width when set.
+    - ``num_transformer_submodules``: 2 for an encoder-decoder model (the default with
+      ``task_type="SEQ_2_SEQ_LM"``, as in HF PEFT), else 1. As in HF PEFT, the prompt goes
+      in front of the encoder's input only; with 2 the saved table has ``2 *
+      num_virtual_tokens`` rows (HF's layout), the second block unused.
     """
 
     method: ClassVar[str] = "prompt_tuning"
@@ -224,9 +287,8 @@ class PromptTuningConfig(PeftConfig):
         for field_name in ("token_dim", "num_attention_heads", "num_layers"):
             check_type(name, field_name, getattr(self, field_name), (int,), allow_none=True)
         check(
-            self.num_transformer_submodules in (None, 1),
-            f"{name}.num_transformer_submodules={self.num_transformer_submodules!r}: encoder-decoder prompt "
-            "tuning (2 submodules) is not supported; peftcore prompts the input embedding once",
+            self.num_transformer_submodules in (None, 1, 2),
+            f"{name}.num_transformer_submodules must be 1 or 2 (or None), got {self.num_transformer_submodules!r}",
         )
         check(
             self.prompt_tuning_init in _CONFIG_INITS,
@@ -270,12 +332,20 @@ class PromptTuningConfig(PeftConfig):
             num_embeddings=int(node.num_embeddings or 0),
             init=init,
             init_token_ids=token_ids,
+            num_transformer_submodules=self.transformer_submodules(),
+            keep_token_type_ids=self.task_type not in DROPS_TOKEN_TYPE_IDS,
             **self.residual_fields(),
         )
         ops: list[PlanOp] = [FreezeBase(), prompt]
         saved = effective_modules_to_save(self.task_type, self.modules_to_save)
         ops.extend(modules_to_save_ops(graph, saved, type(self).__name__, hf_key_prefix=HF_PROMPT_MODULES_PREFIX))
         return RewritePlan(method=self.method, adapter_name=adapter_name, ops=tuple(ops))
+
+    def transformer_submodules(self) -> int:
+        """``num_transformer_submodules``, defaulting as HF PEFT does: 2 for ``SEQ_2_SEQ_LM``."""
+        if self.num_transformer_submodules is not None:
+            return int(self.num_transformer_submodules)
+        return 2 if self.task_type == "SEQ_2_SEQ_LM" else 1
 
     def residual_fields(self) -> dict[str, Any]:
         """The ``residual_*`` fields of the prompt op (none for plain prompt tuning)."""

@@ -11,6 +11,7 @@ import numpy as np
 import pytest
 
 from peftcore.errors import AdapterError
+from peftcore.methods.p_tuning import PromptEncoderConfig
 from peftcore.methods.prompt_tuning import AddPrompt, PromptTuningConfig, ResidualPromptTuningConfig
 from peftcore.peft_model import PeftModel, wrap_model
 from peftcore.plan import RewritePlan
@@ -54,6 +55,22 @@ class PromptTests(SuiteBase):
         np.testing.assert_allclose(got, self.expected(TOKEN_MODEL, weights, inputs, peft_model, "default"), atol=ATOL)
         with peft_model.disable_adapter():
             np.testing.assert_allclose(self.run(peftcore_backend, peft_model, inputs), reference_forward(TOKEN_MODEL, weights, inputs), atol=ATOL)
+
+    @pytest.mark.parametrize("kind", ["MLP", "LSTM"])
+    def test_p_tuning_matches_reference(self, peftcore_backend: Backend, kind: str, rng: Any, tmp_path: Any) -> None:
+        if "prompt_encoder" not in peftcore_backend.ops():
+            pytest.skip(f"backend {peftcore_backend.name!r} does not build P-tuning's prompt_encoder op")
+        config = PromptEncoderConfig(num_virtual_tokens=3, encoder_reparameterization_type=kind, encoder_hidden_size=4)
+        peft_model, weights, inputs = self.prompted(peftcore_backend, config, rng)
+        assert peft_model.get_nb_trainable_parameters()[0] == peft_model.plans["default"].num_trainable()
+        self.randomise(peftcore_backend, peft_model, "default", rng)
+        expected = self.expected(TOKEN_MODEL, weights, inputs, peft_model, "default")
+        np.testing.assert_allclose(self.run(peftcore_backend, peft_model, inputs), expected, atol=ATOL)
+        peft_model.save_pretrained(str(tmp_path))
+        loaded = PeftModel.from_pretrained(
+            self.build(peftcore_backend, TOKEN_MODEL, weights), str(tmp_path), backend=peftcore_backend.name, example_inputs=inputs
+        )
+        np.testing.assert_allclose(self.run(peftcore_backend, loaded, inputs), expected, atol=ATOL)
 
     def test_prompt_cannot_merge(self, peftcore_backend: Backend, rng: Any) -> None:
         peft_model, _, inputs = self.prompted(peftcore_backend, PromptTuningConfig(num_virtual_tokens=2), rng)

@@ -6,7 +6,7 @@ Include it beside :class:`~peftcore.testing.ConformanceSuite`::
         backends = ["mybackend"]
 
 The backend builds the one-block attention toys of :mod:`peftcore.testing.unipelt_reference`
-(``peftcore_build_toy_model`` receives an :class:`AttentionToySpec`), and every
+(the conformance kit's ``build`` receives an :class:`AttentionToySpec`), and every
 output and gate value is compared with the numpy reference computed from the adapter
 tensors the backend exports.
 """
@@ -20,6 +20,7 @@ import pytest
 
 from peftcore.api import PeftModel, get_peft_model
 from peftcore.errors import AdapterError
+from peftcore.methods.prefix_tuning import PrefixTuningConfig
 from peftcore.methods.unipelt import UniPELTConfig, gate_values
 from peftcore.plugins import Backend
 from peftcore.testing.unipelt_reference import ATTENTION_TOYS, AttentionToySpec, unipelt_reference
@@ -60,6 +61,28 @@ class UniPELTSuite:
         return tensors
 
     # -- tests ------------------------------------------------------------------------------
+    @pytest.mark.parametrize("projection", [False, True], ids=["table", "projection"])
+    def test_prefix_tuning_matches_reference(
+        self, peftcore_backend: Backend, attention_toy: AttentionToySpec, unipelt_rng: Any, projection: bool
+    ) -> None:
+        """Prefix tuning shares UniPELT's prefix mechanism; its keys and values come from one table."""
+        weights, inputs = attention_toy.random_weights(unipelt_rng), attention_toy.random_inputs(unipelt_rng)
+        layout = attention_toy.unipelt_layout()
+        config = PrefixTuningConfig(
+            num_virtual_tokens=2, prefix_projection=projection, encoder_hidden_size=5,
+            attention_module=layout.get("attention_module"), key_module=layout.get("key_module"),
+        )
+        model = peftcore_backend.conformance_kit().build(attention_toy, weights)
+        peft_model = get_peft_model(model, config, backend=peftcore_backend.name, example_inputs=inputs)
+        tensors = self.randomise_unipelt(peftcore_backend, peft_model, unipelt_rng)
+        expected, _ = unipelt_reference(attention_toy, weights, inputs, peft_model.plans["default"], tensors)
+        np.testing.assert_allclose(self.toy_output(peftcore_backend, peft_model, inputs), expected, atol=ATOL)
+        assert peft_model.get_nb_trainable_parameters()[0] == peft_model.plans["default"].num_trainable()
+        with peft_model.disable_adapter():
+            np.testing.assert_allclose(
+                self.toy_output(peftcore_backend, peft_model, inputs), self.toy_output(peftcore_backend, model, inputs), atol=ATOL
+            )
+
     @pytest.mark.parametrize("variant", VARIANTS)
     def test_unipelt_matches_reference(self, peftcore_backend: Backend, attention_toy: AttentionToySpec, unipelt_rng: Any, variant: str) -> None:
         weights, inputs = attention_toy.random_weights(unipelt_rng), attention_toy.random_inputs(unipelt_rng)

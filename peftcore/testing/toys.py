@@ -1,7 +1,7 @@
 """Framework-neutral toy models for the conformance suite, and their numpy reference.
 
 A :class:`ToySpec` is a sequence of named steps. Each backend builds it natively from
-canonical-layout weights (``peftcore_build_toy_model``); :func:`reference_forward`
+canonical-layout weights (its conformance kit's ``build``); :func:`reference_forward`
 computes in numpy what that model, with given adapters, must output.
 """
 
@@ -135,6 +135,8 @@ def adapter_effects(plan: RewritePlan, tensors: Mapping[str, np.ndarray]) -> Ada
 def prompt_reference(op: AddPrompt, tensors: Mapping[str, np.ndarray]) -> np.ndarray:
     """The virtual tokens of a prompt op: the prompt, through its residual MLP if it has one
     (eval mode: no dropout)."""
+    if op.encoder:  # P-tuning: the encoder's output, its first num_virtual_tokens rows
+        return prompt_encoder_reference(op, tensors)[: op.num_virtual_tokens]
     prompt = tensors["prompt_embeddings"].astype(np.float64)
     mask = op.element_mask()
     if mask is not None:
@@ -151,6 +153,35 @@ def prompt_reference(op: AddPrompt, tensors: Mapping[str, np.ndarray]) -> np.nda
         var = out.var(axis=-1, keepdims=True)
         out = (out - mean) / np.sqrt(var + 1e-5) * t["residual_norm_weight"] + t["residual_norm_bias"]
     return prompt + out
+
+
+def prompt_encoder_reference(op: AddPrompt, tensors: Mapping[str, np.ndarray]) -> np.ndarray:
+    """P-tuning's encoder (HF PEFT's modules, eval mode) over its trained input vectors."""
+    t = {k[len("encoder.") :]: v.astype(np.float64) for k, v in tensors.items() if k.startswith("encoder.")}
+
+    def linear(name: str, x: np.ndarray) -> np.ndarray:
+        return x @ t[f"{name}.weight"].T + t[f"{name}.bias"]
+
+    x = t["embedding.weight"]
+    if op.encoder == "lstm":
+        for layer in range(op.encoder_num_layers):
+            outputs = []
+            for suffix, order in (("", range(len(x))), ("_reverse", range(len(x) - 1, -1, -1))):
+                w_ih, w_hh = t[f"lstm_head.weight_ih_l{layer}{suffix}"], t[f"lstm_head.weight_hh_l{layer}{suffix}"]
+                bias = t[f"lstm_head.bias_ih_l{layer}{suffix}"] + t[f"lstm_head.bias_hh_l{layer}{suffix}"]
+                h = np.zeros(w_hh.shape[1])
+                c = np.zeros(w_hh.shape[1])
+                out = np.zeros((len(x), w_hh.shape[1]))
+                for step in order:  # torch's gate order: input, forget, cell, output
+                    i, f, g, o = np.split(w_ih @ x[step] + w_hh @ h + bias, 4)
+                    c = _activation("sigmoid", f) * c + _activation("sigmoid", i) * np.tanh(g)
+                    h = _activation("sigmoid", o) * np.tanh(c)
+                    out[step] = h
+                outputs.append(out)
+            x = np.concatenate(outputs, axis=-1)
+        return linear("mlp_head.2", np.maximum(linear("mlp_head.0", x), 0.0))
+    hidden = np.maximum(linear("mlp_head.2", np.maximum(linear("mlp_head.0", x), 0.0)), 0.0)
+    return linear("mlp_head.4", hidden)
 
 
 def _activation(name: str, x: np.ndarray) -> np.ndarray:

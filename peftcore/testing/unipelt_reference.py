@@ -6,7 +6,7 @@ and a ReLU feed-forward block (``layers.0.ffn.{fc1,fc2}``), both residual::
     h   = x + o(softmax(q(x) k(x)^T / sqrt(d) + mask) v(x))
     out = h + fc2(relu(fc1(h)))
 
-Each backend builds it natively (``peftcore_build_toy_model`` with an
+Each backend builds it natively (its conformance kit's ``build`` with an
 :class:`AttentionToySpec`) with attention that accepts prefixes.
 :func:`unipelt_reference` computes from exported adapter tensors what the adapted toy
 must output, and the gate values it must record, so the shared suite checks a backend
@@ -29,6 +29,7 @@ from typing import Any, Callable, ClassVar, Mapping, Optional
 import numpy as np
 
 from peftcore.methods.lora import AddLora
+from peftcore.methods.prefix_tuning import ENCODER_CHILD, AddPrefixEncoder
 from peftcore.methods.unipelt_ops import AddBottleneckAdapter, AddGate, AddPrefix
 from peftcore.plan import RewritePlan
 
@@ -147,6 +148,15 @@ def unipelt_reference(
             prefix_v = scale * tensors[f"{attention}.prefix.values"].astype(np.float64)[None]
             k, v = np.concatenate([prefix_k, k], axis=1), np.concatenate([prefix_v, v], axis=1)
             visible = np.concatenate([np.ones((seq, op.num_virtual_tokens), dtype=bool), visible], axis=1)
+        if isinstance(op, AddPrefixEncoder) and attention in op.attention_paths:
+            # prefix tuning: layer l's keys and values are columns [2ld, (2l+2)d) of one table
+            table = prefix_table(op, {k[len(op.path) + len(ENCODER_CHILD) + 2 :]: v for k, v in tensors.items()
+                                      if k.startswith(f"{op.path}.{ENCODER_CHILD}.")})
+            start = 2 * op.attention_paths.index(attention) * op.width
+            prefix_k = np.broadcast_to(table[None, :, start : start + op.width], (x.shape[0], op.num_virtual_tokens, op.width))
+            prefix_v = np.broadcast_to(table[None, :, start + op.width : start + 2 * op.width], prefix_k.shape)
+            k, v = np.concatenate([prefix_k, k], axis=1), np.concatenate([prefix_v, v], axis=1)
+            visible = np.concatenate([np.ones((seq, op.num_virtual_tokens), dtype=bool), visible], axis=1)
     scores = q @ np.swapaxes(k, 1, 2) / np.sqrt(spec.dim)
     scores = np.where(visible[None], scores, -np.inf)
     scores = np.exp(scores - scores.max(axis=-1, keepdims=True))
@@ -154,3 +164,13 @@ def unipelt_reference(
     h = x + linear("attn.o", probabilities @ v)
     out = h + linear("ffn.fc2", np.maximum(linear("ffn.fc1", h), 0.0))
     return out, gates
+
+
+def prefix_table(op: AddPrefixEncoder, tensors: Mapping[str, np.ndarray]) -> np.ndarray:
+    """Prefix tuning's table ``(num_virtual_tokens, num_layers * 2 * width)``: stored, or
+    HF's MLP (``Linear -> tanh -> Linear``) over the trained vectors."""
+    t = {k: v.astype(np.float64) for k, v in tensors.items()}
+    if not op.projection_hidden:
+        return t["prompt_embeddings"]
+    hidden = np.tanh(t["embedding.weight"] @ t["transform.0.weight"].T + t["transform.0.bias"])
+    return hidden @ t["transform.2.weight"].T + t["transform.2.bias"]

@@ -130,8 +130,11 @@ def test_prompt_text_init_repeats_or_cuts_the_tokenised_text() -> None:
 def test_prompt_config_and_graph_errors() -> None:
     with pytest.raises(ConfigError, match="num_virtual_tokens"):
         PromptTuningConfig()
-    with pytest.raises(ConfigError, match="encoder-decoder"):
-        PromptTuningConfig(num_virtual_tokens=2, num_transformer_submodules=2)
+    with pytest.raises(ConfigError, match="must be 1 or 2"):
+        PromptTuningConfig(num_virtual_tokens=2, num_transformer_submodules=3)
+    # HF PEFT's default for encoder-decoder models: a second (decoder) block of rows
+    seq2seq = PromptTuningConfig(num_virtual_tokens=2, task_type="SEQ_2_SEQ_LM").plan(GRAPH)
+    assert seq2seq.ops_of("prompt_embedding")[0].tensor_specs()["prompt_embeddings"].shape[0] == 4
     with pytest.raises(ConfigError, match="prompt_tuning_init_text"):
         PromptTuningConfig(num_virtual_tokens=2, prompt_tuning_init="TEXT")
     with pytest.raises(ConfigError, match="token_dim=16"):

@@ -13,7 +13,7 @@ import pytest
 pytest.importorskip("torch")
 pytest.importorskip("transformers")
 
-from examples import multi_adapter_serving, unipelt_xprompt_tiny  # noqa: E402
+from examples import multi_adapter_serving, t5_residual_xprompt, unipelt_xprompt_tiny  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[2]
 pytestmark = [pytest.mark.slow, pytest.mark.filterwarnings("ignore::UserWarning")]
@@ -35,6 +35,13 @@ def test_unipelt_and_xprompt_example_learn_and_prune() -> None:
     assert xprompt["trained"] > xprompt["base"] and xprompt["retrained"] >= xprompt["pruned"]
     assert xprompt["lengths"][0] - xprompt["lengths"][1] == 4
     assert xprompt["zero_share"] == pytest.approx(0.25)
+
+
+def test_t5_residual_prompt_and_xprompt_example_learns_and_prunes() -> None:
+    result = t5_residual_xprompt.main(["--quick"])
+    assert result["trained"] > result["base"] + 0.1
+    assert result["baked"] == pytest.approx(result["trained"], abs=1e-6)
+    assert result["kept"] == 4 and result["retrained"] >= result["pruned"] - 0.02
 
 
 def test_examples_run_as_scripts() -> None:

@@ -75,7 +75,7 @@ def test_a_chained_to_eval_still_saves_only_the_adapter(tmp_path: Path) -> None:
     pm = adapted("llama").to(torch.device("cpu")).eval()
     assert isinstance(pm, PeftModel) and not pm.training and not pm.get_base_model().training
     pm.save_pretrained(tmp_path)
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["adapter_config.json", "adapter_model.safetensors"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["README.md", "adapter_config.json", "adapter_model.safetensors"]
     loaded = PeftModel.from_pretrained(llama_lm(), tmp_path)
     ids = random_ids(2, 6)
     torch.testing.assert_close(logits(loaded, ids), logits(pm, ids))

@@ -54,3 +54,20 @@ def bert_cls(seed: int = 0) -> Any:
 def random_ids(batch: int, length: int, seed: int = 1) -> torch.Tensor:
     generator = torch.Generator().manual_seed(seed)
     return torch.randint(3, VOCAB, (batch, length), generator=generator)
+
+
+def t5_lm(seed: int = 0) -> Any:
+    config = transformers.T5Config(
+        vocab_size=VOCAB, d_model=32, d_kv=8, d_ff=64, num_layers=2, num_decoder_layers=2, num_heads=4,
+        pad_token_id=0, eos_token_id=2, decoder_start_token_id=0,
+    )
+    return seeded(lambda: transformers.T5ForConditionalGeneration(config), seed)
+
+
+def bart_lm(seed: int = 0) -> Any:
+    config = transformers.BartConfig(
+        vocab_size=VOCAB, d_model=32, encoder_layers=2, decoder_layers=2, encoder_attention_heads=2,
+        decoder_attention_heads=2, encoder_ffn_dim=64, decoder_ffn_dim=64, max_position_embeddings=64,
+        pad_token_id=0, bos_token_id=1, eos_token_id=2, decoder_start_token_id=2, forced_eos_token_id=None,
+    )
+    return seeded(lambda: transformers.BartForConditionalGeneration(config), seed)

@@ -145,7 +145,7 @@ def poisoned(tmp_path: Path, layer: str, tensor: str, value: float, dtype: Any =
     with torch.no_grad():
         getattr(source.model.get_submodule(layer), tensor)["default"][0, 0] = value
     source.save_pretrained(tmp_path / "poisoned")
-    return PeftModel.from_pretrained(base_model(dtype), tmp_path / "poisoned")
+    return PeftModel.from_pretrained(base_model(dtype), tmp_path / "poisoned", allow_non_finite=True)
 
 
 @pytest.mark.parametrize("value", [float("nan"), float("inf"), float("-inf")])

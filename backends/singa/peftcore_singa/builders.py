@@ -68,6 +68,10 @@ def build_bitfit(model: Any, layers: dict, op: TrainBias, adapter_name: str) -> 
 
 
 def build_prompt(model: Any, layers: dict, op: AddPrompt, adapter_name: str) -> None:
+    if op.encoder:
+        raise PlanError(f"singa backend has no P-tuning prompt encoder ({op.encoder!r}) for {op.path!r}; use the torch backend")
+    if op.num_transformer_submodules != 1:
+        raise PlanError("singa backend has no encoder-decoder models; prompts need num_transformer_submodules=1")
     base = _initialised_base(layers, op.path)
     if not isinstance(base, layer.Embedding):
         kind = type(base).__name__ if base is not None else "missing"

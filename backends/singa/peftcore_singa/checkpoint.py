@@ -35,18 +35,18 @@ gives (otherwise it is refused rather than guessed).
 
 from __future__ import annotations
 
-import io
-import json
 import os
 import re
 import zipfile
-from typing import Mapping, Optional, Union
+from typing import Iterator, Mapping, Optional, Union
 
 import numpy as np
 
+from peftcore import strict_json
 from peftcore.errors import AdapterError
 from peftcore.graph import ModelGraph
 from peftcore.plan import PlanOp, RewritePlan, SaveModule
+from peftcore.safe_files import open_regular
 
 SINGA_TENSORS_MEMBER = "tensor_dict.npz"
 SINGA_ATTRS_MEMBER = "states_attr.json"
@@ -61,28 +61,145 @@ _STORED_AS_IS = ("Gemm", "Embedding")
 _SLOT = "\x00"  # stands for the adapter name in a tensor-name template
 
 
-def read_singa_states(path: str) -> dict[str, np.ndarray]:
-    """The model-state tensors of a ``save_states`` zip, by tensor name."""
+#: Bounds on what a checkpoint may make us read: the attributes JSON, the number of
+#: tensors, and a member's inflated size relative to its compressed size (a zip bomb).
+MAX_ATTRS_BYTES = 16 * 1024 * 1024
+MAX_MEMBERS = 200_000
+MAX_INFLATION = 100
+_INFLATION_FREE_BYTES = 64 * 1024 * 1024  # members this small may compress any amount
+
+
+class SingaStates(Mapping[str, np.ndarray]):
+    """The model-state tensors of a ``save_states`` zip, by tensor name, each read only
+    when asked for; :meth:`spec` gives a tensor's dtype and shape from its ``.npy``
+    header alone, so callers check them before any data is read."""
+
+    def __init__(self, path: str, names: list[str]) -> None:
+        self.path = path
+        self._names = names
+        self._known = set(names)
+        self._specs: dict[str, tuple[np.dtype, tuple[int, ...]]] = {}
+        self._loaded: dict[str, np.ndarray] = {}
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self._names)
+
+    def __len__(self) -> int:
+        return len(self._names)
+
+    def __contains__(self, key: object) -> bool:
+        return key in self._known
+
+    def spec(self, key: str) -> tuple[np.dtype, tuple[int, ...]]:
+        if key not in self._specs:
+            self._read_many([key], {}, header_only=True)
+        return self._specs[key]
+
+    def __getitem__(self, key: str) -> np.ndarray:
+        if key not in self:
+            raise KeyError(key)
+        if key not in self._loaded:
+            self._read_many([key], {}, header_only=False)
+        return self._loaded[key]
+
+    def preload(self, sizes: Mapping[str, int]) -> None:
+        """Read the tensors named in ``sizes`` in one pass over the archive, each checked
+        from its header first: a float dtype and exactly ``sizes[key]`` elements."""
+        self._read_many([k for k in sizes if k not in self._loaded], sizes, header_only=False)
+
+    def _read_many(self, keys: list[str], sizes: Mapping[str, int], header_only: bool) -> None:
+        if not keys:
+            return
+        where = f"{self.path}: {SINGA_TENSORS_MEMBER}"
+        key = keys[0]
+        try:
+            with open_regular(self.path, "SINGA checkpoint") as handle, zipfile.ZipFile(handle) as outer:
+                with outer.open(_bounded_member(outer, SINGA_TENSORS_MEMBER, self.path)) as payload:
+                    with zipfile.ZipFile(payload) as npz:
+                        for key in keys:
+                            self._read_member(npz, key, sizes.get(key), header_only, f"{where}: tensor {key!r}")
+        except AdapterError:
+            raise
+        except (zipfile.BadZipFile, OSError, ValueError, EOFError) as exc:
+            raise AdapterError(f"{where}: tensor {key!r}: not a readable numpy array: {exc}") from None
+
+    def _read_member(
+        self, npz: zipfile.ZipFile, key: str, size: Optional[int], header_only: bool, where: str
+    ) -> None:
+        info = _bounded_member(npz, key + ".npy", where)
+        with npz.open(info) as member:
+            version = np.lib.format.read_magic(member)
+            if version not in ((1, 0), (2, 0)):
+                raise AdapterError(f"{where}: .npy format version {version} is not supported")
+            read_header = (
+                np.lib.format.read_array_header_1_0 if version == (1, 0) else np.lib.format.read_array_header_2_0
+            )
+            shape, fortran, dtype = read_header(member)
+            if dtype.hasobject:
+                raise AdapterError(f"{where}: holds Python objects; refusing to unpickle")
+            shape = tuple(int(d) for d in shape)
+            count = int(np.prod(shape, dtype=object))
+            needed = count * dtype.itemsize
+            if needed > info.file_size:
+                raise AdapterError(
+                    f"{where}: shape {shape} of {dtype} needs {needed} bytes, the member holds {info.file_size}"
+                )
+            self._specs[key] = (dtype, shape)
+            if size is not None and dtype.kind != "f":
+                raise AdapterError(f"{where} has dtype {dtype}, expected a float type")
+            if size is not None and count != size:
+                raise AdapterError(f"{where} has shape {shape}; the plan needs {size} elements")
+            if header_only:
+                return
+            data = member.read(needed)
+            if len(data) != needed:
+                raise AdapterError(f"{where}: the member ended early")
+        array = np.frombuffer(data, dtype=dtype)
+        self._loaded[key] = array.reshape(shape, order="F" if fortran else "C").copy()
+
+
+def _bounded_member(archive: zipfile.ZipFile, name: str, where: str) -> zipfile.ZipInfo:
+    """``name``'s entry in ``archive``, refused when it inflates like a zip bomb."""
     try:
-        with zipfile.ZipFile(path) as archive:
+        info = archive.getinfo(name)
+    except KeyError:
+        raise AdapterError(f"{where}: no member {name!r}") from None
+    if info.file_size > _INFLATION_FREE_BYTES and info.file_size > MAX_INFLATION * max(info.compress_size, 1):
+        raise AdapterError(
+            f"{where}: member {name!r} inflates {info.compress_size} bytes to {info.file_size}; refusing a zip bomb"
+        )
+    return info
+
+
+def read_singa_states(path: str) -> SingaStates:
+    """The model-state tensors of a ``save_states`` zip, by tensor name (read lazily,
+    see :class:`SingaStates`); only names and attributes are read here, within bounds."""
+    try:
+        with open_regular(path, "SINGA checkpoint") as handle, zipfile.ZipFile(handle) as archive:
             members = set(archive.namelist())
             if SINGA_TENSORS_MEMBER not in members:
                 raise AdapterError(f"{path}: not a SINGA save_states checkpoint (no {SINGA_TENSORS_MEMBER} inside)")
-            payload = archive.read(SINGA_TENSORS_MEMBER)
-            attrs = json.loads(archive.read(SINGA_ATTRS_MEMBER)) if SINGA_ATTRS_MEMBER in members else {}
-    except (zipfile.BadZipFile, OSError, ValueError) as exc:
+            attrs: object = {}
+            if SINGA_ATTRS_MEMBER in members:
+                with archive.open(_bounded_member(archive, SINGA_ATTRS_MEMBER, path)) as raw:
+                    text = raw.read(MAX_ATTRS_BYTES + 1)
+                if len(text) > MAX_ATTRS_BYTES:
+                    raise AdapterError(f"{path}: {SINGA_ATTRS_MEMBER} is larger than {MAX_ATTRS_BYTES} bytes")
+                attrs = strict_json.loads(text.decode("utf-8"), max_objects=MAX_MEMBERS + 1)
+            with archive.open(_bounded_member(archive, SINGA_TENSORS_MEMBER, path)) as payload:
+                with zipfile.ZipFile(payload) as npz:
+                    listed = npz.namelist()
+    except (zipfile.BadZipFile, OSError, ValueError, UnicodeDecodeError) as exc:
         raise AdapterError(f"{path}: not a readable SINGA save_states checkpoint: {exc}") from None
-    try:
-        with np.load(io.BytesIO(payload), allow_pickle=False) as npz:
-            arrays = {name: npz[name] for name in npz.files}
-    except (ValueError, OSError, zipfile.BadZipFile) as exc:
-        raise AdapterError(f"{path}: {SINGA_TENSORS_MEMBER} is not a plain numpy archive: {exc}") from None
+    if len(listed) > MAX_MEMBERS:
+        raise AdapterError(f"{path}: {SINGA_TENSORS_MEMBER} holds more than {MAX_MEMBERS} members")
     if not isinstance(attrs, dict):
         raise AdapterError(f"{path}: {SINGA_ATTRS_MEMBER} is not a JSON object")
-    return {
-        name: array for name, array in arrays.items()
+    names = [member[: -len(".npy")] for member in listed if member.endswith(".npy")]
+    return SingaStates(path, [
+        name for name in names
         if not (isinstance(attrs.get(name), dict) and attrs[name].get("state_type") == _AUX_STATE)
-    }
+    ])
 
 
 def singa_adapter_tensors(
@@ -109,6 +226,12 @@ def singa_adapter_tensors(
             f"{path}: no adapter {adapter_name!r} of this plan in the checkpoint "
             f"(found: {', '.join(repr(n) for n in found) or 'none'})"
         )
+    preload = getattr(states, "preload", None)
+    if callable(preload):  # one pass over the archive, each tensor checked from its header first
+        preload({
+            next(n for n in _native_names(op, name, adapter_name) if n in states): int(np.prod(spec.shape, dtype=object))
+            for op in plan.ops for name, spec in op.tensor_specs().items()
+        })
     tensors: dict[str, np.ndarray] = {}
     for op in plan.ops:
         for name, spec in op.tensor_specs().items():
@@ -158,6 +281,13 @@ def _canonical(
     adapter: str, graph: Optional[ModelGraph],
 ) -> np.ndarray:
     key = next(n for n in _native_names(op, name, adapter) if n in states)
+    spec = getattr(states, "spec", None)
+    if callable(spec):  # dtype and size from the header, before any data is read
+        dtype, stored = spec(key)
+        if dtype.kind != "f":
+            raise AdapterError(f"{path}: tensor {key!r} has dtype {dtype}, expected a float type")
+        if int(np.prod(stored, dtype=object)) != int(np.prod(shape, dtype=object)):
+            raise AdapterError(f"{path}: tensor {key!r} has shape {tuple(stored)}; the plan needs canonical {shape}")
     array = np.asarray(states[key])
     if array.dtype.kind != "f":
         raise AdapterError(f"{path}: tensor {key!r} has dtype {array.dtype}, expected a float type")
@@ -199,10 +329,16 @@ class SingaCheckpointFormat:
 
     def recognises(self, path: Union[str, os.PathLike]) -> bool:
         path = os.fspath(path)
-        if not (os.path.isfile(path) and zipfile.is_zipfile(path)):
+        if not os.path.isfile(path):  # never opens a FIFO or a device
             return False
-        with zipfile.ZipFile(path) as archive:
-            return SINGA_TENSORS_MEMBER in archive.namelist()
+        try:
+            with open_regular(path, "SINGA checkpoint") as handle:
+                if not zipfile.is_zipfile(handle):
+                    return False
+                with zipfile.ZipFile(handle) as archive:
+                    return SINGA_TENSORS_MEMBER in archive.namelist()
+        except (AdapterError, zipfile.BadZipFile, OSError):
+            return False
 
     def adapter_tensors(
         self, path: str, plan: RewritePlan, adapter_name: Optional[str], graph: Optional[ModelGraph]

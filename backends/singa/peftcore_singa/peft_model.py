@@ -151,8 +151,11 @@ class SingaPeftModel(PeftModel, singa_model.Model):
         )
 
     # -- building adapters once the layers know their shapes --------------------------------------
-    def add_adapter(self, adapter_name: str, config: PeftConfig, plan: Optional[RewritePlan] = None) -> RewritePlan:
-        result = PeftModel.add_adapter(self, adapter_name, config, plan)
+    def add_adapter(
+        self, adapter_name: str, peft_config: Optional[PeftConfig] = None, plan: Optional[RewritePlan] = None,
+        **kwargs: Any,
+    ) -> RewritePlan:
+        result = PeftModel.add_adapter(self, adapter_name, peft_config, plan, **kwargs)
         if self.pending_adapters:
             # SINGA's forward wrapper calls ``initialize`` before a layer's first forward;
             # an instance attribute is found before the class's method
@@ -271,10 +274,12 @@ class SingaPeftModel(PeftModel, singa_model.Model):
         result: dict[str, Any] = _Model.load_states(self, fpath)
         return result
 
-    def save_pretrained(self, save_directory: Any, selected_adapters: Optional[Sequence[str]] = None, **kwargs: Any) -> None:
+    def save_pretrained(  # type: ignore[override]  # selected_adapters stays second, as the seed had it
+        self, save_directory: Any, selected_adapters: Optional[Sequence[str]] = None, **kwargs: Any
+    ) -> None:
         if selected_adapters is None and self.pending_adapters:
             self._require(self.pending_adapters[0])  # raises: not built yet (would save nothing)
-        PeftModel.save_pretrained(self, save_directory, selected_adapters, **kwargs)
+        PeftModel.save_pretrained(self, save_directory, selected_adapters=selected_adapters, **kwargs)
 
     def merge_weights(self, mode: bool = True) -> None:
         """The seed's name: ``merge_adapter()`` when ``mode``, else ``unmerge_adapter()``."""

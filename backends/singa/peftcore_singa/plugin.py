@@ -1,7 +1,7 @@
 """The Apache SINGA backend plugin (entry point ``singa`` in the ``peftcore`` group).
 
 This module imports without SINGA installed: singa and the layer modules are imported
-inside the hooks, and :func:`peftcore_backend_info` reports the backend unavailable,
+inside the hooks, and :func:`peftcore_backend` reports the backend unavailable,
 with the reason, when ``import singa`` fails in any way. SINGA 5.x needs two shims on
 Python >= 3.10 / numpy >= 1.24, applied before its first import (see
 :mod:`peftcore_singa.compat`).

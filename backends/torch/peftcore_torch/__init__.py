@@ -5,3 +5,32 @@ pluggy plugin (entry point ``torch`` in the ``peftcore`` group). The adapter lay
 classes live in :mod:`peftcore_torch.layers`, :mod:`peftcore_torch.lora` and
 :mod:`peftcore_torch.modules_to_save`.
 """
+
+from __future__ import annotations
+
+from typing import Any
+
+_AUTO = (
+    "AutoPeftModel",
+    "AutoPeftModelForCausalLM",
+    "AutoPeftModelForFeatureExtraction",
+    "AutoPeftModelForQuestionAnswering",
+    "AutoPeftModelForSeq2SeqLM",
+    "AutoPeftModelForSequenceClassification",
+    "AutoPeftModelForTokenClassification",
+)
+
+
+def __getattr__(name: str) -> Any:
+    """HF PEFT's ``AutoPeftModel*`` classes (:mod:`peftcore_torch.auto`) and
+    :func:`enable_trainer_integration`, imported on first use."""
+    if name in _AUTO:
+        from peftcore_torch import auto
+
+        return getattr(auto, name)
+    if name == "enable_trainer_integration":
+        from peftcore_torch.trainer_integration import enable_trainer_integration
+
+        return enable_trainer_integration
+    raise AttributeError(f"module 'peftcore_torch' has no attribute {name!r}")
+

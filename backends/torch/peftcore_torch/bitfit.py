@@ -10,6 +10,7 @@ exactly.
 
 from __future__ import annotations
 
+import warnings
 from typing import Any, Optional
 
 import torch
@@ -17,7 +18,7 @@ from torch import nn
 
 from peftcore.errors import AdapterError
 from peftcore.methods.bitfit import TrainBias
-from peftcore_torch.layers import AdapterLayer
+from peftcore_torch.layers import AdapterLayer, _same_tensor_state, _weight_stamp
 
 #: Layers whose bias runs along dimension 1 (channels), not the last dimension.
 _CHANNEL_FIRST = (
@@ -38,6 +39,11 @@ class BiasAdapter(AdapterLayer):
         self.channel_axis = 1 if isinstance(base_layer, _CHANNEL_FIRST) else -1
         self._bias_before_merge: Optional[torch.Tensor] = None
         self._had_bias = self.base_bias() is not None
+
+    @property
+    def weight(self) -> Any:
+        """The base layer's weight: models read ``layer.weight`` (T5 checks its dtype)."""
+        return self.base_layer.weight
 
     def base_bias(self) -> Optional[torch.Tensor]:
         bias = getattr(self.base_layer, "bias", None)
@@ -111,6 +117,8 @@ class BiasAdapter(AdapterLayer):
             else:
                 current.copy_(total.to(current.dtype))
         self.merged_adapters.extend(todo)
+        merged_bias = self.base_bias()
+        self._bias_stamp = _weight_stamp(merged_bias) if merged_bias is not None else None
 
     def unmerge(self) -> None:
         if not self.merged_adapters:
@@ -119,10 +127,24 @@ class BiasAdapter(AdapterLayer):
             if self._had_bias:
                 bias = self.base_bias()
                 assert bias is not None and self._bias_before_merge is not None
-                bias.copy_(self._bias_before_merge)
+                stamp = getattr(self, "_bias_stamp", None)
+                if stamp is not None and _same_tensor_state(bias, stamp):
+                    bias.copy_(self._bias_before_merge)
+                else:  # changed while merged: keep the change, take the adapters' out
+                    warnings.warn(
+                        f"{type(self).__name__}: the base bias changed while adapters {self.merged_adapters} were "
+                        "merged; unmerging by subtracting their change, which keeps the edit but is not bit-exact",
+                        UserWarning,
+                        stacklevel=2,
+                    )
+                    total = bias.detach().to(torch.float32)
+                    for name in self.merged_adapters:
+                        total = total - self._change(name, self._bias_before_merge).detach().to(torch.float32)
+                    bias.copy_(total.to(bias.dtype))
             else:
                 self.base_layer.register_parameter("bias", None)
         self._bias_before_merge = None
+        self._bias_stamp = None
         self.merged_adapters = []
 
     def unwrap(self, merge: bool) -> nn.Module:

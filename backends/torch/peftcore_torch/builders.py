@@ -21,8 +21,9 @@ from peftcore_torch.layers import AdapterLayer
 from peftcore_torch.lora import LoraEmbedding, LoraLinear
 from peftcore_torch.modules_to_save import SavedModule
 from peftcore_torch.prefix import build_prefix
+from peftcore_torch.prefix_tuning import build_prefix_encoder
 from peftcore_torch.prompt import PromptEmbedding
-from peftcore_torch.prompt_inputs import PromptInputHook, takes_token_inputs
+from peftcore_torch.prompt_inputs import EncoderPromptHook, PromptInputHook, is_encoder_decoder, takes_token_inputs
 from peftcore_torch.unipelt import build_bottleneck_adapter, build_gate
 from peftcore_torch.walk import is_conv1d, wrap_layer
 
@@ -54,9 +55,17 @@ def build_prompt(model: nn.Module, layers: dict, op: AddPrompt, adapter_name: st
     if not isinstance(base, nn.Embedding):
         kind = type(base).__name__ if base is not None else "missing"
         raise PlanError(f"torch backend prompts an nn.Embedding; {op.path!r} is {kind}")
+    encoder_decoder = is_encoder_decoder(model)
+    if op.num_transformer_submodules == 2 and not encoder_decoder:
+        raise PlanError(
+            f"prompt on {op.path!r} has num_transformer_submodules=2, which needs an encoder-decoder model; "
+            "this one is not (use 1)"
+        )
     layer = wrap_layer(model, layers, op.path, PromptEmbedding)
     assert isinstance(layer, PromptEmbedding)
-    if layer.input_hook is None and takes_token_inputs(model):
+    if layer.input_hook is None and encoder_decoder:
+        layer.input_hook = EncoderPromptHook(model, layer)
+    elif layer.input_hook is None and takes_token_inputs(model):
         layer.input_hook = PromptInputHook(model, layer)
     layer.add(adapter_name, op)
 
@@ -66,7 +75,9 @@ BUILDERS: dict[str, OpBuilder] = {
     "modules_to_save": build_modules_to_save,
     "bitfit_bias": build_bitfit,
     "prompt_embedding": build_prompt,
+    "prompt_encoder": build_prompt,
     "prefix": build_prefix,
+    "prefix_encoder": build_prefix_encoder,
     "bottleneck_adapter": build_bottleneck_adapter,
     "gate": build_gate,
 }

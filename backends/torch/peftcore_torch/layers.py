@@ -7,11 +7,15 @@ dicts, so a new layer type (ours or a third-party plugin's) only writes its forw
 ``add`` and ``delta_weight``.
 
 Merging keeps a copy of the original weight while merged and restores it on unmerge,
-so any number of merge/unmerge cycles leaves the base weights bit-identical.
+so any number of merge/unmerge cycles leaves the base weights bit-identical. A weight
+changed while merged (an in-place edit, ``load_state_dict``, a dtype change) is detected
+(tensor version, identity and a fingerprint of its bits) and then unmerged by
+subtracting the adapters' delta, with a warning, so the change is kept.
 """
 
 from __future__ import annotations
 
+import warnings
 from typing import Any, Mapping, Optional, cast
 
 import torch
@@ -31,9 +35,14 @@ class AdapterLayer(AdapterBookkeeping, nn.Module):
         self.base_layer = base_layer
         self.init_adapter_state()
         self._unmerged_weight: Optional[torch.Tensor] = None
+        self._merge_stamp: Optional[tuple[int, int, int, tuple[str, tuple[int, ...], int, int]]] = None
 
     def base_weight(self) -> torch.Tensor:
         return cast(torch.Tensor, self.base_layer.weight)
+
+    def weight_dtype(self) -> str:
+        """The base weight's dtype now, canonically named (``"float16"``)."""
+        return str(self.base_weight().dtype).replace("torch.", "")
 
     def new_tensor(self, *shape: int) -> nn.Parameter:
         """An uninitialised parameter on the base weight's device and dtype."""
@@ -89,22 +98,54 @@ class AdapterLayer(AdapterBookkeeping, nn.Module):
         if not todo:
             return
         weight = self.base_weight()
-        if self._unmerged_weight is None:
+        if not self.merged_adapters:
             self._unmerged_weight = weight.detach().clone()
-        with torch.no_grad():
-            total = weight.detach().to(torch.float32)
-            for name in todo:
-                total = total + self.delta_weight(name).to(torch.float32)
-            weight.copy_(total.to(weight.dtype))
+        elif not self._weight_unchanged():
+            self._unmerged_weight = None  # edited since the last merge: unmerge subtracts instead
+        try:
+            with torch.no_grad():
+                total = weight.detach().to(torch.float32)
+                for name in todo:
+                    total = total + self.delta_weight(name).to(torch.float32)
+                weight.copy_(total.to(weight.dtype))
+        except BaseException:
+            if not self.merged_adapters:  # never leave a snapshot behind a failed first merge
+                self._unmerged_weight = None
+            raise
         self.merged_adapters.extend(todo)
+        self._merge_stamp = _weight_stamp(weight)
+
+    def _weight_unchanged(self) -> bool:
+        """Whether ``base_layer.weight`` is exactly what the last merge wrote: the same
+        tensor at the same in-place version, or (after a copy, a move or a write that
+        bypassed the version counter) the same fingerprint of its bits."""
+        stamp = getattr(self, "_merge_stamp", None)
+        return stamp is not None and _same_tensor_state(self.base_weight(), stamp)
 
     def unmerge(self) -> None:
         if not self.merged_adapters:
+            self._unmerged_weight = None
             return
-        assert self._unmerged_weight is not None  # saved by merge()
+        weight = self.base_weight()
+        # a subclass with its own merge() that takes the snapshot but no stamp (a plugin
+        # written before stamps) keeps the plain restore
+        unstamped = getattr(self, "_merge_stamp", None) is None
         with torch.no_grad():
-            self.base_weight().copy_(self._unmerged_weight)
+            if self._unmerged_weight is not None and (unstamped or self._weight_unchanged()):
+                weight.copy_(self._unmerged_weight)
+            else:
+                warnings.warn(
+                    f"{type(self).__name__}: the base weight changed while adapters {self.merged_adapters} were "
+                    "merged; unmerging by subtracting their delta, which keeps the change but is not bit-exact",
+                    UserWarning,
+                    stacklevel=2,
+                )
+                total = weight.detach().to(torch.float32)
+                for name in self.merged_adapters:
+                    total = total - self.delta_weight(name).to(device=total.device, dtype=torch.float32)
+                weight.copy_(total.to(weight.dtype))
         self._unmerged_weight = None
+        self._merge_stamp = None
         self.merged_adapters = []
 
     def unwrap(self, merge: bool) -> nn.Module:
@@ -121,3 +162,35 @@ class AdapterLayer(AdapterBookkeeping, nn.Module):
                 f"plan op for {op.path!r} expects {op.in_features} -> {op.out_features} features, "
                 f"the layer has {in_features} -> {out_features}"
             )
+
+
+_FINGERPRINT_CHUNK = 1 << 20
+_INT_VIEW = {1: torch.int8, 2: torch.int16, 4: torch.int32, 8: torch.int64}
+
+
+def _fingerprint(weight: torch.Tensor) -> tuple[str, tuple[int, ...], int, int]:
+    """dtype, shape and two int64 sums of the weight's bits (plain and position-weighted),
+    computed in bounded chunks: equal for an unchanged weight, different after an edit."""
+    flat = weight.detach().reshape(-1)
+    ints = flat.view(_INT_VIEW[flat.element_size()]) if flat.element_size() in _INT_VIEW else flat
+    plain = weighted = 0
+    for start in range(0, ints.numel(), _FINGERPRINT_CHUNK):
+        chunk = ints[start : start + _FINGERPRINT_CHUNK].to(torch.int64)
+        position = torch.arange(start, start + chunk.numel(), device=chunk.device, dtype=torch.int64) % 65521 + 1
+        plain += int(chunk.sum())
+        weighted += int((chunk * position).sum())
+    return (str(weight.dtype), tuple(weight.shape), plain, weighted)
+
+
+def _weight_stamp(weight: torch.Tensor) -> tuple[int, int, int, tuple[str, tuple[int, ...], int, int]]:
+    """What :func:`_same_tensor_state` compares: identity, in-place version, fingerprint."""
+    return (id(weight), weight.data_ptr(), weight._version, _fingerprint(weight))
+
+
+def _same_tensor_state(tensor: torch.Tensor, stamp: tuple) -> bool:
+    """Whether ``tensor`` is exactly what it was when ``stamp`` was taken: the same tensor
+    at the same in-place version, or (after a copy, a move or a write that bypassed the
+    version counter) the same fingerprint of its bits."""
+    if stamp[0] == id(tensor) and stamp[1] == tensor.data_ptr() and stamp[2] != tensor._version:
+        return False
+    return bool(stamp[3] == _fingerprint(tensor))

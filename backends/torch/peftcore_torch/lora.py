@@ -33,7 +33,9 @@ from peftcore_torch.row_routing import (
     add_row_updates,
     add_stacked_row_updates,
     contiguous_groups,
+    route_layer,
     routed_folded_linear,
+    routing_for,
 )
 from peftcore_torch.walk import is_conv1d
 
@@ -77,7 +79,6 @@ class _LoraMixin(AdapterLayer):
         self.lora_dropout = nn.ModuleDict()
         self.scaling: dict[str, float] = {}
         self.r: dict[str, int] = {}
-        self.batch_routing: Optional[RowRouting] = None
 
     def init_factor_stores(self) -> None:
         self.lora_A = FactorDict()
@@ -118,7 +119,13 @@ class _LoraMixin(AdapterLayer):
         """Route each row of the next forward passes to its own adapter (None: stop)."""
         if routing is not None and not self.routes_rows():
             raise BackendError(f"{type(self).__name__} cannot run a batch whose rows use different adapters")
-        self.batch_routing = routing
+        route_layer(self, routing)
+
+    @property
+    def batch_routing(self) -> Optional[RowRouting]:
+        """The routing of the mixed-adapter call running in this thread, if this layer
+        takes part (kept per call in a context variable, never on the layer)."""
+        return routing_for(self)
 
     def _row_groups(self, x: torch.Tensor) -> Optional[dict[str, tuple[int, ...]]]:
         """``{adapter: rows}`` for a mixed-adapter batch, None when not routing rows.

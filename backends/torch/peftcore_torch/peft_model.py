@@ -14,10 +14,13 @@ from __future__ import annotations
 import inspect
 from typing import Any, Optional
 
+import numpy as np
+import torch
 from torch import nn
 
 from peftcore.graph import ModelGraph
 from peftcore.peft_model import PeftModel
+from peftcore_torch.trainer_integration import enable_if_transformers_loaded
 
 
 class TunerModel(nn.Module):
@@ -86,10 +89,26 @@ class TorchPeftModel(PeftModel, nn.Module):
         nn.Module.__init__(self)
         self.base_model = TunerModel(model)
         self.init_peft_state(backend_name, graph)
+        # let transformers.Trainer save and resume it as an adapter (see trainer_integration)
+        enable_if_transformers_loaded()
 
     def get_base_model(self) -> nn.Module:
         """The adapted model (HF PEFT's ``get_base_model()``)."""
         return self.base_model.model
+
+    def _set_base_weights(self, weights: Any) -> None:
+        """Copy full weight matrices (path -> numpy) into the base layers at those paths
+        (an adapter layer's ``base_layer``), keeping dtype and device."""
+        model = self.get_base_model()
+        with torch.no_grad():
+            for path, array in weights.items():
+                layer = model.get_submodule(path)
+                target: Any = getattr(layer, "base_layer", layer).weight
+                target.copy_(torch.as_tensor(np.asarray(array)).to(dtype=target.dtype, device=target.device))
+
+    def _from_numpy(self, array: Any) -> torch.Tensor:
+        """A canonical numpy tensor as a torch tensor (``get_peft_model_state_dict``)."""
+        return torch.from_numpy(np.array(array, copy=True))
 
     def __getattr__(self, name: str) -> Any:
         try:

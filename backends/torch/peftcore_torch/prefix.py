@@ -1,4 +1,6 @@
-"""Prefix tuning inside torch attention modules (UniPELT's ``prefix`` op).
+"""Prefix tuning inside torch attention modules (UniPELT's ``prefix`` op, and prefix
+tuning's ``prefix_encoder`` op, whose keys and values an :class:`AttentionPrefix` takes
+from a shared table through :meth:`AttentionPrefix.add_source`).
 
 How a prefix enters attention: trained keys and values, ``(num_virtual_tokens, width)``
 per adapter, are concatenated in front of the real keys and values right before the
@@ -61,6 +63,9 @@ class AttentionPrefix(GatedLayer):
         self.prefix_keys = nn.ParameterDict()
         self.prefix_values = nn.ParameterDict()
         self.init_gates()
+        #: prefix tuning's adapters: their keys and values come from a shared table
+        #: (``source.key_values(adapter, layer_index)``), not from this holder
+        self.sources: dict[str, tuple[Any, int]] = {}
         object.__setattr__(self, "attention", attention)  # not a child: the attention module owns us
         self._input: Optional[torch.Tensor] = None
         self._hook = attention.register_forward_pre_hook(self._capture_input, with_kwargs=True)
@@ -85,6 +90,27 @@ class AttentionPrefix(GatedLayer):
         self.prefix_keys[adapter_name] = keys
         self.prefix_values[adapter_name] = values
 
+    def adapter_names(self) -> list[str]:
+        own = list(self.prefix_keys.keys())
+        return own + [name for name in self.sources if name not in own]
+
+    def add_source(self, adapter_name: str, source: Any, layer_index: int) -> None:
+        """Take ``adapter_name``'s keys and values from layer ``layer_index`` of ``source``."""
+        if self.has_adapter(adapter_name):
+            raise AdapterError(f"attention {self.attention.__class__.__name__} already has a prefix for adapter {adapter_name!r}")
+        self.sources[adapter_name] = (source, layer_index)
+
+    def key_values(self, adapter_name: str) -> tuple[torch.Tensor, torch.Tensor]:
+        """The adapter's prefix keys and values, each ``(num_virtual_tokens, width)``."""
+        if adapter_name in self.sources:
+            source, index = self.sources[adapter_name]
+            return source.key_values(adapter_name, index)
+        return self.prefix_keys[adapter_name], self.prefix_values[adapter_name]
+
+    def delete(self, adapter_name: str) -> None:
+        super().delete(adapter_name)
+        self.sources.pop(adapter_name, None)
+
     def extend(
         self, key: torch.Tensor, value: torch.Tensor, mask: Optional[torch.Tensor], query_len: int, causal: bool, additive: bool
     ) -> tuple[torch.Tensor, torch.Tensor, Optional[torch.Tensor]]:
@@ -97,7 +123,7 @@ class AttentionPrefix(GatedLayer):
         prefix_keys: list[torch.Tensor] = []
         prefix_values: list[torch.Tensor] = []
         for name in names:
-            keys, values = self.prefix_keys[name], self.prefix_values[name]
+            keys, values = self.key_values(name)
             if keys.shape[1] != heads * head_dim:
                 raise AdapterError(f"the prefix of adapter {name!r} is {keys.shape[1]} wide, the attention's keys are "
                                    f"{heads} heads x {head_dim}")
@@ -227,17 +253,22 @@ def is_transformers_attention(module: nn.Module) -> bool:
 
 
 def build_prefix(model: nn.Module, modules: dict, op: AddPrefix, adapter_name: str) -> None:
-    attention = modules.get(op.path)
+    attention_prefix(modules, op.path).add(adapter_name, op)
+
+
+def attention_prefix(modules: dict, path: str) -> AttentionPrefix:
+    """The :class:`AttentionPrefix` of the attention module at ``path``, attached if needed."""
+    attention = modules.get(path)
     if attention is None or isinstance(attention, AdapterLayer):
         kind = type(attention).__name__ if attention is not None else "missing"
-        raise PlanError(f"torch backend puts a prefix on an attention module; {op.path!r} is {kind}")
+        raise PlanError(f"torch backend puts a prefix on an attention module; {path!r} is {kind}")
     holder = prefix_holder(attention)
     if holder is None:
-        _check_attention(op.path, attention)
+        _check_attention(path, attention)
         holder = AttentionPrefix(attention)
         attention.add_module(PREFIX_CHILD, holder)
-        modules[f"{op.path}.{PREFIX_CHILD}"] = holder
-    holder.add(adapter_name, op)
+        modules[f"{path}.{PREFIX_CHILD}"] = holder
+    return holder
 
 
 def _check_attention(path: str, attention: nn.Module) -> None:

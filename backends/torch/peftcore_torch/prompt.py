@@ -2,7 +2,10 @@
 
 :class:`PromptEmbedding` wraps the model's input embedding layer and holds each adapter's
 prompt (``prompt_embeddings``, ``(num_virtual_tokens, dim)``) and, for residual prompt
-tuning, its bottleneck MLP (tensors stacked over tokens; one slice when shared).
+tuning, its bottleneck MLP (tensors stacked over tokens; one slice when shared). For
+P-tuning the prompt is instead the output of a :class:`PromptEncoder` (HF PEFT's MLP or
+LSTM). With HF's encoder-decoder layout (``num_transformer_submodules=2``) the stored table
+has twice the rows; only the first ``num_virtual_tokens`` go into the model.
 
 How the prompt reaches the model depends on the model:
 
@@ -11,12 +14,14 @@ How the prompt reaches the model depends on the model:
 - a transformers-style model gets a forward pre-hook (:mod:`peftcore_torch.prompt_inputs`)
   that lengthens ``input_ids`` by placeholder ids and the attention mask, labels, token
   type ids and positions to match; the embedding layer then swaps the placeholders'
-  vectors for the prompt. Generation with a cache prepends the prompt once.
+  vectors for the prompt. Generation with a cache prepends the prompt once;
+- an encoder-decoder model (T5, BART) gets the prompt in front of its encoder's input
+  (:class:`~peftcore_torch.prompt_inputs.EncoderPromptHook`), as HF PEFT does.
 """
 
 from __future__ import annotations
 
-from typing import Any, Callable, Optional
+from typing import Any, Callable, Mapping, Optional
 
 import torch
 import torch.nn.functional as F
@@ -33,6 +38,31 @@ _ACTIVATIONS: dict[str, Callable[[torch.Tensor], torch.Tensor]] = {
     "sigmoid": torch.sigmoid,
     "identity": lambda x: x,
 }
+
+
+class PromptEncoder(nn.Module):
+    """P-tuning's prompt encoder, laid out as HF PEFT's (``embedding``, ``mlp_head``,
+    ``lstm_head``), so its state-dict names are the canonical ones."""
+
+    def __init__(self, op: AddPrompt) -> None:
+        super().__init__()
+        d, h = op.token_dim, op.encoder_hidden
+        self.embedding = nn.Embedding(op.num_virtual_tokens * op.num_transformer_submodules, d)
+        self.lstm_head: Optional[nn.LSTM] = None
+        if op.encoder == "lstm":
+            self.lstm_head = nn.LSTM(
+                d, h, num_layers=op.encoder_num_layers, dropout=op.encoder_dropout, bidirectional=True, batch_first=True
+            )
+            self.mlp_head = nn.Sequential(nn.Linear(2 * h, 2 * h), nn.ReLU(), nn.Linear(2 * h, d))
+        else:
+            self.mlp_head = nn.Sequential(nn.Linear(d, h), nn.ReLU(), nn.Linear(h, h), nn.ReLU(), nn.Linear(h, d))
+
+    def forward(self) -> torch.Tensor:
+        tokens = self.embedding.weight.unsqueeze(0)
+        if self.lstm_head is not None:
+            tokens = self.lstm_head(tokens)[0]
+        output: torch.Tensor = self.mlp_head(tokens)[0]
+        return output
 
 
 class PromptEmbedding(AdapterLayer):
@@ -57,6 +87,13 @@ class PromptEmbedding(AdapterLayer):
         self.residual_activation: dict[str, str] = {}
         #: XPrompt's fixed masks (1 = kept), ``(num_virtual_tokens, dim)``, per adapter
         self.prompt_masks: dict[str, torch.Tensor] = {}
+        #: virtual tokens each adapter puts in the model, when its table has more rows
+        #: (HF's encoder-decoder layout keeps a second, unused block)
+        self.prompt_lengths: dict[str, int] = {}
+        #: adapters whose task type has the model ignore token type ids (HF PEFT's rule)
+        self.drop_token_types: set[str] = set()
+        #: P-tuning's prompt encoders, by adapter (their output is the prompt)
+        self.prompt_encoders = nn.ModuleDict()
         #: set by the model's input hook: the first ``pending_prefix`` ids are placeholders
         self.pending_prefix = 0
         self.input_hook: Optional[Any] = None
@@ -70,7 +107,16 @@ class PromptEmbedding(AdapterLayer):
             raise AdapterError(
                 f"embedding {op.path!r} is {tuple(table.shape)}, the plan expects ({op.num_embeddings}, {op.token_dim})"
             )
-        prompt = self.new_tensor(op.num_virtual_tokens, op.token_dim)
+        if not op.keep_token_type_ids:
+            self.drop_token_types.add(adapter_name)
+        rows = op.num_virtual_tokens * op.num_transformer_submodules
+        if rows != op.num_virtual_tokens:
+            self.prompt_lengths[adapter_name] = op.num_virtual_tokens
+        if op.encoder:
+            weight = self.base_weight()
+            self.prompt_encoders[adapter_name] = PromptEncoder(op).to(device=weight.device, dtype=weight.dtype)
+            return
+        prompt = self.new_tensor(rows, op.token_dim)
         with torch.no_grad():
             if op.init == "random":
                 # the table's own scale: a unit normal would dwarf real token vectors
@@ -80,7 +126,7 @@ class PromptEmbedding(AdapterLayer):
                     ids = torch.tensor(op.init_token_ids, device=table.device)
                 else:
                     ids = torch.randint(0, op.num_embeddings, (op.num_virtual_tokens,), device=table.device)
-                prompt.copy_(table.detach()[ids])
+                prompt.copy_(table.detach()[ids].repeat(op.num_transformer_submodules, 1))
         mask = op.element_mask()
         if mask is not None:
             self.prompt_masks[adapter_name] = torch.tensor(mask, dtype=prompt.dtype, device=prompt.device)
@@ -108,13 +154,22 @@ class PromptEmbedding(AdapterLayer):
         super().delete(adapter_name)
         self.residual_activation.pop(adapter_name, None)
         self.prompt_masks.pop(adapter_name, None)
+        self.prompt_lengths.pop(adapter_name, None)
+        self.drop_token_types.discard(adapter_name)
+        if adapter_name in self.prompt_encoders:
+            del self.prompt_encoders[adapter_name]
         if adapter_name in self.residual_dropout:
             del self.residual_dropout[adapter_name]
 
     # -- computing prompts ------------------------------------------------------------------
     def prompt(self, adapter_name: str) -> torch.Tensor:
         """The adapter's virtual token vectors, ``(num_virtual_tokens, dim)``."""
-        prompt = self.prompt_embeddings[adapter_name]
+        if adapter_name in self.prompt_encoders:
+            prompt = self.prompt_encoders[adapter_name]()
+        else:
+            prompt = self.prompt_embeddings[adapter_name]
+        if adapter_name in self.prompt_lengths:
+            prompt = prompt[: self.prompt_lengths[adapter_name]]
         mask = self.prompt_masks.get(adapter_name)
         if mask is not None:  # pruned entries stay exactly zero, and get no gradient
             if mask.device != prompt.device or mask.dtype != prompt.dtype:
@@ -134,7 +189,52 @@ class PromptEmbedding(AdapterLayer):
 
     def num_virtual_tokens(self) -> int:
         """How many vectors the running adapters put in front of the input."""
-        return sum(self.prompt_embeddings[a].shape[0] for a in self.adapters_to_run())
+        return sum(self.prompt_lengths.get(a, self._rows(a)) for a in self.adapters_to_run())
+
+    def _rows(self, adapter_name: str) -> int:
+        encoder = self.prompt_encoders[adapter_name] if adapter_name in self.prompt_encoders else None
+        if isinstance(encoder, PromptEncoder):
+            return int(encoder.embedding.weight.shape[0])
+        return int(self.prompt_embeddings[adapter_name].shape[0])
+
+    # -- P-tuning's encoders in the generic adapter state ------------------------------------
+    def adapter_names(self) -> list[str]:
+        own = list(self.prompt_embeddings.keys())
+        return own + [name for name in self.prompt_encoders.keys() if name not in own]
+
+    def export(self, adapter_name: str) -> dict[str, torch.Tensor]:
+        tensors = super().export(adapter_name)
+        if adapter_name in self.prompt_encoders:
+            encoder = self.prompt_encoders[adapter_name]
+            tensors.update({f"encoder.{k}": v.detach() for k, v in encoder.state_dict().items()})
+            was_training = encoder.training
+            encoder.eval()
+            try:
+                with torch.no_grad():  # what HF PEFT saves and loads: the encoder's output
+                    tensors["prompt_embeddings"] = encoder().detach()
+            finally:
+                encoder.train(was_training)
+        return tensors
+
+    def load(self, adapter_name: str, tensors: Mapping[str, Any]) -> None:
+        super().load(adapter_name, tensors)
+        if adapter_name not in self.prompt_encoders:
+            return
+        state = self.prompt_encoders[adapter_name].state_dict()
+        for name, target in state.items():
+            key = f"encoder.{name}"
+            if key not in tensors:
+                raise AdapterError(f"tensor {key!r} missing for adapter {adapter_name!r}")
+            value = torch.as_tensor(tensors[key])
+            if tuple(value.shape) != tuple(target.shape):
+                raise AdapterError(f"tensor {key!r} has shape {tuple(value.shape)}, expected {tuple(target.shape)}")
+            with torch.no_grad():
+                target.copy_(value.to(device=target.device, dtype=target.dtype))
+
+    def set_trainable(self, adapter_name: str, trainable: bool) -> None:
+        super().set_trainable(adapter_name, trainable)
+        if adapter_name in self.prompt_encoders:
+            self.prompt_encoders[adapter_name].requires_grad_(trainable)
 
     def prompt_batch(self, batch: int, dtype: torch.dtype) -> torch.Tensor:
         """The running adapters' prompts, concatenated, for a batch: ``(batch, n, dim)``."""
@@ -168,7 +268,7 @@ class PromptEmbedding(AdapterLayer):
         finally:
             dropout.train(was_training)
         with torch.no_grad():
-            self.prompt_embeddings[adapter_name].copy_(value)
+            self.prompt_embeddings[adapter_name][: value.shape[0]].copy_(value)
         for name in RESIDUAL_TENSORS:
             store = getattr(self, name)
             if adapter_name in store:

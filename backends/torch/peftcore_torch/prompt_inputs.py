@@ -100,6 +100,10 @@ class PromptInputHook:
         if not isinstance(reference, torch.Tensor) or reference.dim() < 2:
             return None
         batch, length = reference.shape[0], reference.shape[1]
+        if arguments.get("token_type_ids") is not None and any(
+            a in self.layer.drop_token_types for a in self.layer.adapters_to_run()
+        ):
+            arguments["token_type_ids"] = None  # as HF PEFT's model for the adapter's task type
         past = find_cache(arguments)
         cached = _cache_length(past)
         if cached == 0:
@@ -178,3 +182,91 @@ def _cache_length(past: Any) -> int:
         return int(past[0][0].shape[-2])
     except (IndexError, TypeError, AttributeError):
         return 0
+
+
+def is_encoder_decoder(model: nn.Module) -> bool:
+    """Whether ``model`` is a transformers encoder-decoder model (T5, BART...)."""
+    return bool(getattr(getattr(model, "config", None), "is_encoder_decoder", False)) and callable(
+        getattr(model, "get_encoder", None)
+    )
+
+
+class EncoderPromptHook:
+    """Prompt tuning on an encoder-decoder model, as HF PEFT does it: the virtual tokens go
+    in front of the encoder's input only (the decoder, its labels and its mask are
+    untouched), and the attention mask over the encoder's output covers them.
+
+    - A pre-hook on the encoder embeds ``input_ids`` itself and passes ``inputs_embeds``
+      with the prompt in front, and gives an attention mask as long as the input ``n``
+      ones in front. It serves the model's own forward and ``generate``, which runs the
+      encoder on its own.
+    - A pre-hook on the model extends the attention mask it hands the decoder's
+      cross-attention: when the encoder runs in this call, a mask as long as the input;
+      when ``encoder_outputs`` are given (generation steps), a mask ``n`` shorter than them.
+    """
+
+    def __init__(self, model: nn.Module, layer: Any) -> None:
+        self.layer = layer
+        encoder = model.get_encoder()  # type: ignore[operator]
+        self.model_signature = inspect.signature(model.forward)
+        self.encoder_signature = inspect.signature(encoder.forward)
+        self._handles = [
+            encoder.register_forward_pre_hook(self._before_encoder, with_kwargs=True),
+            model.register_forward_pre_hook(self._before_model, with_kwargs=True),
+        ]
+
+    def remove(self) -> None:
+        for handle in self._handles:
+            handle.remove()
+        self._handles = []
+
+    @staticmethod
+    def _bind(signature: inspect.Signature, args: tuple, kwargs: dict) -> Optional[dict]:
+        try:
+            arguments = dict(signature.bind_partial(*args, **kwargs).arguments)
+        except TypeError:
+            return None  # let the module report its own argument error
+        for parameter in signature.parameters.values():
+            if parameter.kind is inspect.Parameter.VAR_KEYWORD:
+                arguments.update(arguments.pop(parameter.name, None) or {})
+        return arguments
+
+    def _before_encoder(self, module: nn.Module, args: tuple, kwargs: dict) -> Optional[tuple]:
+        n = self.layer.num_virtual_tokens()
+        arguments = self._bind(self.encoder_signature, args, kwargs) if n else None
+        if arguments is None:
+            return None
+        ids, embeds = arguments.get("input_ids"), arguments.get("inputs_embeds")
+        if isinstance(ids, torch.Tensor) and ids.dim() == 2:
+            embeds = self.layer.base_layer(ids)
+        if not isinstance(embeds, torch.Tensor) or embeds.dim() != 3:
+            return None
+        batch, length = embeds.shape[0], embeds.shape[1]
+        arguments["input_ids"] = None
+        arguments["inputs_embeds"] = torch.cat([self.layer.prompt_batch(batch, embeds.dtype), embeds], dim=1)
+        mask = arguments.get("attention_mask")
+        if isinstance(mask, torch.Tensor) and mask.dim() == 2 and mask.shape[1] == length:
+            arguments["attention_mask"] = torch.cat([mask.new_ones(batch, n), mask], dim=1)
+        return (), arguments
+
+    def _before_model(self, module: nn.Module, args: tuple, kwargs: dict) -> Optional[tuple]:
+        n = self.layer.num_virtual_tokens()
+        arguments = self._bind(self.model_signature, args, kwargs) if n else None
+        if arguments is None:
+            return None
+        mask = arguments.get("attention_mask")
+        if not isinstance(mask, torch.Tensor) or mask.dim() != 2:
+            return None
+        encoded = arguments.get("encoder_outputs")
+        if encoded is not None:
+            hidden = encoded[0] if isinstance(encoded, (tuple, list)) else getattr(encoded, "last_hidden_state", None)
+            if not isinstance(hidden, torch.Tensor) or mask.shape[1] != hidden.shape[1] - n:
+                return None
+        else:
+            reference = arguments.get("input_ids")
+            if reference is None:
+                reference = arguments.get("inputs_embeds")
+            if not isinstance(reference, torch.Tensor) or reference.dim() < 2 or mask.shape[1] != reference.shape[1]:
+                return None
+        arguments["attention_mask"] = torch.cat([mask.new_ones(mask.shape[0], n), mask], dim=1)
+        return (), arguments

@@ -1,7 +1,9 @@
 """Mixed-adapter batches: each row of a batch runs through the adapter it names.
 
-``PeftModel(..., adapter_names=[...])`` sets one :class:`RowRouting` on every adapter
-layer for the length of the call (:func:`peftcore.model_ops.set_batch_adapters`). Rows
+``PeftModel(..., adapter_names=[...])`` routes one :class:`RowRouting` to every adapter
+layer for the length of the call (:func:`peftcore.model_ops.set_batch_adapters`). The
+routing lives in a :class:`contextvars.ContextVar`, never on the layers, so calls in
+other threads (or asyncio tasks) each see their own batch and never each other's. Rows
 naming ``"__base__"`` (or an adapter the layer does not hold) get the base output. A
 LoRA layer takes one of three routes:
 
@@ -23,6 +25,7 @@ it is wide; on rows sorted by adapter, folding costs almost nothing.
 
 from __future__ import annotations
 
+import contextvars
 from typing import Any, Callable, Optional, Sequence, cast
 
 import torch
@@ -32,6 +35,34 @@ from peftcore.errors import AdapterError
 from peftcore.model_ops import BASE_ROW
 
 RowDelta = Callable[[str, torch.Tensor], torch.Tensor]
+
+#: The routing of the mixed-adapter call running in this thread/task, with the ids of
+#: the layers that route its rows; None outside such a call.
+_CALL_ROUTING: contextvars.ContextVar[Optional[tuple["RowRouting", set[int]]]] = contextvars.ContextVar(
+    "peftcore_torch_row_routing", default=None
+)
+
+
+def route_layer(layer: nn.Module, routing: Optional["RowRouting"]) -> None:
+    """Make ``layer`` route the rows of the current call by ``routing`` (None: end the
+    call's routing). Only this thread's (or task's) context changes."""
+    if routing is None:
+        if _CALL_ROUTING.get() is not None:
+            _CALL_ROUTING.set(None)
+        return
+    current = _CALL_ROUTING.get()
+    if current is None or current[0] is not routing:
+        current = (routing, set())
+        _CALL_ROUTING.set(current)
+    current[1].add(id(layer))
+
+
+def routing_for(layer: nn.Module) -> Optional["RowRouting"]:
+    """The routing ``layer`` follows in the current call, or None."""
+    current = _CALL_ROUTING.get()
+    if current is None or id(layer) not in current[1]:
+        return None
+    return current[0]
 
 
 class RowRouting:

@@ -1,0 +1,346 @@
+"""Hugging Face PEFT's public names, with HF's meaning, on top of peftcore's PeftModel.
+
+:class:`HFCompatMixin` is a base of :class:`peftcore.peft_model.PeftModel`; it adds the
+methods HF PEFT users call that are spelled differently in peftcore or that peftcore
+builds from its own primitives: ``disable_adapter_layers``/``enable_adapter_layers``,
+``add_weighted_adapter`` (LoRA: ``linear``, ``cat``, ``svd``), and the model card
+``save_pretrained`` writes. :func:`get_peft_model_state_dict` and
+:func:`set_peft_model_state_dict` are HF's module-level functions.
+
+Everything here is framework-free: tensors cross as numpy arrays through the core's
+export/import, and a shell that wants native tensors back provides ``_from_numpy``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import re
+import warnings
+from typing import Any, Mapping, NamedTuple, Optional, Sequence, Union
+
+import numpy as np
+
+from peftcore import model_ops
+from peftcore.errors import AdapterError, ConfigError
+from peftcore.io import DEFAULT_ADAPTER, HF_PREFIX, match_tensors
+from peftcore.methods.lora import AddLora, LoraConfig
+
+__all__ = [
+    "HFCompatMixin",
+    "IncompatibleKeys",
+    "get_peft_config",
+    "get_peft_model_state_dict",
+    "set_peft_model_state_dict",
+    "split_embedding_layers",
+    "write_model_card",
+]
+
+COMBINATIONS = ("linear", "cat", "svd")
+
+
+class IncompatibleKeys(NamedTuple):
+    """What :func:`set_peft_model_state_dict` returns (torch's ``load_state_dict`` result shape)."""
+
+    missing_keys: list
+    unexpected_keys: list
+
+
+class HFCompatMixin:
+    """HF PEFT's PeftModel methods built on the core's state machine (see the module docstring)."""
+
+    def disable_adapter_layers(self) -> None:
+        """Run the base model alone until :meth:`enable_adapter_layers` (HF PEFT's name).
+
+        Merged adapters are unmerged first, with a warning, as HF PEFT does."""
+        pm: Any = self
+        if pm.merged_adapters:
+            warnings.warn(
+                f"adapters {pm.merged_adapters} are merged; unmerging them before disabling the adapter layers",
+                UserWarning,
+                stacklevel=2,
+            )
+            pm.unmerge_adapter()
+        model_ops.set_enabled(pm.runtime, pm.get_base_model(), False)
+
+    def enable_adapter_layers(self) -> None:
+        """Undo :meth:`disable_adapter_layers`."""
+        pm: Any = self
+        model_ops.set_enabled(pm.runtime, pm.get_base_model(), True)
+
+    def add_weighted_adapter(
+        self,
+        adapters: Sequence[str],
+        weights: Sequence[float],
+        adapter_name: str,
+        combination_type: str = "svd",
+        svd_rank: Optional[int] = None,
+        svd_clamp: Optional[float] = None,
+        svd_full_matrices: bool = True,
+        svd_driver: Optional[str] = None,
+        density: Optional[float] = None,
+        majority_sign_method: str = "total",
+    ) -> None:
+        """Add ``adapter_name``, a weighted combination of LoRA ``adapters`` (HF PEFT's method).
+
+        ``combination_type``: ``"linear"`` (same rank; A and B are each the sum of
+        ``sqrt(weight * scaling)`` times the adapters' A and B), ``"cat"`` (ranks add up:
+        the adapters' ``weight * scaling * A`` stacked, their B side by side, so the delta is
+        exactly the weighted sum) or ``"svd"`` (the weighted sum of the deltas, truncated
+        to ``svd_rank``, default the largest rank, by an SVD; ``svd_clamp`` clips values
+        at that quantile). The new adapter has ``lora_alpha = r`` (scaling 1), as in HF.
+        """
+        pm: Any = self
+        if combination_type not in COMBINATIONS:
+            raise ValueError(
+                f"combination_type {combination_type!r} is not supported by peftcore; use one of {COMBINATIONS}"
+            )
+        if density is not None:
+            raise ValueError("density applies to the TIES/DARE combinations, which peftcore does not implement")
+        adapters, weights = list(adapters), [float(w) for w in weights]
+        if not adapters or len(adapters) != len(weights):
+            raise ValueError("adapters and weights must be non-empty lists of the same length")
+        for name in adapters:
+            pm._require(name)
+            if not isinstance(pm.peft_config[name], LoraConfig):
+                raise ValueError(f"add_weighted_adapter combines LoRA adapters; {name!r} is not one")
+            others = sorted({op.op for op in pm.plans[name].ops} - {"lora", "freeze_base"})
+            if others:
+                raise ValueError(
+                    f"adapter {name!r} has {', '.join(others)} op(s) (e.g. modules_to_save); only plain LoRA "
+                    "adapters can be combined"
+                )
+        if adapter_name in pm.peft_config:
+            raise AdapterError(f"adapter {adapter_name!r} already exists; delete it first or pick another name")
+        ops = {name: {op.path: op for op in pm.plans[name].ops if isinstance(op, AddLora)} for name in adapters}
+        tensors = {name: pm.export_adapter(name) for name in adapters}
+        paths = sorted({path for per in ops.values() for path in per})
+        ranks = {op.r for per in ops.values() for op in per.values()}
+        if combination_type == "linear" and len(ranks) > 1:
+            raise ValueError("combination_type='linear' needs all adapters to have the same rank; use 'cat' or 'svd'")
+        if combination_type == "linear":
+            new_rank = ranks.pop()
+        elif combination_type == "cat":
+            new_rank = sum(max((o.r for o in per.values()), default=0) for per in ops.values())
+        else:
+            new_rank = int(svd_rank) if svd_rank is not None else max(ranks)
+        combined: dict[str, np.ndarray] = {}
+        layer_ranks: dict[str, int] = {}
+        for path in paths:
+            parts = [(ops[n][path], tensors[n], w) for n, w in zip(adapters, weights) if path in ops[n]]
+            a_list = [np.asarray(t[f"{path}.lora_A"], dtype=np.float64) for _, t, _ in parts]
+            b_list = [np.asarray(t[f"{path}.lora_B"], dtype=np.float64) for _, t, _ in parts]
+            if combination_type == "linear":
+                factors = [np.sqrt(w * op.scaling) for op, _, w in parts]
+                a = sum(f * x for f, x in zip(factors, a_list))
+                b = sum(f * x for f, x in zip(factors, b_list))
+            elif combination_type == "cat":
+                a = np.concatenate([w * op.scaling * x for (op, _, w), x in zip(parts, a_list)], axis=0)
+                b = np.concatenate(b_list, axis=1)
+            else:
+                delta = sum(w * op.scaling * (bx @ ax) for (op, _, w), ax, bx in zip(parts, a_list, b_list))
+                b, a = _svd_factors(np.asarray(delta), new_rank, svd_clamp, svd_full_matrices)
+            layer_ranks[path] = int(a.shape[0])
+            combined[f"{path}.lora_A"], combined[f"{path}.lora_B"] = a, b
+        first = pm.peft_config[adapters[0]]
+        assert isinstance(first, LoraConfig)
+        rank_pattern = {_exact(p): r for p, r in layer_ranks.items() if r != new_rank}
+        config = dataclasses.replace(
+            first,
+            r=new_rank,
+            lora_alpha=new_rank,
+            use_rslora=False,
+            target_modules=list(paths),
+            exclude_modules=None,
+            layers_to_transform=None,
+            layers_pattern=None,
+            rank_pattern=rank_pattern,
+            alpha_pattern={key: r for key, r in rank_pattern.items()},
+            inference_mode=True,
+        )
+        pm.add_adapter(adapter_name, config)
+        try:
+            dtypes = pm.export_adapter(adapter_name)
+            pm.import_adapter(adapter_name, {k: v.astype(dtypes[k].dtype) for k, v in combined.items()})
+        except BaseException:
+            pm.delete_adapter(adapter_name)
+            raise
+
+
+def _exact(path: str) -> str:
+    """A pattern key matching the layer ``path`` (patterns match a path's end)."""
+    return re.escape(path)
+
+
+def _svd_factors(delta: np.ndarray, rank: int, clamp: Optional[float], full_matrices: bool) -> tuple[np.ndarray, np.ndarray]:
+    """``(B, A)`` of rank ``rank`` whose product best approximates ``delta``."""
+    u, s, vh = np.linalg.svd(delta, full_matrices=full_matrices)
+    rank = min(rank, s.shape[0])
+    u, s, vh = u[:, :rank], s[:rank], vh[:rank, :]
+    u = u * s[None, :]
+    if clamp is not None:
+        bound = np.quantile(np.concatenate([u.ravel(), vh.ravel()]), clamp)
+        u, vh = np.clip(u, -bound, bound), np.clip(vh, -bound, bound)
+    return u, vh
+
+
+# -- module-level functions ---------------------------------------------------------------------
+def get_peft_config(config_dict: Mapping[str, Any]) -> Any:
+    """The config its ``peft_type`` names, built from a dict (HF PEFT's function); the
+    dict is read as an ``adapter_config.json`` is, so HF's metadata keys are accepted."""
+    from peftcore.registry import PeftRegistry
+
+    return PeftRegistry.config_from_dict(dict(config_dict))
+
+
+def get_peft_model_state_dict(
+    model: Any,
+    state_dict: Optional[Mapping[str, Any]] = None,
+    adapter_name: str = DEFAULT_ADAPTER,
+    unwrap_compiled: bool = False,
+    save_embedding_layers: Union[str, bool] = "auto",
+) -> dict[str, Any]:
+    """The adapter's tensors under the keys HF PEFT saves them with
+    (``base_model.model.<path>.lora_A.weight``...), as the model's framework's tensors
+    when its shell can make them (torch), else numpy arrays.
+
+    ``state_dict`` (HF's argument) is accepted and ignored: the tensors are read from the
+    model. ``unwrap_compiled`` and ``save_embedding_layers`` are HF's; peftcore adapters
+    never hold resized embedding matrices, so nothing extra is returned."""
+    from peftcore.io import _hf_key
+
+    model._require(adapter_name)
+    specs = model.plans[adapter_name].tensor_specs()
+    exported = model.export_adapter(adapter_name)
+    convert = getattr(model, "_from_numpy", None)
+    return {_hf_key(spec): (convert(exported[name]) if convert else exported[name]) for name, spec in specs.items()}
+
+
+def set_peft_model_state_dict(
+    model: Any,
+    peft_model_state_dict: Mapping[str, Any],
+    adapter_name: str = DEFAULT_ADAPTER,
+    ignore_mismatched_sizes: bool = False,
+    low_cpu_mem_usage: bool = False,
+) -> IncompatibleKeys:
+    """Load tensors keyed as :func:`get_peft_model_state_dict` returns them (or as HF PEFT
+    saves them, with or without ``base_model.model.``) into adapter ``adapter_name``.
+
+    Every tensor of the adapter must be there with its shape (else :class:`AdapterError`);
+    keys the adapter does not have come back in ``unexpected_keys``."""
+    if ignore_mismatched_sizes:
+        raise ValueError("ignore_mismatched_sizes=True is not supported: a tensor of another shape is an error")
+    model._require(adapter_name)
+    runtime = model.runtime
+    arrays = {_strip_adapter_name(key, adapter_name): runtime.to_numpy(value) for key, value in peft_model_state_dict.items()}
+    plan = model.plans[adapter_name]
+    found = match_tensors(plan, arrays, "peft_model_state_dict", strict=False)
+    known = {key for key in arrays if key in _hf_keys(plan) or HF_PREFIX + key in _hf_keys(plan)}
+    model.import_adapter(adapter_name, found)
+    return IncompatibleKeys(missing_keys=[], unexpected_keys=sorted(set(arrays) - known))
+
+
+def _hf_keys(plan: Any) -> set[str]:
+    from peftcore.io import _hf_key
+
+    return {_hf_key(spec) for spec in plan.tensor_specs().values()}
+
+
+def _strip_adapter_name(key: str, adapter_name: str) -> str:
+    """A module state-dict key (``...lora_A.<adapter>.weight``) as the file key (``...lora_A.weight``)."""
+    return key.replace(f".{adapter_name}.", ".") if f".{adapter_name}." in key else key
+
+
+def write_model_card(save_directory: str, model: Any) -> None:
+    """Write (or update) ``README.md`` as HF PEFT does: YAML front matter naming the base
+    model, ``library_name: peft`` and the adapters' tags, then a short card body. An
+    existing card keeps its text; only missing front-matter entries are added."""
+    path = os.path.join(os.fspath(save_directory), "README.md")
+    configs = list(getattr(model, "peft_config", {}).values())
+    base = next((c.base_model_name_or_path for c in configs if c.base_model_name_or_path), None)
+    tags = ["peftcore", *sorted({c.method for c in configs if c.method})]
+    header = {"library_name": "peft", "tags": tags}
+    if base:
+        header["base_model"] = base
+    text = ""
+    if os.path.isfile(path):
+        with open(path, encoding="utf-8") as handle:
+            text = handle.read()
+    body, existing = text, ""
+    if text.startswith("---\n") and "\n---" in text[4:]:
+        end = text.index("\n---", 4)
+        existing, body = text[4:end], text[end + 4 :].lstrip("\n")
+    present = {line.split(":", 1)[0].strip() for line in existing.splitlines() if ":" in line and not line.startswith(" ")}
+    lines = [line for line in existing.splitlines() if line.strip()]
+    for key, value in header.items():
+        if key in present:
+            continue
+        if isinstance(value, list):
+            lines.append(f"{key}:")
+            lines.extend(f"- {item}" for item in value)
+        else:
+            lines.append(f"{key}: {value}")
+    if not body:
+        body = (
+            f"# Model card\n\nAn adapter{' for ' + base if base else ''}, saved by peftcore; it loads "
+            "with `peftcore.PeftModel.from_pretrained` and with Hugging Face PEFT.\n"
+        )
+    with open(path, "w", encoding="utf-8") as handle:
+        handle.write("---\n" + "\n".join(lines) + "\n---\n\n" + body)
+
+
+def check_hf_save_arguments(safe_serialization: bool, save_embedding_layers: Union[str, bool]) -> None:
+    """Validate ``save_pretrained``'s HF arguments (see :meth:`PeftModel.save_pretrained`)."""
+    if safe_serialization is not True:
+        warnings.warn(
+            "safe_serialization=False: peftcore never pickles; the adapter is saved as adapter_model.safetensors",
+            UserWarning,
+            stacklevel=3,
+        )
+    if save_embedding_layers not in ("auto", True, False):
+        raise ConfigError(f"save_embedding_layers must be 'auto', True or False, got {save_embedding_layers!r}")
+    if save_embedding_layers is True:
+        warnings.warn(
+            "save_embedding_layers=True: peftcore adapters never change the base model's embedding matrices "
+            "(no resized vocabulary), so there are no embedding layers to save beside the adapter",
+            UserWarning,
+            stacklevel=3,
+        )
+
+
+def split_embedding_layers(
+    tensors: Mapping[str, np.ndarray], graph: Any, plan: Any, source: str
+) -> tuple[dict[str, np.ndarray], dict[str, np.ndarray]]:
+    """Separate the full embedding matrices HF PEFT saves beside an adapter
+    (``save_embedding_layers``: ``<embedding>.base_layer.weight`` for a LoRA-targeted
+    embedding, ``<embedding>.weight`` for another) from the adapter's own tensors.
+
+    Returns ``(adapter tensors, {embedding layer path: matrix})``; a matrix whose shape
+    is not the layer's is an :class:`AdapterError` (a resized vocabulary must be
+    resized in the base model first)."""
+    rest: list[str] = []  # keys only: a lazily read file's tensors stay unread (see match_tensors)
+    found: dict[str, np.ndarray] = {}
+    own = _hf_keys(plan)
+    header_spec = getattr(tensors, "spec", None)
+    for key in tensors:
+        path = key[len(HF_PREFIX):] if key.startswith(HF_PREFIX) else key
+        if key in own or HF_PREFIX + key in own:
+            rest.append(key)
+            continue
+        for suffix in (".base_layer.weight", ".weight"):
+            layer = path[: -len(suffix)] if path.endswith(suffix) else None
+            if layer and layer in graph and graph.get(layer).kind == "embedding":
+                node = graph.get(layer)
+                expected = (node.num_embeddings, node.embedding_dim)
+                shape = header_spec(key)[1] if callable(header_spec) else tensors[key].shape
+                if tuple(shape) != tuple(expected):
+                    raise AdapterError(
+                        f"{source}: embedding matrix {key!r} has shape {tuple(shape)}, layer {layer!r} is "
+                        f"{expected}; resize the base model's embeddings first"
+                    )
+                found[layer] = tensors[key]
+                break
+        else:
+            rest.append(key)
+    subset = getattr(tensors, "subset", None)
+    return (subset(rest) if callable(subset) else {key: tensors[key] for key in rest}), found

@@ -1,0 +1,250 @@
+"""Prefix tuning (Li & Liang, 2021), with Hugging Face PEFT's config fields and saved keys.
+
+Every attention layer gets ``num_virtual_tokens`` trained key and value vectors in front
+of its own keys and values; every query attends to them. All layers' prefixes come from
+one table, ``(num_virtual_tokens, num_layers * 2 * token_dim)``, laid out as HF PEFT's
+``prompt_embeddings``: for layer ``l`` the keys are columns ``[2l * d, (2l + 1) * d)`` and
+the values the next ``d``, where ``d = token_dim`` is the width of one layer's keys (all
+key/value heads side by side; smaller than the hidden size under grouped-query
+attention). With ``prefix_projection`` the table is computed while training by HF's
+reparameterisation, ``Linear(token_dim, encoder_hidden_size) -> tanh -> Linear(...,
+num_layers * 2 * token_dim)`` over ``num_virtual_tokens`` trained vectors.
+
+As in HF PEFT, the real tokens are positioned after the prefix: their positions start at
+``num_virtual_tokens`` (the prefix sits in front of them as a key/value cache would).
+
+Saved file: ``prompt_embeddings`` (the table; with a projection, its current value, which
+is what HF PEFT saves and loads), plus with a projection the MLP's own tensors under
+``prompt_encoder.*`` so that peftcore can go on training it. An HF PEFT file, which has
+only the table, loads as a prefix without projection (HF PEFT's own inference mode).
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+from typing import Any, ClassVar, Mapping, Optional, Sequence
+
+from peftcore.config import PeftConfig, check, check_type, config_class
+from peftcore.errors import ConfigError, PlanError, TargetNotFoundError
+from peftcore.graph import LayerNode, ModelGraph
+from peftcore.methods.common import effective_modules_to_save, modules_to_save_ops, validate_modules_to_save
+from peftcore.methods.prompt_tuning import HF_PROMPT_MODULES_PREFIX
+from peftcore.methods.unipelt import BLOCK_LAYOUTS, BlockLayout
+from peftcore.plan import FreezeBase, PlanOp, RewritePlan, TensorSpec, register_op
+from peftcore.targeting import DEFAULT_LAYERS_PATTERNS
+
+#: The projection's tensors (peftcore names -> names relative to the op's holder).
+PROJECTION_TENSORS = (
+    "embedding.weight",
+    "transform.0.weight",
+    "transform.0.bias",
+    "transform.2.weight",
+    "transform.2.bias",
+)
+#: Where the holder of the table sits under the op's path (the first attention module).
+ENCODER_CHILD = "prefix_encoder"
+
+
+@register_op
+@dataclass(frozen=True)
+class AddPrefixEncoder(PlanOp):
+    """Prefix tuning's table of key/value prefixes for ``attention_paths`` (in layer order).
+
+    ``path`` is the first attention module (the holder of the table lives under it);
+    ``width`` is one layer's key width (HF's ``token_dim``); ``key_paths`` and
+    ``key_split`` name each layer's key projection and how many tensors its output holds
+    side by side (3 for GPT-2's fused ``c_attn``), checked on loading.
+    ``projection_hidden > 0`` adds HF's MLP reparameterisation with that hidden size.
+    """
+
+    op: ClassVar[str] = "prefix_encoder"
+    mergeable: ClassVar[bool] = False
+    num_virtual_tokens: int = 0
+    width: int = 0
+    attention_paths: Sequence[str] = ()
+    key_paths: Sequence[str] = ()
+    key_split: int = 1
+    projection_hidden: int = 0
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        where = f"prefix_encoder op on {self.path!r}"
+        for name in ("attention_paths", "key_paths"):
+            value = getattr(self, name)
+            if isinstance(value, (str, bytes)) or not isinstance(value, Sequence) or not all(isinstance(p, str) for p in value):
+                raise PlanError(f"{where}: {name} must be a list of module paths")
+            object.__setattr__(self, name, tuple(value))
+        if min(self.num_virtual_tokens, self.width, self.key_split) <= 0 or self.projection_hidden < 0:
+            raise PlanError(f"{where}: num_virtual_tokens, width and key_split must be positive, projection_hidden >= 0")
+        if not self.attention_paths or self.attention_paths[0] != self.path:
+            raise PlanError(f"{where}: attention_paths must start with the op's path")
+        if self.key_paths and len(self.key_paths) != len(self.attention_paths):
+            raise PlanError(f"{where}: key_paths must name one key projection per attention module")
+
+    @property
+    def num_layers(self) -> int:
+        return len(self.attention_paths)
+
+    @property
+    def table_width(self) -> int:
+        """Columns of the table: keys and values of every layer."""
+        return self.num_layers * 2 * self.width
+
+    def tensor_specs(self) -> dict[str, TensorSpec]:
+        specs = {
+            f"{ENCODER_CHILD}.prompt_embeddings": TensorSpec(
+                (self.num_virtual_tokens, self.table_width), "prompt_embeddings", True
+            )
+        }
+        if self.projection_hidden:
+            n, d, h = self.num_virtual_tokens, self.width, self.projection_hidden
+            shapes = dict(zip(PROJECTION_TENSORS, [(n, d), (h, d), (h,), (self.table_width, h), (self.table_width,)]))
+            specs.update(
+                {f"{ENCODER_CHILD}.{name}": TensorSpec(shape, f"prompt_encoder.{name}", True) for name, shape in shapes.items()}
+            )
+        return specs
+
+    def num_trainable(self) -> int:
+        # with a projection the saved table is the MLP's output, not a trained tensor
+        derived = self.num_virtual_tokens * self.table_width if self.projection_hidden else 0
+        return super().num_trainable() - derived
+
+    def misfit(self, graph: ModelGraph) -> Optional[str]:
+        for path in self.attention_paths:
+            if path not in graph:
+                return f"the prefix was planned for attention module {path!r}, which this model lacks"
+        for path in self.key_paths:
+            if path not in graph:
+                return f"the prefix was planned with key projection {path!r}, which this model lacks"
+            node = graph.get(path)
+            if node.kind != "linear" or node.out_features != self.width * self.key_split:
+                return f"key projection {path!r} does not produce keys of width {self.width} (the adapter's prefix width)"
+        return None
+
+
+@config_class
+class PrefixTuningConfig(PeftConfig):
+    """Configure prefix tuning, with HF PEFT's field names.
+
+    - ``num_virtual_tokens``: prefix length (trained key/value vectors per layer).
+    - ``prefix_projection``: train the prefixes through HF's two-layer MLP
+      (``encoder_hidden_size`` hidden units, default ``token_dim``).
+    - ``token_dim``, ``num_layers``, ``num_attention_heads``: read from the model when
+      unset (as HF PEFT does; ``token_dim`` is the key width per layer), checked when set.
+    - ``attention_module`` and ``key_module`` (peftcore's, relative to a transformer
+      block) for a model type without a built-in layout (BERT, GPT-2, Llama and its
+      relatives have one).
+
+    Works where the torch backend can reach the attention (transformers models that
+    dispatch through the attention interface: BERT, GPT-2, Llama...); T5's attention
+    does not, and is refused with a clear error.
+    """
+
+    method: ClassVar[str] = "prefix_tuning"
+    peft_type: ClassVar[str] = "PREFIX_TUNING"
+    plan_ops: ClassVar[tuple] = ("freeze_base", "prefix_encoder", "modules_to_save")
+    hf_unsupported_fields: ClassVar[Mapping[str, Any]] = {"init_weights": None}
+
+    num_virtual_tokens: Optional[int] = None
+    token_dim: Optional[int] = None
+    num_transformer_submodules: Optional[int] = None
+    num_attention_heads: Optional[int] = None
+    num_layers: Optional[int] = None
+    encoder_hidden_size: Optional[int] = None
+    prefix_projection: bool = False
+    modules_to_save: Optional[list] = None
+    attention_module: Optional[str] = None
+    key_module: Optional[str] = None
+
+    def validate(self) -> None:
+        super().validate()
+        name = type(self).__name__
+        check_type(name, "num_virtual_tokens", self.num_virtual_tokens, (int,))
+        check(
+            self.num_virtual_tokens is not None and self.num_virtual_tokens > 0,
+            f"{name}.num_virtual_tokens must be positive, got {self.num_virtual_tokens}",
+        )
+        for field_name in ("token_dim", "num_attention_heads", "num_layers", "encoder_hidden_size"):
+            value = getattr(self, field_name)
+            check_type(name, field_name, value, (int,), allow_none=True)
+            check(value is None or value > 0, f"{name}.{field_name} must be positive, got {value}")
+        check(
+            self.num_transformer_submodules in (None, 1),
+            f"{name}.num_transformer_submodules={self.num_transformer_submodules!r}: prefix tuning of an "
+            "encoder-decoder model (2 submodules) is not supported",
+        )
+        check_type(name, "prefix_projection", self.prefix_projection, (bool,))
+        for field_name in ("attention_module", "key_module"):
+            check_type(name, field_name, getattr(self, field_name), (str,), allow_none=True)
+        validate_modules_to_save(name, self.modules_to_save)
+
+    # -- planning -------------------------------------------------------------------
+    def plan(self, graph: ModelGraph, adapter_name: str = "default") -> RewritePlan:
+        return self._plan(graph, adapter_name, projection=self.prefix_projection)
+
+    def loading_plan(self, graph: ModelGraph, adapter_name: str = "default") -> RewritePlan:
+        # a file without peftcore's plan (HF PEFT's) holds only the table of prefixes
+        return self._plan(graph, adapter_name, projection=False)
+
+    def _plan(self, graph: ModelGraph, adapter_name: str, projection: bool) -> RewritePlan:
+        owner = type(self).__name__
+        layout = self.layout(graph)
+        attentions: list[LayerNode] = []
+        keys: list[LayerNode] = []
+        for block in self.blocks(graph):
+            attentions.append(_node(graph, block, layout.attention, "attention_module", owner))
+            key = _node(graph, block, layout.key, "key_module", owner)
+            if key.kind != "linear":
+                raise TargetNotFoundError(f"{owner}: {key.path!r} is a {key.type_name or key.kind}, not a linear layer (check key_module)")
+            keys.append(key)
+        widths = {divmod(int(k.out_features or 0), layout.key_split) for k in keys}
+        if len(widths) != 1 or next(iter(widths))[1] or next(iter(widths))[0] <= 0:
+            raise ConfigError(f"{owner}: the key projections do not all give keys of one width: {sorted(widths)}")
+        width = next(iter(widths))[0]
+        for field_name, actual in (("token_dim", width), ("num_layers", len(attentions))):
+            given = getattr(self, field_name)
+            if given is not None and given != actual:
+                raise ConfigError(f"{owner}.{field_name}={given} but the model has {actual}")
+        prefix = AddPrefixEncoder(
+            path=attentions[0].path,
+            num_virtual_tokens=int(self.num_virtual_tokens or 0),
+            width=width,
+            attention_paths=tuple(a.path for a in attentions),
+            key_paths=tuple(k.path for k in keys),
+            key_split=layout.key_split,
+            projection_hidden=int(self.encoder_hidden_size or width) if projection else 0,
+        )
+        ops: list[PlanOp] = [FreezeBase(), prefix]
+        saved = effective_modules_to_save(self.task_type, self.modules_to_save)
+        ops.extend(modules_to_save_ops(graph, saved, owner, hf_key_prefix=HF_PROMPT_MODULES_PREFIX))
+        return RewritePlan(method=self.method, adapter_name=adapter_name, ops=tuple(ops))
+
+    def layout(self, graph: ModelGraph) -> BlockLayout:
+        """Where the attention and its key projection sit in a block of this model."""
+        default = BLOCK_LAYOUTS.get(graph.model_type)
+        attention = self.attention_module or (default.attention if default else None)
+        key = self.key_module or (default.key if default else None)
+        if attention is None or key is None:
+            raise ConfigError(
+                f"{type(self).__name__}: there is no default prefix-tuning layout for model type "
+                f"{graph.model_type or 'unknown'!r}; set attention_module and key_module (paths relative to a "
+                f"transformer block, e.g. 'self_attn' and 'self_attn.k_proj')"
+            )
+        split = default.key_split if default is not None and self.key_module is None else 1
+        return BlockLayout(attention=attention, lora=(), key=key, ffn_output="", key_split=split)
+
+    def blocks(self, graph: ModelGraph) -> list[str]:
+        """Paths of the transformer blocks, in model order."""
+        regex = re.compile(rf"(?:.*\.)?(?:{'|'.join(re.escape(p) for p in DEFAULT_LAYERS_PATTERNS)})\.(\d+)")
+        found = [node.path for node in graph if regex.fullmatch(node.path)]
+        if not found:
+            raise TargetNotFoundError(f"{type(self).__name__}: found no transformer block (a layer named '<...>.layers.<index>')")
+        return found
+
+
+def _node(graph: ModelGraph, block: str, rel: str, field_name: str, owner: str) -> LayerNode:
+    path = f"{block}.{rel}"
+    if path not in graph:
+        raise TargetNotFoundError(f"{owner}: block {block!r} has no module {rel!r} (set {field_name} to its path relative to the block)")
+    return graph.get(path)

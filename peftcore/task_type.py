@@ -1,0 +1,29 @@
+"""Hugging Face PEFT's task types (``TaskType``), with their names and meaning."""
+
+from __future__ import annotations
+
+import enum
+
+__all__ = ["TaskType", "TASK_TYPES"]
+
+
+class TaskType(str, enum.Enum):
+    """The kind of model an adapter is for, as Hugging Face PEFT names it.
+
+    A config's ``task_type`` is one of these (the enum member or its string). It decides
+    which task head is trained in full (``SEQ_CLS``/``TOKEN_CLS``/``QUESTION_ANS``) and
+    which model class ``AutoPeftModel`` builds.
+    """
+
+    SEQ_CLS = "SEQ_CLS"
+    SEQ_2_SEQ_LM = "SEQ_2_SEQ_LM"
+    CAUSAL_LM = "CAUSAL_LM"
+    TOKEN_CLS = "TOKEN_CLS"
+    QUESTION_ANS = "QUESTION_ANS"
+    FEATURE_EXTRACTION = "FEATURE_EXTRACTION"
+
+    def __str__(self) -> str:
+        return str(self.value)
+
+
+TASK_TYPES: tuple[str, ...] = tuple(t.value for t in TaskType)
