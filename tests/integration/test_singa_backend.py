@@ -515,3 +515,78 @@ def test_same_training_in_torch_and_singa_gives_the_same_adapter(sg: Any, tmp_pa
     np.testing.assert_allclose(singa_out(torch_in_singa.model), torch_out(torch_model), atol=1e-5)
     singa_in_torch = PeftModel.from_pretrained(torch_twin(), str(tmp_path / "singa"))
     np.testing.assert_allclose(torch_out(singa_in_torch.model), singa_out(singa_model), atol=1e-5)
+
+
+def test_unmerge_keeps_edits_made_while_merged(sg: Any) -> None:
+    """Issue 15, case 2 on SINGA: an unchanged weight is restored bit for bit; a weight
+    edited while merged keeps the edit (the adapters' delta is subtracted, with a warning)."""
+    import warnings
+
+    from singa import tensor
+
+    rng = np.random.default_rng(3)
+    weights = _big_mlp_weights(rng)
+    net = _toy(BIG_MLP, weights)
+    x = BIG_MLP.random_inputs(rng)
+    peft = get_peft_model(net, LoraConfig(target_modules=["fc1"], r=4, init_lora_weights=False), example_inputs=x)
+    layer = net.fc1
+    original = tensor.to_numpy(layer.base_layer.W).copy()
+    peft.merge_adapter()
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # an unchanged weight unmerges exactly, without a warning
+        peft.unmerge_adapter()
+    np.testing.assert_array_equal(tensor.to_numpy(layer.base_layer.W), original)
+
+    peft.merge_adapter()
+    merged = tensor.to_numpy(layer.base_layer.W)
+    edit = np.full_like(merged, 0.25)
+    layer.base_layer.W.copy_from_numpy(merged + edit)
+    with pytest.warns(UserWarning, match="changed while adapters"):
+        peft.unmerge_adapter()
+    np.testing.assert_allclose(tensor.to_numpy(layer.base_layer.W), original + edit, atol=1e-5)
+
+
+def test_bitfit_unmerge_keeps_edits_made_while_merged(sg: Any) -> None:
+    from singa import tensor
+
+    from peftcore import BitFitConfig
+
+    rng = np.random.default_rng(4)
+    net = _toy(BIG_MLP, _big_mlp_weights(rng))
+    x = BIG_MLP.random_inputs(rng)
+    peft = get_peft_model(net, BitFitConfig(target_modules=["fc1"]), example_inputs=x)
+    bias_layer = net.fc1
+    original = tensor.to_numpy(bias_layer.base_layer.b).copy()
+    peft.import_adapter("default", {"fc1.bias": (original + 1.0).astype(np.float32)})
+    peft.merge_adapter()
+    bias = bias_layer.base_layer.b
+    bias.copy_from_numpy(tensor.to_numpy(bias) + np.float32(0.5))
+    with pytest.warns(UserWarning, match="changed while adapters"):
+        peft.unmerge_adapter()
+    np.testing.assert_allclose(tensor.to_numpy(bias_layer.base_layer.b), original + 0.5, atol=1e-5)
+
+
+def test_safe_merge_checks_the_layers_current_dtype(sg: Any) -> None:
+    """Issue 15, case 4 on SINGA: safe_merge checks the dtype the layer has now, not the
+    one recorded when the model was wrapped: a delta that fits float32 but overflows
+    float16 is refused once the weight is float16, and nothing is changed."""
+    from singa import tensor
+
+    from peftcore.errors import AdapterError
+
+    rng = np.random.default_rng(6)
+    net = _toy(BIG_MLP, _big_mlp_weights(rng))
+    x = BIG_MLP.random_inputs(rng)
+    peft = get_peft_model(net, LoraConfig(target_modules=["fc1"], r=4, lora_alpha=4), example_inputs=x)
+    tensors = peft.export_adapter("default")
+    tensors = {k: np.full_like(v, 300.0) for k, v in tensors.items()}  # delta entries 4 * 300 * 300 = 3.6e5
+    peft.import_adapter("default", tensors)
+    base = net.fc1.base_layer
+    half = base.W.as_type(tensor.float16)
+    base.__dict__["W"] = half  # the weight is float16 now; the graph still says float32
+    assert net.fc1.weight_dtype() == "float16"
+    before = tensor.to_numpy(half).copy()
+    with pytest.raises(AdapterError, match="float16"):
+        peft.merge_adapter(safe_merge=True)
+    np.testing.assert_array_equal(tensor.to_numpy(base.W), before)
+    assert peft.merged_adapters == []

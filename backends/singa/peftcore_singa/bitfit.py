@@ -28,7 +28,7 @@ from singa import autograd, layer, tensor  # noqa: E402
 
 from peftcore.errors import AdapterError, PlanError  # noqa: E402
 from peftcore.methods.bitfit import TrainBias  # noqa: E402
-from peftcore_singa.layers import AdapterLayer, constant, copy_into, to_numpy  # noqa: E402
+from peftcore_singa.layers import AdapterLayer, constant, copy_into, digest, to_numpy, warn_changed_while_merged  # noqa: E402
 
 _LINEAR = (layer.Linear, layer.Gemm)
 #: Layers whose bias runs along axis 1 (channels), not the last axis.
@@ -153,6 +153,7 @@ class BiasAdapter(AdapterLayer):
             current = self._create_base_bias()
         copy_into(current, total)
         self.merged_adapters.extend(todo)
+        self.__dict__["_merge_digest"] = digest(current)
 
     def _create_base_bias(self) -> Any:
         """Give the ``Linear``/``Gemm`` base layer a (frozen) bias, as ``bias=True`` would."""
@@ -169,17 +170,29 @@ class BiasAdapter(AdapterLayer):
         return bias
 
     def unmerge(self) -> None:
+        """Put the bias back as it was (removing one that merge added), unless it changed
+        while merged: then subtract the adapters' change, with a warning, keeping the edit."""
         if not self.merged_adapters:
             return
         base = self.base_layer
-        if self._had_bias:
-            bias = base_bias(base)
+        bias = base_bias(base)
+        stamp = self.__dict__.get("_merge_digest")
+        if bias is not None and stamp is not None and stamp != digest(bias):
+            warn_changed_while_merged(self, "bias")
+            original = self._bias_before_merge
+            base_value = to_numpy(original).reshape(-1).astype(np.float64) if original is not None else 0.0
+            total = to_numpy(bias).reshape(-1).astype(np.float64)
+            for name in self.merged_adapters:
+                total = total - (to_numpy(self.bitfit_bias[name]).astype(np.float64) - base_value)
+            copy_into(bias, total)
+        elif self._had_bias:
             assert bias is not None and self._bias_before_merge is not None
             bias.copy_data(self._bias_before_merge)
         else:
             base.__dict__["b"] = None
             base.__dict__["bias"] = False
         self.__dict__["_bias_before_merge"] = None
+        self.__dict__["_merge_digest"] = None
         self.merged_adapters = []
 
     def unwrap(self, merge: bool) -> Any:

@@ -20,6 +20,8 @@ reference a recorded graph holds, stay valid.
 
 from __future__ import annotations
 
+import hashlib
+import warnings
 from typing import Any, Mapping, Optional, Sequence
 
 import numpy as np
@@ -56,6 +58,21 @@ def set_trainable_flags(t: Any, trainable: bool) -> None:
     ``stores_grad``; ``requires_grad`` lets backward skip frozen subgraphs."""
     t.stores_grad = bool(trainable)
     t.requires_grad = bool(trainable)
+
+
+def digest(t: Any) -> tuple[str, tuple[int, ...], bytes]:
+    """dtype, shape and a hash of a tensor's bits: equal exactly when its value is."""
+    array = np.ascontiguousarray(to_numpy(t))
+    return array.dtype.str, tuple(array.shape), hashlib.blake2b(array.tobytes(), digest_size=16).digest()
+
+
+def warn_changed_while_merged(layer: Any, what: str) -> None:
+    warnings.warn(
+        f"{type(layer).__name__} {layer.path!r}: the base {what} changed while adapters {layer.merged_adapters} "
+        "were merged; unmerging by subtracting their change, which keeps the edit but is not bit-exact",
+        UserWarning,
+        stacklevel=4,
+    )
 
 
 def constant(value: float, like: Any) -> Any:
@@ -184,24 +201,55 @@ class AdapterLayer(AdapterBookkeeping, layer.Layer):
 
     # -- merging --------------------------------------------------------------------------
     def merge(self, adapter_names: Sequence[str]) -> None:
+        """Fold adapters into the base weight, keeping the weight as it was for unmerge.
+        A weight changed since the last merge (found by its digest) is not restored from
+        that copy later: unmerge then subtracts the adapters' delta instead."""
         todo = [a for a in adapter_names if self.has_adapter(a) and a not in self.merged_adapters]
         if not todo:
             return
         weight = self.base_weight()
-        if self._unmerged_weight is None:
+        if not self.merged_adapters:
             self.__dict__["_unmerged_weight"] = weight.clone()
-        total = to_numpy(weight).astype(np.float32)
-        for name in todo:
-            total = total + self.delta_weight(name).astype(np.float32)
-        copy_into(weight, total)
+        elif not self._weight_unchanged():
+            self.__dict__["_unmerged_weight"] = None
+        try:
+            total = to_numpy(weight).astype(np.float32)
+            for name in todo:
+                total = total + self.delta_weight(name).astype(np.float32)
+            copy_into(weight, total)
+        except BaseException:
+            if not self.merged_adapters:  # no snapshot is left behind a failed first merge
+                self.__dict__["_unmerged_weight"] = None
+            raise
         self.merged_adapters.extend(todo)
+        self.__dict__["_merge_digest"] = digest(weight)
+
+    def _weight_unchanged(self) -> bool:
+        stamp = self.__dict__.get("_merge_digest")
+        return stamp is not None and stamp == digest(self.base_weight())
 
     def unmerge(self) -> None:
+        """Restore the weight exactly when it is what the last merge wrote; otherwise
+        subtract the merged adapters' delta (with a warning), keeping the edit."""
         if not self.merged_adapters:
+            self.__dict__["_unmerged_weight"] = None
             return
-        self.base_weight().copy_data(self._unmerged_weight)
+        weight = self.base_weight()
+        if self._unmerged_weight is not None and self._weight_unchanged():
+            weight.copy_data(self._unmerged_weight)
+        else:
+            warn_changed_while_merged(self, "weight")
+            total = to_numpy(weight).astype(np.float32)
+            for name in self.merged_adapters:
+                total = total - self.delta_weight(name).astype(np.float32)
+            copy_into(weight, total)
         self.__dict__["_unmerged_weight"] = None
+        self.__dict__["_merge_digest"] = None
         self.merged_adapters = []
+
+    def weight_dtype(self) -> str:
+        """The base weight's dtype now (``"float32"``...), for ``safe_merge``."""
+        return DTYPE_NAMES.get(self.base_weight().dtype, "float32")
 
     def unwrap(self, merge: bool) -> Any:
         """The base layer to put back in the model, with active adapters folded in if ``merge``."""
