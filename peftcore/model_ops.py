@@ -252,7 +252,7 @@ def set_batch_adapters(runtime: BackendRuntime, model: Any, adapter_names: Optio
         if involved and not routes:
             raise BackendError(
                 f"layer {path!r} ({type(layer).__name__}) cannot run a batch whose rows use different adapters; "
-                "only LoRA layers can"
+                "only LoRA and modules_to_save layers can"
             )
         if routes:
             routers.append(layer)

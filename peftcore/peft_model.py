@@ -99,19 +99,36 @@ class PeftModel(HFCompatMixin):
 
         ``adapter_names`` (Hugging Face PEFT's argument) gives one adapter name per row
         of the batch, ``"__base__"`` for the base model alone: each row runs through its
-        own adapter, whichever adapters are active. Merged adapters cannot be mixed.
+        own adapter, whichever adapters are active. Merged adapters cannot be mixed, and
+        (as in HF PEFT) a model in training mode refuses ``adapter_names``.
         """
         if adapter_names is None:
             return self.run_base_model(*args, **kwargs)
         first_input = args[0] if args else kwargs.get("input_ids", kwargs.get("inputs_embeds"))
+        return self.run_mixed_batch(self.run_base_model, adapter_names, first_input, args, kwargs)
+
+    def run_mixed_batch(
+        self,
+        call: Any,
+        adapter_names: Sequence[str],
+        first_input: Any,
+        args: Sequence[Any],
+        kwargs: dict[str, Any],
+        repeat: int = 1,
+    ) -> Any:
+        """``call(*args, **kwargs)`` with each row routed to the adapter ``adapter_names``
+        gives it (checked against ``first_input``'s rows); with ``repeat`` > 1 the model
+        sees each row repeated that many times in a row (``generate``'s beams)."""
         names = self._check_batch_adapters(adapter_names, first_input)
+        if repeat > 1:
+            names = [name for name in names for _ in range(repeat)]
         runtime, model = self.runtime, self.get_base_model()
         try:
             model_ops.set_batch_adapters(runtime, model, names)
         except NotImplementedError as exc:
             raise BackendError(str(exc)) from exc
         try:
-            return self.run_base_model(*args, **kwargs)
+            return call(*args, **kwargs)
         finally:
             model_ops.set_batch_adapters(runtime, model, None)
 
@@ -120,6 +137,8 @@ class PeftModel(HFCompatMixin):
         one per row of ``first_input`` when that has a shape."""
         if isinstance(adapter_names, str) or not all(isinstance(n, str) for n in adapter_names):
             raise AdapterError("adapter_names must be a list of adapter names, one per row of the batch")
+        if getattr(self.get_base_model(), "training", False) is True:
+            raise AdapterError("adapter_names cannot be passed while the model is in training mode; call eval() first")
         names = list(adapter_names)
         for name in dict.fromkeys(names):
             if name != BASE_ROW and name not in self.peft_config:

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import enum
 
-__all__ = ["TaskType", "TASK_TYPES"]
+__all__ = ["TaskType", "TASK_TYPES", "TRANSFORMERS_AUTO_CLASSES"]
 
 
 class TaskType(str, enum.Enum):
@@ -27,3 +27,14 @@ class TaskType(str, enum.Enum):
 
 
 TASK_TYPES: tuple[str, ...] = tuple(t.value for t in TaskType)
+
+#: task_type -> the name of the transformers auto class that builds its base model
+#: (``AutoPeftModel``, and the CLI's ``--model DIR``).
+TRANSFORMERS_AUTO_CLASSES: dict[str, str] = {
+    "CAUSAL_LM": "AutoModelForCausalLM",
+    "SEQ_CLS": "AutoModelForSequenceClassification",
+    "SEQ_2_SEQ_LM": "AutoModelForSeq2SeqLM",
+    "TOKEN_CLS": "AutoModelForTokenClassification",
+    "QUESTION_ANS": "AutoModelForQuestionAnswering",
+    "FEATURE_EXTRACTION": "AutoModel",
+}

@@ -23,6 +23,7 @@ import sys
 from typing import Optional, Sequence
 
 from peftcore.cli.models import (
+    adapter_task_type,
     add_config_arguments,
     add_model_arguments,
     build_config,
@@ -92,7 +93,7 @@ def cmd_convert(args: argparse.Namespace) -> int:
 
     config = build_config(args)
     plan = read_plan_file(args.plan) if args.plan else None
-    graph = describe(args, config)[2] if args.model else None
+    graph = describe(args, config, adapter_task_type(args.source))[2] if args.model else None
     adapter = convert(
         args.source, args.destination, args.to, graph=graph, config=config, plan=plan,
         adapter_name=args.adapter_name, overwrite=args.force,

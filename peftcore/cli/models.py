@@ -17,6 +17,7 @@ from peftcore.io import MAX_CONFIG_BYTES
 from peftcore.plan import RewritePlan
 from peftcore.plugins import Backend
 from peftcore.safe_files import read_bounded
+from peftcore.task_type import TRANSFORMERS_AUTO_CLASSES
 
 _LIST_FIELDS = ("target_modules", "exclude_modules", "modules_to_save")
 _REGEX_CHARS = "*.[]()|^$+?\\"
@@ -27,6 +28,11 @@ def add_model_arguments(parser: argparse.ArgumentParser, required: bool) -> None
     parser.add_argument(
         "--model", required=required, metavar="MODULE:FACTORY|DIR",
         help="a callable that builds the model (mypkg.models:build) or a local transformers model directory",
+    )
+    parser.add_argument(
+        "--model-class", metavar="NAME",
+        help="for a model directory: the transformers class to load it as (e.g. AutoModelForSequenceClassification; "
+        "default: from the adapter config's task_type, else the class its config.json names)",
     )
     parser.add_argument("--backend", help="backend name (default: the one that recognises the model)")
 
@@ -42,12 +48,16 @@ def add_config_arguments(parser: argparse.ArgumentParser, default_method: Option
     )
 
 
-def load_model(spec: str) -> Any:
+def load_model(spec: str, model_class: Optional[str] = None, task_type: Optional[str] = None) -> Any:
     """Build a model from ``module:factory`` (a callable returning the model, imported
-    with the current directory on ``sys.path``) or a local transformers model directory
-    (loaded as the class its ``config.json`` names, so layer paths match its adapters)."""
+    with the current directory on ``sys.path``) or a local transformers model directory,
+    loaded as ``model_class`` (a transformers class name), else as the auto class of
+    ``task_type`` (a SEQ_CLS adapter on a plain encoder folder gets its classifier head),
+    else as the class its ``config.json`` names, so layer paths match its adapters."""
     if os.path.isdir(spec):
-        return _load_model_dir(spec)
+        return _load_model_dir(spec, model_class, task_type)
+    if model_class is not None:
+        raise ConfigError("--model-class applies to a model directory, not to --model MODULE:FACTORY")
     module_name, sep, attr = spec.partition(":")
     if not sep or not module_name or not attr:
         raise ConfigError(f"--model must be MODULE:FACTORY or a model directory, got {spec!r}")
@@ -64,25 +74,37 @@ def load_model(spec: str) -> Any:
     return factory()
 
 
-def _load_model_dir(directory: str) -> Any:
+def _load_model_dir(directory: str, model_class: Optional[str], task_type: Optional[str]) -> Any:
     try:
         import transformers
     except ImportError as exc:
         raise ConfigError(f"loading the model directory {directory!r} needs transformers: {exc}") from None
+    model_cls = None
+    if model_class is not None:
+        model_cls = getattr(transformers, model_class, None)
+        if not (isinstance(model_cls, type) and hasattr(model_cls, "from_pretrained")):
+            raise ConfigError(f"--model-class {model_class!r} is not a transformers model class")
+    elif task_type is not None and str(task_type) in TRANSFORMERS_AUTO_CLASSES:
+        model_cls = getattr(transformers, TRANSFORMERS_AUTO_CLASSES[str(task_type)])
     try:
-        config = transformers.AutoConfig.from_pretrained(directory, local_files_only=True)
-        names = list(getattr(config, "architectures", None) or [])
-        model_cls = getattr(transformers, names[0], None) if names else None
+        if model_cls is None:
+            config = transformers.AutoConfig.from_pretrained(directory, local_files_only=True)
+            names = list(getattr(config, "architectures", None) or [])
+            model_cls = getattr(transformers, names[0], None) if names else None
         return (model_cls or transformers.AutoModel).from_pretrained(directory, local_files_only=True)
     except (OSError, ValueError) as exc:
         raise ConfigError(f"cannot load a transformers model from {directory!r}: {exc}") from None
 
 
-def describe(args: argparse.Namespace, config: Optional[PeftConfig] = None) -> tuple[Any, Backend, ModelGraph]:
-    """Build ``--model``, pick its backend and describe it."""
+def describe(
+    args: argparse.Namespace, config: Optional[PeftConfig] = None, task_type: Optional[str] = None
+) -> tuple[Any, Backend, ModelGraph]:
+    """Build ``--model`` (a directory as ``--model-class``, else as the task type of
+    ``config`` or ``task_type``), pick its backend and describe it."""
     from peftcore.plugins import get_plugin_manager
 
-    model = load_model(args.model)
+    task = (config.task_type if config is not None else None) or task_type
+    model = load_model(args.model, getattr(args, "model_class", None), None if task is None else str(task))
     backend = get_plugin_manager().select_backend(model, backend=args.backend, config=config)
     graph = backend.describe(model)
     if graph is None:
@@ -139,3 +161,17 @@ def read_plan_file(path: str) -> RewritePlan:
         return RewritePlan.from_json(text)
     except PeftCoreError as exc:  # name the file
         raise ConfigError(f"plan {path!r}: {exc}") from None
+
+
+def adapter_task_type(source: str) -> Optional[str]:
+    """The ``task_type`` in ``source``'s ``adapter_config.json`` (an adapter directory),
+    or None when it has none or cannot be read (the convert itself then says why)."""
+    path = os.path.join(source, "adapter_config.json")
+    if not os.path.isfile(path):
+        return None
+    try:
+        data = strict_json.loads(read_bounded(path, MAX_CONFIG_BYTES, "config").decode("utf-8"))
+    except (AdapterError, UnicodeDecodeError, ValueError):
+        return None
+    task = data.get("task_type") if isinstance(data, dict) else None
+    return task if isinstance(task, str) else None

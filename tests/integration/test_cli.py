@@ -169,6 +169,47 @@ def test_inspect_a_transformers_model_directory(tmp_path: Path, capsys: pytest.C
     assert "* 14 layers" in out
 
 
+def _tiny_bert_folder_and_seq_cls_adapter(tmp_path: Path) -> tuple[Path, Path]:
+    """A MiniLM-like folder saved as a plain ``BertModel`` (its config.json names no head)
+    and a SEQ_CLS LoRA adapter trained on ``BertForSequenceClassification`` (classifier saved)."""
+    transformers = pytest.importorskip("transformers")
+    import peftcore
+
+    config = transformers.BertConfig(vocab_size=40, hidden_size=16, num_hidden_layers=2, num_attention_heads=2,
+                                     intermediate_size=32, max_position_embeddings=32)
+    transformers.BertModel(config).save_pretrained(tmp_path / "minilm")
+    classifier = transformers.BertForSequenceClassification.from_pretrained(tmp_path / "minilm")
+    peft_model = peftcore.get_peft_model(
+        classifier, peftcore.LoraConfig(task_type="SEQ_CLS", r=2, target_modules=["query", "value"]))
+    peft_model.save_pretrained(tmp_path / "adapter")
+    return tmp_path / "minilm", tmp_path / "adapter"
+
+
+def test_a_seq_cls_adapter_on_a_plain_encoder_folder(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    folder, adapter = _tiny_bert_folder_and_seq_cls_adapter(tmp_path)
+    config = str(adapter / "adapter_config.json")
+    # the adapter's task_type picks the class: the classifier head is there, and saved in full
+    status, out, err = cli(capsys, "inspect", "--model", str(folder), "--config", config)
+    assert status == 0, err
+    assert out.splitlines()[1].startswith("BertForSequenceClassification")
+    assert "classifier" in out
+    # --model-class overrides it; the class config.json names is the default without a task type
+    status, out, err = cli(capsys, "inspect", "--model", str(folder), "--model-class", "BertForTokenClassification",
+                           "--config", config)
+    assert status == 0, err
+    assert out.splitlines()[1].startswith("BertForTokenClassification")
+    status, out, err = cli(capsys, "inspect", "--model", str(folder))
+    assert status == 0, err
+    assert out.splitlines()[1].startswith("BertModel")
+    status, out, err = cli(capsys, "inspect", "--model", str(folder), "--model-class", "NoSuchModel")
+    assert status == 2 and "'NoSuchModel' is not a transformers model class" in err
+    # convert reads the task type from the adapter it converts
+    status, out, err = cli(capsys, "convert", str(adapter), str(tmp_path / "hf"), "--to", "hf", "--model", str(folder))
+    assert status == 0, err
+    assert (tmp_path / "hf" / "adapter_model.safetensors").is_file()
+    assert "classifier" in out
+
+
 def test_inspect_ascii_tree_and_bad_depth(capsys: pytest.CaptureFixture) -> None:
     graph = ModelGraph(layers=(
         LayerNode("enc", "container"),

@@ -5,7 +5,9 @@ Every row of a mixed batch must equal that row run alone with its adapter active
 each route the torch layers take: for inference, folding each adapter into a temporary
 weight (long batches whose rows are grouped by adapter) or adding every row's update at
 once from stacked factors; under autograd (and for embeddings), adding each adapter's
-update on its rows. On GPT-2 (``Conv1D``), Linear and Embedding layers.
+update on its rows. On GPT-2 (``Conv1D``), Linear and Embedding layers; ``modules_to_save``
+copies route rows too, ``generate(adapter_names=...)`` decodes each row through its own
+adapter, and a model in training mode refuses ``adapter_names``, all as in HF PEFT.
 """
 
 from __future__ import annotations
@@ -219,12 +221,126 @@ def test_merged_adapters_cannot_be_mixed() -> None:
 
 
 def test_a_layer_that_cannot_route_rows_is_refused_and_nothing_is_routed() -> None:
-    model = mlp()
-    peft_model = peftcore.get_peft_model(model, lora(["1"], modules_to_save=["3"]), adapter_name="one")
-    peft_model.add_adapter("two", lora(["1"]))
+    peft_model = peftcore.get_peft_model(mlp(), lora(["1"]), adapter_name="one")
+    peft_model.add_adapter("two", peftcore.BitFitConfig(target_modules=["3"]))
     with pytest.raises(BackendError, match=r"'3'.*cannot run a batch whose rows use different adapters"):
         peft_model(torch.zeros(2, 3, dtype=torch.long), adapter_names=["one", "two"])
     assert peft_model.model[1].batch_routing is None
+
+
+def test_adapter_names_in_training_mode_is_refused_as_hf_does() -> None:
+    peft_model = with_adapters(mlp(), ["1"]).train()
+    with pytest.raises(ValueError, match="training mode"):
+        peft_model(torch.zeros(2, 3, dtype=torch.long), adapter_names=["one", "two"])
+    assert peft_model.model[1].batch_routing is None
+    peft_model.eval()
+    peft_model(torch.zeros(2, 3, dtype=torch.long), adapter_names=["one", "two"])
+
+
+# -- modules_to_save ----------------------------------------------------------------------
+def _saved_copies_differ(peft_model: Any) -> None:
+    """Give each adapter's copy of the saved module (``mlp()[3]``) its own weights."""
+    with torch.no_grad():
+        for i, copy in enumerate(peft_model.model[3].copies.values()):
+            copy.weight.add_(0.1 * (i + 1))
+
+
+@pytest.mark.parametrize("names", [["two", "__base__", "one", "two"], ["one", "one", "two", "two"], ["two"] * 4],
+                         ids=["interleaved", "grouped", "one adapter"])
+def test_modules_to_save_route_each_row_to_its_adapters_copy(names: List[str]) -> None:
+    peft_model = peftcore.get_peft_model(mlp(), lora(["1"], modules_to_save=["3"]), adapter_name="one")
+    peft_model.add_adapter("two", lora(["1"], modules_to_save=["3"]))
+    _saved_copies_differ(peft_model)
+    tokens = torch.randint(0, VOCAB, (4, 5), generator=torch.Generator().manual_seed(6))
+    with torch.no_grad():
+        mixed = outputs(peft_model, tokens, adapter_names=names)
+        expected = one_by_one(peft_model, tokens, names)
+    torch.testing.assert_close(mixed, expected, atol=ATOL, rtol=1e-4)
+    assert peft_model.model[3].batch_routing is None
+
+
+def test_an_adapter_without_a_saved_copy_runs_the_original_module_on_its_rows() -> None:
+    peft_model = peftcore.get_peft_model(mlp(), lora(["1"], modules_to_save=["3"]), adapter_name="one")
+    peft_model.add_adapter("two", lora(["1"]))  # no copy of "3": its rows use the original
+    _saved_copies_differ(peft_model)
+    tokens = torch.randint(0, VOCAB, (3, 4), generator=torch.Generator().manual_seed(7))
+    names = ["two", "one", "__base__"]
+    with torch.no_grad():
+        torch.testing.assert_close(outputs(peft_model, tokens, adapter_names=names),
+                                   one_by_one(peft_model, tokens, names), atol=ATOL, rtol=1e-4)
+
+
+def test_modules_to_save_mixed_batches_agree_with_hf_peft(tmp_path: Path) -> None:
+    peft = pytest.importorskip("peft")
+    ours = peftcore.get_peft_model(gpt2(), lora(["c_attn"], modules_to_save=["lm_head"]), adapter_name="one")
+    ours.add_adapter("two", lora(["c_attn"], r=2, modules_to_save=["lm_head"]))
+    with torch.no_grad():
+        for i, copy in enumerate(ours.base_model.model.lm_head.copies.values()):
+            copy.weight.mul_(1.0 + 0.5 * (i + 1))
+    ours.save_pretrained(tmp_path)
+    theirs = peft.PeftModel.from_pretrained(gpt2(), tmp_path / "one", adapter_name="one")
+    theirs.load_adapter(tmp_path / "two", adapter_name="two")
+    theirs.eval()
+    tokens = torch.randint(0, VOCAB, (4, 6), generator=torch.Generator().manual_seed(8))
+    names = ["two", "__base__", "one", "two"]
+    with torch.no_grad(), warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        expected = theirs(input_ids=tokens, adapter_names=names).logits
+        got = ours(input_ids=tokens, adapter_names=names).logits
+        alone = one_by_one(ours, tokens, names)
+    torch.testing.assert_close(got, expected, atol=1e-4, rtol=1e-4)
+    torch.testing.assert_close(got, alone, atol=ATOL, rtol=1e-4)
+
+
+# -- generate -----------------------------------------------------------------------------
+def _generate_alone(peft_model: Any, tokens: Any, names: List[str], **kwargs: Any) -> List[Any]:
+    rows = []
+    for row, name in enumerate(names):
+        if name == "__base__":
+            with peft_model.disable_adapter():
+                rows.append(peft_model.generate(tokens[row:row + 1], **kwargs))
+        else:
+            peft_model.set_adapter(name)
+            rows.append(peft_model.generate(tokens[row:row + 1], **kwargs))
+    peft_model.set_adapter(ADAPTERS[0])
+    return rows
+
+
+@pytest.mark.parametrize("beams", [1, 2], ids=["greedy", "beam search"])
+def test_generate_decodes_each_row_through_its_own_adapter(beams: int) -> None:
+    peft_model = with_adapters(gpt2(), ["c_attn", "c_proj", "c_fc"])
+    with torch.no_grad():  # larger factors, so that the adapters pick different tokens
+        for name, param in peft_model.named_parameters():
+            if "lora_B" in name:
+                param.mul_(20.0)
+    tokens = torch.randint(1, VOCAB, (4, 5), generator=torch.Generator().manual_seed(9))
+    names = ["three", "__base__", "one", "two"]
+    kwargs = dict(max_new_tokens=6, do_sample=False, num_beams=beams, pad_token_id=0,
+                  attention_mask=torch.ones_like(tokens))
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        mixed = peft_model.generate(tokens, adapter_names=names, **kwargs)
+        kwargs["attention_mask"] = torch.ones_like(tokens[:1])
+        alone = _generate_alone(peft_model, tokens, names, **kwargs)
+        plain = peft_model.generate(tokens, **{**kwargs, "attention_mask": torch.ones_like(tokens)})
+    assert mixed.shape[0] == 4
+    for row, expected in enumerate(alone):
+        assert torch.equal(mixed[row, : expected.shape[1]], expected[0]), f"row {row} ({names[row]})"
+    assert len({tuple(row.tolist()) for row in mixed}) > 1, "the adapters must decode differently"
+    assert not torch.equal(mixed, plain), "rows other than adapter 'one' decode differently from 'one'"
+    for layer in peft_model.modules():
+        if hasattr(layer, "batch_routing"):
+            assert layer.batch_routing is None
+
+
+def test_generate_checks_adapter_names_as_forward_does() -> None:
+    peft_model = with_adapters(gpt2(), ["c_attn"])
+    tokens = torch.randint(1, VOCAB, (2, 3))
+    with pytest.raises(AdapterError, match="2 rows"):
+        peft_model.generate(tokens, adapter_names=["one"], max_new_tokens=2, pad_token_id=0)
+    peft_model.train()
+    with pytest.raises(ValueError, match="training mode"):
+        peft_model.generate(tokens, adapter_names=["one", "two"], max_new_tokens=2, pad_token_id=0)
 
 
 def test_a_backend_without_row_routing_says_so(monkeypatch: pytest.MonkeyPatch) -> None:

@@ -17,6 +17,7 @@ from peftcore.config import PeftConfig
 from peftcore.errors import AdapterError
 from peftcore.io import DEFAULT_ADAPTER, read_adapter
 from peftcore.peft_model import PeftModel
+from peftcore.task_type import TRANSFORMERS_AUTO_CLASSES
 
 __all__ = [
     "AutoPeftModel",
@@ -29,14 +30,7 @@ __all__ = [
 ]
 
 #: task_type -> the transformers auto class that builds its base model.
-TASK_AUTO_CLASSES = {
-    "CAUSAL_LM": "AutoModelForCausalLM",
-    "SEQ_CLS": "AutoModelForSequenceClassification",
-    "SEQ_2_SEQ_LM": "AutoModelForSeq2SeqLM",
-    "TOKEN_CLS": "AutoModelForTokenClassification",
-    "QUESTION_ANS": "AutoModelForQuestionAnswering",
-    "FEATURE_EXTRACTION": "AutoModel",
-}
+TASK_AUTO_CLASSES = dict(TRANSFORMERS_AUTO_CLASSES)
 
 #: keywords ``from_pretrained`` passes on to ``PeftModel.from_pretrained`` rather than transformers.
 _ADAPTER_KWARGS = ("torch_device", "autocast_adapter_dtype", "low_cpu_mem_usage", "ephemeral_gpu_offload", "strict")

@@ -1,16 +1,23 @@
-"""``modules_to_save``: a full trainable copy of a module per adapter."""
+"""``modules_to_save``: a full trainable copy of a module per adapter.
+
+In a mixed-adapter batch (``adapter_names=[...]``) each adapter's rows run through that
+adapter's copy and the other rows (``"__base__"``, or an adapter without a copy here)
+through the original module, as in Hugging Face PEFT: one call per adapter, never per
+row, the results copied into their rows.
+"""
 
 from __future__ import annotations
 
 import copy
-from typing import Any, Mapping
+from typing import Any, Mapping, Optional
 
 import torch
 from torch import nn
 
-from peftcore.errors import AdapterError
+from peftcore.errors import AdapterError, BackendError
 from peftcore.plan import SaveModule
 from peftcore_torch.layers import AdapterLayer
+from peftcore_torch.row_routing import RowRouting, route_layer, routing_for
 from peftcore_torch.walk import is_conv1d
 
 
@@ -32,9 +39,56 @@ class SavedModule(AdapterLayer):
         self.copies[adapter_name] = clone
 
     def forward(self, *args: Any, **kwargs: Any) -> Any:
+        routing = routing_for(self)
+        if routing is not None and not self.disabled:
+            return self._routed_forward(routing, *args, **kwargs)
         running = self.adapters_to_run()
         module = self.copies[running[0]] if running else self.base_layer
         return module(*args, **kwargs)
+
+    # -- mixed-adapter batches --------------------------------------------------------
+    def routes_rows(self) -> bool:
+        """This layer's forward routes rows (a subclass with its own forward does not)."""
+        return type(self).forward is SavedModule.forward
+
+    def set_batch_adapters(self, routing: Optional[RowRouting]) -> None:
+        """Route each row of the next forward passes to its adapter's copy (None: stop)."""
+        if routing is not None and not self.routes_rows():
+            raise BackendError(f"{type(self).__name__} cannot run a batch whose rows use different adapters")
+        route_layer(self, routing)
+
+    @property
+    def batch_routing(self) -> Optional[RowRouting]:
+        """The routing of the mixed-adapter call running in this thread, if any."""
+        return routing_for(self)
+
+    def _routed_forward(self, routing: RowRouting, *args: Any, **kwargs: Any) -> Any:
+        """One call per adapter on its rows of the first argument (a batch-first tensor)."""
+        x = args[0] if args else None
+        if not isinstance(x, torch.Tensor) or x.dim() == 0:
+            raise BackendError(
+                f"a mixed-adapter batch needs the batch as the first argument of the saved module "
+                f"({type(self.base_layer).__name__}), a tensor with one row per adapter name"
+            )
+        groups = routing.groups_for(self.copies, int(x.shape[0]))
+        rest = routing.rows_outside(groups)
+        parts: list[tuple[tuple[int, ...], nn.Module]] = [(rows, self.copies[name]) for name, rows in groups.items()]
+        if rest:
+            parts.append((rest, self.base_layer))
+        if len(parts) == 1:  # every row runs the same module
+            return parts[0][1](*args, **kwargs)
+        out: Optional[torch.Tensor] = None
+        for rows, module in parts:
+            index = routing.index(rows, x.device)
+            part = module(x.index_select(0, index), *args[1:], **kwargs)
+            if not isinstance(part, torch.Tensor):
+                raise BackendError(
+                    f"a mixed-adapter batch needs the saved module ({type(self.base_layer).__name__}) to return a tensor"
+                )
+            if out is None:
+                out = part.new_empty((int(x.shape[0]), *part.shape[1:]))
+            out = out.index_copy(0, index, part) if torch.is_grad_enabled() else out.index_copy_(0, index, part)
+        return out
 
     def _named(self, adapter_name: str) -> dict[str, tuple[nn.Module, str]]:
         found = {}

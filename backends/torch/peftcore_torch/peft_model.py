@@ -18,6 +18,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from peftcore.errors import AdapterError
 from peftcore.graph import ModelGraph
 from peftcore.peft_model import PeftModel
 from peftcore_torch.trainer_integration import enable_if_transformers_loaded
@@ -95,6 +96,26 @@ class TorchPeftModel(PeftModel, nn.Module):
     def get_base_model(self) -> nn.Module:
         """The adapted model (HF PEFT's ``get_base_model()``)."""
         return self.base_model.model
+
+    def generate(self, *args: Any, adapter_names: Optional[list[str]] = None, **kwargs: Any) -> Any:
+        """The adapted model's ``generate``; with ``adapter_names`` (one per input row,
+        ``"__base__"`` for none, as in HF PEFT) each row is decoded through its own
+        adapter. Beams and ``num_return_sequences`` repeat each row's adapter for its
+        copies; an encoder-decoder model takes ``adapter_names`` only without them."""
+        model: Any = self.get_base_model()
+        if adapter_names is None:
+            return model.generate(*args, **kwargs)
+        first_input = args[0] if args else kwargs.get("input_ids", kwargs.get("inputs_embeds"))
+        generation_config = kwargs.get("generation_config") or getattr(model, "generation_config", None)
+        num_beams = int(kwargs.get("num_beams") or getattr(generation_config, "num_beams", 1) or 1)
+        copies = int(kwargs.get("num_return_sequences") or getattr(generation_config, "num_return_sequences", 1) or 1)
+        repeat = num_beams if num_beams > 1 else copies
+        if repeat > 1 and getattr(getattr(model, "config", None), "is_encoder_decoder", False):
+            raise AdapterError(
+                "generate(adapter_names=...) on an encoder-decoder model does not support num_beams or "
+                "num_return_sequences > 1 yet"
+            )
+        return self.run_mixed_batch(model.generate, adapter_names, first_input, args, kwargs, repeat=repeat)
 
     def _set_base_weights(self, weights: Any) -> None:
         """Copy full weight matrices (path -> numpy) into the base layers at those paths
