@@ -1,0 +1,240 @@
+"""Saving and loading adapter directories: the files half of every PeftModel.
+
+:class:`AdapterFilesMixin` gives :class:`~peftcore.peft_model.PeftModel` its
+``save_pretrained`` and ``load_adapter`` (``from_pretrained``, which builds the native
+shell, stays with the PeftModel). Every name is checked before anything is written,
+every tensor before the model is touched; HF PEFT's keyword arguments are accepted with
+HF's meaning or refused as a ``TypeError``.
+"""
+
+from __future__ import annotations
+
+import os
+import warnings
+from typing import Any, Mapping, Optional, Protocol, Sequence, Union
+
+from peftcore import model_ops
+from peftcore.config import PeftConfig
+from peftcore.errors import AdapterError
+from peftcore.graph import ModelGraph
+from peftcore.hf_compat import check_hf_save_arguments, split_embedding_layers, write_model_card
+from peftcore.io import WEIGHTS_NAME, AdapterFiles, adapter_save_dirs, match_tensors, read_adapter, save_adapter
+from peftcore.plan import RewritePlan, check_plan_fits
+from peftcore.runtime import BackendRuntime
+
+
+class _PeftModelState(Protocol):
+    """What the files half uses of the PeftModel it is mixed into."""
+
+    backend_name: str
+    graph: Optional[ModelGraph]
+    peft_config: dict[str, PeftConfig]
+    plans: dict[str, RewritePlan]
+    active_adapters: list[str]
+    _merged: list[str]
+
+    @property
+    def runtime(self) -> BackendRuntime: ...
+
+    def get_base_model(self) -> Any: ...
+
+    def add_adapter(self, adapter_name: str, peft_config: PeftConfig, plan: Optional[RewritePlan] = None) -> Any: ...
+
+    def delete_adapter(self, adapter_name: str) -> None: ...
+
+    def export_adapter(self, adapter_name: str) -> dict[str, Any]: ...
+
+    def import_adapter(self, adapter_name: str, tensors: Mapping[str, Any]) -> None: ...
+
+    def _require(self, adapter_name: str) -> None: ...
+
+    def _unmerge_unless_active(self, names: Sequence[str], operation: str) -> None: ...
+
+    def _reload_from_files(
+        self, files: AdapterFiles, adapter_name: str, is_trainable: bool, strict: bool, allow_non_finite: bool = False
+    ) -> None: ...
+
+    def _add_from_files(
+        self, files: AdapterFiles, adapter_name: str, is_trainable: bool, strict: bool, allow_non_finite: bool = False
+    ) -> None: ...
+
+    def _layer_dtypes(self) -> dict[str, str]: ...
+
+    def _load_embedding_layers(self, weights: Mapping[str, Any]) -> None: ...
+
+
+class AdapterFilesMixin:
+    """``save_pretrained`` and ``load_adapter`` (see the module docstring)."""
+
+    def save_pretrained(
+        self: _PeftModelState,
+        save_directory: Union[str, os.PathLike],
+        safe_serialization: bool = True,
+        selected_adapters: Optional[Sequence[str]] = None,
+        save_embedding_layers: Union[str, bool] = "auto",
+        is_main_process: bool = True,
+        **kwargs: Any,
+    ) -> None:
+        """Save adapters: ``default`` at the top of the directory, others in a subfolder
+        each, and a model card (``README.md``), as HF PEFT does.
+
+        HF PEFT's arguments: ``safe_serialization`` (peftcore always writes safetensors;
+        False warns), ``save_embedding_layers`` (peftcore adapters hold no resized
+        embeddings: True warns that there is nothing to add), ``is_main_process`` (False
+        writes nothing), and ``state_dict`` among ``kwargs`` (accepted and ignored, as the
+        tensors are read from the model; ``transformers.Trainer`` passes it)."""
+        if isinstance(safe_serialization, (list, tuple)):  # the old positional selected_adapters
+            selected_adapters, safe_serialization = safe_serialization, True
+        unknown = sorted(set(kwargs) - {"state_dict", "convert_pissa_to_lora", "path_initial_model_for_weight_conversion"})
+        if unknown:
+            raise TypeError(f"save_pretrained() got unexpected keyword argument(s) {', '.join(map(repr, unknown))}")
+        check_hf_save_arguments(safe_serialization, save_embedding_layers)
+        names = list(selected_adapters) if selected_adapters is not None else list(self.peft_config)
+        for name in names:
+            self._require(name)
+        if self._merged:
+            raise AdapterError(f"adapters {self._merged} are merged; unmerge_adapter() before saving")
+        if not is_main_process:
+            return
+        targets = adapter_save_dirs(os.fspath(save_directory), names)  # every name checked before any write
+        for name in names:
+            tensors = self.export_adapter(name)
+            save_adapter(targets[name], self.peft_config[name], self.plans[name], tensors)
+        if names:
+            write_model_card(os.fspath(save_directory), self)
+
+    def load_adapter(
+        self: _PeftModelState,
+        model_id: Union[str, os.PathLike],
+        adapter_name: str,
+        is_trainable: bool = False,
+        strict: bool = True,
+        **kwargs: Any,
+    ) -> None:
+        """Load a saved adapter from a directory and add it under ``adapter_name``.
+
+        The adapter's stored plan is re-applied as saved (an HF PEFT adapter, which has
+        none, is planned from its config). Every tensor is checked before the model is
+        touched; unexpected tensors are an error unless ``strict=False``. When
+        ``adapter_name`` exists already with the same plan (``transformers.Trainer``
+        resuming a checkpoint), its tensors are replaced in place, as HF PEFT does.
+        HF PEFT's ``torch_device``, ``autocast_adapter_dtype``, ``low_cpu_mem_usage``,
+        ``ephemeral_gpu_offload`` and hub arguments are accepted (see ``from_pretrained``).
+        """
+        allow_non_finite = bool(kwargs.pop("allow_non_finite", False))
+        files = read_adapter(adapter_dir(model_id, kwargs))
+        if adapter_name in self.peft_config:
+            if adapter_name in self._merged:  # new tensors must not sit under a stale merge
+                self._unmerge_unless_active([], "load_adapter")
+            self._reload_from_files(files, adapter_name, is_trainable, strict, allow_non_finite)
+        else:
+            self._add_from_files(files, adapter_name, is_trainable, strict, allow_non_finite)
+        to_device(self, kwargs.get("torch_device"))
+
+    def _reload_from_files(
+        self: _PeftModelState,
+        files: AdapterFiles,
+        adapter_name: str,
+        is_trainable: bool,
+        strict: bool,
+        allow_non_finite: bool = False,
+    ) -> None:
+        assert self.graph is not None
+        current = self.plans[adapter_name]
+        plan = files.plan.with_adapter_name(adapter_name) if files.plan else files.config.loading_plan(self.graph, adapter_name)
+        if plan.ops != current.ops:
+            raise AdapterError(
+                f"{files.directory}: adapter {adapter_name!r} exists with another plan; delete_adapter() it first "
+                "or load under another name"
+            )
+        tensors = match_tensors(
+            plan, files.tensors, os.path.join(files.directory, WEIGHTS_NAME), strict,
+            allow_non_finite=allow_non_finite, dtypes=self._layer_dtypes(),
+        )
+        self.import_adapter(adapter_name, tensors)
+        self.peft_config[adapter_name] = self.peft_config[adapter_name].replace(inference_mode=not is_trainable)
+        model_ops.set_trainable(
+            self.runtime, self.get_base_model(), adapter_name, is_trainable and adapter_name in self.active_adapters
+        )
+
+    def _layer_dtypes(self: _PeftModelState) -> dict[str, str]:
+        """Each layer's dtype as it is now: the graph's, updated from the adapter layers."""
+        assert self.graph is not None
+        recorded = {node.path: node.dtype for node in self.graph.layers if node.dtype}
+        return {**recorded, **model_ops.layer_dtypes(self.runtime, self.get_base_model())}
+
+    def _add_from_files(
+        self: _PeftModelState,
+        files: AdapterFiles,
+        adapter_name: str,
+        is_trainable: bool,
+        strict: bool,
+        allow_non_finite: bool = False,
+    ) -> None:
+        if self.graph is None:
+            raise AdapterError(
+                f"cannot load {files.directory!r} yet: the model's layers do not know their shapes; run one forward "
+                "pass (or compile) first, or pass example_inputs"
+            )
+        config = files.config.replace(inference_mode=not is_trainable)
+        plan = files.plan.with_adapter_name(adapter_name) if files.plan else config.loading_plan(self.graph, adapter_name)
+        check_plan_fits(plan, self.graph, files.directory)
+        weights_path = os.path.join(files.directory, WEIGHTS_NAME)
+        adapter_tensors, embeddings = split_embedding_layers(files.tensors, self.graph, plan, weights_path)
+        tensors = match_tensors(
+            plan, adapter_tensors, weights_path, strict, allow_non_finite=allow_non_finite, dtypes=self._layer_dtypes()
+        )
+        self.add_adapter(adapter_name, config, plan=plan)
+        try:
+            self.import_adapter(adapter_name, tensors)
+            if embeddings:
+                self._load_embedding_layers(embeddings)
+        except BaseException:
+            self.delete_adapter(adapter_name)
+            raise
+
+    def _load_embedding_layers(self: _PeftModelState, weights: Mapping[str, Any]) -> None:
+        """Copy the embedding matrices an HF PEFT adapter saved (``save_embedding_layers``)
+        into the base model's embedding layers, as HF PEFT does. A shell that can
+        provides ``_set_base_weights(path -> numpy array)``; otherwise they are ignored
+        with a warning."""
+        setter = getattr(self, "_set_base_weights", None)
+        if setter is None:
+            warnings.warn(
+                f"the adapter holds embedding matrices for {sorted(weights)} (HF PEFT's save_embedding_layers); "
+                f"backend {self.backend_name!r} cannot load base weights, so they are ignored",
+                UserWarning,
+                stacklevel=3,
+            )
+            return
+        setter(weights)
+
+
+#: HF PEFT's loading keywords that change nothing for a local directory in peftcore.
+_NEUTRAL_LOAD_KWARGS = frozenset(
+    {"autocast_adapter_dtype", "low_cpu_mem_usage", "ephemeral_gpu_offload", "revision", "cache_dir", "token",
+     "use_auth_token", "local_files_only", "force_download", "key_mapping", "torch_device", "subfolder"}
+)
+
+
+def adapter_dir(model_id: Union[str, os.PathLike], kwargs: Mapping[str, Any]) -> str:
+    """The local adapter directory for HF PEFT's ``model_id`` (+ ``subfolder``); refuses
+    keywords HF PEFT does not take (as a ``TypeError``) and a ``key_mapping``."""
+    unknown = sorted(set(kwargs) - _NEUTRAL_LOAD_KWARGS)
+    if unknown:
+        raise TypeError(f"unexpected keyword argument(s) {', '.join(map(repr, unknown))}")
+    if kwargs.get("key_mapping"):
+        raise AdapterError("key_mapping is not supported: peftcore reads HF PEFT's key names as saved")
+    directory = os.fspath(model_id)
+    if kwargs.get("subfolder"):
+        directory = os.path.join(directory, kwargs["subfolder"])
+    return directory
+
+
+def to_device(peft_model: Any, device: Any) -> None:
+    if device is None:
+        return
+    move = getattr(peft_model, "to", None)
+    if not callable(move):
+        raise AdapterError(f"torch_device={device!r}: this backend's model has no .to(); place it yourself")
+    move(device)
