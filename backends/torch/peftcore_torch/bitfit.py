@@ -10,7 +10,6 @@ exactly.
 
 from __future__ import annotations
 
-import warnings
 from typing import Any, Optional
 
 import torch
@@ -18,7 +17,7 @@ from torch import nn
 
 from peftcore.errors import AdapterError
 from peftcore.methods.bitfit import TrainBias
-from peftcore_torch.layers import AdapterLayer, _same_tensor_state, _weight_stamp
+from peftcore_torch.layers import AdapterLayer, _same_tensor_state, _weight_stamp, warn_changed_while_merged
 
 #: Layers whose bias runs along dimension 1 (channels), not the last dimension.
 _CHANNEL_FIRST = (
@@ -131,12 +130,7 @@ class BiasAdapter(AdapterLayer):
                 if stamp is not None and _same_tensor_state(bias, stamp):
                     bias.copy_(self._bias_before_merge)
                 else:  # changed while merged: keep the change, take the adapters' out
-                    warnings.warn(
-                        f"{type(self).__name__}: the base bias changed while adapters {self.merged_adapters} were "
-                        "merged; unmerging by subtracting their change, which keeps the edit but is not bit-exact",
-                        UserWarning,
-                        stacklevel=2,
-                    )
+                    warn_changed_while_merged(self, "bias")
                     total = bias.detach().to(torch.float32)
                     for name in self.merged_adapters:
                         total = total - self._change(name, self._bias_before_merge).detach().to(torch.float32)

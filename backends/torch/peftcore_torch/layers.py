@@ -134,12 +134,7 @@ class AdapterLayer(AdapterBookkeeping, nn.Module):
             if self._unmerged_weight is not None and (unstamped or self._weight_unchanged()):
                 weight.copy_(self._unmerged_weight)
             else:
-                warnings.warn(
-                    f"{type(self).__name__}: the base weight changed while adapters {self.merged_adapters} were "
-                    "merged; unmerging by subtracting their delta, which keeps the change but is not bit-exact",
-                    UserWarning,
-                    stacklevel=2,
-                )
+                warn_changed_while_merged(self, "weight")
                 total = weight.detach().to(torch.float32)
                 for name in self.merged_adapters:
                     total = total - self.delta_weight(name).to(device=total.device, dtype=torch.float32)
@@ -162,6 +157,17 @@ class AdapterLayer(AdapterBookkeeping, nn.Module):
                 f"plan op for {op.path!r} expects {op.in_features} -> {op.out_features} features, "
                 f"the layer has {in_features} -> {out_features}"
             )
+
+
+def warn_changed_while_merged(layer: AdapterLayer, what: str) -> None:
+    """Warn that unmerge subtracts the adapters' change from a base ``what`` (weight,
+    bias) edited while they were merged, instead of restoring the saved original."""
+    warnings.warn(
+        f"{type(layer).__name__}: the base {what} changed while adapters {layer.merged_adapters} were merged; "
+        "unmerging by subtracting their change, which keeps the edit but is not bit-exact",
+        UserWarning,
+        stacklevel=4,
+    )
 
 
 _FINGERPRINT_CHUNK = 1 << 20

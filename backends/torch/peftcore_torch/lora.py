@@ -24,18 +24,16 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from peftcore.errors import AdapterError, BackendError
+from peftcore.errors import AdapterError
 from peftcore.methods.lora import AddLora
 from peftcore_torch.layers import AdapterLayer
 from peftcore_torch.lora_kernels import can_fuse, folding_pays, fused_lora_linear, has_hooks, merged_weight
 from peftcore_torch.row_routing import (
-    RowRouting,
+    RoutesRows,
     add_row_updates,
     add_stacked_row_updates,
     contiguous_groups,
-    route_layer,
     routed_folded_linear,
-    routing_for,
 )
 from peftcore_torch.walk import is_conv1d
 
@@ -68,7 +66,7 @@ class FactorDict(nn.ModuleDict):
         super().__setitem__(key, LoraFactor(value) if isinstance(value, nn.Parameter) else value)
 
 
-class _LoraMixin(AdapterLayer):
+class _LoraMixin(RoutesRows, AdapterLayer):
     adapter_tensor_names: ClassVar[tuple] = ("lora_A", "lora_B")
     lora_A: Any
     lora_B: Any
@@ -114,18 +112,6 @@ class _LoraMixin(AdapterLayer):
         """Whether this layer's forward routes rows to their adapters (a subclass with
         its own forward does not, unless it says so)."""
         return type(self).forward in (LoraLinear.forward, LoraEmbedding.forward)
-
-    def set_batch_adapters(self, routing: Optional[RowRouting]) -> None:
-        """Route each row of the next forward passes to its own adapter (None: stop)."""
-        if routing is not None and not self.routes_rows():
-            raise BackendError(f"{type(self).__name__} cannot run a batch whose rows use different adapters")
-        route_layer(self, routing)
-
-    @property
-    def batch_routing(self) -> Optional[RowRouting]:
-        """The routing of the mixed-adapter call running in this thread, if this layer
-        takes part (kept per call in a context variable, never on the layer)."""
-        return routing_for(self)
 
     def _row_groups(self, x: torch.Tensor) -> Optional[dict[str, tuple[int, ...]]]:
         """``{adapter: rows}`` for a mixed-adapter batch, None when not routing rows.

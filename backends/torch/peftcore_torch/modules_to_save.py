@@ -17,11 +17,11 @@ from torch import nn
 from peftcore.errors import AdapterError, BackendError
 from peftcore.plan import SaveModule
 from peftcore_torch.layers import AdapterLayer
-from peftcore_torch.row_routing import RowRouting, route_layer, routing_for
+from peftcore_torch.row_routing import RoutesRows, RowRouting
 from peftcore_torch.walk import is_conv1d
 
 
-class SavedModule(AdapterLayer):
+class SavedModule(RoutesRows, AdapterLayer):
     """Runs the first active adapter's copy of the module, or the original when none."""
 
     def __init__(self, base_layer: nn.Module) -> None:
@@ -39,7 +39,7 @@ class SavedModule(AdapterLayer):
         self.copies[adapter_name] = clone
 
     def forward(self, *args: Any, **kwargs: Any) -> Any:
-        routing = routing_for(self)
+        routing = self.batch_routing
         if routing is not None and not self.disabled:
             return self._routed_forward(routing, *args, **kwargs)
         running = self.adapters_to_run()
@@ -50,17 +50,6 @@ class SavedModule(AdapterLayer):
     def routes_rows(self) -> bool:
         """This layer's forward routes rows (a subclass with its own forward does not)."""
         return type(self).forward is SavedModule.forward
-
-    def set_batch_adapters(self, routing: Optional[RowRouting]) -> None:
-        """Route each row of the next forward passes to its adapter's copy (None: stop)."""
-        if routing is not None and not self.routes_rows():
-            raise BackendError(f"{type(self).__name__} cannot run a batch whose rows use different adapters")
-        route_layer(self, routing)
-
-    @property
-    def batch_routing(self) -> Optional[RowRouting]:
-        """The routing of the mixed-adapter call running in this thread, if any."""
-        return routing_for(self)
 
     def _routed_forward(self, routing: RowRouting, *args: Any, **kwargs: Any) -> Any:
         """One call per adapter on its rows of the first argument (a batch-first tensor)."""

@@ -31,7 +31,7 @@ from typing import Any, Callable, Optional, Sequence, cast
 import torch
 from torch import nn
 
-from peftcore.errors import AdapterError
+from peftcore.errors import AdapterError, BackendError
 from peftcore.model_ops import BASE_ROW
 
 RowDelta = Callable[[str, torch.Tensor], torch.Tensor]
@@ -63,6 +63,27 @@ def routing_for(layer: nn.Module) -> Optional["RowRouting"]:
     if current is None or id(layer) not in current[1]:
         return None
     return current[0]
+
+
+class RoutesRows:
+    """For adapter layers that can route a mixed batch's rows: ``routes_rows()`` says
+    whether this layer's forward does (a subclass with its own forward may not), and the
+    call's routing is kept in a context variable, never on the layer."""
+
+    def routes_rows(self) -> bool:
+        raise NotImplementedError
+
+    def set_batch_adapters(self, routing: Optional[RowRouting]) -> None:
+        """Route each row of the next forward passes to its own adapter (None: stop)."""
+        if routing is not None and not self.routes_rows():
+            raise BackendError(f"{type(self).__name__} cannot run a batch whose rows use different adapters")
+        route_layer(cast(nn.Module, self), routing)
+
+    @property
+    def batch_routing(self) -> Optional[RowRouting]:
+        """The routing of the mixed-adapter call running in this thread, if this layer
+        takes part."""
+        return routing_for(cast(nn.Module, self))
 
 
 class RowRouting:
