@@ -141,7 +141,7 @@ class AdapterFilesMixin:
     ) -> None:
         assert self.graph is not None
         current = self.plans[adapter_name]
-        plan = files.plan.with_adapter_name(adapter_name) if files.plan else files.config.loading_plan(self.graph, adapter_name)
+        plan = plan_of_files(files, files.config, self.graph, adapter_name)
         if plan.ops != current.ops:
             raise AdapterError(
                 f"{files.directory}: adapter {adapter_name!r} exists with another plan; delete_adapter() it first "
@@ -177,7 +177,7 @@ class AdapterFilesMixin:
                 "pass (or compile) first, or pass example_inputs"
             )
         config = files.config.replace(inference_mode=not is_trainable)
-        plan = files.plan.with_adapter_name(adapter_name) if files.plan else config.loading_plan(self.graph, adapter_name)
+        plan = plan_of_files(files, config, self.graph, adapter_name)
         check_plan_fits(plan, self.graph, files.directory)
         weights_path = os.path.join(files.directory, WEIGHTS_NAME)
         adapter_tensors, embeddings = split_embedding_layers(files.tensors, self.graph, plan, weights_path)
@@ -215,6 +215,12 @@ _NEUTRAL_LOAD_KWARGS = frozenset(
     {"autocast_adapter_dtype", "low_cpu_mem_usage", "ephemeral_gpu_offload", "revision", "cache_dir", "token",
      "use_auth_token", "local_files_only", "force_download", "key_mapping", "torch_device", "subfolder"}
 )
+
+
+def plan_of_files(files: AdapterFiles, config: PeftConfig, graph: ModelGraph, adapter_name: str) -> RewritePlan:
+    """The plan saved with an adapter, renamed to ``adapter_name``; an adapter without one
+    (HF PEFT's) is planned from ``config`` for loading."""
+    return files.plan.with_adapter_name(adapter_name) if files.plan else config.loading_plan(graph, adapter_name)
 
 
 def adapter_dir(model_id: Union[str, os.PathLike], kwargs: Mapping[str, Any]) -> str:

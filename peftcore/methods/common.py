@@ -3,9 +3,9 @@
 from __future__ import annotations
 
 import warnings
-from typing import Optional, Sequence
+from typing import Any, Optional, Sequence
 
-from peftcore.config import check
+from peftcore.config import check, check_type
 from peftcore.errors import TargetNotFoundError, closest
 from peftcore.graph import ModelGraph
 from peftcore.plan import SaveModule
@@ -25,6 +25,16 @@ def effective_modules_to_save(task_type: Optional[str], modules: Optional[Sequen
     if not extra:
         return list(modules) if modules is not None else None
     return list(dict.fromkeys([*(modules or ()), *extra]))
+
+
+def validate_virtual_tokens(owner: str, config: Any, optional_ints: Sequence[str]) -> None:
+    """The fields every prompt-learning config shares: ``num_virtual_tokens`` a positive int,
+    and each of ``optional_ints`` an int or None."""
+    count = config.num_virtual_tokens
+    check_type(owner, "num_virtual_tokens", count, (int,))
+    check(count is not None and count > 0, f"{owner}.num_virtual_tokens must be positive, got {count}")
+    for field_name in optional_ints:
+        check_type(owner, field_name, getattr(config, field_name), (int,), allow_none=True)
 
 
 def validate_modules_to_save(owner: str, modules: Optional[Sequence[str]]) -> None:

@@ -22,7 +22,12 @@ from typing import Any, ClassVar, Mapping, Optional
 from peftcore.config import PeftConfig, check, check_type, config_class, runtime_field
 from peftcore.errors import ConfigError, PlanError
 from peftcore.graph import ModelGraph
-from peftcore.methods.common import effective_modules_to_save, modules_to_save_ops, validate_modules_to_save
+from peftcore.methods.common import (
+    effective_modules_to_save,
+    modules_to_save_ops,
+    validate_modules_to_save,
+    validate_virtual_tokens,
+)
 from peftcore.methods.prompt_tuning import (
     DROPS_TOKEN_TYPE_IDS,
     HF_PROMPT_MODULES_PREFIX,
@@ -80,13 +85,7 @@ class PromptEncoderConfig(PeftConfig):
     def validate(self) -> None:
         super().validate()
         name = type(self).__name__
-        check_type(name, "num_virtual_tokens", self.num_virtual_tokens, (int,))
-        check(
-            self.num_virtual_tokens is not None and self.num_virtual_tokens > 0,
-            f"{name}.num_virtual_tokens must be positive, got {self.num_virtual_tokens}",
-        )
-        for field_name in ("token_dim", "num_attention_heads", "num_layers", "encoder_hidden_size"):
-            check_type(name, field_name, getattr(self, field_name), (int,), allow_none=True)
+        validate_virtual_tokens(name, self, ("token_dim", "num_attention_heads", "num_layers", "encoder_hidden_size"))
         check(
             self.num_transformer_submodules in (None, 1, 2),
             f"{name}.num_transformer_submodules must be 1 or 2 (or None), got {self.num_transformer_submodules!r}",

@@ -28,7 +28,12 @@ from typing import Any, ClassVar, Mapping, Optional, Sequence
 from peftcore.config import PeftConfig, check, check_type, config_class
 from peftcore.errors import ConfigError, PlanError, TargetNotFoundError
 from peftcore.graph import LayerNode, ModelGraph
-from peftcore.methods.common import effective_modules_to_save, modules_to_save_ops, validate_modules_to_save
+from peftcore.methods.common import (
+    effective_modules_to_save,
+    modules_to_save_ops,
+    validate_modules_to_save,
+    validate_virtual_tokens,
+)
 from peftcore.methods.prompt_tuning import HF_PROMPT_MODULES_PREFIX
 from peftcore.methods.unipelt import BLOCK_LAYOUTS, BlockLayout
 from peftcore.plan import FreezeBase, PlanOp, RewritePlan, TensorSpec, register_op
@@ -160,14 +165,10 @@ class PrefixTuningConfig(PeftConfig):
     def validate(self) -> None:
         super().validate()
         name = type(self).__name__
-        check_type(name, "num_virtual_tokens", self.num_virtual_tokens, (int,))
-        check(
-            self.num_virtual_tokens is not None and self.num_virtual_tokens > 0,
-            f"{name}.num_virtual_tokens must be positive, got {self.num_virtual_tokens}",
-        )
-        for field_name in ("token_dim", "num_attention_heads", "num_layers", "encoder_hidden_size"):
+        sizes = ("token_dim", "num_attention_heads", "num_layers", "encoder_hidden_size")
+        validate_virtual_tokens(name, self, sizes)
+        for field_name in sizes:
             value = getattr(self, field_name)
-            check_type(name, field_name, value, (int,), allow_none=True)
             check(value is None or value > 0, f"{name}.{field_name} must be positive, got {value}")
         check(
             self.num_transformer_submodules in (None, 1),

@@ -20,7 +20,12 @@ from typing import Any, ClassVar, Mapping, Optional, Sequence
 from peftcore.config import PeftConfig, check, check_type, config_class, runtime_field
 from peftcore.errors import ConfigError, PlanError
 from peftcore.graph import LayerNode, ModelGraph
-from peftcore.methods.common import effective_modules_to_save, modules_to_save_ops, validate_modules_to_save
+from peftcore.methods.common import (
+    effective_modules_to_save,
+    modules_to_save_ops,
+    validate_modules_to_save,
+    validate_virtual_tokens,
+)
 from peftcore.plan import FreezeBase, PlanOp, RewritePlan, TensorSpec, register_op
 
 PROMPT_INITS = ("random", "sample_vocab", "token_ids")
@@ -279,13 +284,7 @@ class PromptTuningConfig(PeftConfig):
     def validate(self) -> None:
         super().validate()
         name = type(self).__name__
-        check_type(name, "num_virtual_tokens", self.num_virtual_tokens, (int,))
-        check(
-            self.num_virtual_tokens is not None and self.num_virtual_tokens > 0,
-            f"{name}.num_virtual_tokens must be positive, got {self.num_virtual_tokens}",
-        )
-        for field_name in ("token_dim", "num_attention_heads", "num_layers"):
-            check_type(name, field_name, getattr(self, field_name), (int,), allow_none=True)
+        validate_virtual_tokens(name, self, ("token_dim", "num_attention_heads", "num_layers"))
         check(
             self.num_transformer_submodules in (None, 1, 2),
             f"{name}.num_transformer_submodules must be 1 or 2 (or None), got {self.num_transformer_submodules!r}",
