@@ -20,7 +20,7 @@ import numpy as np
 
 from peftcore.errors import BackendError, PeftCoreError, PlanError
 from peftcore.plan import PlanOp, RewritePlan
-from peftcore.runtime import BackendRuntime, OpBuilder
+from peftcore.runtime import AdapterLayerProtocol, BackendRuntime, OpBuilder
 
 #: What plugin and backend code may raise that is a fault of that code, not a request to
 #: stop: every ``Exception`` and ``SystemExit`` (a plugin's ``sys.exit()`` must not end the
@@ -42,7 +42,7 @@ def guarded(runtime: BackendRuntime, operation: str) -> Iterator[None]:
         raise BackendError(f"backend {runtime.name!r} failed in {operation}: {type(exc).__name__}: {exc}") from exc
 
 
-def adapter_layers(runtime: BackendRuntime, model: Any) -> dict[str, Any]:
+def adapter_layers(runtime: BackendRuntime, model: Any) -> dict[str, AdapterLayerProtocol]:
     """Every adapter layer of ``model`` by path."""
     return {path: layer for path, layer in runtime.layers(model) if runtime.is_adapter_layer(layer)}
 
@@ -245,7 +245,7 @@ def set_batch_adapters(runtime: BackendRuntime, model: Any, adapter_names: Optio
         return
     routing = runtime.row_routing(adapter_names)
     wanted = {name for name in adapter_names if name != BASE_ROW}
-    routers = []
+    routers: list[Any] = []  # layers with the row-routing capability (not part of the protocol)
     for path, layer in layers.items():
         routes = getattr(layer, "routes_rows", lambda: False)()
         involved = bool(layer.adapters_to_run()) or bool(wanted & set(layer.adapter_names()))
