@@ -8,7 +8,7 @@ entry-point group; importing this package loads none of them.
 
 from __future__ import annotations
 
-from peftcore.api import PeftModel, get_peft_model
+from peftcore.api import PeftModel, get_peft_model, inject_adapter_in_model
 from peftcore.config import PeftConfig, config_class
 from peftcore.errors import (
     AdapterError,
@@ -28,6 +28,7 @@ from peftcore.methods import BitFitConfig, LoraConfig, PromptTuningConfig, Resid
 from peftcore.methods.p_tuning import PromptEncoderConfig
 from peftcore.methods.prefix_tuning import PrefixTuningConfig
 from peftcore.methods.unipelt import UniPELTConfig, gate_values
+from peftcore.peft_type import PeftType, PromptEncoderReparameterizationType, PromptTuningInit
 from peftcore.plan import PlanOp, RewritePlan, register_op
 from peftcore.plugins import get_plugin_manager
 from peftcore.registry import PeftRegistry, register_method
@@ -52,6 +53,9 @@ __all__ = [
     "PeftConfig",
     "PeftCoreError",
     "PeftModel",
+    "PeftType",
+    "PromptEncoderReparameterizationType",
+    "PromptTuningInit",
     "PeftRegistry",
     "PlanError",
     "PlanOp",
@@ -72,6 +76,7 @@ __all__ = [
     "gate_values",
     "get_peft_config",
     "get_peft_model",
+    "inject_adapter_in_model",
     "get_peft_model_state_dict",
     "hookimpl",
     "register_method",

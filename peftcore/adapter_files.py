@@ -9,7 +9,9 @@ HF's meaning or refused as a ``TypeError``.
 
 from __future__ import annotations
 
+import importlib
 import os
+import tempfile
 import warnings
 from typing import Any, Mapping, Optional, Protocol, Sequence, Union
 
@@ -18,7 +20,16 @@ from peftcore.config import PeftConfig
 from peftcore.errors import AdapterError
 from peftcore.graph import ModelGraph
 from peftcore.hf_compat import check_hf_save_arguments, split_embedding_layers, write_model_card
-from peftcore.io import WEIGHTS_NAME, AdapterFiles, adapter_save_dirs, match_tensors, read_adapter, save_adapter
+from peftcore.io import (
+    WEIGHTS_NAME,
+    AdapterFiles,
+    LoadResult,
+    adapter_save_dirs,
+    match_tensors,
+    read_adapter,
+    save_adapter,
+    unexpected_tensor_keys,
+)
 from peftcore.plan import RewritePlan, check_plan_fits
 from peftcore.runtime import BackendRuntime
 
@@ -38,7 +49,16 @@ class _PeftModelState(Protocol):
 
     def get_base_model(self) -> Any: ...
 
-    def add_adapter(self, adapter_name: str, peft_config: PeftConfig, plan: Optional[RewritePlan] = None) -> Any: ...
+    def add_adapter(
+        self,
+        adapter_name: str,
+        peft_config: Optional[PeftConfig] = None,
+        plan: Optional[RewritePlan] = None,
+        *,
+        config: Optional[PeftConfig] = None,
+        low_cpu_mem_usage: bool = False,
+        autocast_adapter_dtype: bool = True,
+    ) -> RewritePlan: ...
 
     def delete_adapter(self, adapter_name: str) -> None: ...
 
@@ -52,11 +72,18 @@ class _PeftModelState(Protocol):
 
     def _reload_from_files(
         self, files: AdapterFiles, adapter_name: str, is_trainable: bool, strict: bool, allow_non_finite: bool = False
-    ) -> None: ...
+    ) -> list[str]: ...
 
     def _add_from_files(
-        self, files: AdapterFiles, adapter_name: str, is_trainable: bool, strict: bool, allow_non_finite: bool = False
-    ) -> None: ...
+        self,
+        files: AdapterFiles,
+        adapter_name: str,
+        is_trainable: bool,
+        strict: bool,
+        allow_non_finite: bool = False,
+        autocast_adapter_dtype: bool = True,
+        low_cpu_mem_usage: bool = False,
+    ) -> list[str]: ...
 
     def _layer_dtypes(self) -> dict[str, str]: ...
 
@@ -103,6 +130,33 @@ class AdapterFilesMixin:
         if names:
             write_model_card(os.fspath(save_directory), self)
 
+    def push_to_hub(
+        self,
+        repo_id: str,
+        commit_message: str = "Upload adapter",
+        private: Optional[bool] = None,
+        token: Optional[str] = None,
+        revision: Optional[str] = None,
+        create_pr: bool = False,
+        **save_kwargs: Any,
+    ) -> Any:
+        """Save the adapters as :meth:`save_pretrained` does and upload them to the Hugging
+        Face Hub repository ``repo_id`` (created if missing), as HF PEFT does. Needs the
+        ``huggingface_hub`` package and network access; returns the upload's commit info."""
+        try:
+            hub: Any = importlib.import_module("huggingface_hub")
+        except ImportError:
+            raise AdapterError("push_to_hub needs the huggingface_hub package: pip install huggingface_hub") from None
+        api = hub.HfApi(token=token)
+        api.create_repo(repo_id, private=private, exist_ok=True, repo_type="model")
+        peft_model: Any = self
+        with tempfile.TemporaryDirectory() as folder:
+            peft_model.save_pretrained(folder, **save_kwargs)
+            return api.upload_folder(
+                repo_id=repo_id, folder_path=folder, commit_message=commit_message, revision=revision,
+                create_pr=create_pr, repo_type="model",
+            )
+
     def load_adapter(
         self: _PeftModelState,
         model_id: Union[str, os.PathLike],
@@ -110,7 +164,7 @@ class AdapterFilesMixin:
         is_trainable: bool = False,
         strict: bool = True,
         **kwargs: Any,
-    ) -> None:
+    ) -> LoadResult:
         """Load a saved adapter from a directory and add it under ``adapter_name``.
 
         The adapter's stored plan is re-applied as saved (an HF PEFT adapter, which has
@@ -120,16 +174,20 @@ class AdapterFilesMixin:
         resuming a checkpoint), its tensors are replaced in place, as HF PEFT does.
         HF PEFT's ``torch_device``, ``autocast_adapter_dtype``, ``low_cpu_mem_usage``,
         ``ephemeral_gpu_offload`` and hub arguments are accepted (see ``from_pretrained``).
+        Returns HF PEFT's result: ``missing_keys`` and ``unexpected_keys`` lists.
         """
         allow_non_finite = bool(kwargs.pop("allow_non_finite", False))
         files = read_adapter(adapter_dir(model_id, kwargs))
         if adapter_name in self.peft_config:
             if adapter_name in self._merged:  # new tensors must not sit under a stale merge
                 self._unmerge_unless_active([], "load_adapter")
-            self._reload_from_files(files, adapter_name, is_trainable, strict, allow_non_finite)
+            unexpected = self._reload_from_files(files, adapter_name, is_trainable, strict, allow_non_finite)
         else:
-            self._add_from_files(files, adapter_name, is_trainable, strict, allow_non_finite)
+            unexpected = self._add_from_files(
+                files, adapter_name, is_trainable, strict, allow_non_finite, **placement_of(kwargs)
+            )
         to_device(self, kwargs.get("torch_device"))
+        return LoadResult(missing_keys=[], unexpected_keys=unexpected)
 
     def _reload_from_files(
         self: _PeftModelState,
@@ -138,7 +196,7 @@ class AdapterFilesMixin:
         is_trainable: bool,
         strict: bool,
         allow_non_finite: bool = False,
-    ) -> None:
+    ) -> list[str]:
         assert self.graph is not None
         current = self.plans[adapter_name]
         plan = plan_of_files(files, files.config, self.graph, adapter_name)
@@ -156,6 +214,7 @@ class AdapterFilesMixin:
         model_ops.set_trainable(
             self.runtime, self.get_base_model(), adapter_name, is_trainable and adapter_name in self.active_adapters
         )
+        return unexpected_tensor_keys(plan, files.tensors)
 
     def _layer_dtypes(self: _PeftModelState) -> dict[str, str]:
         """Each layer's dtype as it is now: the graph's, updated from the adapter layers."""
@@ -170,13 +229,18 @@ class AdapterFilesMixin:
         is_trainable: bool,
         strict: bool,
         allow_non_finite: bool = False,
-    ) -> None:
+        autocast_adapter_dtype: bool = True,
+        low_cpu_mem_usage: bool = False,
+    ) -> list[str]:
+        """Add the adapter in ``files``; returns the file keys a non-strict load skipped."""
         if self.graph is None:
             raise AdapterError(
                 f"cannot load {files.directory!r} yet: the model's layers do not know their shapes; run one forward "
                 "pass (or compile) first, or pass example_inputs"
             )
-        config = files.config.replace(inference_mode=not is_trainable)
+        config = files.config
+        if config.inference_mode is is_trainable:
+            config = config.replace(inference_mode=not is_trainable)
         plan = plan_of_files(files, config, self.graph, adapter_name)
         check_plan_fits(plan, self.graph, files.directory)
         weights_path = os.path.join(files.directory, WEIGHTS_NAME)
@@ -184,7 +248,10 @@ class AdapterFilesMixin:
         tensors = match_tensors(
             plan, adapter_tensors, weights_path, strict, allow_non_finite=allow_non_finite, dtypes=self._layer_dtypes()
         )
-        self.add_adapter(adapter_name, config, plan=plan)
+        self.add_adapter(
+            adapter_name, config, plan=plan, autocast_adapter_dtype=autocast_adapter_dtype,
+            low_cpu_mem_usage=low_cpu_mem_usage,
+        )
         try:
             self.import_adapter(adapter_name, tensors)
             if embeddings:
@@ -192,6 +259,7 @@ class AdapterFilesMixin:
         except BaseException:
             self.delete_adapter(adapter_name)
             raise
+        return unexpected_tensor_keys(plan, adapter_tensors)
 
     def _load_embedding_layers(self: _PeftModelState, weights: Mapping[str, Any]) -> None:
         """Copy the embedding matrices an HF PEFT adapter saved (``save_embedding_layers``)
@@ -213,8 +281,28 @@ class AdapterFilesMixin:
 #: HF PEFT's loading keywords that change nothing for a local directory in peftcore.
 _NEUTRAL_LOAD_KWARGS = frozenset(
     {"autocast_adapter_dtype", "low_cpu_mem_usage", "ephemeral_gpu_offload", "revision", "cache_dir", "token",
-     "use_auth_token", "local_files_only", "force_download", "key_mapping", "torch_device", "subfolder"}
+     "use_auth_token", "local_files_only", "force_download", "key_mapping", "torch_device", "subfolder",
+     "device_map", "max_memory", "offload_folder", "offload_index"}
 )
+
+
+def placement_of(kwargs: Mapping[str, Any]) -> dict[str, bool]:
+    """HF PEFT's ``autocast_adapter_dtype``/``low_cpu_mem_usage`` from loading keywords."""
+    return {
+        "autocast_adapter_dtype": bool(kwargs.get("autocast_adapter_dtype", True)),
+        "low_cpu_mem_usage": bool(kwargs.get("low_cpu_mem_usage", False)),
+    }
+
+
+def device_of_map(device_map: Any) -> Any:
+    """The one device an HF ``device_map`` names (``"cpu"``, ``{"": "cuda:0"}``), or
+    ``None`` for a map that spreads the model (``"auto"``, several entries): adapters are
+    built on their base layer's device, so a spread model needs no move."""
+    if isinstance(device_map, Mapping):
+        return device_map.get("") if set(device_map) == {""} else None
+    if device_map in (None, "auto", "balanced", "balanced_low_0", "sequential"):
+        return None
+    return device_map
 
 
 def plan_of_files(files: AdapterFiles, config: PeftConfig, graph: ModelGraph, adapter_name: str) -> RewritePlan:
@@ -238,6 +326,7 @@ def adapter_dir(model_id: Union[str, os.PathLike], kwargs: Mapping[str, Any]) ->
 
 
 def to_device(peft_model: Any, device: Any) -> None:
+    """Move the model to ``device`` (HF PEFT's ``torch_device``); ``None`` leaves it."""
     if device is None:
         return
     move = getattr(peft_model, "to", None)

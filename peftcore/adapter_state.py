@@ -32,6 +32,26 @@ class AdapterBookkeeping:
         self.merged_adapters: list[str] = []
         self.disabled = False
 
+    # -- Hugging Face PEFT's layer API (``BaseTunerLayer``) -------------------------------
+    @property
+    def merged(self) -> bool:
+        """Whether any adapter is merged into this layer's base weights."""
+        return bool(self.merged_adapters)
+
+    @property
+    def disable_adapters(self) -> bool:
+        """Whether the layer runs its base layer alone (HF PEFT's attribute)."""
+        return bool(self.disabled)
+
+    def enable_adapters(self, enabled: bool) -> None:
+        """Turn this layer's adapters on (``True``) or off (``False``), as HF PEFT's layer
+        method does; the model-level switch is ``enable_adapter_layers``."""
+        self.disabled = not enabled
+
+    def _all_available_adapter_names(self) -> list[str]:
+        """HF PEFT's name for :meth:`adapter_names`."""
+        return self.adapter_names()
+
     def adapter_store(self, attribute: str) -> Any:
         """The dict-like store of one kind of adapter tensor."""
         return getattr(self, attribute)

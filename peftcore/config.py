@@ -72,6 +72,7 @@ class PeftConfig:
     and ``peft_type`` (HF PEFT's ``peft_type`` string, e.g. ``"LORA"``).
     ``hf_unsupported_fields`` lists HF PEFT config keys for features peftcore does not
     have; reading a file accepts them only at their "feature not used" value.
+    ``tensor_prefix`` is HF PEFT's tuner ``prefix`` for the method, if it has one.
     ``plan_ops`` names the plan op types the planner may emit (``peftcore backends``
     shows a method as buildable by a backend that builds all of them).
     """
@@ -81,6 +82,9 @@ class PeftConfig:
     hf_metadata_fields: ClassVar[tuple] = ("peft_version", "auto_mapping", "revision")
     hf_unsupported_fields: ClassVar[Mapping[str, Any]] = {}
     plan_ops: ClassVar[tuple] = ()
+    #: the start every adapter tensor name of this method has (``"lora_"``): HF PEFT's
+    #: tuner ``prefix``; empty where the method's tensors share none
+    tensor_prefix: ClassVar[str] = ""
 
     task_type: Optional[str] = None
     inference_mode: bool = False
@@ -155,7 +159,7 @@ class PeftConfig:
         data = dict(data)
         peft_type = data.pop("peft_type", cls.peft_type)
         if peft_type != cls.peft_type:
-            raise ConfigError(f"config has peft_type {peft_type!r}, expected {cls.peft_type!r} for {cls.__name__}")
+            raise ConfigError(f"config has peft_type {peft_type!r}, expected '{cls.peft_type}' for {cls.__name__}")
         names = {f.name for f in dataclasses.fields(cls)}
         kwargs: dict[str, Any] = {}
         ignored: list[str] = []

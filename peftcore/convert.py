@@ -227,7 +227,7 @@ def check_hf_compatible(config: PeftConfig) -> None:
         if baked.peft_type in HF_PEFT_TYPES and baked is not config else ""
     )
     raise AdapterError(
-        f"HF PEFT has no {config.peft_type!r} method, so a {config.method} adapter cannot be written "
+        f"HF PEFT has no '{config.peft_type}' method, so a {config.method} adapter cannot be written "
         f"in its layout{hint}"
     )
 

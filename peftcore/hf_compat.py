@@ -253,11 +253,16 @@ def _strip_adapter_name(key: str, adapter_name: str) -> str:
 
 def write_model_card(save_directory: str, model: Any) -> None:
     """Write (or update) ``README.md`` as HF PEFT does: YAML front matter naming the base
-    model, ``library_name: peft`` and the adapters' tags, then a short card body. An
+    model (when the model has a config naming it, as transformers models do),
+    ``library_name: peft`` and the adapters' tags, then a short card body. An
     existing card keeps its text; only missing front-matter entries are added."""
     path = os.path.join(os.fspath(save_directory), "README.md")
     configs = list(getattr(model, "peft_config", {}).values())
-    base = next((c.base_model_name_or_path for c in configs if c.base_model_name_or_path), None)
+    # HF PEFT names the base model only from the model's own config (a transformers model)
+    get_base_model = getattr(model, "get_base_model", None)
+    base_config = getattr(get_base_model() if callable(get_base_model) else model, "config", None)
+    base = getattr(base_config, "_name_or_path", None) or getattr(base_config, "name_or_path", None)
+    base = base if isinstance(base, str) and base else None
     tags = ["peftcore", *sorted({c.method for c in configs if c.method})]
     header = {"library_name": "peft", "tags": tags}
     if base:

@@ -23,7 +23,7 @@ import shutil
 import stat
 import warnings
 from dataclasses import dataclass
-from typing import Any, Callable, Mapping, Optional, Sequence
+from typing import Any, Callable, Iterable, Mapping, NamedTuple, Optional, Sequence
 
 import numpy as np
 
@@ -250,6 +250,21 @@ def _parse_record(text: str, weights_path: str) -> tuple[RewritePlan, Optional[d
         return RewritePlan.from_dict(record["plan"]), saved_config
     except (ValueError, TypeError, KeyError, AttributeError, RecursionError, PeftCoreError) as exc:
         raise AdapterError(f"{weights_path}: bad '{METADATA_KEY}' metadata: {exc}") from None
+
+
+class LoadResult(NamedTuple):
+    """What ``load_adapter`` reports, as torch's ``load_state_dict`` (and so HF PEFT)
+    does: ``missing_keys`` (always empty: a missing tensor is an error) and the
+    ``unexpected_keys`` a non-strict load skipped."""
+
+    missing_keys: list[str]
+    unexpected_keys: list[str]
+
+
+def unexpected_tensor_keys(plan: RewritePlan, keys: Iterable[str]) -> list[str]:
+    """The file keys (with or without HF's prefix) that are no tensor of ``plan``."""
+    known = {_hf_key(spec) for spec in plan.tensor_specs().values()}
+    return [key for key in keys if key not in known and HF_PREFIX + key not in known]
 
 
 def match_tensors(

@@ -113,6 +113,20 @@ def set_enabled(runtime: BackendRuntime, model: Any, enabled: bool) -> None:
     for_each_layer(runtime, model, "enabling adapters" if enabled else "disabling adapters", switch)
 
 
+def place_adapter_tensors(runtime: BackendRuntime, model: Any, adapter_name: str, upcast: bool, on_meta: bool) -> None:
+    """See :meth:`BackendRuntime.place_adapter_tensors`; for every adapter layer."""
+    if upcast or on_meta:
+        for_each_layer(
+            runtime, model, "placing adapter tensors",
+            lambda layer: runtime.place_adapter_tensors(layer, adapter_name, upcast, on_meta),
+        )
+
+
+def enabled_states(runtime: BackendRuntime, model: Any) -> set[bool]:
+    """Which of enabled (``True``) and disabled (``False``) the adapter layers are in."""
+    return {not layer.disabled for layer in adapter_layers(runtime, model).values()}
+
+
 def set_trainable(runtime: BackendRuntime, model: Any, adapter_name: str, trainable: bool) -> None:
     for_each_layer(runtime, model, "set_trainable", lambda layer: layer.set_trainable(adapter_name, trainable))
 

@@ -21,7 +21,7 @@ import warnings
 from typing import Any, Iterator, Mapping, Optional, Sequence, Union
 
 from peftcore import model_ops
-from peftcore.adapter_files import AdapterFilesMixin, adapter_dir, to_device
+from peftcore.adapter_files import AdapterFilesMixin, adapter_dir, device_of_map, placement_of, to_device
 from peftcore.config import PeftConfig
 from peftcore.errors import AdapterError, BackendError, did_you_mean
 from peftcore.graph import ModelGraph
@@ -150,6 +150,13 @@ class PeftModel(AdapterFilesMixin, HFCompatMixin):
         return names
 
     @property
+    def active_peft_config(self) -> PeftConfig:
+        """The config of the (first) active adapter (HF PEFT's attribute)."""
+        if not self.active_adapter:
+            raise AdapterError("the model has no active adapter")
+        return self.peft_config[self.active_adapter]
+
+    @property
     def active_adapter(self) -> str:
         """The first active adapter's name (HF PEFT's attribute)."""
         return self.active_adapters[0] if self.active_adapters else ""
@@ -169,9 +176,11 @@ class PeftModel(AdapterFilesMixin, HFCompatMixin):
         unless it is the first one). Returns the plan.
 
         HF PEFT's signature: ``add_adapter(adapter_name, peft_config, low_cpu_mem_usage=False,
-        autocast_adapter_dtype=True)``; ``config=`` is accepted for ``peft_config``. The two
-        HF flags change nothing here (adapters are built at once, in the layer's dtype
-        policy of the backend)."""
+        autocast_adapter_dtype=True)``; ``config=`` is accepted for ``peft_config``. With
+        ``autocast_adapter_dtype`` (the default), adapter tensors of a float16/bfloat16
+        model are kept in float32, as HF PEFT does; ``low_cpu_mem_usage`` holds them on no
+        device until loaded (torch's ``meta``), so the adapter is for loading into, not
+        for running, until then. Backends without the distinction ignore both."""
         if (peft_config is None) == (config is None):
             raise TypeError("add_adapter() takes the adapter's config once, as peft_config")
         config = peft_config if peft_config is not None else config
@@ -189,6 +198,13 @@ class PeftModel(AdapterFilesMixin, HFCompatMixin):
         elif plan.adapter_name != adapter_name:
             plan = plan.with_adapter_name(adapter_name)
         model_ops.apply_plan(self.runtime, self.get_base_model(), plan, self.backend.builders())
+        try:
+            model_ops.place_adapter_tensors(
+                self.runtime, self.get_base_model(), adapter_name, autocast_adapter_dtype, low_cpu_mem_usage
+            )
+        except BaseException:
+            model_ops.delete_adapter(self.runtime, self.get_base_model(), adapter_name)
+            raise
         self.peft_config[adapter_name] = config
         self.plans[adapter_name] = plan
         if not self.active_adapters:
@@ -249,9 +265,15 @@ class PeftModel(AdapterFilesMixin, HFCompatMixin):
 
     def delete_adapter(self, adapter_name: str) -> None:
         """Remove an adapter. Deleting the active one activates the first remaining."""
+        if adapter_name not in self.peft_config and adapter_name not in self.pending_adapters:
+            raise AdapterError(
+                f"Adapter {adapter_name} does not exist{did_you_mean(adapter_name, self.peft_config)}"
+            )
         self._require(adapter_name)
         if adapter_name in self._merged:
-            raise AdapterError(f"adapter {adapter_name!r} is merged; unmerge_adapter() before deleting it")
+            raise AdapterError(
+                f"Cannot delete adapter(s) {[adapter_name]} while they are merged. Please unmerge them first."
+            )
         model_ops.delete_adapter(self.runtime, self.get_base_model(), adapter_name)
         del self.peft_config[adapter_name]
         del self.plans[adapter_name]
@@ -266,15 +288,26 @@ class PeftModel(AdapterFilesMixin, HFCompatMixin):
     def disable_adapter(self) -> Iterator[None]:
         """Context manager: run the base model alone inside the block.
 
-        Merged adapters are unmerged for the block and merged again after it.
+        Merged adapters are unmerged for the block and merged again after it. Layers
+        disabled before the block (``disable_adapter_layers``) stay disabled after it; when
+        only some were, all are enabled after it, with a warning (HF PEFT's rule).
         """
         merged = list(self._merged)
+        states = model_ops.enabled_states(self.runtime, self.get_base_model())
+        if len(states) > 1:
+            warnings.warn(
+                "The model contains some adapter layers that are enabled and others that are disabled; all of them "
+                "will be enabled when the disable_adapter() block ends",
+                UserWarning,
+                stacklevel=3,
+            )
+        enable_after = states != {False}
         self.unmerge_adapter()
         model_ops.set_enabled(self.runtime, self.get_base_model(), False)
         try:
             yield
         finally:
-            model_ops.set_enabled(self.runtime, self.get_base_model(), True)
+            model_ops.set_enabled(self.runtime, self.get_base_model(), enable_after)
             if merged:
                 self.merge_adapter(merged)
 
@@ -306,7 +339,7 @@ class PeftModel(AdapterFilesMixin, HFCompatMixin):
             self._require_mergeable(name)
         todo = [n for n in names if n not in self._merged]
         if names and not todo:
-            warnings.warn(f"adapters {names} are already merged, nothing to do", UserWarning, stacklevel=2)
+            warnings.warn(f"All adapters are already merged, nothing to do ({names})", UserWarning, stacklevel=2)
         if todo:
             if safe_merge:
                 self._check_safe_to_merge(self._merged + todo)
@@ -436,7 +469,9 @@ class PeftModel(AdapterFilesMixin, HFCompatMixin):
         The adapter is frozen and the model is put in eval mode (dropout off), as Hugging
         Face PEFT does, unless ``is_trainable``. HF PEFT's arguments: ``config`` (used
         instead of the directory's ``adapter_config.json``), ``torch_device`` (where the
-        model goes after loading; needs a shell with ``.to()``), ``subfolder``;
+        model goes after loading; needs a shell with ``.to()``), ``device_map`` (a map to one
+        device moves the model there; adapters sit on their base layer's device anyway),
+        ``subfolder``;
         ``autocast_adapter_dtype``, ``low_cpu_mem_usage``, ``ephemeral_gpu_offload`` and
         the hub-only ``revision``/``cache_dir``/``token`` change nothing for a local
         directory. peftcore's ``allow_non_finite=True`` (also for ``load_adapter``) loads
@@ -453,11 +488,12 @@ class PeftModel(AdapterFilesMixin, HFCompatMixin):
                     f"{files.directory}: config is a {type(config).__name__}, the saved adapter is "
                     f"{type(files.config).__name__}"
                 )
+            config.inference_mode = not is_trainable  # HF PEFT keeps the given object, updated
             files = dataclasses.replace(files, config=config)
         chosen = get_plugin_manager().select_backend(model, backend=backend, config=files.config)
         peft_model = wrap_model(model, chosen, example_inputs)
-        peft_model._add_from_files(files, adapter_name, is_trainable, strict, allow_non_finite)
-        to_device(peft_model, kwargs.get("torch_device"))
+        peft_model._add_from_files(files, adapter_name, is_trainable, strict, allow_non_finite, **placement_of(kwargs))
+        to_device(peft_model, kwargs.get("torch_device") or device_of_map(kwargs.get("device_map")))
         if not is_trainable:
             to_eval_mode = getattr(peft_model, "eval", None)
             if callable(to_eval_mode):

@@ -24,6 +24,7 @@ from typing import Callable, Iterable, Optional, TypeVar
 from peftcore.config import PeftConfig
 from peftcore.errors import ConfigError, UnknownMethodError, did_you_mean
 from peftcore.methods import BUILTIN_METHODS
+from peftcore.peft_type import as_peft_type
 from peftcore.plan import op_types
 
 C = TypeVar("C", bound="type[PeftConfig]")
@@ -64,8 +65,7 @@ class MethodRegistry:
                     f"method {name!r} is already registered by {existing.__module__}.{existing.__qualname__}"
                 )
             config_cls.method = name
-            if not config_cls.peft_type:
-                config_cls.peft_type = name.upper()
+            config_cls.peft_type = as_peft_type(config_cls.peft_type or name.upper())
             self._methods[name] = config_cls
 
     def set_plugin_source(self, source: PluginMethodSource) -> None:

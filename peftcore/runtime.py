@@ -50,7 +50,9 @@ class BackendInfo:
     """What a backend says about itself.
 
     ``ops`` lists the plan op kinds it can build (``"lora"``, ``"freeze_base"``...);
-    ``reason`` says why it is unavailable (e.g. its framework is not installed).
+    ``reason`` says why it is unavailable (e.g. its framework is not installed);
+    ``limitations`` maps a method name to why the backend cannot build it, which
+    ``peftcore backends`` shows next to the ops it lacks.
     """
 
     name: str
@@ -59,6 +61,7 @@ class BackendInfo:
     version: Optional[str] = None
     reason: str = ""
     ops: Sequence[str] = field(default_factory=tuple)
+    limitations: Mapping[str, str] = field(default_factory=dict)
 
 
 @runtime_checkable
@@ -191,6 +194,12 @@ class BackendRuntime:
 
     def model_changed(self, model: Any) -> None:
         """Told after every change to what a forward computes (SINGA drops a recorded graph)."""
+
+    def place_adapter_tensors(self, layer: Any, adapter_name: str, upcast: bool, on_meta: bool) -> None:
+        """Where one layer's tensors of a new adapter live (HF PEFT's
+        ``autocast_adapter_dtype``: ``upcast`` keeps half-precision ones in float32;
+        ``low_cpu_mem_usage``: ``on_meta`` holds them as shapes only, until loading fills
+        them). Optional: by default they stay as built."""
 
     def row_routing(self, adapter_names: Sequence[str]) -> Any:
         """The per-call routing object a mixed-adapter batch sets on layers that route rows.

@@ -15,7 +15,8 @@ from peftcore.registry import PeftRegistry
 
 def backend_records(manager: PluginManager) -> list[dict[str, Any]]:
     """One dict per backend: name, framework, available, reason, version, ops, methods,
-    and ``missing``: each registered method it cannot build, with the op types it lacks."""
+    ``missing``: each registered method it cannot build, with the op types it lacks, and
+    ``limitations``: the backend's own reasons, by method (see ``BackendInfo``)."""
     records = []
     for name, backend in sorted(manager.backends().items()):
         info = backend.info
@@ -30,6 +31,7 @@ def backend_records(manager: PluginManager) -> list[dict[str, Any]]:
             "ops": ops,
             "methods": sorted(m for m, lacking in missing.items() if not lacking),
             "missing": {m: lacking for m, lacking in sorted(missing.items()) if lacking},
+            "limitations": dict(sorted(dict(info.limitations or {}).items())) if info.available else {},
         })
     return records
 
@@ -58,8 +60,10 @@ def render_backends(records: list[dict[str, Any]], others: list[dict[str, str]])
     for record in records:
         if not record["available"]:
             notes.append(f"{record['name']}: unavailable: {record['reason'] or 'no reason given'}")
+        limitations = record.get("limitations", {})
         for method, lacking in record["missing"].items():
-            notes.append(f"{record['name']}: cannot build {method} (no builder for {', '.join(lacking)})")
+            why = f": {limitations[method]}" if method in limitations else ""
+            notes.append(f"{record['name']}: cannot build {method} (no builder for {', '.join(lacking)}){why}")
     notes.extend(f"{other['name']}: {other['state']}" for other in others)
     if not records:
         lines = ["no backend plugin is installed (pip install peftcore[torch])"]

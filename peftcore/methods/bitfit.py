@@ -20,6 +20,7 @@ from peftcore.methods.common import (
     validate_layers_to_transform,
     validate_modules_to_save,
 )
+from peftcore.peft_type import PeftType
 from peftcore.plan import FreezeBase, PlanOp, RewritePlan, TensorSpec, register_op
 from peftcore.targeting import ALL_LINEAR, Targets, layer_index, matches, select_layers, validate_targets
 
@@ -88,7 +89,7 @@ class BitFitConfig(PeftConfig):
     """
 
     method: ClassVar[str] = "bitfit"
-    peft_type: ClassVar[str] = "BITFIT"
+    peft_type: ClassVar[str] = PeftType.BITFIT
     plan_ops: ClassVar[tuple] = ("freeze_base", "bitfit_bias", "modules_to_save")
 
     target_modules: Targets = None

@@ -16,6 +16,7 @@ from peftcore.methods.common import (
     validate_layers_to_transform,
     validate_modules_to_save,
 )
+from peftcore.peft_type import PeftType
 from peftcore.plan import FreezeBase, PlanOp, RewritePlan, TensorSpec, register_op
 from peftcore.targeting import Targets, check_regex, select_layers, validate_targets
 
@@ -101,7 +102,8 @@ class LoraConfig(PeftConfig):
     """
 
     method: ClassVar[str] = "lora"
-    peft_type: ClassVar[str] = "LORA"
+    peft_type: ClassVar[str] = PeftType.LORA
+    tensor_prefix: ClassVar[str] = "lora_"
     plan_ops: ClassVar[tuple] = ("freeze_base", "lora", "modules_to_save")
     hf_unsupported_fields: ClassVar[Mapping[str, Any]] = {
         "use_dora": False,

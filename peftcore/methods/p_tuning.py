@@ -35,6 +35,7 @@ from peftcore.methods.prompt_tuning import (
     AddPrompt,
     PromptTuningConfig,
 )
+from peftcore.peft_type import PeftType
 from peftcore.plan import FreezeBase, PlanOp, RewritePlan, register_op
 
 ENCODER_TYPES = ("MLP", "LSTM")
@@ -66,7 +67,7 @@ class PromptEncoderConfig(PeftConfig):
     """
 
     method: ClassVar[str] = "p_tuning"
-    peft_type: ClassVar[str] = "P_TUNING"
+    peft_type: ClassVar[str] = PeftType.P_TUNING
     plan_ops: ClassVar[tuple] = ("freeze_base", "prompt_encoder", "modules_to_save")
     hf_unsupported_fields: ClassVar[Mapping[str, Any]] = {}
 
@@ -90,7 +91,8 @@ class PromptEncoderConfig(PeftConfig):
             self.num_transformer_submodules in (None, 1, 2),
             f"{name}.num_transformer_submodules must be 1 or 2 (or None), got {self.num_transformer_submodules!r}",
         )
-        kind = self.encoder_reparameterization_type
+        # a PromptEncoderReparameterizationType member -> its string
+        self.encoder_reparameterization_type = kind = str(self.encoder_reparameterization_type)
         check(
             isinstance(kind, str) and kind.upper() in ENCODER_TYPES,
             f"{name}.encoder_reparameterization_type must be one of {ENCODER_TYPES}, got {kind!r}",

@@ -13,6 +13,14 @@ num_layers * 2 * token_dim)`` over ``num_virtual_tokens`` trained vectors.
 As in HF PEFT, the real tokens are positioned after the prefix: their positions start at
 ``num_virtual_tokens`` (the prefix sits in front of them as a key/value cache would).
 
+Encoder-decoder models (``task_type="SEQ_2_SEQ_LM"``, T5 and BART), as HF PEFT does them:
+only the decoder's self-attention gets a prefix (the encoder and the cross-attention are
+untouched). HF PEFT's table is then read as if it held ``num_layers`` layers of self- and
+cross-attention prefixes twice over, so decoder layer ``l`` takes its keys from table
+entry ``4l mod 2L`` and its values from the next one (``L = num_layers``, the model's
+layer count; the entries HF PEFT reads as cross-attention prefixes go unused);
+:attr:`AddPrefixEncoder.key_entries` records this.
+
 Saved file: ``prompt_embeddings`` (the table; with a projection, its current value, which
 is what HF PEFT saves and loads), plus with a projection the MLP's own tensors under
 ``prompt_encoder.*`` so that peftcore can go on training it. An HF PEFT file, which has
@@ -36,6 +44,7 @@ from peftcore.methods.common import (
 )
 from peftcore.methods.prompt_tuning import HF_PROMPT_MODULES_PREFIX
 from peftcore.methods.unipelt import BLOCK_LAYOUTS, BlockLayout
+from peftcore.peft_type import PeftType
 from peftcore.plan import FreezeBase, PlanOp, RewritePlan, TensorSpec, register_op
 from peftcore.targeting import DEFAULT_LAYERS_PATTERNS
 
@@ -61,6 +70,9 @@ class AddPrefixEncoder(PlanOp):
     ``key_split`` name each layer's key projection and how many tensors its output holds
     side by side (3 for GPT-2's fused ``c_attn``), checked on loading.
     ``projection_hidden > 0`` adds HF's MLP reparameterisation with that hidden size.
+    ``table_layers`` is how many layers the table holds (default: one per attention
+    module) and ``key_entries`` the table entry (a ``width``-wide column block) holding
+    each attention module's keys, its values being the next entry (default ``2 * i``).
     """
 
     op: ClassVar[str] = "prefix_encoder"
@@ -71,6 +83,8 @@ class AddPrefixEncoder(PlanOp):
     key_paths: Sequence[str] = ()
     key_split: int = 1
     projection_hidden: int = 0
+    table_layers: int = 0
+    key_entries: Sequence[int] = ()
 
     def __post_init__(self) -> None:
         super().__post_init__()
@@ -86,10 +100,27 @@ class AddPrefixEncoder(PlanOp):
             raise PlanError(f"{where}: attention_paths must start with the op's path")
         if self.key_paths and len(self.key_paths) != len(self.attention_paths):
             raise PlanError(f"{where}: key_paths must name one key projection per attention module")
+        entries = self.key_entries
+        if isinstance(entries, (str, bytes)) or not isinstance(entries, Sequence) or not all(
+            isinstance(e, int) and not isinstance(e, bool) for e in entries
+        ):
+            raise PlanError(f"{where}: key_entries must be a list of table entries")
+        object.__setattr__(self, "key_entries", tuple(entries))
+        if self.table_layers < 0:
+            raise PlanError(f"{where}: table_layers must not be negative")
+        if entries and len(entries) != len(self.attention_paths):
+            raise PlanError(f"{where}: key_entries must give one table entry per attention module")
+        if any(e < 0 or e + 1 >= 2 * self.num_layers for e in entries):
+            raise PlanError(f"{where}: key_entries must lie in the table's {2 * self.num_layers} entries")
 
     @property
     def num_layers(self) -> int:
-        return len(self.attention_paths)
+        """Layers of prefixes the table holds."""
+        return self.table_layers or len(self.attention_paths)
+
+    def key_entry(self, index: int) -> int:
+        """The table entry holding the keys of attention module ``index`` (values: the next)."""
+        return self.key_entries[index] if self.key_entries else 2 * index
 
     @property
     def table_width(self) -> int:
@@ -141,13 +172,16 @@ class PrefixTuningConfig(PeftConfig):
       block) for a model type without a built-in layout (BERT, GPT-2, Llama and its
       relatives have one).
 
-    Works where the torch backend can reach the attention (transformers models that
-    dispatch through the attention interface: BERT, GPT-2, Llama...); T5's attention
-    does not, and is refused with a clear error.
+    - ``num_transformer_submodules``: HF's; 2 for ``task_type="SEQ_2_SEQ_LM"`` (the prefix
+      then goes into the decoder's self-attention only, see the module docstring), else 1.
+
+    Works where the torch backend can reach the attention: transformers models that
+    dispatch through the attention interface (BERT, GPT-2, Llama..., and T5 and BART as
+    sequence-to-sequence models).
     """
 
     method: ClassVar[str] = "prefix_tuning"
-    peft_type: ClassVar[str] = "PREFIX_TUNING"
+    peft_type: ClassVar[str] = PeftType.PREFIX_TUNING
     plan_ops: ClassVar[tuple] = ("freeze_base", "prefix_encoder", "modules_to_save")
     hf_unsupported_fields: ClassVar[Mapping[str, Any]] = {"init_weights": None}
 
@@ -170,15 +204,21 @@ class PrefixTuningConfig(PeftConfig):
         for field_name in sizes:
             value = getattr(self, field_name)
             check(value is None or value > 0, f"{name}.{field_name} must be positive, got {value}")
+        submodules = 2 if self.is_seq2seq else 1
         check(
-            self.num_transformer_submodules in (None, 1),
-            f"{name}.num_transformer_submodules={self.num_transformer_submodules!r}: prefix tuning of an "
-            "encoder-decoder model (2 submodules) is not supported",
+            self.num_transformer_submodules in (None, submodules),
+            f"{name}.num_transformer_submodules={self.num_transformer_submodules!r}: task_type "
+            f"{self.task_type!r} has {submodules} (2 only for SEQ_2_SEQ_LM, whose decoder gets the prefix)",
         )
         check_type(name, "prefix_projection", self.prefix_projection, (bool,))
         for field_name in ("attention_module", "key_module"):
             check_type(name, field_name, getattr(self, field_name), (str,), allow_none=True)
         validate_modules_to_save(name, self.modules_to_save)
+
+    @property
+    def is_seq2seq(self) -> bool:
+        """Whether this prefix goes into an encoder-decoder model's decoder (HF's 2 submodules)."""
+        return self.task_type == "SEQ_2_SEQ_LM"
 
     # -- planning -------------------------------------------------------------------
     def plan(self, graph: ModelGraph, adapter_name: str = "default") -> RewritePlan:
@@ -203,7 +243,15 @@ class PrefixTuningConfig(PeftConfig):
         if len(widths) != 1 or next(iter(widths))[1] or next(iter(widths))[0] <= 0:
             raise ConfigError(f"{owner}: the key projections do not all give keys of one width: {sorted(widths)}")
         width = next(iter(widths))[0]
-        for field_name, actual in (("token_dim", width), ("num_layers", len(attentions))):
+        table_layers = len(attentions)
+        if self.is_seq2seq:
+            table_layers = len(self.blocks(graph, part="encoder"))
+            if table_layers != len(attentions):
+                raise ConfigError(
+                    f"{owner}: the encoder has {table_layers} layers and the decoder {len(attentions)}; HF PEFT's "
+                    f"sequence-to-sequence prefix layout needs as many of each"
+                )
+        for field_name, actual in (("token_dim", width), ("num_layers", table_layers)):
             given = getattr(self, field_name)
             if given is not None and given != actual:
                 raise ConfigError(f"{owner}.{field_name}={given} but the model has {actual}")
@@ -215,6 +263,9 @@ class PrefixTuningConfig(PeftConfig):
             key_paths=tuple(k.path for k in keys),
             key_split=layout.key_split,
             projection_hidden=int(self.encoder_hidden_size or width) if projection else 0,
+            table_layers=table_layers if self.is_seq2seq else 0,
+            # HF doubles the table to (self k, self v, cross k, cross v) per decoder layer
+            key_entries=tuple(4 * i % (2 * table_layers) for i in range(len(attentions))) if self.is_seq2seq else (),
         )
         ops: list[PlanOp] = [FreezeBase(), prefix]
         saved = effective_modules_to_save(self.task_type, self.modules_to_save)
@@ -223,7 +274,7 @@ class PrefixTuningConfig(PeftConfig):
 
     def layout(self, graph: ModelGraph) -> BlockLayout:
         """Where the attention and its key projection sit in a block of this model."""
-        default = BLOCK_LAYOUTS.get(graph.model_type)
+        default = (SEQ2SEQ_LAYOUTS if self.is_seq2seq else BLOCK_LAYOUTS).get(graph.model_type)
         attention = self.attention_module or (default.attention if default else None)
         key = self.key_module or (default.key if default else None)
         if attention is None or key is None:
@@ -235,13 +286,31 @@ class PrefixTuningConfig(PeftConfig):
         split = default.key_split if default is not None and self.key_module is None else 1
         return BlockLayout(attention=attention, lora=(), key=key, ffn_output="", key_split=split)
 
-    def blocks(self, graph: ModelGraph) -> list[str]:
-        """Paths of the transformer blocks, in model order."""
-        regex = re.compile(rf"(?:.*\.)?(?:{'|'.join(re.escape(p) for p in DEFAULT_LAYERS_PATTERNS)})\.(\d+)")
+    def blocks(self, graph: ModelGraph, part: Optional[str] = None) -> list[str]:
+        """Paths of the transformer blocks that get a prefix, in model order: all of them,
+        or for a sequence-to-sequence task the decoder's (``part`` picks another part)."""
+        part = part or ("decoder" if self.is_seq2seq else None)
+        layers = "|".join(re.escape(p) for p in DEFAULT_LAYERS_PATTERNS)
+        within = rf"(?:.*\.)?{part}\." if part else r"(?:.*\.)?"
+        regex = re.compile(rf"{within}(?:{layers})\.(\d+)")
         found = [node.path for node in graph if regex.fullmatch(node.path)]
         if not found:
-            raise TargetNotFoundError(f"{type(self).__name__}: found no transformer block (a layer named '<...>.layers.<index>')")
+            where = f"a layer named '<...>.{part}.layers.<index>'" if part else "a layer named '<...>.layers.<index>'"
+            raise TargetNotFoundError(f"{type(self).__name__}: found no transformer block ({where})")
+        if not part and all(any(re.search(rf"(?:^|\.){side}\.", path) for path in found) for side in ("encoder", "decoder")):
+            raise ConfigError(
+                f"{type(self).__name__}: this is an encoder-decoder model; prefix tuning it needs "
+                f"task_type='SEQ_2_SEQ_LM' (the prefix goes into the decoder's self-attention)"
+            )
         return found
+
+
+#: Where the decoder's self-attention and its key projection sit in an encoder-decoder block.
+SEQ2SEQ_LAYOUTS: dict[str, BlockLayout] = {
+    "t5": BlockLayout("layer.0.SelfAttention", (), "layer.0.SelfAttention.k", ""),
+    "mt5": BlockLayout("layer.0.SelfAttention", (), "layer.0.SelfAttention.k", ""),
+    "bart": BlockLayout("self_attn", (), "self_attn.k_proj", ""),
+}
 
 
 def _node(graph: ModelGraph, block: str, rel: str, field_name: str, owner: str) -> LayerNode:

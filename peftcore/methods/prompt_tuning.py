@@ -26,6 +26,7 @@ from peftcore.methods.common import (
     validate_modules_to_save,
     validate_virtual_tokens,
 )
+from peftcore.peft_type import PeftType
 from peftcore.plan import FreezeBase, PlanOp, RewritePlan, TensorSpec, register_op
 
 PROMPT_INITS = ("random", "sample_vocab", "token_ids")
@@ -264,7 +265,7 @@ class PromptTuningConfig(PeftConfig):
     """
 
     method: ClassVar[str] = "prompt_tuning"
-    peft_type: ClassVar[str] = "PROMPT_TUNING"
+    peft_type: ClassVar[str] = PeftType.PROMPT_TUNING
     plan_ops: ClassVar[tuple] = ("freeze_base", "prompt_embedding", "modules_to_save")
     hf_unsupported_fields: ClassVar[Mapping[str, Any]] = {}
 
@@ -289,6 +290,7 @@ class PromptTuningConfig(PeftConfig):
             self.num_transformer_submodules in (None, 1, 2),
             f"{name}.num_transformer_submodules must be 1 or 2 (or None), got {self.num_transformer_submodules!r}",
         )
+        self.prompt_tuning_init = str(self.prompt_tuning_init)  # a PromptTuningInit member -> its string
         check(
             self.prompt_tuning_init in _CONFIG_INITS,
             f"{name}.prompt_tuning_init must be one of {sorted(_CONFIG_INITS)}, got {self.prompt_tuning_init!r}",
@@ -402,7 +404,7 @@ class ResidualPromptTuningConfig(PromptTuningConfig):
     """
 
     method: ClassVar[str] = "residual_prompt_tuning"
-    peft_type: ClassVar[str] = "RESIDUAL_PROMPT_TUNING"
+    peft_type: ClassVar[str] = PeftType.RESIDUAL_PROMPT_TUNING
 
     bottleneck_size: int = 64
     activation: str = "relu"

@@ -36,6 +36,7 @@ from peftcore.methods.common import (
 )
 from peftcore.methods.lora import AddLora
 from peftcore.methods.unipelt_ops import ADAPTER_ACTIVATIONS, AddBottleneckAdapter, AddGate, AddPrefix
+from peftcore.peft_type import PeftType
 from peftcore.plan import FreezeBase, PlanOp, RewritePlan
 from peftcore.targeting import DEFAULT_LAYERS_PATTERNS
 
@@ -90,7 +91,7 @@ class UniPELTConfig(PeftConfig):
     """
 
     method: ClassVar[str] = "unipelt"
-    peft_type: ClassVar[str] = "UNIPELT"
+    peft_type: ClassVar[str] = PeftType.UNIPELT
     plan_ops: ClassVar[tuple] = ("freeze_base", "lora", "gate", "prefix", "bottleneck_adapter", "modules_to_save")
 
     variant: str = "APL"

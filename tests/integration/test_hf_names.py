@@ -93,11 +93,18 @@ def test_from_pretrained_hf_arguments(tmp_path: Any) -> None:
 
 
 def test_save_pretrained_hf_arguments_and_model_card(tmp_path: Any) -> None:
-    model = get_peft_model(tiny.llama_lm(), lora(base_model_name_or_path="my/base"))
+    base = tiny.llama_lm()
+    base.config._name_or_path = "my/base"  # as from_pretrained("my/base") sets it
+    model = get_peft_model(base, lora())
     model.save_pretrained(str(tmp_path), safe_serialization=True, save_embedding_layers="auto")
     assert {"adapter_config.json", "adapter_model.safetensors", "README.md"} <= set(os.listdir(tmp_path))
     card = (tmp_path / "README.md").read_text()
     assert card.startswith("---\n") and "base_model: my/base" in card and "library_name: peft" in card
+    # HF PEFT names no base model for a model without a config, whatever the adapter config says
+    plain = get_peft_model(torch.nn.Sequential(torch.nn.Linear(4, 4)), lora(target_modules=["0"], base_model_name_or_path="x"))
+    plain.save_pretrained(str(tmp_path / "plain"))
+    plain_card = (tmp_path / "plain" / "README.md").read_text()
+    assert "base_model" not in plain_card and "library_name: peft" in plain_card
     with pytest.warns(UserWarning, match="safetensors"):
         model.save_pretrained(str(tmp_path / "b"), safe_serialization=False)
     assert not any(name.endswith(".bin") for name in os.listdir(tmp_path / "b"))

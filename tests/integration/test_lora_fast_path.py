@@ -43,7 +43,8 @@ def wrapped(base: str, dropout: float = 0.0, dtype: Any = torch.float32) -> tupl
     torch.manual_seed(0)
     model = nn.Sequential(BASES[base]()).to(dtype)
     config = LoraConfig(r=4, lora_alpha=12, lora_dropout=dropout, target_modules=["0"], init_lora_weights=False)
-    peft_model = peftcore.get_peft_model(model, config)
+    # adapters in the model's own dtype (HF's default keeps those of a half-precision model in float32)
+    peft_model = peftcore.get_peft_model(model, config, autocast_adapter_dtype=False)
     layer = peft_model.model[0]
     assert isinstance(layer, LoraLinear)
     return peft_model, layer
@@ -96,6 +97,7 @@ def test_low_precision_and_hooked_layers_take_the_plain_route() -> None:
     peft_model, layer = wrapped("Linear", dtype=torch.bfloat16)
     x = torch.randn(2, 64, 12, dtype=torch.bfloat16)
     a, b = layer.lora_A["default"], layer.lora_B["default"]
+    assert a.dtype == torch.bfloat16
     assert can_fuse(layer.base_layer, True, x, a, b)  # one dtype throughout: fused, but never folded in bf16
     assert not can_fuse(layer.base_layer, True, x.float(), a, b)  # mixed dtypes
     handle = layer.base_layer.register_forward_hook(lambda module, args, out: None)

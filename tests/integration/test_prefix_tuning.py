@@ -10,7 +10,7 @@ torch = pytest.importorskip("torch")
 pytest.importorskip("transformers")
 
 import peftcore  # noqa: E402
-from tests.integration.tiny import bert_cls, gpt2_lm, llama_lm, random_ids, t5_lm  # noqa: E402
+from tests.integration.tiny import bert_cls, gpt2_lm, llama_lm, random_ids  # noqa: E402
 
 pytestmark = [pytest.mark.filterwarnings("ignore::UserWarning"), pytest.mark.filterwarnings("ignore::FutureWarning")]
 N = 3
@@ -120,11 +120,6 @@ def test_own_round_trip_keeps_the_projection(tmp_path):
     assert any("proj_up_weight" in n for n in names)
     with torch.no_grad():
         torch.testing.assert_close(loaded(input_ids=ids, attention_mask=mask).logits, expected)
-
-
-def test_t5_prefix_tuning_is_refused_clearly():
-    with pytest.raises(peftcore.PeftCoreError):
-        peftcore.get_peft_model(t5_lm(), _config(task="SEQ_2_SEQ_LM", attention_module="layer.0.SelfAttention", key_module="layer.0.SelfAttention.k"))
 
 
 # -- Hugging Face PEFT interoperability --------------------------------------------------------

@@ -27,15 +27,32 @@ def mlp() -> nn.Module:
 
 
 @pytest.mark.parametrize("device", DEVICES)
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_adapters_live_on_the_base_device_and_dtype(device: str, dtype: Any) -> None:
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("autocast", [True, False])
+def test_adapters_live_on_the_base_device_and_dtype(device: str, dtype: Any, autocast: bool) -> None:
+    """Adapters sit on the base layer's device; as in HF PEFT, a half-precision model's
+    adapters are float32 unless ``autocast_adapter_dtype=False`` keeps the base dtype."""
     model = mlp().to(device=device, dtype=dtype)
-    peft_model = peftcore.get_peft_model(model, LoraConfig(r=4, target_modules=["emb", "fc1", "fc2"]))
+    peft_model = peftcore.get_peft_model(
+        model, LoraConfig(r=4, target_modules=["emb", "fc1", "fc2"]), autocast_adapter_dtype=autocast
+    )
+    expected = torch.float32 if autocast else dtype
+    names = [name for name, _ in peft_model.named_parameters() if "lora_" in name]
+    assert len(names) == 6
     for name, param in peft_model.named_parameters():
         if "lora_" in name:
-            assert param.device.type == device and param.dtype == dtype, name
+            assert param.device.type == device and param.dtype == expected, name
     tokens = torch.randint(0, 20, (3, 5), device=device)
-    assert peft_model(tokens).shape == (3, 5, 4)
+    if dtype == torch.float16 and device == "cpu" and not autocast:
+        return  # LayerNorm in float16 on CPU is not what this test is about
+    out = peft_model(tokens)
+    assert out.shape == (3, 5, 4) and out.dtype == dtype
+    with peft_model.disable_adapter():
+        base_out = peft_model(tokens)
+    torch.testing.assert_close(out, base_out)  # B starts at zero: the new adapter changes nothing yet
+    # merging a float32 adapter into a half-precision weight keeps the weight's dtype
+    peft_model.merge_adapter()
+    assert peft_model.base_model.model.fc1.base_layer.weight.dtype == dtype
 
 
 @pytest.mark.parametrize("device", DEVICES)

@@ -68,8 +68,7 @@ def build_bitfit(model: Any, layers: dict, op: TrainBias, adapter_name: str) -> 
 
 
 def build_prompt(model: Any, layers: dict, op: AddPrompt, adapter_name: str) -> None:
-    if op.encoder:
-        raise PlanError(f"singa backend has no P-tuning prompt encoder ({op.encoder!r}) for {op.path!r}; use the torch backend")
+    """Prompt tuning, residual prompt tuning, XPrompt and (op ``prompt_encoder``) P-tuning."""
     if op.num_transformer_submodules != 1:
         raise PlanError("singa backend has no encoder-decoder models; prompts need num_transformer_submodules=1")
     base = _initialised_base(layers, op.path)
@@ -84,6 +83,7 @@ BUILDERS: dict[str, OpBuilder] = {
     "modules_to_save": build_modules_to_save,
     "bitfit_bias": build_bitfit,
     "prompt_embedding": build_prompt,
+    "prompt_encoder": build_prompt,
 }
 
 

@@ -23,9 +23,13 @@ plan op / canonical tensor      name in the checkpoint                   stored 
 ``bitfit_bias`` ``bias``        ``<path>.bitfit_bias.<adapter>``         as is
 ``modules_to_save`` parameter   ``<path>.modules_to_save.<adapter>``     SINGA's layout
                                 ``[.<sublayer>].<attr>``
+P-tuning ``prompt_embeddings``  not stored: computed from the encoder    (n, d)
+                                (``<path>.encoder.<module>.<adapter>``)
 ==============================  =======================================  ================
 
-LoRA tensors are transposed for every layer type (Linear, Gemm, Embedding). In a
+P-tuning's prompt is the output of its encoder, computed with numpy
+(:mod:`peftcore_singa.checkpoint_encoder`); a loading plan (a plain prompt, as planned
+from a ``PromptEncoderConfig`` and the model) takes it the same way. LoRA tensors are transposed for every layer type (Linear, Gemm, Embedding). In a
 ``modules_to_save`` copy, canonical ``weight`` / ``bias`` are SINGA's ``W`` / ``b``;
 a ``layer.Linear`` W is ``(in, out)`` (transposed), a ``layer.Gemm`` (``transB``, the
 default) or ``layer.Embedding`` W is stored as is. A non-square W is told apart by its
@@ -45,8 +49,10 @@ import numpy as np
 from peftcore import strict_json
 from peftcore.errors import AdapterError
 from peftcore.graph import ModelGraph
+from peftcore.methods.prompt_tuning import AddPrompt
 from peftcore.plan import PlanOp, RewritePlan, SaveModule
 from peftcore.safe_files import open_regular
+from peftcore_singa.checkpoint_encoder import encoder_prompt
 
 SINGA_TENSORS_MEMBER = "tensor_dict.npz"
 SINGA_ATTRS_MEMBER = "states_attr.json"
@@ -59,6 +65,8 @@ _STORED = {
 }
 _STORED_AS_IS = ("Gemm", "Embedding")
 _SLOT = "\x00"  # stands for the adapter name in a tensor-name template
+_PROMPT = "prompt_embeddings"
+_ENCODER = "encoder."
 
 
 #: Bounds on what a checkpoint may make us read: the attributes JSON, the number of
@@ -226,18 +234,58 @@ def singa_adapter_tensors(
             f"{path}: no adapter {adapter_name!r} of this plan in the checkpoint "
             f"(found: {', '.join(repr(n) for n in found) or 'none'})"
         )
+    stored = [(op, _stored_specs(op, adapter_name, states)) for op in plan.ops]
     preload = getattr(states, "preload", None)
     if callable(preload):  # one pass over the archive, each tensor checked from its header first
         preload({
-            next(n for n in _native_names(op, name, adapter_name) if n in states): int(np.prod(spec.shape, dtype=object))
-            for op in plan.ops for name, spec in op.tensor_specs().items()
+            next(n for n in _native_names(op, name, adapter_name) if n in states): int(np.prod(shape, dtype=object))
+            for op, specs in stored for name, shape in specs.items() if shape is not None
         })
     tensors: dict[str, np.ndarray] = {}
-    for op in plan.ops:
-        for name, spec in op.tensor_specs().items():
-            full = f"{op.path}.{name}" if op.path else name
-            tensors[full] = _canonical(path, states, op, name, tuple(spec.shape), adapter_name, graph)
+    for op, specs in stored:
+        read = {name: _canonical(path, states, op, name, shape, adapter_name, graph) for name, shape in specs.items()}
+        if isinstance(op, AddPrompt) and _PROMPT in op.tensor_specs() and _PROMPT not in read:
+            read = _with_encoder_prompt(path, op, read)
+        tensors.update({f"{op.path}.{name}" if op.path else name: value for name, value in read.items()})
     return adapter_name, tensors
+
+
+def _encoder_names(op: PlanOp, adapter: str, states: Mapping[str, np.ndarray]) -> list[str]:
+    """Canonical names (``encoder.<module>``) of the P-tuning encoder tensors the
+    checkpoint holds for prompt op ``op`` and ``adapter``."""
+    start, end = f"{op.path}.{_ENCODER}", f".{adapter}"
+    return sorted(
+        _ENCODER + key[len(start) : -len(end)] for key in states
+        if key.startswith(start) and key.endswith(end) and len(key) > len(start) + len(end)
+    )
+
+
+def _stored_specs(op: PlanOp, adapter: str, states: Mapping[str, np.ndarray]) -> dict[str, Optional[tuple]]:
+    """The canonical tensors of ``op`` read from the checkpoint, with their shapes (None:
+    as stored). A P-tuning prompt is not stored; its encoder's tensors are read instead
+    (those of the op's encoder, or, for a loading plan, those the checkpoint holds)."""
+    specs: dict[str, Optional[tuple]] = {name: tuple(spec.shape) for name, spec in op.tensor_specs().items()}
+    if not isinstance(op, AddPrompt) or _PROMPT not in specs:
+        return specs
+    if not op.encoder:
+        encoder = _encoder_names(op, adapter, states)
+        if any(n in states for n in _native_names(op, _PROMPT, adapter)) or f"{_ENCODER}embedding.weight" not in encoder:
+            return specs
+        specs.update({name: None for name in encoder})
+    specs.pop(_PROMPT)
+    return specs
+
+
+def _with_encoder_prompt(path: str, op: AddPrompt, found: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+    """``found`` plus the prompt its encoder computes (and, for a loading plan, which has
+    no encoder, without the encoder's tensors)."""
+    where = f"{path}: the P-tuning encoder of {op.path!r}"
+    prompt = encoder_prompt({k[len(_ENCODER) :]: v for k, v in found.items() if k.startswith(_ENCODER)}, where)
+    expected = tuple(op.tensor_specs()[_PROMPT].shape)
+    if tuple(prompt.shape) != expected:
+        raise AdapterError(f"{where} computes a prompt of shape {tuple(prompt.shape)}; the plan needs {expected}")
+    kept = found if op.encoder else {k: v for k, v in found.items() if not k.startswith(_ENCODER)}
+    return {**kept, _PROMPT: prompt}
 
 
 def _native_names(op: PlanOp, name: str, adapter: str) -> list[str]:
@@ -257,15 +305,19 @@ def _adapters_in(states: Mapping[str, np.ndarray], plan: RewritePlan) -> list[st
     if not ops:
         return []
     op = ops[0]
-    name = next(iter(op.tensor_specs()))
+    names = [next(iter(op.tensor_specs()))]
+    if isinstance(op, AddPrompt):  # P-tuning stores its encoder instead of the prompt
+        names.append(f"{_ENCODER}embedding.weight")
     patterns = []
-    for template in _native_names(op, name, _SLOT):
+    for template in (t for name in names for t in _native_names(op, name, _SLOT)):
         prefix, suffix = template.split(_SLOT)
         patterns.append(re.compile(re.escape(prefix) + "(?P<adapter>.+)" + re.escape(suffix)))
     candidates = sorted({m["adapter"] for key in states for p in patterns for m in [p.fullmatch(key)] if m})
     return [
         candidate for candidate in candidates
-        if all(any(n in states for n in _native_names(o, t, candidate)) for o in ops for t in o.tensor_specs())
+        if all(
+            any(n in states for n in _native_names(o, t, candidate)) for o in ops for t in _stored_specs(o, candidate, states)
+        )
     ]
 
 
@@ -277,11 +329,13 @@ def _first_expected(plan: RewritePlan) -> str:
 
 
 def _canonical(
-    path: str, states: Mapping[str, np.ndarray], op: PlanOp, name: str, shape: tuple,
+    path: str, states: Mapping[str, np.ndarray], op: PlanOp, name: str, shape: Optional[tuple],
     adapter: str, graph: Optional[ModelGraph],
 ) -> np.ndarray:
     key = next(n for n in _native_names(op, name, adapter) if n in states)
     spec = getattr(states, "spec", None)
+    if shape is None:  # a tensor taken as stored (a loading plan's P-tuning encoder)
+        shape = tuple(spec(key)[1]) if callable(spec) else tuple(np.asarray(states[key]).shape)
     if callable(spec):  # dtype and size from the header, before any data is read
         dtype, stored = spec(key)
         if dtype.kind != "f":

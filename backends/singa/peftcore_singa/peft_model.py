@@ -65,6 +65,7 @@ from peftcore.peft_model import PeftModel  # noqa: E402
 from peftcore.plan import RewritePlan  # noqa: E402
 from peftcore_singa.describe import eval_mode  # noqa: E402
 from peftcore_singa.layers import NP_DTYPES  # noqa: E402
+from peftcore_singa.limitations import refuse_unbuildable  # noqa: E402
 
 _Model = singa_model.Model
 
@@ -155,12 +156,19 @@ class SingaPeftModel(PeftModel, singa_model.Model):
         self, adapter_name: str, peft_config: Optional[PeftConfig] = None, plan: Optional[RewritePlan] = None,
         **kwargs: Any,
     ) -> RewritePlan:
+        config = peft_config if peft_config is not None else kwargs.get("config")
+        if isinstance(config, PeftConfig):  # a plain reason before planning, pending or not
+            refuse_unbuildable(config, self.backend.ops())
         result = PeftModel.add_adapter(self, adapter_name, peft_config, plan, **kwargs)
         if self.pending_adapters:
             # SINGA's forward wrapper calls ``initialize`` before a layer's first forward;
             # an instance attribute is found before the class's method
             self.model.__dict__["initialize"] = self._initialise_model
         return result
+
+    def _add_from_files(self, files: Any, adapter_name: str, *args: Any, **kwargs: Any) -> list[str]:
+        refuse_unbuildable(files.config, self.backend.ops())  # before the file's plan meets the model
+        return PeftModel._add_from_files(self, files, adapter_name, *args, **kwargs)
 
     def _initialise_model(self, *args: Any, **kwargs: Any) -> None:
         """The hook on your model's ``initialize`` while adapters are pending."""

@@ -35,7 +35,7 @@ SINGA specifics a user must know:
 * **Names.** Adapter tensors are named ``<layer path>.<tensor>.<adapter>``:
   ``fc1.lora_A.default`` (and ``lora_B``), ``fc1.bitfit_bias.default`` (BitFit),
   ``embed.prompt_embeddings.default`` and ``embed.residual_down_weight.default``... (prompt
-  tuning); copies of ``modules_to_save`` are ``<path>.modules_to_save.<adapter>.<attr>``.
+  tuning), ``embed.encoder.mlp_head.0.weight.default``... (P-tuning's encoder); copies of ``modules_to_save`` are ``<path>.modules_to_save.<adapter>.<attr>``.
   They appear in ``get_params()`` / ``get_states()`` / ``save_states()``; base tensors keep
   their names (``fc1.W``), so plain-model checkpoints still load.
 * **Prompt tuning** wraps the input ``layer.Embedding`` (the first one the model's
@@ -46,6 +46,9 @@ SINGA specifics a user must know:
   the process while a graph records: a model with a ``layer.Embedding`` cannot go
   through ``compile`` or train in graph mode (with or without peftcore). Train it
   eagerly and give ``example_inputs`` so its layers get initialised.
+* **P-tuning** (MLP or LSTM encoder) sits where prompt tuning does. Prefix tuning and
+  UniPELT are refused with the reason (:mod:`peftcore_singa.limitations`): SINGA's core
+  has no attention layer.
 * **Layouts.** LoRA A/B are exported and imported in the canonical (torch/HF) layout;
   ``layer.Linear`` W ``(in, out)`` is reported as ``(out, in)``.
 """

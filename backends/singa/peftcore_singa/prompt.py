@@ -7,7 +7,10 @@ over tokens as ``(m, out, in)``, ``m`` being 1 for one shared MLP or ``n`` for o
 token. Tensors are named ``<path>.<tensor>.<adapter>``.
 
 Forward prepends the running adapters' prompts to every sequence of the embedding
-output ``(batch, seq, dim)``; the layers after it see ``seq + n`` positions. Everything is
+output ``(batch, seq, dim)``; the layers after it see ``seq + n`` positions. For P-tuning
+the prompt is instead the output of the adapter's
+:class:`~peftcore_singa.prompt_encoder.PromptEncoder` (HF PEFT's MLP or LSTM head), whose
+tensors are ``<path>.encoder.<module name>.<adapter>``. Everything is
 built from ``singa.autograd`` ops or from the small operators below, whose backward
 passes are written here because SINGA's own do not fit: its matmul backward is 2-D only
 and its ``erf`` backward is wrong (so the exact GELU needs its own). The residual MLP's
@@ -18,7 +21,7 @@ gradients are correct.
 from __future__ import annotations
 
 import math
-from typing import Any, Callable
+from typing import Any, Callable, Mapping, Optional
 
 import numpy as np
 
@@ -32,6 +35,7 @@ from peftcore.errors import AdapterError  # noqa: E402
 from peftcore.methods.prompt_tuning import RESIDUAL_TENSORS, AddPrompt  # noqa: E402
 from peftcore_singa.layers import AdapterLayer, constant, copy_into, to_numpy  # noqa: E402
 from peftcore_singa.lora import lora_dropout  # noqa: E402
+from peftcore_singa.prompt_encoder import ENCODER_PREFIX, PromptEncoder  # noqa: E402
 
 LAYER_NORM_EPS = 1e-5
 
@@ -112,6 +116,8 @@ class PromptEmbedding(AdapterLayer):
         self.residual_dropout: dict[str, float] = {}
         #: XPrompt's fixed masks (1 = kept), frozen ``(num_virtual_tokens, dim)`` tensors
         self.prompt_masks: dict[str, Any] = {}
+        #: P-tuning's prompt encoders, by adapter (their output is the prompt)
+        self.prompt_encoders: dict[str, PromptEncoder] = {}
 
     # -- building -------------------------------------------------------------------------
     def add(self, adapter_name: str, op: AddPrompt) -> None:
@@ -122,6 +128,11 @@ class PromptEmbedding(AdapterLayer):
             raise AdapterError(
                 f"embedding {op.path!r} is {tuple(table.shape)}, the plan expects ({op.num_embeddings}, {op.token_dim})"
             )
+        if op.encoder:
+            self.prompt_encoders[adapter_name] = PromptEncoder(
+                op, lambda shape, name: self.new_tensor(shape, f"{ENCODER_PREFIX}{name}.{adapter_name}")
+            )
+            return
         prompt = self.new_tensor((op.num_virtual_tokens, op.token_dim), f"prompt_embeddings.{adapter_name}")
         if op.init == "random":
             # the table's own scale: a unit normal would dwarf real token vectors
@@ -159,10 +170,59 @@ class PromptEmbedding(AdapterLayer):
         self.residual_activation.pop(adapter_name, None)
         self.residual_dropout.pop(adapter_name, None)
         self.prompt_masks.pop(adapter_name, None)
+        self.prompt_encoders.pop(adapter_name, None)
+
+    # -- P-tuning's encoders in the generic adapter state ------------------------------------
+    def adapter_names(self) -> list[str]:
+        own = super().adapter_names()
+        return own + [name for name in self.prompt_encoders if name not in own]
+
+    def adapter_tensors(self, adapter_name: Optional[str] = None) -> list[Any]:
+        found = super().adapter_tensors(adapter_name)
+        for name, encoder in self.prompt_encoders.items():
+            if adapter_name is None or name == adapter_name:
+                found.extend(encoder.tensors.values())
+        return found
+
+    def export(self, adapter_name: str) -> dict[str, np.ndarray]:
+        tensors = super().export(adapter_name)
+        encoder = self.prompt_encoders.get(adapter_name)
+        if encoder is not None:
+            tensors.update({ENCODER_PREFIX + k: np.ascontiguousarray(to_numpy(t)) for k, t in encoder.tensors.items()})
+            tensors["prompt_embeddings"] = np.ascontiguousarray(self._eval_prompt(adapter_name))
+        return tensors
+
+    def load(self, adapter_name: str, tensors: Mapping[str, Any]) -> None:
+        super().load(adapter_name, tensors)
+        encoder = self.prompt_encoders.get(adapter_name)
+        if encoder is None:
+            return
+        pending = []
+        for name, target in encoder.tensors.items():
+            key = ENCODER_PREFIX + name
+            if key not in tensors:
+                raise AdapterError(f"tensor {key!r} missing for adapter {adapter_name!r}")
+            value = np.asarray(tensors[key])
+            if tuple(value.shape) != tuple(target.shape):
+                raise AdapterError(f"tensor {key!r} has shape {value.shape}, expected {tuple(target.shape)}")
+            pending.append((target, value))
+        for target, value in pending:
+            copy_into(target, value)
+
+    def _eval_prompt(self, adapter_name: str) -> np.ndarray:
+        """The adapter's prompt in eval mode (no dropout), as numpy."""
+        previous = autograd.training
+        autograd.training = False
+        try:
+            return to_numpy(self.prompt(adapter_name))
+        finally:
+            autograd.training = previous
 
     # -- computing prompts ------------------------------------------------------------------
     def prompt(self, adapter_name: str) -> Any:
         """The adapter's virtual token vectors, ``(num_virtual_tokens, dim)``."""
+        if adapter_name in self.prompt_encoders:
+            return self.prompt_encoders[adapter_name]()
         prompt = self.prompt_embeddings[adapter_name]
         if adapter_name in self.prompt_masks:  # pruned entries stay zero and get no gradient
             return autograd.mul(prompt, self.prompt_masks[adapter_name])
@@ -198,12 +258,7 @@ class PromptEmbedding(AdapterLayer):
         """Store the residual MLP's output (eval mode: no dropout) as the prompt and drop the MLP."""
         if adapter_name not in self.residual_down_weight:
             return
-        previous = autograd.training
-        autograd.training = False
-        try:
-            value = to_numpy(self.prompt(adapter_name))
-        finally:
-            autograd.training = previous
+        value = self._eval_prompt(adapter_name)
         copy_into(self.prompt_embeddings[adapter_name], value)
         for name in RESIDUAL_TENSORS:
             getattr(self, name).pop(adapter_name, None)

@@ -20,6 +20,7 @@ from singa import autograd, layer, model  # noqa: E402
 from peftcore.graph import ModelGraph  # noqa: E402
 from peftcore.runtime import BackendInfo, BackendRuntime, OpBuilder  # noqa: E402
 from peftcore_singa.layers import AdapterLayer, set_trainable_flags, to_numpy  # noqa: E402
+from peftcore_singa.limitations import LIMITATIONS  # noqa: E402
 from peftcore_singa.walk import replace_layer, walk  # noqa: E402
 
 NAME = "singa"
@@ -37,7 +38,7 @@ class SingaRuntime(BackendRuntime):
         self.version = version
 
     def info(self) -> BackendInfo:
-        return BackendInfo(NAME, FRAMEWORK, available=True, version=self.version)
+        return BackendInfo(NAME, FRAMEWORK, available=True, version=self.version, limitations=dict(LIMITATIONS))
 
     def detect(self, model_: Any) -> bool:
         return isinstance(model_, (model.Model, layer.Layer))

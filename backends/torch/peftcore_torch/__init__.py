@@ -22,12 +22,17 @@ _AUTO = (
 
 
 def __getattr__(name: str) -> Any:
-    """HF PEFT's ``AutoPeftModel*`` classes (:mod:`peftcore_torch.auto`) and
-    :func:`enable_trainer_integration`, imported on first use."""
+    """HF PEFT's ``AutoPeftModel*`` classes (:mod:`peftcore_torch.auto`), its base-state
+    functions (:mod:`peftcore_torch.base_state`) and :func:`enable_trainer_integration`,
+    imported on first use."""
     if name in _AUTO:
         from peftcore_torch import auto
 
         return getattr(auto, name)
+    if name in ("get_base_model_state_dict", "set_base_model_state_dict", "get_submodules", "load_peft_weights"):
+        from peftcore_torch import base_state
+
+        return getattr(base_state, name)
     if name == "enable_trainer_integration":
         from peftcore_torch.trainer_integration import enable_trainer_integration
 

@@ -49,6 +49,17 @@ class AdapterLayer(AdapterBookkeeping, nn.Module):
         weight = self.base_weight()
         return nn.Parameter(torch.empty(shape, device=weight.device, dtype=weight.dtype))
 
+    @property
+    def in_features(self) -> int:
+        """The base layer's input size (HF PEFT's layer attribute; an embedding's is its
+        number of rows)."""
+        return base_features(self.base_layer)[0]
+
+    @property
+    def out_features(self) -> int:
+        """The base layer's output size (an embedding's is its dimension)."""
+        return base_features(self.base_layer)[1]
+
     # -- what subclasses provide ----------------------------------------------------------
     def add(self, adapter_name: str, op: Any) -> None:
         raise NotImplementedError
@@ -76,10 +87,17 @@ class AdapterLayer(AdapterBookkeeping, nn.Module):
         """Copy canonical tensors (numpy arrays or torch tensors) into the adapter."""
         for name in self.tensor_names(adapter_name):
             key, given = self.canonical_tensor(adapter_name, tensors, name)
-            target = getattr(self, name)[adapter_name]
+            store = getattr(self, name)
+            target = store[adapter_name]
             value = self.native_import(name, torch.as_tensor(given))
             if tuple(value.shape) != tuple(target.shape):
                 raise AdapterError(f"tensor {key!r} has shape {tuple(value.shape)}, expected {tuple(target.shape)}")
+            if target.is_meta:  # built with low_cpu_mem_usage: the loaded tensor becomes the parameter
+                device = self.base_weight().device
+                store[adapter_name] = nn.Parameter(
+                    value.to(device=device, dtype=target.dtype, copy=True), requires_grad=target.requires_grad
+                )
+                continue
             with torch.no_grad():
                 target.copy_(value.to(device=target.device, dtype=target.dtype))
 
@@ -157,6 +175,43 @@ class AdapterLayer(AdapterBookkeeping, nn.Module):
                 f"plan op for {op.path!r} expects {op.in_features} -> {op.out_features} features, "
                 f"the layer has {in_features} -> {out_features}"
             )
+
+
+_HALF_PRECISION = (torch.float16, torch.bfloat16)
+
+
+def place_tensors(store: Any, adapter_name: str, upcast: bool, on_meta: bool) -> None:
+    """Put ``store[adapter_name]`` (a parameter, or a module of them) in float32 if it is
+    half precision and ``upcast``, and a parameter on the meta device if ``on_meta``
+    (:meth:`AdapterLayer.load` then installs the loaded tensor in its place)."""
+    item = store[adapter_name]
+    if isinstance(item, nn.Module):
+        if upcast:
+            for module in item.modules():
+                for name, param in list(module.named_parameters(recurse=False)):
+                    if param.dtype in _HALF_PRECISION:
+                        setattr(module, name, nn.Parameter(param.detach().float(), requires_grad=param.requires_grad))
+        return
+    if not isinstance(item, torch.Tensor):
+        return
+    dtype = torch.float32 if upcast and item.dtype in _HALF_PRECISION else item.dtype
+    if on_meta:
+        store[adapter_name] = nn.Parameter(torch.empty_like(item, device="meta", dtype=dtype), requires_grad=item.requires_grad)
+    elif dtype != item.dtype:
+        store[adapter_name] = nn.Parameter(item.detach().to(dtype), requires_grad=item.requires_grad)
+
+
+def base_features(layer: nn.Module) -> tuple[int, int]:
+    """``(in_features, out_features)`` of a linear-like or embedding layer; an
+    ``AttributeError`` for a layer that has neither."""
+    if isinstance(layer, nn.Embedding):
+        return int(layer.num_embeddings), int(layer.embedding_dim)
+    sizes: Any = layer
+    if hasattr(sizes, "nx") and hasattr(sizes, "nf"):  # transformers' Conv1D
+        return int(sizes.nx), int(sizes.nf)
+    if hasattr(sizes, "in_features") and hasattr(sizes, "out_features"):
+        return int(sizes.in_features), int(sizes.out_features)
+    raise AttributeError(f"{type(layer).__name__} has no in_features/out_features")
 
 
 def warn_changed_while_merged(layer: AdapterLayer, what: str) -> None:

@@ -23,14 +23,38 @@ from peftcore.graph import ModelGraph
 from peftcore.peft_model import PeftModel
 from peftcore_torch.trainer_integration import enable_if_transformers_loaded
 
+#: HF PEFT's tuner-model (``LoraModel``) API that ``base_model`` passes to its PeftModel.
+TUNER_API = frozenset({
+    "peft_config", "active_adapter", "active_adapters", "set_adapter", "merge_adapter", "unmerge_adapter",
+    "merge_and_unload", "unload", "delete_adapter", "add_weighted_adapter", "enable_adapter_layers",
+    "disable_adapter_layers",
+})
+
 
 class TunerModel(nn.Module):
     """``base_model`` of a :class:`TorchPeftModel` (HF PEFT's ``LoraModel`` place): it
-    holds the adapted model as ``model`` and passes unknown attributes to it."""
+    holds the adapted model as ``model``, answers HF's tuner-model API (``set_adapter``,
+    ``peft_config``, ``prefix``...) from its PeftModel, and passes other attributes to
+    the adapted model."""
 
     def __init__(self, model: nn.Module) -> None:
         super().__init__()
         self.model = model
+
+    def attach(self, peft_model: TorchPeftModel) -> None:
+        # a plain attribute, not a child module: the PeftModel owns this module
+        object.__setattr__(self, "_peft_model", peft_model)
+
+    @property
+    def prefix(self) -> str:
+        """The name part every adapter tensor of the active method has (``"lora_"``), as
+        HF PEFT's tuner models give it; methods without one raise ``AttributeError``."""
+        peft_model = self.__dict__.get("_peft_model")
+        config = peft_model.active_peft_config if peft_model is not None and peft_model.peft_config else None
+        prefix = getattr(config, "tensor_prefix", "")
+        if not prefix:
+            raise AttributeError(f"{type(config).__name__} adapters have no tensor name prefix")
+        return str(prefix)
 
     def forward(self, *args: Any, **kwargs: Any) -> Any:
         return self.model(*args, **kwargs)
@@ -41,6 +65,9 @@ class TunerModel(nn.Module):
         except AttributeError:
             if name == "model":  # not set yet (during unpickling)
                 raise
+            peft_model = self.__dict__.get("_peft_model")
+            if name in TUNER_API and peft_model is not None:
+                return getattr(peft_model, name)
             return getattr(self.model, name)
 
 
@@ -89,6 +116,7 @@ class TorchPeftModel(PeftModel, nn.Module):
     def __init__(self, model: nn.Module, backend_name: str, graph: ModelGraph) -> None:
         nn.Module.__init__(self)
         self.base_model = TunerModel(model)
+        self.base_model.attach(self)
         self.init_peft_state(backend_name, graph)
         # let transformers.Trainer save and resume it as an adapter (see trainer_integration)
         enable_if_transformers_loaded()

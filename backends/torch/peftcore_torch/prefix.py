@@ -23,7 +23,13 @@ reaches it in one of two ways:
   then calls the model's real implementation (``eager`` or ``sdpa``; other
   implementations are refused with a clear error). Mask creation, which reads the
   model's own config, is untouched. This relies only on the documented
-  ``AttentionInterface`` contract, not on any model's forward code.
+  ``AttentionInterface`` contract, not on any model's forward code. T5 (and other
+  relative-position models) hand the attention function a ``position_bias`` as wide
+  as the keys; it gets as many leading columns as the prefix: the model's own
+  relative bias for a prefix sitting at positions ``0..n-1`` in front of the real
+  tokens, when a ``position_bias_source`` (an attention with ``compute_bias``, T5's
+  first layer) is set (HF PEFT's semantics, where the prefix is a key/value cache
+  ahead of the input), else zeros.
 * **other modules** opt in by setting the class attribute
   ``peftcore_prefix_support = True`` and calling :func:`extend_key_values` on their
   ``(batch, heads, seq, head_dim)`` keys and values before attending.
@@ -64,11 +70,14 @@ class AttentionPrefix(GatedLayer):
         self.prefix_values = nn.ParameterDict()
         self.init_gates()
         #: prefix tuning's adapters: their keys and values come from a shared table
-        #: (``source.key_values(adapter, layer_index)``), not from this holder
+        #: (``source.key_values(adapter, key_entry)``), not from this holder
         self.sources: dict[str, tuple[Any, int]] = {}
         object.__setattr__(self, "attention", attention)  # not a child: the attention module owns us
         self._input: Optional[torch.Tensor] = None
         self._hook = attention.register_forward_pre_hook(self._capture_input, with_kwargs=True)
+        #: an attention with T5's ``compute_bias(query_len, key_len, device, past_seen_tokens)``,
+        #: which gives the prefix's columns of ``position_bias`` (zeros without one); not a child
+        self.position_bias_source: Optional[nn.Module] = None
         if is_transformers_attention(attention):
             self.attention.config = RoutedConfig(self.attention.config)
 
@@ -94,11 +103,11 @@ class AttentionPrefix(GatedLayer):
         own = list(self.prefix_keys.keys())
         return own + [name for name in self.sources if name not in own]
 
-    def add_source(self, adapter_name: str, source: Any, layer_index: int) -> None:
-        """Take ``adapter_name``'s keys and values from layer ``layer_index`` of ``source``."""
+    def add_source(self, adapter_name: str, source: Any, key_entry: int) -> None:
+        """Take ``adapter_name``'s keys and values from table entry ``key_entry`` of ``source``."""
         if self.has_adapter(adapter_name):
             raise AdapterError(f"attention {self.attention.__class__.__name__} already has a prefix for adapter {adapter_name!r}")
-        self.sources[adapter_name] = (source, layer_index)
+        self.sources[adapter_name] = (source, key_entry)
 
     def key_values(self, adapter_name: str) -> tuple[torch.Tensor, torch.Tensor]:
         """The adapter's prefix keys and values, each ``(num_virtual_tokens, width)``."""
@@ -140,6 +149,23 @@ class AttentionPrefix(GatedLayer):
         value = torch.cat([*prefix_values, value], dim=2)
         prefix_len = key.shape[2] - key_len
         return key, value, extend_mask(mask, prefix_len, query_len, key_len, causal, additive, key)
+
+    def use_position_bias_of(self, source: nn.Module) -> None:
+        """Take the prefix's ``position_bias`` columns from ``source.compute_bias``."""
+        object.__setattr__(self, "position_bias_source", source)  # a plain reference: no module cycle
+
+    def extend_position_bias(self, bias: torch.Tensor, prefix_len: int) -> torch.Tensor:
+        """``bias`` (``(batch or 1, heads, queries, keys)``, keys already cached counted) with
+        ``prefix_len`` columns in front; the queries are the last ones before the keys' end."""
+        query_len, key_len = bias.shape[-2], bias.shape[-1]
+        source = self.position_bias_source
+        if source is None:
+            columns = bias.new_zeros((*bias.shape[:-1], prefix_len))
+        else:
+            total = prefix_len + key_len
+            full = source.compute_bias(query_len, total, device=bias.device, past_seen_tokens=total - query_len)  # type: ignore[operator]
+            columns = full[..., :prefix_len].to(bias.dtype).expand(*bias.shape[:-1], prefix_len)
+        return torch.cat([columns, bias], dim=-1)
 
     def merge(self, adapter_names: list[str]) -> None:
         self.refuse_merge(adapter_names, "a prefix adds attention inputs; it is not a weight change")
@@ -230,9 +256,14 @@ def routed_attention(module: nn.Module, query: torch.Tensor, key: torch.Tensor, 
         attend = ALL_ATTENTION_FUNCTIONS["sdpa"]
         flag = kwargs.get("is_causal")
         causal = bool(flag if flag is not None else getattr(module, "is_causal", True))
+    key_len = key.shape[2]
     key, value, attention_mask = extend_key_values(
         module, query, key, value, attention_mask, causal=causal, additive=implementation == "eager"
     )
+    bias = kwargs.get("position_bias")
+    holder = prefix_holder(module)
+    if isinstance(bias, torch.Tensor) and holder is not None and key.shape[2] > key_len:
+        kwargs["position_bias"] = holder.extend_position_bias(bias, key.shape[2] - key_len)
     return attend(module, query, key, value, attention_mask, **kwargs)
 
 

@@ -11,6 +11,13 @@ As in HF PEFT, where the prefix is a key/value cache in front of the input, the 
 tokens' positions start after the prefix: a forward pre-hook on a transformers-style
 model shifts ``position_ids`` by the prefix length (filling them in when the call has
 none).
+
+Encoder-decoder models (T5, BART): the prefix goes into the decoder's self-attention
+only, where HF PEFT's cache would put it; it never enters our key/value cache, so cached
+generation is unchanged. The decoder's positions start after the prefix as in HF PEFT:
+a pre-hook on the decoder's learned position embedding (BART's ``embed_positions``)
+shifts its positions, and T5's relative position bias gets the prefix's columns from the
+decoder's first self-attention (see :meth:`AttentionPrefix.extend_position_bias`).
 """
 
 from __future__ import annotations
@@ -55,7 +62,7 @@ class PrefixEncoder(AdapterLayer):
             setattr(self, name, nn.ParameterDict())
         self.widths: dict[str, int] = {}
         self._reference = (reference.device, reference.dtype)
-        self.position_hook: Optional[PrefixPositionHook] = None
+        self.position_hook: Optional[PrefixPositionHook | DecoderPositionHook] = None
 
     def new_tensor(self, *shape: int) -> nn.Parameter:
         device, dtype = self._reference
@@ -102,11 +109,12 @@ class PrefixEncoder(AdapterLayer):
         )
         return torch.nn.functional.linear(hidden, self.proj_up_weight[adapter_name], self.proj_up_bias[adapter_name])
 
-    def key_values(self, adapter_name: str, layer_index: int) -> tuple[torch.Tensor, torch.Tensor]:
-        """Layer ``layer_index``'s prefix keys and values, each ``(num_virtual_tokens, width)``."""
+    def key_values(self, adapter_name: str, key_entry: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """The prefix keys in table entry ``key_entry`` (``2 * layer`` unless the plan says
+        otherwise) and the values in the next, each ``(num_virtual_tokens, width)``."""
         d = self.widths[adapter_name]
         table = self.table(adapter_name)
-        start = 2 * layer_index * d
+        start = key_entry * d
         return table[:, start : start + d], table[:, start + d : start + 2 * d]
 
     def num_virtual_tokens(self) -> int:
@@ -134,6 +142,34 @@ class PrefixEncoder(AdapterLayer):
             self.position_hook.remove()
             self.position_hook = None
         return None
+
+
+class DecoderPositionHook:
+    """Shift the positions an encoder-decoder model's decoder embeds (BART's learned
+    ``embed_positions(input_ids, cache_length, position_ids)``) by the prefix length."""
+
+    def __init__(self, embedding: nn.Module, encoder: PrefixEncoder) -> None:
+        self.encoder = encoder
+        self.signature = inspect.signature(embedding.forward)
+        self._handle = embedding.register_forward_pre_hook(self._before, with_kwargs=True)
+
+    def remove(self) -> None:
+        self._handle.remove()
+
+    def _before(self, module: nn.Module, args: tuple, kwargs: dict) -> Optional[tuple]:
+        n = self.encoder.num_virtual_tokens()
+        try:
+            arguments = dict(self.signature.bind_partial(*args, **kwargs).arguments) if n else None
+        except TypeError:
+            return None
+        if arguments is None:
+            return None
+        positions = arguments.get("position_ids")
+        if isinstance(positions, torch.Tensor):
+            arguments["position_ids"] = positions + n
+        else:
+            arguments["cache_length"] = int(arguments.get("cache_length") or 0) + n
+        return (), arguments
 
 
 class PrefixPositionHook:
@@ -188,9 +224,24 @@ def build_prefix_encoder(model: nn.Module, modules: dict, op: AddPrefixEncoder, 
         encoder = PrefixEncoder(next(first.parameters()))
         first.add_module(ENCODER_CHILD, encoder)
         modules[f"{op.path}.{ENCODER_CHILD}"] = encoder
-        if not is_encoder_decoder(model) and "position_ids" in inspect.signature(model.forward).parameters:
-            encoder.position_hook = PrefixPositionHook(model, encoder)
+        encoder.position_hook = _position_hook(model, encoder)
     assert isinstance(encoder, PrefixEncoder)
     encoder.add(adapter_name, op)
+    bias_source = next((h.attention for h in holders if getattr(h.attention, "has_relative_attention_bias", False)), None)
     for index, holder in enumerate(holders):
-        holder.add_source(adapter_name, encoder, index)
+        holder.add_source(adapter_name, encoder, op.key_entry(index))
+        if bias_source is not None and callable(getattr(bias_source, "compute_bias", None)):
+            holder.use_position_bias_of(bias_source)
+
+
+def _position_hook(model: nn.Module, encoder: PrefixEncoder) -> Optional[PrefixPositionHook | DecoderPositionHook]:
+    """The hook that puts the model's real tokens after the prefix, where it has positions to shift."""
+    if not is_encoder_decoder(model):
+        if "position_ids" in inspect.signature(model.forward).parameters:
+            return PrefixPositionHook(model, encoder)
+        return None
+    get_decoder = getattr(model, "get_decoder", None)
+    embedding = getattr(get_decoder(), "embed_positions", None) if callable(get_decoder) else None
+    if isinstance(embedding, nn.Module) and "position_ids" in inspect.signature(embedding.forward).parameters:
+        return DecoderPositionHook(embedding, encoder)
+    return None

@@ -10,7 +10,7 @@ from torch import nn
 
 from peftcore.graph import ModelGraph
 from peftcore.runtime import BackendInfo, BackendRuntime, OpBuilder
-from peftcore_torch.layers import AdapterLayer
+from peftcore_torch.layers import AdapterLayer, place_tensors
 from peftcore_torch.walk import replace_module, walk
 
 NAME = "torch"
@@ -90,6 +90,11 @@ class TorchRuntime(BackendRuntime):
         for index, grad in zip(wanted, found):
             grads[index] = grad
         return grads
+
+    def place_adapter_tensors(self, layer: Any, adapter_name: str, upcast: bool, on_meta: bool) -> None:
+        for attribute in layer.tensor_names(adapter_name):
+            store = layer.adapter_store(attribute)
+            place_tensors(store, adapter_name, upcast, on_meta)
 
     def row_routing(self, adapter_names: Sequence[str]) -> Any:
         from peftcore_torch.row_routing import RowRouting

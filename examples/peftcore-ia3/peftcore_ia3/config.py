@@ -18,6 +18,7 @@ from peftcore.config import PeftConfig, check, check_type, config_class
 from peftcore.errors import ConfigError, PlanError
 from peftcore.graph import LayerNode, ModelGraph
 from peftcore.methods.common import modules_to_save_ops, validate_modules_to_save
+from peftcore.peft_type import PeftType
 from peftcore.plan import FreezeBase, PlanOp, RewritePlan, TensorSpec, register_op
 from peftcore.targeting import ALL_LINEAR, Targets, select_layers, validate_targets
 
@@ -118,7 +119,8 @@ class IA3Config(PeftConfig):
     """
 
     method: ClassVar[str] = "ia3"
-    peft_type: ClassVar[str] = "IA3"
+    peft_type: ClassVar[str] = PeftType.IA3
+    tensor_prefix: ClassVar[str] = "ia3_"
     plan_ops: ClassVar[tuple] = ("freeze_base", "ia3_scale", "modules_to_save")
 
     target_modules: Targets = None

@@ -1,0 +1,44 @@
+"""What the SINGA backend cannot build, and why (shown by ``peftcore backends``).
+
+SINGA's core has no attention layer: ``singa.layer`` offers no ``MultiHeadAttention``
+(or any attention), so a SINGA model's attention, where it has one, is the user's own
+code, with no keys and values a backend could find and extend. Methods that put
+virtual tokens *inside* attention (prefix tuning, UniPELT's prefix part) therefore have
+nothing to attach to. The prompt-family methods that work at the input embedding (prompt
+tuning, residual prompt tuning, XPrompt, P-tuning with its MLP or LSTM encoder) are built.
+
+This module imports neither singa nor the layer modules.
+"""
+
+from __future__ import annotations
+
+from typing import Iterable
+
+from peftcore.config import PeftConfig
+from peftcore.errors import PlanError
+from peftcore.registry import PeftRegistry
+
+_NO_ATTENTION = "SINGA's core has no attention layer (singa.layer has no MultiHeadAttention)"
+
+#: Methods the SINGA backend cannot build, by registry name, with the reason.
+LIMITATIONS: dict[str, str] = {
+    "prefix_tuning": (
+        f"{_NO_ATTENTION}, so there are no attention keys and values to put the prefix in front of; "
+        "use the torch backend"
+    ),
+    "unipelt": (
+        f"{_NO_ATTENTION}, and UniPELT's prefix part (one of its three gated parts) prefixes attention keys "
+        "and values; use the torch backend"
+    ),
+}
+
+
+def refuse_unbuildable(config: PeftConfig, built_ops: Iterable[str]) -> None:
+    """Raise :class:`PlanError` with the plain reason when ``config``'s method is one SINGA
+    cannot build (unless a plugin has since added builders for every op it needs)."""
+    reason = LIMITATIONS.get(config.method)
+    if reason is None:
+        return
+    lacking = sorted(set(PeftRegistry.ops_of(config.method)) - set(built_ops))
+    if lacking:
+        raise PlanError(f"singa backend cannot build {config.method} ({type(config).__name__}): {reason}")

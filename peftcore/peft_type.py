@@ -1,0 +1,58 @@
+"""Hugging Face PEFT's enums: method types (``PeftType``, for the methods peftcore has),
+``PromptTuningInit`` and ``PromptEncoderReparameterizationType``."""
+
+from __future__ import annotations
+
+import enum
+
+__all__ = ["PeftType", "PromptEncoderReparameterizationType", "PromptTuningInit"]
+
+
+class PeftType(str, enum.Enum):
+    """A method's ``peft_type``, as HF PEFT names it (``config.peft_type``).
+
+    Members compare equal to their strings (``PeftType.LORA == "LORA"``) and are written
+    to ``adapter_config.json`` as those strings. A config class of a method without a
+    member here (a third-party one) keeps a plain string ``peft_type``.
+    """
+
+    LORA = "LORA"
+    IA3 = "IA3"
+    PROMPT_TUNING = "PROMPT_TUNING"
+    P_TUNING = "P_TUNING"
+    PREFIX_TUNING = "PREFIX_TUNING"
+    BITFIT = "BITFIT"
+    RESIDUAL_PROMPT_TUNING = "RESIDUAL_PROMPT_TUNING"
+    UNIPELT = "UNIPELT"
+
+    def __str__(self) -> str:
+        return str(self.value)
+
+
+class PromptTuningInit(str, enum.Enum):
+    """``PromptTuningConfig.prompt_tuning_init`` values, as HF PEFT names them."""
+
+    TEXT = "TEXT"
+    SAMPLE_VOCAB = "SAMPLE_VOCAB"
+    RANDOM = "RANDOM"
+
+    def __str__(self) -> str:
+        return str(self.value)
+
+
+class PromptEncoderReparameterizationType(str, enum.Enum):
+    """``PromptEncoderConfig.encoder_reparameterization_type`` values (P-tuning)."""
+
+    MLP = "MLP"
+    LSTM = "LSTM"
+
+    def __str__(self) -> str:
+        return str(self.value)
+
+
+def as_peft_type(value: str) -> str:
+    """``value`` as a :class:`PeftType` member when it names one, else unchanged."""
+    try:
+        return PeftType(value)
+    except ValueError:
+        return value
