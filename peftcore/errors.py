@@ -51,6 +51,11 @@ class AdapterError(PeftCoreError, ValueError):
     """An adapter (in memory or on disk) is missing, malformed or does not fit the model."""
 
 
+class PeftWarning(UserWarning):
+    """A warning about a PEFT model or adapter (Hugging Face PEFT's name); peftcore's own
+    warnings about adapter state derive from it."""
+
+
 def closest(name: str, candidates: Iterable[str], n: int = 5) -> list[str]:
     """Return up to ``n`` candidates that look most like ``name`` (for error messages)."""
     pool = list(dict.fromkeys(candidates))

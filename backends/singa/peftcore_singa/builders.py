@@ -25,7 +25,7 @@ from peftcore.runtime import OpBuilder  # noqa: E402
 from peftcore_singa.bitfit import BiasAdapter, base_bias  # noqa: E402
 from peftcore_singa.layers import AdapterLayer  # noqa: E402
 from peftcore_singa.lora import LoraEmbedding, LoraLinear  # noqa: E402
-from peftcore_singa.modules_to_save import SavedModule  # noqa: E402
+from peftcore_singa.modules_to_save import ModulesToSaveWrapper  # noqa: E402
 from peftcore_singa.prompt import PromptEmbedding  # noqa: E402
 from peftcore_singa.walk import wrap_layer  # noqa: E402
 
@@ -46,7 +46,7 @@ def build_lora(model: Any, layers: dict, op: AddLora, adapter_name: str) -> None
 
 
 def build_modules_to_save(model: Any, layers: dict, op: SaveModule, adapter_name: str) -> None:
-    wrap_layer(model, layers, op.path, SavedModule).add(adapter_name, op)
+    wrap_layer(model, layers, op.path, ModulesToSaveWrapper).add(adapter_name, op)
 
 
 def _initialised_base(layers: dict, path: str) -> Any:

@@ -75,7 +75,7 @@ def lora_dropout(x: Any, p: float) -> Any:
     return autograd.mul(x, mask)
 
 
-class _LoraMixin(AdapterLayer):
+class LoraLayer(AdapterLayer):
     adapter_tensor_names = ("lora_A", "lora_B")
 
     def __init__(self, base_layer: Any, path: str) -> None:
@@ -124,7 +124,7 @@ class _LoraMixin(AdapterLayer):
         return scaled_matmul(autograd.matmul(x2d, a), b, self.scaling[adapter_name])
 
 
-class LoraLinear(_LoraMixin):
+class LoraLinear(LoraLayer):
     """LoRA around ``layer.Linear`` (W is ``(in, out)``) or ``layer.Gemm`` (W is
     ``(out, in)`` with ``transB``, the default; ``alpha`` and ``transA`` are honoured).
 
@@ -159,7 +159,7 @@ class LoraLinear(_LoraMixin):
         return result
 
 
-class LoraEmbedding(_LoraMixin):
+class LoraEmbedding(LoraLayer):
     """LoRA around ``layer.Embedding``: rows of A (stored ``(vocab, r)``) are looked up
     like a table, then projected by B (stored ``(r, dim)``). No dropout, as in HF PEFT."""
 

@@ -60,7 +60,7 @@ def adopt_names(source: Any, clone: Any) -> None:
             adopt_names(source._layers[key], child)
 
 
-class SavedModule(AdapterLayer):
+class ModulesToSaveWrapper(AdapterLayer):
     """Runs the first active adapter's copy of the module, or the original when none."""
 
     def __init__(self, base_layer: Any, path: str) -> None:

@@ -19,7 +19,7 @@ from peftcore.runtime import OpBuilder
 from peftcore_torch.bitfit import BiasAdapter
 from peftcore_torch.layers import AdapterLayer
 from peftcore_torch.lora import LoraEmbedding, LoraLinear
-from peftcore_torch.modules_to_save import SavedModule
+from peftcore_torch.modules_to_save import ModulesToSaveWrapper
 from peftcore_torch.prefix import build_prefix
 from peftcore_torch.prefix_tuning import build_prefix_encoder
 from peftcore_torch.prompt import PromptEmbedding
@@ -42,7 +42,7 @@ def build_lora(model: nn.Module, layers: dict, op: AddLora, adapter_name: str) -
 
 
 def build_modules_to_save(model: nn.Module, layers: dict, op: SaveModule, adapter_name: str) -> None:
-    wrap_layer(model, layers, op.path, SavedModule).add(adapter_name, op)
+    wrap_layer(model, layers, op.path, ModulesToSaveWrapper).add(adapter_name, op)
 
 
 def build_bitfit(model: nn.Module, layers: dict, op: TrainBias, adapter_name: str) -> None:

@@ -66,7 +66,10 @@ class FactorDict(nn.ModuleDict):
         super().__setitem__(key, LoraFactor(value) if isinstance(value, nn.Parameter) else value)
 
 
-class _LoraMixin(RoutesRows, AdapterLayer):
+class LoraLayer(RoutesRows, AdapterLayer):
+    """What every LoRA layer shares (HF PEFT's ``LoraLayer``): per-adapter factors
+    ``lora_A``/``lora_B``, dropout, ``scaling`` and rank ``r``."""
+
     adapter_tensor_names: ClassVar[tuple] = ("lora_A", "lora_B")
     lora_A: Any
     lora_B: Any
@@ -135,7 +138,7 @@ class _LoraMixin(RoutesRows, AdapterLayer):
         return hidden * scaling if scaling != 1.0 else hidden
 
 
-class LoraLinear(_LoraMixin):
+class LoraLinear(LoraLayer):
     """LoRA around ``nn.Linear`` or transformers' ``Conv1D``."""
 
     def __init__(self, base_layer: nn.Module) -> None:
@@ -247,7 +250,7 @@ class LoraLinear(_LoraMixin):
         return fused_lora_linear(x, lora_input, self.base_weight(), bias, a, b, self.scaling[name], self.fan_in_fan_out)
 
 
-class LoraEmbedding(_LoraMixin):
+class LoraEmbedding(LoraLayer):
     """LoRA around ``nn.Embedding``: A is looked up like a table, then projected by B.
 
     The factors are kept as HF PEFT keeps them for embeddings, in parameter dicts named

@@ -21,7 +21,7 @@ from peftcore_torch.row_routing import RoutesRows, RowRouting
 from peftcore_torch.walk import is_conv1d
 
 
-class SavedModule(RoutesRows, AdapterLayer):
+class ModulesToSaveWrapper(RoutesRows, AdapterLayer):
     """Runs the first active adapter's copy of the module, or the original when none."""
 
     def __init__(self, base_layer: nn.Module) -> None:
@@ -49,7 +49,7 @@ class SavedModule(RoutesRows, AdapterLayer):
     # -- mixed-adapter batches --------------------------------------------------------
     def routes_rows(self) -> bool:
         """This layer's forward routes rows (a subclass with its own forward does not)."""
-        return type(self).forward is SavedModule.forward
+        return type(self).forward is ModulesToSaveWrapper.forward
 
     def _routed_forward(self, routing: RowRouting, *args: Any, **kwargs: Any) -> Any:
         """One call per adapter on its rows of the first argument (a batch-first tensor)."""
