@@ -50,7 +50,8 @@ class HFCompatMixin:
     """HF PEFT's PeftModel methods built on the core's state machine (see the module docstring)."""
 
     def disable_adapter_layers(self) -> None:
-        """Run the base model alone until :meth:`enable_adapter_layers` (HF PEFT's name).
+        """Run the base model alone until :meth:`enable_adapter_layers` (HF PEFT's name);
+        meanwhile no adapter parameter requires gradients.
 
         Merged adapters are unmerged first, with a warning, as HF PEFT does."""
         pm: Any = self
@@ -61,12 +62,12 @@ class HFCompatMixin:
                 stacklevel=2,
             )
             pm.unmerge_adapter()
-        model_ops.set_enabled(pm.runtime, pm.get_base_model(), False)
+        pm._enable_layers(False)
 
     def enable_adapter_layers(self) -> None:
         """Undo :meth:`disable_adapter_layers`."""
         pm: Any = self
-        model_ops.set_enabled(pm.runtime, pm.get_base_model(), True)
+        pm._enable_layers(True)
 
     def add_weighted_adapter(
         self,

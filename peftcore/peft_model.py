@@ -288,8 +288,8 @@ class PeftModel(AdapterFilesMixin, HFCompatMixin):
     def disable_adapter(self) -> Iterator[None]:
         """Context manager: run the base model alone inside the block.
 
-        Merged adapters are unmerged for the block and merged again after it. Layers
-        disabled before the block (``disable_adapter_layers``) stay disabled after it; when
+        Merged adapters are unmerged for the block and merged again after it; no adapter
+        parameter requires gradients inside it. Layers disabled before the block (``disable_adapter_layers``) stay disabled after it; when
         only some were, all are enabled after it, with a warning (HF PEFT's rule).
         """
         merged = list(self._merged)
@@ -303,13 +303,22 @@ class PeftModel(AdapterFilesMixin, HFCompatMixin):
             )
         enable_after = states != {False}
         self.unmerge_adapter()
-        model_ops.set_enabled(self.runtime, self.get_base_model(), False)
+        self._enable_layers(False)
         try:
             yield
         finally:
-            model_ops.set_enabled(self.runtime, self.get_base_model(), enable_after)
+            self._enable_layers(enable_after)
             if merged:
                 self.merge_adapter(merged)
+
+    def _enable_layers(self, enabled: bool) -> None:
+        """Switch every adapter layer on or off. While off, no adapter trains (HF PEFT
+        freezes them too); when on again, the active adapters train unless their config
+        is in inference mode."""
+        model_ops.set_enabled(self.runtime, self.get_base_model(), enabled)
+        for name, config in self.peft_config.items():
+            trainable = enabled and name in self.active_adapters and not config.inference_mode
+            model_ops.set_trainable(self.runtime, self.get_base_model(), name, trainable)
 
     # -- merging ----------------------------------------------------------------------------
     def _unmerge_unless_active(self, names: Sequence[str], operation: str) -> None:

@@ -71,7 +71,7 @@ def test_the_fused_route_matches_the_plain_route_in_training(base: str, dropout:
     peft_model, layer = wrapped(base, dropout)
     peft_model.model.train()
     x = torch.randn(3, 5, 12)
-    assert can_fuse(layer.base_layer, layer._plain_base, x, layer.lora_A["default"], layer.lora_B["default"])
+    assert can_fuse(layer.base_layer, layer._plain_base, x, layer.lora_A["default"].weight, layer.lora_B["default"].weight)
     fast, plain = run(peft_model, layer, x, plain=False), run(peft_model, layer, x, plain=True)
     torch.testing.assert_close(fast[0], plain[0])
     torch.testing.assert_close(fast[1], plain[1])
@@ -96,7 +96,7 @@ def test_inference_routes_match_the_plain_route(base: str, tokens: int) -> None:
 def test_low_precision_and_hooked_layers_take_the_plain_route() -> None:
     peft_model, layer = wrapped("Linear", dtype=torch.bfloat16)
     x = torch.randn(2, 64, 12, dtype=torch.bfloat16)
-    a, b = layer.lora_A["default"], layer.lora_B["default"]
+    a, b = layer.lora_A["default"].weight, layer.lora_B["default"].weight
     assert a.dtype == torch.bfloat16
     assert can_fuse(layer.base_layer, True, x, a, b)  # one dtype throughout: fused, but never folded in bf16
     assert not can_fuse(layer.base_layer, True, x.float(), a, b)  # mixed dtypes

@@ -241,7 +241,7 @@ def test_adapter_names_in_training_mode_is_refused_as_hf_does() -> None:
 def _saved_copies_differ(peft_model: Any) -> None:
     """Give each adapter's copy of the saved module (``mlp()[3]``) its own weights."""
     with torch.no_grad():
-        for i, copy in enumerate(peft_model.model[3].copies.values()):
+        for i, copy in enumerate(peft_model.model[3].modules_to_save.values()):
             copy.weight.add_(0.1 * (i + 1))
 
 
@@ -275,7 +275,7 @@ def test_modules_to_save_mixed_batches_agree_with_hf_peft(tmp_path: Path) -> Non
     ours = peftcore.get_peft_model(gpt2(), lora(["c_attn"], modules_to_save=["lm_head"]), adapter_name="one")
     ours.add_adapter("two", lora(["c_attn"], r=2, modules_to_save=["lm_head"]))
     with torch.no_grad():
-        for i, copy in enumerate(ours.base_model.model.lm_head.copies.values()):
+        for i, copy in enumerate(ours.base_model.model.lm_head.modules_to_save.values()):
             copy.weight.mul_(1.0 + 0.5 * (i + 1))
     ours.save_pretrained(tmp_path)
     theirs = peft.PeftModel.from_pretrained(gpt2(), tmp_path / "one", adapter_name="one")

@@ -318,7 +318,7 @@ def test_modules_to_save_with_register_layers(sg: Any, tmp_path: Any) -> None:
     assert [n.path for n in peft.graph] == ["seq", "seq.Linear_0", "seq.Linear_1"]
     saved = net.seq.items[0]
     assert type(saved).__name__ == "ModulesToSaveWrapper" and type(net.seq.items[1]).__name__ == "LoraLinear"
-    copy_w = saved.copies["default"].W
+    copy_w = saved.modules_to_save["default"].W
     copy_w.copy_from_numpy(rng.standard_normal(copy_w.shape).astype(np.float32))
     expected = _forward(net, x)
     peft.save_pretrained(str(tmp_path))

@@ -96,8 +96,8 @@ def test_dropout_only_in_train_mode_and_skipped_at_zero() -> None:
 def test_gaussian_init_and_unload_types() -> None:
     peft_model = peftcore.get_peft_model(mlp(), LoraConfig(r=8, init_lora_weights="gaussian", target_modules=["emb", "fc1"]))
     assert isinstance(peft_model.model.emb, LoraEmbedding) and isinstance(peft_model.model.fc1, LoraLinear)
-    a = peft_model.model.fc1.lora_A["default"]
-    assert abs(float(a.std()) - 1 / 8) < 0.03 and float(peft_model.model.fc1.lora_B["default"].abs().sum()) == 0.0
+    a = peft_model.model.fc1.lora_A["default"].weight
+    assert abs(float(a.std()) - 1 / 8) < 0.03 and float(peft_model.model.fc1.lora_B["default"].weight.abs().sum()) == 0.0
     plain = peft_model.unload()
     assert type(plain.emb) is nn.Embedding and type(plain.fc1) is nn.Linear
     assert not any("lora" in name for name, _ in plain.named_parameters())
@@ -119,7 +119,7 @@ def test_modules_to_save_trains_a_copy(tmp_path: Any) -> None:
     trainable, _ = peft_model.get_nb_trainable_parameters()
     assert trainable == 2 * 16 + 32 * 2 + 32 * 4 + 4
     with torch.no_grad():
-        peft_model.model.fc2.copies["default"].weight.add_(1.0)
+        peft_model.model.fc2.modules_to_save["default"].weight.add_(1.0)
     tokens = torch.randint(0, 20, (2, 3))
     out = peft_model(tokens)
     with peft_model.disable_adapter():

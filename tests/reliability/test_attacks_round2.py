@@ -205,8 +205,8 @@ def test_case4_safe_merge_checks_the_dtype_the_layer_has_now() -> None:
     with torch.no_grad():
         for layer in pm.get_base_model():
             if hasattr(layer, "lora_A"):
-                layer.lora_A["default"].fill_(300.0)
-                layer.lora_B["default"].fill_(300.0)
+                layer.lora_A["default"].weight.fill_(300.0)
+                layer.lora_B["default"].weight.fill_(300.0)
     pm.half()  # the graph still says float32
     before = {k: v.clone() for k, v in pm.get_base_model().state_dict().items()}
     with pytest.raises(AdapterError, match="float16"):

@@ -143,7 +143,7 @@ def poisoned(tmp_path: Path, layer: str, tensor: str, value: float, dtype: Any =
     """A model whose adapter (loaded from disk) has ``value`` somewhere in ``layer.tensor``."""
     source = peftcore.get_peft_model(base_model(dtype), config())
     with torch.no_grad():
-        getattr(source.model.get_submodule(layer), tensor)["default"][0, 0] = value
+        getattr(source.model.get_submodule(layer), tensor)["default"].weight[0, 0] = value
     source.save_pretrained(tmp_path / "poisoned")
     return PeftModel.from_pretrained(base_model(dtype), tmp_path / "poisoned", allow_non_finite=True)
 
@@ -167,7 +167,7 @@ def test_safe_merge_refuses_non_finite_adapters_before_touching_weights(tmp_path
 def test_safe_merge_refuses_a_delta_that_overflows_the_layer_dtype(tmp_path: Path) -> None:
     peft_model = poisoned(tmp_path, "fc1", "lora_A", 3e4, dtype=torch.float16)  # finite, but 2*B*A > 65504
     with torch.no_grad():
-        peft_model.model.fc1.lora_B["default"].fill_(2.0)
+        peft_model.model.fc1.lora_B["default"].weight.fill_(2.0)
     before = snapshot(peft_model.model)
     with pytest.raises(AdapterError, match=r"adapter 'default': merging tensors 'fc1.lora_A' and 'fc1.lora_B'.*float16.*overflows"):
         peft_model.merge_adapter(safe_merge=True)
@@ -183,8 +183,8 @@ def test_safe_merge_counts_adapters_already_merged(tmp_path: Path) -> None:
     peft_model.add_adapter("twin", config(r=1, target_modules=["fc1"]))
     with torch.no_grad():
         for name in ("default", "twin"):
-            peft_model.model.fc1.lora_A[name].fill_(75.0)
-            peft_model.model.fc1.lora_B[name].fill_(60.0)  # each delta 8 * 75 * 60 = 36000 < 65504, together not
+            peft_model.model.fc1.lora_A[name].weight.fill_(75.0)
+            peft_model.model.fc1.lora_B[name].weight.fill_(60.0)  # each delta 8 * 75 * 60 = 36000 < 65504, together not
     peft_model.merge_adapter(["default"], safe_merge=True)
     with pytest.raises(AdapterError, match="adapter 'twin'.*overflows"):
         peft_model.merge_adapter(["twin"], safe_merge=True)

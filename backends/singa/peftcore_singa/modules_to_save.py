@@ -65,34 +65,34 @@ class ModulesToSaveWrapper(AdapterLayer):
 
     def __init__(self, base_layer: Any, path: str) -> None:
         super().__init__(base_layer, path)
-        self.copies: dict[str, Any] = {}
+        self.modules_to_save: dict[str, Any] = {}
 
     def adapter_names(self) -> list[str]:
-        return list(self.copies.keys())
+        return list(self.modules_to_save.keys())
 
     def adapter_tensors(self, adapter_name: Any = None) -> list[Any]:
         found = []
-        for adapter, clone in self.copies.items():
+        for adapter, clone in self.modules_to_save.items():
             if adapter_name is None or adapter == adapter_name:
                 found.extend(clone.get_params().values())
         return found
 
     def add(self, adapter_name: str, op: SaveModule) -> None:
-        if adapter_name in self.copies:
+        if adapter_name in self.modules_to_save:
             raise ValueError(f"module {op.path!r} already has a copy for adapter {adapter_name!r}")
         clone = clone_layer(self.base_layer, f"{self.path}.modules_to_save.{adapter_name}")
         clone.__dict__["_parent"] = self
-        self.copies[adapter_name] = clone
+        self.modules_to_save[adapter_name] = clone
         for t in self.adapter_tensors(adapter_name):
             set_trainable_flags(t, True)
 
     def forward(self, *args: Any, **kwargs: Any) -> Any:
         running = self.adapters_to_run()
-        module = self.copies[running[0]] if running else self.base_layer
+        module = self.modules_to_save[running[0]] if running else self.base_layer
         return module(*args, **kwargs)
 
     def _views(self, adapter_name: str) -> dict[str, ParamView]:
-        clone = self.copies[adapter_name]
+        clone = self.modules_to_save[adapter_name]
         found: dict[str, ParamView] = {}
         for rel, node in [("", clone), *walk(clone)]:
             for param_name, view in native_params(node).items():
@@ -116,12 +116,12 @@ class ModulesToSaveWrapper(AdapterLayer):
             copy_into(view.tensor, view.to_native(value))
 
     def delete(self, adapter_name: str) -> None:
-        self.copies.pop(adapter_name, None)
+        self.modules_to_save.pop(adapter_name, None)
         self.active_adapters = [a for a in self.active_adapters if a != adapter_name]
 
     def get_states(self) -> dict[str, Any]:
         states = super().get_states()
-        for clone in self.copies.values():
+        for clone in self.modules_to_save.values():
             states.update(clone.get_states())
         return states
 
@@ -133,10 +133,10 @@ class ModulesToSaveWrapper(AdapterLayer):
 
     def unwrap(self, merge: bool) -> Any:
         """With ``merge``, the active adapter's trained copy; without, the original module."""
-        running = [a for a in self.active_adapters if a in self.copies]
+        running = [a for a in self.active_adapters if a in self.modules_to_save]
         if not (merge and running):
             return self.base_layer
-        chosen = self.copies[running[0]]
+        chosen = self.modules_to_save[running[0]]
         adopt_names(self.base_layer, chosen)
         chosen.__dict__["_parent"] = self.base_layer._parent
         return chosen

@@ -56,7 +56,7 @@ def _original_keys(model: nn.Module) -> dict[str, str]:
             continue
         parts, module, original = key.split("."), model, []
         for part in parts[:-1]:
-            if not (isinstance(module, AdapterLayer) and part == "base_layer"):
+            if not (isinstance(module, AdapterLayer) and part == module.base_layer_attribute):
                 original.append(part)
             module = getattr(module, part)
         keys[key] = ".".join([*original, parts[-1]])

@@ -16,7 +16,7 @@ subtracting the adapters' delta, with a warning, so the change is kept.
 from __future__ import annotations
 
 import warnings
-from typing import Any, Mapping, Optional, cast
+from typing import Any, ClassVar, Mapping, Optional, cast
 
 import torch
 from torch import nn
@@ -30,9 +30,16 @@ class AdapterLayer(AdapterBookkeeping, nn.Module):
     ``canonical_names`` where an attribute's saved name differs); the bookkeeping rules
     come from :class:`~peftcore.adapter_state.AdapterBookkeeping`."""
 
+    #: the child name the wrapped layer is kept under (HF PEFT's state-dict layout:
+    #: ``base_layer``, and ``original_module`` for ``modules_to_save``)
+    base_layer_attribute: ClassVar[str] = "base_layer"
+    base_layer: nn.Module
+    #: HF PEFT's names of a layer's other per-adapter attributes (dicts by adapter name)
+    other_param_names: ClassVar[tuple] = ()
+
     def __init__(self, base_layer: nn.Module) -> None:
         super().__init__()
-        self.base_layer = base_layer
+        setattr(self, self.base_layer_attribute, base_layer)
         self.init_adapter_state()
         self._unmerged_weight: Optional[torch.Tensor] = None
         self._merge_stamp: Optional[tuple[int, int, int, tuple[str, tuple[int, ...], int, int]]] = None
@@ -48,6 +55,17 @@ class AdapterLayer(AdapterBookkeeping, nn.Module):
         """An uninitialised parameter on the base weight's device and dtype."""
         weight = self.base_weight()
         return nn.Parameter(torch.empty(shape, device=weight.device, dtype=weight.dtype))
+
+    @property
+    def weight(self) -> Any:
+        """The base layer's weight, as HF PEFT's layers expose it: models read it through
+        the wrapper (T5's feed-forward checks ``wo.weight.dtype``)."""
+        return self.base_layer.weight
+
+    @property
+    def adapter_layer_names(self) -> tuple:
+        """HF PEFT's name for the attributes holding adapter tensors, by adapter name."""
+        return tuple(self.adapter_tensor_names)
 
     @property
     def in_features(self) -> int:
@@ -79,7 +97,7 @@ class AdapterLayer(AdapterBookkeeping, nn.Module):
     # -- generic adapter state ------------------------------------------------------------
     def export(self, adapter_name: str) -> dict[str, torch.Tensor]:
         return {
-            self.canonical_name(name): self.canonical_export(name, getattr(self, name)[adapter_name].detach())
+            self.canonical_name(name): self.canonical_export(name, self.adapter_store(name)[adapter_name].detach())
             for name in self.tensor_names(adapter_name)
         }
 
@@ -87,7 +105,7 @@ class AdapterLayer(AdapterBookkeeping, nn.Module):
         """Copy canonical tensors (numpy arrays or torch tensors) into the adapter."""
         for name in self.tensor_names(adapter_name):
             key, given = self.canonical_tensor(adapter_name, tensors, name)
-            store = getattr(self, name)
+            store = self.adapter_store(name)
             target = store[adapter_name]
             value = self.native_import(name, torch.as_tensor(given))
             if tuple(value.shape) != tuple(target.shape):
@@ -106,7 +124,7 @@ class AdapterLayer(AdapterBookkeeping, nn.Module):
 
     def set_trainable(self, adapter_name: str, trainable: bool) -> None:
         for name in self.adapter_tensor_names:
-            store = getattr(self, name)
+            store = self.adapter_store(name)
             if adapter_name in store:
                 store[adapter_name].requires_grad_(trainable)
 

@@ -18,7 +18,7 @@ weight while merged and restores it, so merge/unmerge cycles leave it bit-identi
 from __future__ import annotations
 
 import math
-from typing import Any, ClassVar, Optional, cast
+from typing import Any, ClassVar, Iterator, MutableMapping, Optional, cast
 
 import torch
 import torch.nn.functional as F
@@ -44,26 +44,60 @@ def _runs_as_identity(dropout: nn.Module) -> bool:
     return isinstance(dropout, nn.Dropout) and (dropout.p == 0 or not dropout.training)
 
 
-class LoraFactor(nn.Module):
-    """One LoRA factor stored as Hugging Face PEFT stores it: a module holding ``weight``."""
+class LoraFactor(nn.Linear):
+    """One LoRA factor as Hugging Face PEFT holds it: a bias-free ``nn.Linear`` whose
+    ``weight`` is the factor, so ``layer.lora_A["default"].weight`` is the A matrix."""
 
     def __init__(self, weight: nn.Parameter) -> None:
-        super().__init__()
+        out_features, in_features = weight.shape
+        super().__init__(in_features, out_features, bias=False, device="meta")
         self.weight = weight
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return F.linear(x, self.weight)
 
 
-class FactorDict(nn.ModuleDict):
-    """Adapter name to LoRA factor. Stored as :class:`LoraFactor` modules, so state-dict
-    keys are HF PEFT's ``lora_A.<adapter>.weight``; indexing gives the weight itself."""
+class FactorWeights(MutableMapping):
+    """The adapter-name -> factor weight view of a :class:`FactorDict`: the dict-like
+    store the generic adapter code reads and writes tensors through."""
 
-    def __getitem__(self, key: str) -> nn.Parameter:  # type: ignore[override]
-        return cast(LoraFactor, self._modules[key]).weight
+    def __init__(self, factors: FactorDict) -> None:
+        self.factors = factors
+
+    def __getitem__(self, key: str) -> torch.Tensor:
+        return self.factors.weight(key)
+
+    def __setitem__(self, key: str, value: nn.Parameter) -> None:
+        if key in self.factors:
+            cast(LoraFactor, self.factors[key]).weight = value
+        else:
+            self.factors[key] = value
+
+    def __delitem__(self, key: str) -> None:
+        del self.factors[key]
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self.factors.keys())
+
+    def __len__(self) -> int:
+        return len(self.factors)
+
+
+class FactorDict(nn.ModuleDict):
+    """Adapter name to LoRA factor module (:class:`LoraFactor`), as HF PEFT's ``lora_A``
+    and ``lora_B``: state-dict keys are ``lora_A.<adapter>.weight``. Assigning a
+    parameter wraps it in a factor module; :meth:`weight` gives the weight itself."""
 
     def __setitem__(self, key: str, value: Any) -> None:
         super().__setitem__(key, LoraFactor(value) if isinstance(value, nn.Parameter) else value)
+
+    def weight(self, key: str) -> torch.Tensor:
+        """The factor weight of adapter ``key``."""
+        return cast(LoraFactor, self._modules[key]).weight
+
+    @property
+    def weights(self) -> FactorWeights:
+        return FactorWeights(self)
 
 
 class LoraLayer(RoutesRows, AdapterLayer):
@@ -71,6 +105,8 @@ class LoraLayer(RoutesRows, AdapterLayer):
     ``lora_A``/``lora_B``, dropout, ``scaling`` and rank ``r``."""
 
     adapter_tensor_names: ClassVar[tuple] = ("lora_A", "lora_B")
+    #: HF PEFT's names of the other per-adapter attributes
+    other_param_names: ClassVar[tuple] = ("r", "scaling", "lora_dropout")
     lora_A: Any
     lora_B: Any
 
@@ -80,6 +116,15 @@ class LoraLayer(RoutesRows, AdapterLayer):
         self.lora_dropout = nn.ModuleDict()
         self.scaling: dict[str, float] = {}
         self.r: dict[str, int] = {}
+
+    def adapter_store(self, attribute: str) -> Any:
+        store = getattr(self, attribute)
+        return store.weights if isinstance(store, FactorDict) else store
+
+    def get_delta_weight(self, adapter_name: str) -> torch.Tensor:
+        """HF PEFT's name for :meth:`delta_weight`: the adapter's change to the base
+        weight, in that weight's own layout."""
+        return self.delta_weight(adapter_name)
 
     def init_factor_stores(self) -> None:
         self.lora_A = FactorDict()
@@ -106,7 +151,7 @@ class LoraLayer(RoutesRows, AdapterLayer):
 
     def canonical_delta(self, adapter_name: str) -> torch.Tensor:
         """``scaling * B @ A`` as ``(out, in)``, computed in float32 for low-precision weights."""
-        a, b = self.lora_A[adapter_name], self.lora_B[adapter_name]
+        a, b = (self.adapter_store(name)[adapter_name] for name in self.adapter_tensor_names[:2])
         compute = torch.float32 if a.dtype in (torch.float16, torch.bfloat16) else a.dtype
         return (b.to(compute) @ a.to(compute)) * self.scaling[adapter_name]
 
@@ -162,13 +207,13 @@ class LoraLinear(LoraLayer):
 
     def update(self, adapter_name: str, x: torch.Tensor) -> torch.Tensor:
         """The adapter's change to the output for input ``x``: ``s * dropout(x) A^T B^T``."""
-        a = self.lora_A[adapter_name]
+        a = self.lora_A.weight(adapter_name)
         dropout = self.lora_dropout[adapter_name]
         x = x.to(a.dtype)
         x2 = (x if _runs_as_identity(dropout) else dropout(x)).reshape(-1, x.shape[-1])
         # (r, tokens) intermediate: the operand layouts BLAS runs fastest (see lora_kernels)
         hidden_t = self._scaled(a @ x2.t(), adapter_name)
-        update = hidden_t.t() @ self.lora_B[adapter_name].t()
+        update = hidden_t.t() @ self.lora_B.weight(adapter_name).t()
         return update.view(*x.shape[:-1], update.shape[-1])
 
     def forward(self, x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
@@ -194,14 +239,14 @@ class LoraLinear(LoraLayer):
             base, in_out, weight = self.base_layer, self.fan_in_fan_out, self.base_weight()
 
             def folded(name: str) -> torch.Tensor:
-                return merged_weight(weight, self.lora_A[name], self.lora_B[name], self.scaling[name], in_out)
+                return merged_weight(weight, self.lora_A.weight(name), self.lora_B.weight(name), self.scaling[name], in_out)
 
             return routed_folded_linear(x, base, in_out, routing, groups, folded)
         result = self.base_layer(x, *args, **kwargs)
         # the output of a plain unhooked base layer is a fresh tensor nobody else holds
         in_place = self._plain_base and not has_hooks(self.base_layer)
         if in_place and self._can_stack_rows(x, result, groups):
-            factors = {name: (self.lora_A[name], self.lora_B[name], self.scaling[name]) for name in groups}
+            factors = {name: (self.lora_A.weight(name), self.lora_B.weight(name), self.scaling[name]) for name in groups}
             return add_stacked_row_updates(result, x, routing, factors)
         return add_row_updates(result, x, routing, groups, self.update, in_place)
 
@@ -211,8 +256,8 @@ class LoraLinear(LoraLayer):
             return False
         return all(
             _runs_as_identity(self.lora_dropout[name])
-            and self.lora_A[name].dtype == self.lora_B[name].dtype == x.dtype == result.dtype
-            and self.lora_A[name].device == x.device == result.device
+            and self.lora_A.weight(name).dtype == self.lora_B.weight(name).dtype == x.dtype == result.dtype
+            and self.lora_A.weight(name).device == x.device == result.device
             for name in groups
         )
 
@@ -235,12 +280,12 @@ class LoraLinear(LoraLayer):
         base = self.base_layer
         return all(
             _runs_as_identity(self.lora_dropout[name])
-            and can_fuse(base, self._plain_base, x, self.lora_A[name], self.lora_B[name])
+            and can_fuse(base, self._plain_base, x, self.lora_A.weight(name), self.lora_B.weight(name))
             for name in groups
         )
 
     def _fused_forward(self, x: torch.Tensor, name: str) -> Optional[torch.Tensor]:
-        a, b = self.lora_A[name], self.lora_B[name]
+        a, b = self.lora_A.weight(name), self.lora_B.weight(name)
         base = self.base_layer
         if not can_fuse(base, self._plain_base, x, a, b):
             return None
@@ -287,9 +332,10 @@ class LoraEmbedding(LoraLayer):
         """The adapter's change to the output for token ids ``x``."""
         base = self.base_layer
         looked_up = F.embedding(
-            x, self.lora_A[adapter_name].T, base.padding_idx, base.max_norm, base.norm_type, base.scale_grad_by_freq, base.sparse
+            x, self.lora_embedding_A[adapter_name].T, base.padding_idx, base.max_norm, base.norm_type,
+            base.scale_grad_by_freq, base.sparse,
         )
-        return F.linear(self._scaled(looked_up, adapter_name), self.lora_B[adapter_name])
+        return F.linear(self._scaled(looked_up, adapter_name), self.lora_embedding_B[adapter_name])
 
     def forward(self, x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
         result = self.base_layer(x, *args, **kwargs)

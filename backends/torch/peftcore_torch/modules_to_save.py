@@ -9,7 +9,7 @@ row, the results copied into their rows.
 from __future__ import annotations
 
 import copy
-from typing import Any, Mapping, Optional
+from typing import Any, ClassVar, Mapping, Optional
 
 import torch
 from torch import nn
@@ -22,28 +22,44 @@ from peftcore_torch.walk import is_conv1d
 
 
 class ModulesToSaveWrapper(RoutesRows, AdapterLayer):
-    """Runs the first active adapter's copy of the module, or the original when none."""
+    """Runs the first active adapter's copy of the module, or the original when none.
+
+    Laid out as Hugging Face PEFT's wrapper: the original is ``original_module`` and the
+    copies are ``modules_to_save[<adapter>]``, so state-dict keys are HF's."""
+
+    base_layer_attribute: ClassVar[str] = "original_module"
+    original_module: nn.Module
 
     def __init__(self, base_layer: nn.Module) -> None:
         super().__init__(base_layer)
-        self.copies = nn.ModuleDict()
+        self.modules_to_save = nn.ModuleDict()
+
+    @property
+    def base_layer(self) -> nn.Module:  # type: ignore[override]
+        """The wrapped module (HF PEFT's ``original_module``)."""
+        return self.original_module
+
+    @property
+    def _adapters(self) -> set[str]:
+        """HF PEFT's set of the adapter names this wrapper holds a copy for."""
+        return set(self.modules_to_save.keys())
 
     def adapter_names(self) -> list[str]:
-        return list(self.copies.keys())
+        return list(self.modules_to_save.keys())
 
     def add(self, adapter_name: str, op: SaveModule) -> None:
-        if adapter_name in self.copies:
+        if adapter_name in self.modules_to_save:
             raise AdapterError(f"module {op.path!r} already has a copy for adapter {adapter_name!r}")
         clone = copy.deepcopy(self.base_layer)
         clone.requires_grad_(True)
-        self.copies[adapter_name] = clone
+        self.modules_to_save[adapter_name] = clone
 
     def forward(self, *args: Any, **kwargs: Any) -> Any:
         routing = self.batch_routing
         if routing is not None and not self.disabled:
             return self._routed_forward(routing, *args, **kwargs)
         running = self.adapters_to_run()
-        module = self.copies[running[0]] if running else self.base_layer
+        module = self.modules_to_save[running[0]] if running else self.base_layer
         return module(*args, **kwargs)
 
     # -- mixed-adapter batches --------------------------------------------------------
@@ -59,9 +75,9 @@ class ModulesToSaveWrapper(RoutesRows, AdapterLayer):
                 f"a mixed-adapter batch needs the batch as the first argument of the saved module "
                 f"({type(self.base_layer).__name__}), a tensor with one row per adapter name"
             )
-        groups = routing.groups_for(self.copies, int(x.shape[0]))
+        groups = routing.groups_for(self.modules_to_save, int(x.shape[0]))
         rest = routing.rows_outside(groups)
-        parts: list[tuple[tuple[int, ...], nn.Module]] = [(rows, self.copies[name]) for name, rows in groups.items()]
+        parts: list[tuple[tuple[int, ...], nn.Module]] = [(rows, self.modules_to_save[name]) for name, rows in groups.items()]
         if rest:
             parts.append((rest, self.base_layer))
         if len(parts) == 1:  # every row runs the same module
@@ -81,7 +97,7 @@ class ModulesToSaveWrapper(RoutesRows, AdapterLayer):
 
     def _named(self, adapter_name: str) -> dict[str, tuple[nn.Module, str]]:
         found = {}
-        for mod_name, module in self.copies[adapter_name].named_modules():
+        for mod_name, module in self.modules_to_save[adapter_name].named_modules():
             for param_name, _ in module.named_parameters(recurse=False):
                 key = f"{mod_name}.{param_name}" if mod_name else param_name
                 found[key] = (module, param_name)
@@ -108,13 +124,13 @@ class ModulesToSaveWrapper(RoutesRows, AdapterLayer):
                 target.copy_(value.to(device=target.device, dtype=target.dtype))
 
     def delete(self, adapter_name: str) -> None:
-        if adapter_name in self.copies:
-            del self.copies[adapter_name]
+        if adapter_name in self.modules_to_save:
+            del self.modules_to_save[adapter_name]
         self.active_adapters = [a for a in self.active_adapters if a != adapter_name]
 
     def set_trainable(self, adapter_name: str, trainable: bool) -> None:
-        if adapter_name in self.copies:
-            self.copies[adapter_name].requires_grad_(trainable)
+        if adapter_name in self.modules_to_save:
+            self.modules_to_save[adapter_name].requires_grad_(trainable)
 
     def merge(self, adapter_names: list[str]) -> None:
         """Nothing to fold: forward already runs the trained copy."""
@@ -124,5 +140,5 @@ class ModulesToSaveWrapper(RoutesRows, AdapterLayer):
 
     def unwrap(self, merge: bool) -> nn.Module:
         """With ``merge``, the active adapter's trained copy; without, the original module."""
-        running = [a for a in self.active_adapters if a in self.copies]
-        return self.copies[running[0]] if merge and running else self.base_layer
+        running = [a for a in self.active_adapters if a in self.modules_to_save]
+        return self.modules_to_save[running[0]] if merge and running else self.base_layer

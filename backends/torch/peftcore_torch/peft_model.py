@@ -12,7 +12,7 @@ model, as in HF PEFT.
 from __future__ import annotations
 
 import inspect
-from typing import Any, Optional
+from typing import Any, Optional, Union
 
 import numpy as np
 import torch
@@ -25,7 +25,7 @@ from peftcore_torch.trainer_integration import enable_if_transformers_loaded
 
 #: HF PEFT's tuner-model (``LoraModel``) API that ``base_model`` passes to its PeftModel.
 TUNER_API = frozenset({
-    "peft_config", "active_adapter", "active_adapters", "set_adapter", "merge_adapter", "unmerge_adapter",
+    "peft_config", "active_adapters", "set_adapter", "merge_adapter", "unmerge_adapter",
     "merge_and_unload", "unload", "delete_adapter", "add_weighted_adapter", "enable_adapter_layers",
     "disable_adapter_layers",
 })
@@ -55,6 +55,16 @@ class TunerModel(nn.Module):
         if not prefix:
             raise AttributeError(f"{type(config).__name__} adapters have no tensor name prefix")
         return str(prefix)
+
+    @property
+    def active_adapter(self) -> Union[str, list[str]]:
+        """The active adapter's name, or the list of names when several are active (HF
+        PEFT's tuner-model attribute; the PeftModel's ``active_adapter`` is always one name)."""
+        peft_model = self.__dict__.get("_peft_model")
+        if peft_model is None:
+            raise AttributeError("active_adapter: this module belongs to no PeftModel")
+        names = list(peft_model.active_adapters)
+        return names[0] if len(names) == 1 else names
 
     def forward(self, *args: Any, **kwargs: Any) -> Any:
         return self.model(*args, **kwargs)

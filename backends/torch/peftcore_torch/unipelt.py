@@ -58,8 +58,8 @@ class GatedLoraLinear(GatedLayer, LoraLinear):
     def forward(self, x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
         result = self.base_layer(x, *args, **kwargs)
         for name in self.adapters_to_run():
-            a = self.lora_A[name]
-            update = F.linear(F.linear(self.lora_dropout[name](x.to(a.dtype)), a), self.lora_B[name])
+            a = self.lora_A.weight(name)
+            update = F.linear(F.linear(self.lora_dropout[name](x.to(a.dtype)), a), self.lora_B.weight(name))
             gate = self.gate(name, x)
             update = update * (broadcast_gate(gate, update) if gate is not None else self.scaling[name])
             result = result + update.to(result.dtype)
