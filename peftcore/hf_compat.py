@@ -21,7 +21,6 @@ from typing import Any, Mapping, NamedTuple, Optional, Sequence, Union
 
 import numpy as np
 
-from peftcore import model_ops
 from peftcore.errors import AdapterError, ConfigError
 from peftcore.io import DEFAULT_ADAPTER, HF_PREFIX, match_tensors
 from peftcore.methods.lora import AddLora, LoraConfig
