@@ -19,7 +19,12 @@ from peftcore import model_ops
 from peftcore.config import PeftConfig
 from peftcore.errors import AdapterError
 from peftcore.graph import ModelGraph
-from peftcore.hf_compat import check_hf_save_arguments, split_embedding_layers, write_model_card
+from peftcore.hf_compat import (
+    check_hf_save_arguments,
+    embedding_matrices_to_save,
+    split_embedding_layers,
+    write_model_card,
+)
 from peftcore.io import (
     WEIGHTS_NAME,
     AdapterFiles,
@@ -87,6 +92,8 @@ class _PeftModelState(Protocol):
 
     def _layer_dtypes(self) -> dict[str, str]: ...
 
+    def _set_trainable(self, adapter_name: str, trainable: bool) -> None: ...
+
     def _load_embedding_layers(self, weights: Mapping[str, Any]) -> None: ...
 
 
@@ -106,9 +113,11 @@ class AdapterFilesMixin:
         each, and a model card (``README.md``), as HF PEFT does.
 
         HF PEFT's arguments: ``safe_serialization`` (peftcore always writes safetensors;
-        False warns), ``save_embedding_layers`` (peftcore adapters hold no resized
-        embeddings: True warns that there is nothing to add), ``is_main_process`` (False
-        writes nothing), and ``state_dict`` among ``kwargs`` (accepted and ignored, as the
+        False warns), ``save_embedding_layers`` (the base model's embedding matrices are
+        stored beside the adapter, as HF PEFT stores them: ``"auto"`` when the config
+        targets ``embed_tokens``/``lm_head``, see
+        :func:`~peftcore.hf_compat.embedding_matrices_to_save`; loading copies them back
+        into the base model), ``is_main_process`` (False writes nothing), and ``state_dict`` among ``kwargs`` (accepted and ignored, as the
         tensors are read from the model; ``transformers.Trainer`` passes it)."""
         if isinstance(safe_serialization, (list, tuple)):  # the old positional selected_adapters
             selected_adapters, safe_serialization = safe_serialization, True
@@ -126,7 +135,8 @@ class AdapterFilesMixin:
         targets = adapter_save_dirs(os.fspath(save_directory), names)  # every name checked before any write
         for name in names:
             tensors = self.export_adapter(name)
-            save_adapter(targets[name], self.peft_config[name], self.plans[name], tensors)
+            embeddings = embedding_matrices_to_save(self, name, save_embedding_layers)
+            save_adapter(targets[name], self.peft_config[name], self.plans[name], tensors, embeddings)
         if names:
             write_model_card(os.fspath(save_directory), self)
 
@@ -205,16 +215,17 @@ class AdapterFilesMixin:
                 f"{files.directory}: adapter {adapter_name!r} exists with another plan; delete_adapter() it first "
                 "or load under another name"
             )
+        weights_path = os.path.join(files.directory, WEIGHTS_NAME)
+        adapter_tensors, embeddings = split_embedding_layers(files.tensors, self.graph, plan, weights_path)
         tensors = match_tensors(
-            plan, files.tensors, os.path.join(files.directory, WEIGHTS_NAME), strict,
-            allow_non_finite=allow_non_finite, dtypes=self._layer_dtypes(),
+            plan, adapter_tensors, weights_path, strict, allow_non_finite=allow_non_finite, dtypes=self._layer_dtypes()
         )
         self.import_adapter(adapter_name, tensors)
+        if embeddings:
+            self._load_embedding_layers(embeddings)
         self.peft_config[adapter_name] = self.peft_config[adapter_name].replace(inference_mode=not is_trainable)
-        model_ops.set_trainable(
-            self.runtime, self.get_base_model(), adapter_name, is_trainable and adapter_name in self.active_adapters
-        )
-        return unexpected_tensor_keys(plan, files.tensors)
+        self._set_trainable(adapter_name, is_trainable and adapter_name in self.active_adapters)
+        return unexpected_tensor_keys(plan, adapter_tensors)
 
     def _layer_dtypes(self: _PeftModelState) -> dict[str, str]:
         """Each layer's dtype as it is now: the graph's, updated from the adapter layers."""

@@ -117,6 +117,11 @@ class PeftConfig:
         """Turn this config into a rewrite plan for ``graph`` (implemented per method)."""
         raise NotImplementedError(f"{type(self).__name__} does not implement plan()")
 
+    def check_beside(self, others: Mapping[str, PeftConfig]) -> None:
+        """Raise a :class:`ConfigError` if an adapter of this config cannot join a model
+        that holds adapters with the configs ``others`` (by name). Every combination is
+        allowed unless a method says otherwise."""
+
     def loading_plan(self, graph: ModelGraph, adapter_name: str = "default") -> RewritePlan:
         """The plan to rebuild a saved adapter that has no stored plan (an HF PEFT one).
 

@@ -61,6 +61,7 @@ class HFCompatMixin:
                 stacklevel=2,
             )
             pm.unmerge_adapter()
+        pm._warn_base_stays_trained("disable_adapter_layers()")
         pm._enable_layers(False)
 
     def enable_adapter_layers(self) -> None:
@@ -111,7 +112,7 @@ class HFCompatMixin:
                     "adapters can be combined"
                 )
         if adapter_name in pm.peft_config:
-            raise AdapterError(f"adapter {adapter_name!r} already exists; delete it first or pick another name")
+            raise AdapterError(f"Adapter with name '{adapter_name}' already exists; delete it first or pick another name.")
         ops = {name: {op.path: op for op in pm.plans[name].ops if isinstance(op, AddLora)} for name in adapters}
         tensors = {name: pm.export_adapter(name) for name in adapters}
         paths = sorted({path for per in ops.values() for path in per})
@@ -205,15 +206,17 @@ def get_peft_model_state_dict(
     when its shell can make them (torch), else numpy arrays.
 
     ``state_dict`` (HF's argument) is accepted and ignored: the tensors are read from the
-    model. ``unwrap_compiled`` and ``save_embedding_layers`` are HF's; peftcore adapters
-    never hold resized embedding matrices, so nothing extra is returned."""
+    model. ``unwrap_compiled`` is HF's and changes nothing; ``save_embedding_layers``
+    adds the base model's embedding matrices as ``save_pretrained`` stores them."""
     from peftcore.io import _hf_key
 
     model._require(adapter_name)
     specs = model.plans[adapter_name].tensor_specs()
     exported = model.export_adapter(adapter_name)
+    found = {_hf_key(spec): exported[name] for name, spec in specs.items()}
+    found.update(embedding_matrices_to_save(model, adapter_name, save_embedding_layers))
     convert = getattr(model, "_from_numpy", None)
-    return {_hf_key(spec): (convert(exported[name]) if convert else exported[name]) for name, spec in specs.items()}
+    return {key: (convert(value) if convert else value) for key, value in found.items()}
 
 
 def set_peft_model_state_dict(
@@ -237,7 +240,36 @@ def set_peft_model_state_dict(
     found = match_tensors(plan, arrays, "peft_model_state_dict", strict=False)
     known = {key for key in arrays if key in _hf_keys(plan) or HF_PREFIX + key in _hf_keys(plan)}
     model.import_adapter(adapter_name, found)
+    known |= _load_base_parameters(model, {key: arrays[key] for key in set(arrays) - known})
     return IncompatibleKeys(missing_keys=[], unexpected_keys=sorted(set(arrays) - known))
+
+
+def _load_base_parameters(model: Any, arrays: Mapping[str, np.ndarray]) -> set[str]:
+    """Write the entries of ``arrays`` that name a parameter of the base model
+    (``[base_model.model.]<layer path>[.base_layer].<parameter>``, e.g. a bias trained
+    with LoRA's ``bias="all"``) into it, as HF PEFT's state-dict loading does; returns
+    the keys written. Needs the backend's ``base_tensor`` primitive."""
+    runtime, graph = model.runtime, model.graph
+    written: set[str] = set()
+    for key, value in arrays.items():
+        name = key[len(HF_PREFIX):] if key.startswith(HF_PREFIX) else key
+        path, _, parameter = name.rpartition(".")
+        if path.endswith(".base_layer"):
+            path = path[: -len(".base_layer")]
+        if graph is None or path not in graph or parameter not in graph.get(path).params:
+            continue
+        try:
+            tensor = runtime.base_tensor(model.get_base_model(), path, parameter)
+        except NotImplementedError:
+            return written
+        if tensor is None or runtime.numel(tensor) != value.size:
+            raise AdapterError(
+                f"state dict entry {key!r} has {value.size} values; the model's {path}.{parameter} has "
+                f"{'none' if tensor is None else runtime.numel(tensor)}"
+            )
+        runtime.write_tensor(tensor, value)
+        written.add(key)
+    return written
 
 
 def _hf_keys(plan: Any) -> set[str]:
@@ -286,12 +318,79 @@ def write_model_card(save_directory: str, model: Any) -> None:
         else:
             lines.append(f"{key}: {value}")
     if not body:
-        body = (
-            f"# Model card\n\nAn adapter{' for ' + base if base else ''}, saved by peftcore; it loads "
-            "with `peftcore.PeftModel.from_pretrained` and with Hugging Face PEFT.\n"
-        )
+        body = model_card_body(getattr(model, "peft_config", {}), base)
     with open(path, "w", encoding="utf-8") as handle:
         handle.write("---\n" + "\n".join(lines) + "\n---\n\n" + body)
+
+
+#: Config fields a model card lists for each adapter, where the config has them.
+_CARD_FIELDS = (
+    "task_type", "target_modules", "r", "lora_alpha", "lora_dropout", "use_rslora", "modules_to_save",
+    "num_virtual_tokens", "feedforward_modules",
+)
+
+
+def model_card_body(configs: Mapping[str, Any], base: Optional[str]) -> str:
+    """The text of a new adapter model card: what the adapters are, how to load them in
+    peftcore and in Hugging Face PEFT, and headings for the owner to fill in."""
+    lines = ["# Model card", ""]
+    lines.append(
+        f"Parameter-efficient adapters{' for `' + base + '`' if base else ''}, saved by peftcore in Hugging Face "
+        "PEFT's file layout (`adapter_config.json` and `adapter_model.safetensors`). Only the adapter weights are "
+        "here; the base model is loaded separately."
+    )
+    lines += ["", "## Adapters", ""]
+    for name, config in configs.items():
+        settings = ", ".join(
+            f"{field}={getattr(config, field)!r}" for field in _CARD_FIELDS
+            if getattr(config, field, None) not in (None, [], ())
+        )
+        lines.append(f"- `{name}`: {getattr(config, 'method', type(config).__name__)}" + (f" ({settings})" if settings else ""))
+    model_line = f'base = AutoModel.from_pretrained("{base}")' if base else "base = ...  # the model the adapter was trained on"
+    lines += [
+        "",
+        "## How to use",
+        "",
+        "With peftcore (PyTorch):",
+        "",
+        "```python",
+        "from peftcore import PeftModel",
+        *(["from transformers import AutoModel"] if base else []),
+        "",
+        model_line,
+        'model = PeftModel.from_pretrained(base, "path/to/this/folder")',
+        "```",
+        "",
+        "With Hugging Face PEFT, for the methods it has (LoRA, prompt tuning, prefix tuning, P-tuning): the same "
+        "two lines with `from peft import PeftModel`. peftcore also loads the folder into the same architecture "
+        "built with another framework it has a backend for (Apache SINGA), since tensors are stored by canonical "
+        "layer path; `peftcore inspect <folder>` prints what the adapter changes.",
+        "",
+        "## Training",
+        "",
+        "- Data: (describe the training data)",
+        "- Procedure and hyper-parameters: (describe them)",
+        "- Evaluation: (results, and on what)",
+        "",
+        "## Limitations",
+        "",
+        "(Known limitations and intended uses of this adapter.)",
+        "",
+        "## Framework versions",
+        "",
+        f"- peftcore {_peftcore_version()}",
+        "",
+    ]
+    return "\n".join(lines)
+
+
+def _peftcore_version() -> str:
+    from importlib import metadata
+
+    try:
+        return metadata.version("peftcore")
+    except metadata.PackageNotFoundError:
+        return "(not installed as a distribution)"
 
 
 def check_hf_save_arguments(safe_serialization: bool, save_embedding_layers: Union[str, bool]) -> None:
@@ -304,13 +403,58 @@ def check_hf_save_arguments(safe_serialization: bool, save_embedding_layers: Uni
         )
     if save_embedding_layers not in ("auto", True, False):
         raise ConfigError(f"save_embedding_layers must be 'auto', True or False, got {save_embedding_layers!r}")
-    if save_embedding_layers is True:
-        warnings.warn(
-            "save_embedding_layers=True: peftcore adapters never change the base model's embedding matrices "
-            "(no resized vocabulary), so there are no embedding layers to save beside the adapter",
-            UserWarning,
-            stacklevel=3,
+
+
+#: The layer names HF PEFT treats as a model's embedding matrices.
+EMBEDDING_LAYER_NAMES = ("embed_tokens", "lm_head")
+
+
+def targets_embedding_layers(config: Any, layer_paths: Sequence[str]) -> bool:
+    """Whether ``config``'s ``target_modules`` name an embedding layer as HF PEFT decides
+    it: a list naming ``embed_tokens``/``lm_head``, or a regex matching such a layer."""
+    targets = getattr(config, "target_modules", None)
+    if isinstance(targets, str) and targets != "all-linear":
+        names = "|".join(EMBEDDING_LAYER_NAMES)
+        return any(
+            re.fullmatch(targets, path) for path in layer_paths if re.fullmatch(rf"(?:.*\.)?(?:{names})", path)
         )
+    return isinstance(targets, (list, tuple, set, frozenset)) and any(name in targets for name in EMBEDDING_LAYER_NAMES)
+
+
+def embedding_matrices_to_save(model: Any, adapter_name: str, save_embedding_layers: Union[str, bool]) -> dict[str, Any]:
+    """The base model's embedding matrices to store beside adapter ``adapter_name`` (HF
+    PEFT's ``save_embedding_layers``), under HF's keys (``base_model.model.<embedding
+    path>.base_layer.weight`` for an adapted embedding, ``...<path>.weight`` else).
+
+    ``"auto"`` saves them, with a warning, when the config targets an embedding layer;
+    ``True`` always (the shell must be able to find the model's input/output embeddings,
+    which transformers models have; else a warning and nothing); ``False`` never."""
+    graph = model.graph
+    targeted = targets_embedding_layers(model.peft_config[adapter_name], [node.path for node in graph] if graph else [])
+    if save_embedding_layers == "auto":
+        if not targeted:
+            return {}
+        warnings.warn(
+            "Setting `save_embedding_layers` to `True` as embedding layers found in `target_modules`.",
+            UserWarning,
+            stacklevel=4,
+        )
+    elif not save_embedding_layers:
+        return {}
+    find = getattr(model, "_embedding_layers", None)
+    layers = find() if callable(find) else None
+    if layers is None:
+        warnings.warn(
+            "Could not identify embedding layer(s) because the model is not a 🤗 transformers model.",
+            UserWarning,
+            stacklevel=4,
+        )
+        return {}
+    chosen = {path: adapted for path, adapted in layers.items() if adapted or not targeted}
+    weights = model._base_weights(list(chosen))
+    return {
+        f"{HF_PREFIX}{path}{'.base_layer' if chosen[path] else ''}.weight": value for path, value in weights.items()
+    }
 
 
 def split_embedding_layers(

@@ -115,9 +115,14 @@ def adapter_subdir(root: str, adapter_name: str) -> str:
 
 
 def save_adapter(
-    directory: str, config: PeftConfig, plan: RewritePlan, tensors: Mapping[str, np.ndarray]
+    directory: str,
+    config: PeftConfig,
+    plan: RewritePlan,
+    tensors: Mapping[str, np.ndarray],
+    base_matrices: Optional[Mapping[str, np.ndarray]] = None,
 ) -> None:
-    """Write one adapter to ``directory`` (created if needed)."""
+    """Write one adapter to ``directory`` (created if needed). ``base_matrices`` are base
+    model weights stored beside it under their HF keys (HF PEFT's saved embeddings)."""
     specs = plan.tensor_specs()
     missing = sorted(set(specs) - set(tensors))
     extra = sorted(set(tensors) - set(specs))
@@ -129,6 +134,10 @@ def save_adapter(
         if tuple(array.shape) != tuple(spec.shape):
             raise AdapterError(f"tensor {name!r} has shape {array.shape}, plan says {spec.shape}")
         hf_tensors[_hf_key(spec)] = array
+    for key, value in (base_matrices or {}).items():
+        if key in hf_tensors:
+            raise AdapterError(f"base matrix {key!r} has the name of one of the adapter's tensors")
+        hf_tensors[key] = np.ascontiguousarray(value)
     config_dict = config.to_dict()
     record = {"format_version": FORMAT_VERSION, "plan": plan.to_dict(), "config": config_dict}
     metadata = {"format": "pt", METADATA_KEY: json.dumps(record)}

@@ -14,6 +14,7 @@ operation (:func:`guarded`).
 from __future__ import annotations
 
 import contextlib
+import math
 from typing import Any, Callable, Iterator, Mapping, Optional, Sequence
 
 import numpy as np
@@ -57,6 +58,67 @@ def build_freeze_base(runtime: BackendRuntime) -> OpBuilder:
                 runtime.set_trainable(tensor, False)
 
     return freeze
+
+
+def build_base_tensors(runtime: BackendRuntime) -> OpBuilder:
+    """The builder of ops that train base parameters in place (:meth:`PlanOp.base_tensors`):
+    it checks each parameter is there with the plan's shape; the adapter's trainable
+    state (set afterwards) decides whether it trains."""
+
+    def check(model: Any, layers: dict, op: PlanOp, adapter_name: str) -> None:
+        specs = op.tensor_specs()
+        for canonical, param_name in op.base_tensors().items():
+            tensor = runtime.base_tensor(model, op.path, param_name)
+            if tensor is None:
+                raise PlanError(f"layer {op.path!r} has no {param_name!r} for the {op.op} op to train")
+            expected = math.prod(specs[canonical].shape)
+            if runtime.numel(tensor) != expected:
+                raise PlanError(
+                    f"layer {op.path!r}: its {param_name!r} has {runtime.numel(tensor)} values, the plan expects {expected}"
+                )
+
+    return check
+
+
+def base_tensor_names(plan: RewritePlan) -> set[str]:
+    """Canonical names of the base parameters ``plan`` trains in place."""
+    return {f"{op.path}.{c}" if op.path else c for op in plan.ops for c in op.base_tensors()}
+
+
+def base_tensor_entries(runtime: BackendRuntime, model: Any, plan: RewritePlan) -> list[tuple[str, Any, tuple]]:
+    """``(canonical name, base tensor, canonical shape)`` of every base parameter ``plan`` trains in place."""
+    entries = []
+    for op in plan.ops:
+        specs = op.tensor_specs()
+        for canonical, param_name in op.base_tensors().items():
+            name = f"{op.path}.{canonical}" if op.path else canonical
+            entries.append((name, runtime.base_tensor(model, op.path, param_name), tuple(specs[canonical].shape)))
+    return entries
+
+
+def set_base_trainable(runtime: BackendRuntime, model: Any, plan: RewritePlan, trainable: bool) -> None:
+    """Switch training of the base parameters ``plan`` trains in place."""
+    with guarded(runtime, "set_trainable"):
+        for _, tensor, _ in base_tensor_entries(runtime, model, plan):
+            runtime.set_trainable(tensor, trainable)
+
+
+def export_base_tensors(runtime: BackendRuntime, model: Any, plan: RewritePlan) -> dict[str, np.ndarray]:
+    """The base parameters ``plan`` trains in place, canonically shaped numpy arrays."""
+    with guarded(runtime, "exporting the adapter"):
+        return {
+            name: np.ascontiguousarray(runtime.to_numpy(tensor)).reshape(shape)
+            for name, tensor, shape in base_tensor_entries(runtime, model, plan)
+        }
+
+
+def import_base_tensors(runtime: BackendRuntime, model: Any, plan: RewritePlan, tensors: Mapping[str, Any]) -> None:
+    """Write the base parameters ``plan`` trains in place from ``tensors`` (canonical names)."""
+    with guarded(runtime, "loading the adapter"):
+        for name, tensor, shape in base_tensor_entries(runtime, model, plan):
+            if name in tensors:
+                runtime.write_tensor(tensor, np.asarray(tensors[name]).reshape(shape))
+        runtime.model_changed(model)
 
 
 def apply_plan(runtime: BackendRuntime, model: Any, plan: RewritePlan, builders: Mapping[str, OpBuilder]) -> None:

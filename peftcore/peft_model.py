@@ -134,7 +134,7 @@ class PeftModel(AdapterFilesMixin, HFCompatMixin):
         if isinstance(adapter_names, str) or not all(isinstance(n, str) for n in adapter_names):
             raise AdapterError("adapter_names must be a list of adapter names, one per row of the batch")
         if getattr(self.get_base_model(), "training", False) is True:
-            raise AdapterError("adapter_names cannot be passed while the model is in training mode; call eval() first")
+            raise AdapterError("Cannot pass `adapter_names` when the model is in training mode. Call eval() first.")
         names = list(adapter_names)
         for name in dict.fromkeys(names):
             if name != BASE_ROW and name not in self.peft_config:
@@ -143,10 +143,16 @@ class PeftModel(AdapterFilesMixin, HFCompatMixin):
                     f"(adapters: {list(self.peft_config)}; {BASE_ROW!r} means none)"
                 )
         if self._merged:
-            raise AdapterError(f"adapters {self._merged} are merged; unmerge_adapter() before a mixed-adapter batch")
+            raise AdapterError(
+                "Cannot pass `adapter_names` when there are merged adapters, please call `unmerge_adapter` first "
+                f"(merged: {self._merged})."
+            )
         shape = getattr(first_input, "shape", None)
         if shape is not None and len(shape) > 0 and int(shape[0]) != len(names):
-            raise AdapterError(f"adapter_names has {len(names)} entries but the batch has {int(shape[0])} rows")
+            raise AdapterError(
+                "Length of `adapter_names` should be the same as the number of inputs, but got "
+                f"{len(names)} and {int(shape[0])} respectively."
+            )
         return names
 
     @property
@@ -189,7 +195,8 @@ class PeftModel(AdapterFilesMixin, HFCompatMixin):
             raise TypeError(f"peft_config must be a peftcore PeftConfig, got {type(config).__name__}")
         check_adapter_name(adapter_name)
         if adapter_name in self.peft_config or adapter_name in self.pending_adapters:
-            raise AdapterError(f"adapter {adapter_name!r} already exists; delete it first or pick another name")
+            raise AdapterError(f"Adapter with name '{adapter_name}' already exists; delete it first or pick another name.")
+        config.check_beside({**self.peft_config, **{name: c for name, c, _ in self._pending}})
         if self.graph is None:
             self._pending.append((adapter_name, config, plan))
             return plan  # type: ignore[return-value]  # None until built: the layers' shapes are unknown
@@ -210,7 +217,7 @@ class PeftModel(AdapterFilesMixin, HFCompatMixin):
         if not self.active_adapters:
             self.set_adapter(adapter_name)
         else:
-            model_ops.set_trainable(self.runtime, self.get_base_model(), adapter_name, False)
+            self._set_trainable(adapter_name, False)
             model_ops.set_active(self.runtime, self.get_base_model(), self.active_adapters)
         return plan
 
@@ -246,8 +253,7 @@ class PeftModel(AdapterFilesMixin, HFCompatMixin):
             self._require(name)
         self._unmerge_unless_active(names, "set_adapter")
         for name in self.peft_config:
-            trainable = name in names and not self.peft_config[name].inference_mode
-            model_ops.set_trainable(self.runtime, self.get_base_model(), name, trainable)
+            self._set_trainable(name, name in names and not self.peft_config[name].inference_mode)
         model_ops.set_active(self.runtime, self.get_base_model(), names)
         self.active_adapters = names
 
@@ -274,6 +280,7 @@ class PeftModel(AdapterFilesMixin, HFCompatMixin):
             raise AdapterError(
                 f"Cannot delete adapter(s) {[adapter_name]} while they are merged. Please unmerge them first."
             )
+        model_ops.set_base_trainable(self.runtime, self.get_base_model(), self.plans[adapter_name], False)
         model_ops.delete_adapter(self.runtime, self.get_base_model(), adapter_name)
         del self.peft_config[adapter_name]
         del self.plans[adapter_name]
@@ -302,6 +309,7 @@ class PeftModel(AdapterFilesMixin, HFCompatMixin):
                 stacklevel=3,
             )
         enable_after = states != {False}
+        self._warn_base_stays_trained("disable_adapter()")
         self.unmerge_adapter()
         self._enable_layers(False)
         try:
@@ -317,8 +325,25 @@ class PeftModel(AdapterFilesMixin, HFCompatMixin):
         is in inference mode."""
         model_ops.set_enabled(self.runtime, self.get_base_model(), enabled)
         for name, config in self.peft_config.items():
-            trainable = enabled and name in self.active_adapters and not config.inference_mode
-            model_ops.set_trainable(self.runtime, self.get_base_model(), name, trainable)
+            self._set_trainable(name, enabled and name in self.active_adapters and not config.inference_mode)
+
+    def _warn_base_stays_trained(self, operation: str) -> None:
+        """Warn that adapters which train base parameters in place keep them trained."""
+        names = [name for name, plan in self.plans.items() if model_ops.base_tensor_names(plan)]
+        if names:
+            biases = sorted({str(getattr(self.peft_config[n], "bias", "")) for n in names} - {""})
+            warnings.warn(
+                f"Careful, disabling adapter layers with bias configured to be {' or '.join(map(repr, biases))} "
+                f"(adapters {names}) does not give the base model's output: {operation} leaves the base biases "
+                "those adapters trained in place as trained",
+                UserWarning,
+                stacklevel=4,
+            )
+
+    def _set_trainable(self, adapter_name: str, trainable: bool) -> None:
+        """Whether the adapter's tensors (and the base parameters it trains in place) train."""
+        model_ops.set_trainable(self.runtime, self.get_base_model(), adapter_name, trainable)
+        model_ops.set_base_trainable(self.runtime, self.get_base_model(), self.plans[adapter_name], trainable)
 
     # -- merging ----------------------------------------------------------------------------
     def _unmerge_unless_active(self, names: Sequence[str], operation: str) -> None:
@@ -437,12 +462,19 @@ class PeftModel(AdapterFilesMixin, HFCompatMixin):
         """The adapter's tensors as canonical-layout numpy arrays, keyed by canonical name
         (``<layer path>.<tensor name>``, as in ``RewritePlan.tensor_specs``)."""
         self._require(adapter_name)
-        return model_ops.export_adapter(self.runtime, self.get_base_model(), adapter_name)
+        tensors = model_ops.export_adapter(self.runtime, self.get_base_model(), adapter_name)
+        tensors.update(model_ops.export_base_tensors(self.runtime, self.get_base_model(), self.plans[adapter_name]))
+        return tensors
 
     def import_adapter(self, adapter_name: str, tensors: Mapping[str, Any]) -> None:
         """Copy canonical-layout numpy tensors into the adapter's parameters."""
         self._require(adapter_name)
-        model_ops.import_adapter(self.runtime, self.get_base_model(), adapter_name, tensors)
+        plan = self.plans[adapter_name]
+        in_place = model_ops.base_tensor_names(plan)
+        model_ops.import_adapter(
+            self.runtime, self.get_base_model(), adapter_name, {k: v for k, v in tensors.items() if k not in in_place}
+        )
+        model_ops.import_base_tensors(self.runtime, self.get_base_model(), plan, tensors)
 
     def adapter_gradients(self, adapter_name: str, loss: Any) -> dict[str, Any]:
         """d ``loss`` / d each of the adapter's tensors (canonical layout, numpy); ``loss`` is a

@@ -70,6 +70,9 @@ class PlanOp:
     op: ClassVar[str] = ""
     #: Whether the backend can fold this op into the base weights (merge_adapter).
     mergeable: ClassVar[bool] = True
+    #: Whether the op only trains base parameters in place (:meth:`base_tensors`); the
+    #: core builds such ops itself on every backend that has the ``base_tensor`` primitive.
+    trains_base_in_place: ClassVar[bool] = False
     path: str = ""
 
     def __post_init__(self) -> None:
@@ -101,6 +104,13 @@ class PlanOp:
 
     def tensor_specs(self) -> dict[str, TensorSpec]:
         """Adapter tensors this op owns, keyed by canonical name relative to ``path``."""
+        return {}
+
+    def base_tensors(self) -> dict[str, str]:
+        """The base model's own parameters this op trains in place (not adapter tensors):
+        canonical tensor name (a key of :meth:`tensor_specs`) -> the parameter's name on
+        the layer at ``path`` (``"bias"``). The core exports, loads and switches their
+        training through the backend's ``base_tensor`` primitive."""
         return {}
 
     def misfit(self, graph: ModelGraph) -> Optional[str]:

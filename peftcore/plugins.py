@@ -21,7 +21,8 @@ import pluggy
 from peftcore import hookspecs
 from peftcore.errors import BackendError, PeftCoreError, did_you_mean
 from peftcore.graph import ModelGraph
-from peftcore.model_ops import PLUGIN_FAULTS, build_freeze_base, guarded
+from peftcore.model_ops import PLUGIN_FAULTS, build_base_tensors, build_freeze_base, guarded
+from peftcore.plan import op_types
 from peftcore.runtime import BackendInfo, BackendRuntime, CheckpointFormat, OpBuilder, missing_primitives
 
 T = TypeVar("T")
@@ -133,6 +134,8 @@ class Backend:
         """Every op builder: the core's generic ones, the backend's, then plugins' extras."""
         runtime = self.runtime
         builders: dict[str, OpBuilder] = {"freeze_base": build_freeze_base(runtime)}
+        if type(runtime).base_tensor is not BackendRuntime.base_tensor:  # the runtime reaches base parameters
+            builders.update({name: build_base_tensors(runtime) for name, op in op_types().items() if op.trains_base_in_place})
         with guarded(runtime, "builders"):
             builders.update(runtime.builders())
         builders.update(self._manager.op_builders(self.name))

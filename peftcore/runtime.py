@@ -52,7 +52,8 @@ class BackendInfo:
     ``ops`` lists the plan op kinds it can build (``"lora"``, ``"freeze_base"``...);
     ``reason`` says why it is unavailable (e.g. its framework is not installed);
     ``limitations`` maps a method name to why the backend cannot build it, which
-    ``peftcore backends`` shows next to the ops it lacks.
+    ``peftcore backends`` shows next to the ops it lacks, or, for a method it does build,
+    what it cannot build of it (shown as a limit of that method).
     """
 
     name: str
@@ -194,6 +195,18 @@ class BackendRuntime:
 
     def model_changed(self, model: Any) -> None:
         """Told after every change to what a forward computes (SINGA drops a recorded graph)."""
+
+    def base_tensor(self, model: Any, path: str, name: str) -> Any:
+        """The base model's parameter ``name`` (canonical: ``"weight"``, ``"bias"``) of the
+        layer at ``path`` (of its wrapped layer when an adapter layer sits there), or None
+        when it has none. Optional: ops that train base parameters in place (LoRA's
+        ``bias="all"``) need it."""
+        raise NotImplementedError(f"backend {self.name!r} cannot train base model parameters in place")
+
+    def write_tensor(self, tensor: Any, array: np.ndarray) -> None:
+        """Copy ``array`` into ``tensor`` in place, keeping its dtype and device. Optional,
+        with :meth:`base_tensor`."""
+        raise NotImplementedError(f"backend {self.name!r} cannot write base model parameters")
 
     def place_adapter_tensors(self, layer: Any, adapter_name: str, upcast: bool, on_meta: bool) -> None:
         """Where one layer's tensors of a new adapter live (HF PEFT's

@@ -82,6 +82,44 @@ class AddLora(PlanOp):
         }
 
 
+@register_op
+@dataclasses.dataclass(frozen=True)
+class TrainBaseBias(PlanOp):
+    """Train the bias of layer ``path`` itself, in place (LoRA's ``bias="all"`` or
+    ``"lora_only"``, as HF PEFT does): no copy is made, so the trained bias stays in the
+    model when the adapter is disabled or deleted, and only one adapter may use it.
+
+    ``size`` is the bias length; ``wrapped`` says whether the plan also puts a LoRA on the
+    layer, which makes HF PEFT's file key ``<path>.base_layer.bias`` instead of ``<path>.bias``.
+    """
+
+    op: ClassVar[str] = "base_bias"
+    trains_base_in_place: ClassVar[bool] = True
+    size: int = 0
+    wrapped: bool = False
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if self.size <= 0:
+            raise PlanError(f"base_bias op on {self.path!r}: size must be positive, got {self.size}")
+
+    def tensor_specs(self) -> dict[str, TensorSpec]:
+        return {"bias": TensorSpec((self.size,), "base_layer.bias" if self.wrapped else "bias")}
+
+    def base_tensors(self) -> dict[str, str]:
+        return {"bias": "bias"}
+
+    def misfit(self, graph: ModelGraph) -> Optional[str]:
+        shape = graph.get(self.path).params.get("bias")
+        if shape is None or math.prod(shape) != self.size:
+            return f"layer {self.path!r} has {'no bias' if shape is None else f'a bias of shape {shape}'}, the adapter trains one of {self.size}"
+        return None
+
+
+#: LoRA's ``bias`` values (HF PEFT's).
+BIAS_CHOICES = ("none", "all", "lora_only")
+
+
 @config_class
 class LoraConfig(PeftConfig):
     """Configure LoRA (Hu et al., 2021), with HF PEFT's field names.
@@ -95,7 +133,10 @@ class LoraConfig(PeftConfig):
       regex matched against the end of the layer path.
     - ``init_lora_weights``: ``True`` (A kaiming-uniform, B zero), ``"gaussian"``, or
       ``False`` (B random too, so the adapter changes the output at once; for tests).
-    - ``bias``: ``"none"`` only (HF PEFT's default); ``"all"``/``"lora_only"`` are refused.
+    - ``bias``: ``"none"`` (HF PEFT's default), ``"all"`` (train every bias of the model
+      in place) or ``"lora_only"`` (the biases of the LoRA layers), as in HF PEFT: those
+      biases are the base model's own, so disabling or deleting the adapter keeps them
+      trained, and a model with such an adapter takes no second adapter.
     - ``modules_to_save``: modules trained in full (a copy per adapter) and saved; as in
       HF PEFT, ``task_type="SEQ_CLS"`` / ``"TOKEN_CLS"`` adds the ``classifier`` / ``score``
       head and ``"QUESTION_ANS"`` the ``qa_outputs`` head.
@@ -104,7 +145,7 @@ class LoraConfig(PeftConfig):
     method: ClassVar[str] = "lora"
     peft_type: ClassVar[str] = PeftType.LORA
     tensor_prefix: ClassVar[str] = "lora_"
-    plan_ops: ClassVar[tuple] = ("freeze_base", "lora", "modules_to_save")
+    plan_ops: ClassVar[tuple] = ("freeze_base", "lora", "base_bias", "modules_to_save")
     hf_unsupported_fields: ClassVar[Mapping[str, Any]] = {
         "use_dora": False,
         "megatron_config": None,
@@ -148,13 +189,7 @@ class LoraConfig(PeftConfig):
     def validate(self) -> None:
         super().validate()
         name = type(self).__name__
-        if self.bias != "none":
-            raise ConfigError(
-                f"{name}.bias={self.bias!r} is not supported: peftcore's LoRA trains no biases (bias='none', "
-                "HF PEFT's default); to train biases alongside LoRA, add a BitFitConfig adapter"
-                if self.bias in ("all", "lora_only")
-                else f"{name}.bias must be 'none', 'all' or 'lora_only', got {self.bias!r}"
-            )
+        check(self.bias in BIAS_CHOICES, f"{name}.bias must be one of {BIAS_CHOICES}, got {self.bias!r}")
         check_type(name, "r", self.r, (int,))
         check(self.r > 0, f"{name}.r must be a positive integer, got {self.r}")
         check_type(name, "lora_alpha", self.lora_alpha, (int, float))
@@ -203,8 +238,34 @@ class LoraConfig(PeftConfig):
         ops: list[PlanOp] = [FreezeBase()]
         ops.extend(self._lora_op(node) for node in layers)
         saved = effective_modules_to_save(self.task_type, self.modules_to_save)
-        ops.extend(modules_to_save_ops(graph, saved, type(self).__name__))
+        saved_ops = modules_to_save_ops(graph, saved, type(self).__name__)
+        ops.extend(self._bias_ops(graph, [node.path for node in layers], [op.path for op in saved_ops]))
+        ops.extend(saved_ops)
         return RewritePlan(method=self.method, adapter_name=adapter_name, ops=tuple(ops))
+
+    def _bias_ops(self, graph: ModelGraph, lora_paths: list[str], saved_paths: list[str]) -> list[TrainBaseBias]:
+        """The biases ``bias`` trains in place: every layer's (``"all"``) or the LoRA
+        layers' (``"lora_only"``), except inside modules trained in full anyway."""
+        if self.bias == "none":
+            return []
+        chosen = [node for node in graph if self.bias == "all" or node.path in lora_paths]
+        return [
+            TrainBaseBias(path=node.path, size=math.prod(node.params["bias"]), wrapped=node.path in lora_paths)
+            for node in chosen
+            if "bias" in node.params
+            and not any(node.path == s or node.path.startswith(s + ".") for s in saved_paths)
+        ]
+
+    def check_beside(self, others: Mapping[str, PeftConfig]) -> None:
+        """As HF PEFT: an adapter that trains base biases (``bias`` not ``"none"``) cannot
+        share a model with another adapter, since both would train the same biases."""
+        biased = [name for name, config in others.items() if getattr(config, "bias", "none") != "none"]
+        if others and (self.bias != "none" or biased):
+            raise ConfigError(
+                "LoRA supports only 1 adapter with bias: an adapter with bias='all' or 'lora_only' trains the "
+                f"base model's own biases, which another adapter would share (adapters with bias: "
+                f"{biased + (['the new one'] if self.bias != 'none' else [])}); set bias='none' for all adapters"
+            )
 
     def _lora_op(self, node: LayerNode) -> AddLora:
         r, alpha = self.rank_and_alpha(node.path)

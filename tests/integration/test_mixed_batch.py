@@ -198,7 +198,7 @@ def test_an_unknown_adapter_name_is_named_with_a_suggestion() -> None:
 
 def test_one_name_per_row() -> None:
     peft_model = with_adapters(mlp(), ["1"])
-    with pytest.raises(AdapterError, match="3 entries but the batch has 2 rows"):
+    with pytest.raises(AdapterError, match="but got 3 and 2 respectively"):
         peft_model(torch.zeros(2, 3, dtype=torch.long), adapter_names=["one", "two", "one"])
     with pytest.raises(AdapterError, match="one per row"):
         peft_model(torch.zeros(1, 3, dtype=torch.long), adapter_names="one")
@@ -206,7 +206,7 @@ def test_one_name_per_row() -> None:
 
 def test_a_batch_size_mismatch_seen_only_inside_the_model_is_caught_by_the_layer() -> None:
     peft_model = with_adapters(mlp(), ["1"])
-    with pytest.raises(AdapterError, match="2 entries but the batch has 4 rows"):
+    with pytest.raises(AdapterError, match="but got 2 and 4 respectively"):
         # ``input`` is not a name the API inspects: only the layers see the batch
         peft_model(input=torch.zeros(4, 3, dtype=torch.long), adapter_names=["one", "two"])
 
@@ -336,7 +336,7 @@ def test_generate_decodes_each_row_through_its_own_adapter(beams: int) -> None:
 def test_generate_checks_adapter_names_as_forward_does() -> None:
     peft_model = with_adapters(gpt2(), ["c_attn"])
     tokens = torch.randint(1, VOCAB, (2, 3))
-    with pytest.raises(AdapterError, match="2 rows"):
+    with pytest.raises(AdapterError, match="got 1 and 2 respectively"):
         peft_model.generate(tokens, adapter_names=["one"], max_new_tokens=2, pad_token_id=0)
     peft_model.train()
     with pytest.raises(ValueError, match="training mode"):

@@ -19,7 +19,7 @@ from singa import autograd, layer, model  # noqa: E402
 
 from peftcore.graph import ModelGraph  # noqa: E402
 from peftcore.runtime import BackendInfo, BackendRuntime, OpBuilder  # noqa: E402
-from peftcore_singa.layers import AdapterLayer, set_trainable_flags, to_numpy  # noqa: E402
+from peftcore_singa.layers import AdapterLayer, copy_into, set_trainable_flags, to_numpy  # noqa: E402
 from peftcore_singa.limitations import LIMITATIONS  # noqa: E402
 from peftcore_singa.walk import replace_layer, walk  # noqa: E402
 
@@ -79,6 +79,18 @@ class SingaRuntime(BackendRuntime):
 
     def adapter_parameters(self, node: Any) -> list[Any]:
         return list(node.adapter_tensors())
+
+    def base_tensor(self, model_: Any, path: str, name: str) -> Any:
+        from peftcore_singa.describe import native_params
+
+        node = dict(walk(model_)).get(path) if path else model_
+        if isinstance(node, AdapterLayer):
+            node = node.base_layer
+        view = native_params(node).get(name) if node is not None else None
+        return view.tensor if view is not None else None
+
+    def write_tensor(self, t: Any, array: np.ndarray) -> None:
+        copy_into(t, array)
 
     def builders(self) -> Mapping[str, OpBuilder]:
         from peftcore_singa.builders import BUILDERS

@@ -63,6 +63,11 @@ class AdapterLayer(AdapterBookkeeping, nn.Module):
         return self.base_layer.weight
 
     @property
+    def bias(self) -> Any:
+        """The base layer's bias (None where it has none), as HF PEFT's layers expose it."""
+        return getattr(self.base_layer, "bias", None)
+
+    @property
     def adapter_layer_names(self) -> tuple:
         """HF PEFT's name for the attributes holding adapter tensors, by adapter name."""
         return tuple(self.adapter_tensor_names)

@@ -186,6 +186,9 @@ class LoraLayer(RoutesRows, AdapterLayer):
 class LoraLinear(LoraLayer):
     """LoRA around ``nn.Linear`` or transformers' ``Conv1D``."""
 
+    def _get_name(self) -> str:
+        return "lora.Linear"  # how HF PEFT prints it, so printed models read the same
+
     def __init__(self, base_layer: nn.Module) -> None:
         super().__init__(base_layer)
         self.fan_in_fan_out = is_conv1d(base_layer)
@@ -305,6 +308,9 @@ class LoraEmbedding(LoraLayer):
     adapter_tensor_names = ("lora_embedding_A", "lora_embedding_B")
     canonical_names = {"lora_embedding_A": "lora_A", "lora_embedding_B": "lora_B"}
     base_layer: nn.Embedding
+
+    def _get_name(self) -> str:
+        return "lora.Embedding"
 
     def init_factor_stores(self) -> None:
         self.lora_embedding_A = nn.ParameterDict()

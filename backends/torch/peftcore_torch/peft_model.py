@@ -21,6 +21,7 @@ from torch import nn
 from peftcore.errors import AdapterError
 from peftcore.graph import ModelGraph
 from peftcore.peft_model import PeftModel
+from peftcore_torch.layers import AdapterLayer
 from peftcore_torch.trainer_integration import enable_if_transformers_loaded
 
 #: HF PEFT's tuner-model (``LoraModel``) API that ``base_model`` passes to its PeftModel.
@@ -164,6 +165,33 @@ class TorchPeftModel(PeftModel, nn.Module):
                 layer = model.get_submodule(path)
                 target: Any = getattr(layer, "base_layer", layer).weight
                 target.copy_(torch.as_tensor(np.asarray(array)).to(dtype=target.dtype, device=target.device))
+
+    def _embedding_layers(self) -> Optional[dict[str, bool]]:
+        """The paths of the model's input and output embedding layers (transformers'
+        ``get_input_embeddings``/``get_output_embeddings``), each with whether an adapter
+        layer wraps it; None for a model without ``get_input_embeddings``."""
+        model = self.get_base_model()
+        get_input = getattr(model, "get_input_embeddings", None)
+        if not callable(get_input):
+            return None
+        getters = [get_input, getattr(model, "get_output_embeddings", lambda: None)]
+        wanted = [layer for layer in (get() for get in getters) if isinstance(layer, nn.Module)]
+        found: dict[str, bool] = {}
+        for path, module in model.named_modules():
+            if any(module is layer for layer in wanted) and path not in found:
+                found[path] = isinstance(module, AdapterLayer)
+        return found
+
+    def _base_weights(self, paths: list[str]) -> dict[str, np.ndarray]:
+        """The base weight matrix of the layers at ``paths`` (an adapter layer's
+        ``base_layer``), as numpy."""
+        model = self.get_base_model()
+        weights = {}
+        for path in paths:
+            layer = model.get_submodule(path)
+            weight: Any = getattr(layer, "base_layer", layer).weight
+            weights[path] = self.runtime.to_numpy(weight)
+        return weights
 
     def _from_numpy(self, array: Any) -> torch.Tensor:
         """A canonical numpy tensor as a torch tensor (``get_peft_model_state_dict``)."""

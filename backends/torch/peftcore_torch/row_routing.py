@@ -111,8 +111,8 @@ class RowRouting:
         """``{adapter: rows}`` for the adapters in ``held``; checks the batch size."""
         if batch_size != len(self.names):
             raise AdapterError(
-                f"adapter_names has {len(self.names)} entries but the batch has {batch_size} rows; "
-                "give one name per row"
+                "Length of `adapter_names` should be the same as the number of inputs, but got "
+                f"{len(self.names)} and {batch_size} respectively (one adapter name per row)."
             )
         return {name: rows for name, rows in self.rows.items() if name in held}
 

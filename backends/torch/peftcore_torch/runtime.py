@@ -91,6 +91,17 @@ class TorchRuntime(BackendRuntime):
             grads[index] = grad
         return grads
 
+    def base_tensor(self, model: Any, path: str, name: str) -> Any:
+        module = model.get_submodule(path) if path else model
+        if isinstance(module, AdapterLayer):
+            module = module.base_layer
+        tensor = getattr(module, name, None)
+        return tensor if isinstance(tensor, nn.Parameter) else None
+
+    def write_tensor(self, tensor: Any, array: np.ndarray) -> None:
+        with torch.no_grad():
+            tensor.copy_(torch.as_tensor(np.asarray(array)).reshape(tensor.shape).to(dtype=tensor.dtype, device=tensor.device))
+
     def place_adapter_tensors(self, layer: Any, adapter_name: str, upcast: bool, on_meta: bool) -> None:
         for attribute in layer.tensor_names(adapter_name):
             store = layer.adapter_store(attribute)
