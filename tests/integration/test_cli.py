@@ -107,9 +107,25 @@ def test_backends_json_derives_methods_from_ops(capsys: pytest.CaptureFixture) -
         assert set(torch["missing"].get(method, ())) == set(PeftRegistry.ops_of(method)) - set(torch["ops"])
 
 
+def test_backends_notes_say_why_a_method_is_missing_or_limited() -> None:
+    from peftcore.cli.backends import render_backends
+
+    record = {
+        "name": "fake", "framework": "Fake", "available": True, "reason": "", "version": "1", "ops": [],
+        "methods": ["lora", "prompt_tuning"], "missing": {"prefix_tuning": ["prefix_encoder"]},
+        "limitations": {"prefix_tuning": "no attention", "prompt_tuning": "one submodule only", "ia3": "unused"},
+    }
+    lines = render_backends([record], [])
+    assert lines[1].split()[-2:] == ["lora,", "prompt_tuning"]
+    assert lines[3:] == [
+        "fake: cannot build prefix_tuning (no builder for prefix_encoder): no attention",
+        "fake: prompt_tuning is limited: one submodule only",
+    ]
+
+
 def test_methods_declare_their_ops() -> None:
-    assert PeftRegistry.ops_of("lora") == ("freeze_base", "lora", "modules_to_save")
-    assert PeftRegistry.missing_ops(["freeze_base"])["lora"] == ["lora", "modules_to_save"]
+    assert PeftRegistry.ops_of("lora") == ("freeze_base", "lora", "base_bias", "modules_to_save")
+    assert PeftRegistry.missing_ops(["freeze_base"])["lora"] == ["base_bias", "lora", "modules_to_save"]
     assert PeftRegistry.missing_ops(PeftRegistry.ops_of("lora"))["lora"] == []
     # other tests register throwaway methods in this process; check the shipped ones
     for method in ("lora", "bitfit", "prompt_tuning", "residual_prompt_tuning", "unipelt", "ia3"):
