@@ -85,7 +85,7 @@ class HFCompatMixin:
         """Add ``adapter_name``, a weighted combination of LoRA ``adapters`` (HF PEFT's method).
 
         ``combination_type``: ``"linear"`` (same rank; A and B are each the sum of
-        ``sqrt(weight * scaling)`` times the adapters' A and B), ``"cat"`` (ranks add up:
+        ``sqrt(|weight * scaling|)`` times the adapters' A and B, A taking the weight's sign), ``"cat"`` (ranks add up:
         the adapters' ``weight * scaling * A`` stacked, their B side by side, so the delta is
         exactly the weighted sum) or ``"svd"`` (the weighted sum of the deltas, truncated
         to ``svd_rank``, default the largest rank, by an SVD; ``svd_clamp`` clips values
@@ -132,9 +132,10 @@ class HFCompatMixin:
             a_list = [np.asarray(t[f"{path}.lora_A"], dtype=np.float64) for _, t, _ in parts]
             b_list = [np.asarray(t[f"{path}.lora_B"], dtype=np.float64) for _, t, _ in parts]
             if combination_type == "linear":
-                factors = [np.sqrt(w * op.scaling) for op, _, w in parts]
-                a = sum(f * x for f, x in zip(factors, a_list))
-                b = sum(f * x for f, x in zip(factors, b_list))
+                # a negative weight flips A only, so each adapter's own delta is scaled by its weight
+                scales = [w * op.scaling for op, _, w in parts]
+                a = sum(np.sign(c) * np.sqrt(abs(c)) * x for c, x in zip(scales, a_list))
+                b = sum(np.sqrt(abs(c)) * x for c, x in zip(scales, b_list))
             elif combination_type == "cat":
                 a = np.concatenate([w * op.scaling * x for (op, _, w), x in zip(parts, a_list)], axis=0)
                 b = np.concatenate(b_list, axis=1)

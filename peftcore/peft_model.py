@@ -25,6 +25,7 @@ from peftcore.adapter_files import AdapterFilesMixin, adapter_dir, device_of_map
 from peftcore.config import PeftConfig
 from peftcore.errors import AdapterError, BackendError, did_you_mean
 from peftcore.graph import ModelGraph
+from peftcore.methods.common import effective_modules_to_save
 from peftcore.hf_compat import HFCompatMixin
 from peftcore.io import (
     DEFAULT_ADAPTER,
@@ -156,6 +157,17 @@ class PeftModel(AdapterFilesMixin, HFCompatMixin):
         return names
 
     @property
+    def modules_to_save(self) -> Optional[set[str]]:
+        """The modules some adapter trains in full, by the names its config gives (with
+        the heads a task type adds), or None when none does (HF PEFT's attribute)."""
+        names = {
+            module
+            for config in self.peft_config.values()
+            for module in effective_modules_to_save(config.task_type, getattr(config, "modules_to_save", None)) or ()
+        }
+        return names or None
+
+    @property
     def active_peft_config(self) -> PeftConfig:
         """The config of the (first) active adapter (HF PEFT's attribute)."""
         if not self.active_adapter:
@@ -246,14 +258,16 @@ class PeftModel(AdapterFilesMixin, HFCompatMixin):
                 self._pending = pending[index + 1 :]
                 raise
 
-    def set_adapter(self, adapter_name: Union[str, Sequence[str]]) -> None:
-        """Make these adapters the active ones: used in forward and trainable."""
+    def set_adapter(self, adapter_name: Union[str, Sequence[str]], inference_mode: bool = False) -> None:
+        """Make these adapters the active ones: used in forward, and trainable unless
+        ``inference_mode`` (HF PEFT's argument) or their config's ``inference_mode``."""
         names = [adapter_name] if isinstance(adapter_name, str) else list(adapter_name)
         for name in names:
             self._require(name)
         self._unmerge_unless_active(names, "set_adapter")
         for name in self.peft_config:
-            self._set_trainable(name, name in names and not self.peft_config[name].inference_mode)
+            trainable = name in names and not inference_mode and not self.peft_config[name].inference_mode
+            self._set_trainable(name, trainable)
         model_ops.set_active(self.runtime, self.get_base_model(), names)
         self.active_adapters = names
 

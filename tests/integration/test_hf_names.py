@@ -150,8 +150,9 @@ def test_disable_and_enable_adapter_layers() -> None:
     torch.testing.assert_close(out(model), adapted)
 
 
+@pytest.mark.parametrize("weights", [(0.7, 0.4), (-0.7, 0.4)], ids=["positive", "negative"])
 @pytest.mark.parametrize("combination", ["linear", "cat", "svd"])
-def test_add_weighted_adapter_matches_hf(combination: str) -> None:
+def test_add_weighted_adapter_matches_hf(combination: str, weights: tuple) -> None:
     ours = get_peft_model(tiny.llama_lm(), lora())
     torch.manual_seed(7)
     ours.add_adapter("b", lora())
@@ -162,11 +163,12 @@ def test_add_weighted_adapter_matches_hf(combination: str) -> None:
     for name in ("default", "b"):
         set_peft_model_state_dict(ours, peft.get_peft_model_state_dict(hf, adapter_name=name), adapter_name=name)
     kwargs: dict[str, Any] = {"svd_rank": 6} if combination == "svd" else {}
-    ours.add_weighted_adapter(["default", "b"], [0.7, 0.4], "mix", combination_type=combination, **kwargs)
-    hf.add_weighted_adapter(["default", "b"], [0.7, 0.4], "mix", combination_type=combination, **kwargs)
+    ours.add_weighted_adapter(["default", "b"], list(weights), "mix", combination_type=combination, **kwargs)
+    hf.add_weighted_adapter(["default", "b"], list(weights), "mix", combination_type=combination, **kwargs)
     ours.set_adapter("mix")
     hf.set_adapter("mix")
     torch.testing.assert_close(out(ours), out(hf), rtol=1e-4, atol=1e-5)
+    assert torch.isfinite(out(ours)).all()  # a negative weight once gave NaN factors (sqrt of a negative)
     if combination == "cat":  # exactly the weighted sum of the deltas
         ours.set_adapter("default")
         with pytest.raises(ValueError, match="ties"):
