@@ -82,7 +82,7 @@ def main(argv: list[str] | None = None) -> dict:
     steps = 60 if args.quick else args.steps
     generator = torch.Generator().manual_seed(2)
     model = pretrained_t5(4 * steps, generator)
-    # num_transformer_submodules=1: XPrompt prunes a prompt without HF's unused decoder block
+    # num_transformer_submodules=1: no HF decoder block of prompt rows, unused by the model, to train and prune
     config = ResidualPromptTuningConfig(
         num_virtual_tokens=8, bottleneck_size=16, prompt_tuning_init="SAMPLE_VOCAB",
         task_type="SEQ_2_SEQ_LM", num_transformer_submodules=1,

@@ -25,7 +25,6 @@ from peftcore.adapter_files import AdapterFilesMixin, adapter_dir, device_of_map
 from peftcore.config import PeftConfig
 from peftcore.errors import AdapterError, BackendError, did_you_mean
 from peftcore.graph import ModelGraph
-from peftcore.methods.common import effective_modules_to_save
 from peftcore.hf_compat import HFCompatMixin
 from peftcore.io import (
     DEFAULT_ADAPTER,
@@ -33,6 +32,7 @@ from peftcore.io import (
     check_safe_to_merge,
     read_adapter,
 )
+from peftcore.methods.common import effective_modules_to_save
 from peftcore.model_ops import BASE_ROW
 from peftcore.plan import RewritePlan
 from peftcore.plugins import Backend, get_plugin_manager

@@ -134,15 +134,22 @@ def xprompt_prune(
 
     exported = {k: np.asarray(v) for k, v in peft_model.export_adapter(name).items()}
     key = f"{op.path}.prompt_embeddings"
-    trained = exported[key].astype(np.float64)
-    tokens, width = trained.shape
+    # HF's encoder-decoder layout stores a second block of rows after the prompt the model
+    # reads (the decoder's, unused): scores come from the first block, and the second is
+    # cut to the same kept tokens and pieces, so the file keeps HF's layout
+    tokens, width = op.num_virtual_tokens, op.token_dim
+    trained = exported[key].astype(np.float64)[:tokens]
+    other_blocks = exported[key].astype(np.float64)[tokens:]
+
+    def table(values: np.ndarray, others: np.ndarray) -> np.ndarray:
+        return np.concatenate([values, others]).astype(exported[key].dtype)
 
     def score(values: np.ndarray, level: str) -> np.ndarray:
-        current = {**exported, key: values.astype(exported[key].dtype)}
+        current = {**exported, key: table(values, other_blocks)}
         peft_model.import_adapter(name, current)
         total: Optional[np.ndarray] = None
         for batch in tqdm(scoring, desc=f"XPrompt {level} scores", disable=not progress, leave=False):
-            grad = np.asarray(peft_model.adapter_gradients(name, loss_fn(peft_model, batch))[key])
+            grad = np.asarray(peft_model.adapter_gradients(name, loss_fn(peft_model, batch))[key])[:tokens]
             step = token_importance(values, grad) if level == "token" else piece_importance(values, grad, config.num_pieces)
             total = step if total is None else total + step
         assert total is not None
@@ -183,7 +190,9 @@ def xprompt_prune(
     )
     new_plan = RewritePlan(plan.method, name, tuple(pruned_op if o is op else o for o in plan.ops), plan.version)
     new_config = peft_model.peft_config[name].replace(num_virtual_tokens=len(kept))
-    rewound = (trained[kept] * _spread(piece_mask, width)).astype(exported[key].dtype)
+    spread = _spread(piece_mask, width)
+    others = other_blocks.reshape(-1, tokens, width)[:, kept] * spread  # (blocks - 1, kept, width)
+    rewound = table(trained[kept] * spread, others.reshape(-1, width))
     peft_model.replace_adapter(name, new_config, new_plan, {**exported, key: rewound})
     return XPromptResult(token_mask, piece_mask, token_scores, piece_scores)
 
@@ -199,11 +208,6 @@ def _plain_prompt_op(plan: RewritePlan, name: str) -> AddPrompt:
         raise AdapterError(f"adapter {name!r} is already pruned")
     if op.encoder:
         raise AdapterError(f"adapter {name!r} is a P-tuning prompt (an encoder's output); XPrompt prunes a plain prompt")
-    if op.num_transformer_submodules != 1:
-        raise AdapterError(
-            f"adapter {name!r} stores a second (decoder) block of prompt rows; XPrompt prunes a prompt "
-            "trained with num_transformer_submodules=1"
-        )
     return op
 
 

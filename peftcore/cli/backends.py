@@ -44,7 +44,8 @@ def other_plugins(manager: PluginManager) -> list[dict[str, str]]:
 
 
 def render_backends(records: list[dict[str, Any]], others: list[dict[str, str]]) -> list[str]:
-    """The table, then one line per reason a backend is unavailable or a method unbuildable."""
+    """The table, then one line per reason a backend is unavailable, a method unbuildable, or
+    a method it builds limited to some forms."""
     rows = [("backend", "framework", "available", "version", "methods")]
     for record in records:
         rows.append((
@@ -64,6 +65,9 @@ def render_backends(records: list[dict[str, Any]], others: list[dict[str, str]])
         for method, lacking in record["missing"].items():
             why = f": {limitations[method]}" if method in limitations else ""
             notes.append(f"{record['name']}: cannot build {method} (no builder for {', '.join(lacking)}){why}")
+        for method in record["methods"]:  # built, but not in every form
+            if method in limitations:
+                notes.append(f"{record['name']}: {method} is limited: {limitations[method]}")
     notes.extend(f"{other['name']}: {other['state']}" for other in others)
     if not records:
         lines = ["no backend plugin is installed (pip install peftcore[torch])"]

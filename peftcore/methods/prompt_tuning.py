@@ -96,8 +96,6 @@ class AddPrompt(PlanOp):
                 raise PlanError(f"{where}: a P-tuning prompt encoder cannot be combined with a residual MLP or masks")
         if self.num_transformer_submodules not in (1, 2):
             raise PlanError(f"{where}: num_transformer_submodules must be 1 or 2")
-        if self.num_transformer_submodules == 2 and (self.token_mask or self.piece_mask):
-            raise PlanError(f"{where}: a pruned (XPrompt) prompt needs num_transformer_submodules=1")
         if min(self.num_virtual_tokens, self.token_dim, self.num_embeddings) <= 0:
             raise PlanError(f"{where}: num_virtual_tokens, token_dim and num_embeddings must be positive")
         if self.init not in PROMPT_INITS:
@@ -146,17 +144,19 @@ class AddPrompt(PlanOp):
         object.__setattr__(self, "piece_mask", tuple(rows))
 
     def element_mask(self) -> Optional[list[list[float]]]:
-        """``piece_mask`` spread over the token vectors: ``(num_virtual_tokens, token_dim)``
-        of 0.0/1.0, or None when the prompt is not masked. Piece ``j`` of ``k`` covers
-        entries ``[j * dim // k, (j + 1) * dim // k)``."""
+        """``piece_mask`` spread over the stored table: ``(num_virtual_tokens *
+        num_transformer_submodules, token_dim)`` of 0.0/1.0 (each block of rows, HF's
+        decoder block too, masked alike), or None when the prompt is not masked. Piece
+        ``j`` of ``k`` covers entries ``[j * dim // k, (j + 1) * dim // k)``."""
         if not self.piece_mask:
             return None
         pieces = len(self.piece_mask[0])
         bounds = [j * self.token_dim // pieces for j in range(pieces + 1)]
-        return [
+        block = [
             [float(row[j]) for j in range(pieces) for _ in range(bounds[j + 1] - bounds[j])]
             for row in self.piece_mask
         ]
+        return [list(row) for _ in range(self.num_transformer_submodules) for row in block]
 
     @property
     def residual(self) -> bool:

@@ -29,12 +29,16 @@ def test_piece_scores_sum_to_the_token_product_per_piece() -> None:
 
 
 @settings(max_examples=40, deadline=None)
-@given(width=st.integers(1, 40), pieces=st.integers(1, 40), rows=st.integers(1, 5), seed=st.integers(0, 1000))
-def test_piece_layout_matches_the_plan_op(width: int, pieces: int, rows: int, seed: int) -> None:
+@given(width=st.integers(1, 40), pieces=st.integers(1, 40), rows=st.integers(1, 5), seed=st.integers(0, 1000),
+       blocks=st.sampled_from([1, 2]))
+def test_piece_layout_matches_the_plan_op(width: int, pieces: int, rows: int, seed: int, blocks: int) -> None:
+    """The op's mask covers its whole stored table: HF's encoder-decoder layout (two blocks
+    of rows) is masked block by block alike."""
     pieces = min(pieces, width)
     mask = np.random.default_rng(seed).integers(0, 2, size=(rows, pieces))
-    op = AddPrompt(path="e", num_virtual_tokens=rows, token_dim=width, num_embeddings=3, piece_mask=mask.tolist())
-    np.testing.assert_array_equal(np.asarray(op.element_mask()), _spread(mask, width))
+    op = AddPrompt(path="e", num_virtual_tokens=rows, token_dim=width, num_embeddings=3, piece_mask=mask.tolist(),
+                   num_transformer_submodules=blocks)
+    np.testing.assert_array_equal(np.asarray(op.element_mask()), np.tile(_spread(mask, width), (blocks, 1)))
 
 
 def test_pruning_takes_the_lowest_kept_entries_first() -> None:

@@ -18,7 +18,13 @@ torch = pytest.importorskip("torch")
 transformers = pytest.importorskip("transformers")
 
 import peftcore  # noqa: E402
-from peftcore import PromptTuningConfig, ResidualPromptTuningConfig, UniPELTConfig  # noqa: E402
+from peftcore import (  # noqa: E402
+    PrefixTuningConfig,
+    PromptEncoderConfig,
+    PromptTuningConfig,
+    ResidualPromptTuningConfig,
+    UniPELTConfig,
+)
 from peftcore_torch.prompt_inputs import CACHE_NAMES, find_cache  # noqa: E402
 from tests.integration.tiny import gpt2_lm, llama_lm, random_ids  # noqa: E402
 
@@ -29,6 +35,10 @@ CONFIGS: dict[str, Callable[[], Any]] = {
     "prompt": lambda: PromptTuningConfig(num_virtual_tokens=N, prompt_tuning_init="SAMPLE_VOCAB"),
     "residual": lambda: ResidualPromptTuningConfig(num_virtual_tokens=N, bottleneck_size=16),
     "unipelt": lambda: UniPELTConfig(r=4, num_virtual_tokens=3, bottleneck_size=8),
+    "prefix": lambda: PrefixTuningConfig(num_virtual_tokens=N),
+    "prefix-projection": lambda: PrefixTuningConfig(num_virtual_tokens=N, prefix_projection=True, encoder_hidden_size=16),
+    "p-tuning-mlp": lambda: PromptEncoderConfig(num_virtual_tokens=N, encoder_hidden_size=16),
+    "p-tuning-lstm": lambda: PromptEncoderConfig(num_virtual_tokens=N, encoder_reparameterization_type="LSTM", encoder_hidden_size=16),
 }
 MODELS = {"llama": llama_lm, "gpt2": gpt2_lm}
 

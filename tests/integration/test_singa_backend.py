@@ -104,6 +104,22 @@ def test_backend_info_without_singa_applies_no_shims() -> None:
 # -- with SINGA ----------------------------------------------------------------------------
 
 
+def test_singa_imports_where_stderr_is_not_a_file(sg: Any) -> None:
+    """SINGA's ``__init__`` enables faulthandler, which needs a real stderr: under pytest's
+    ``capsys`` or a notebook console ``sys.stderr`` has no file descriptor, and the backend
+    must still be available (in a subprocess: this process has imported singa already)."""
+    code = (
+        "import io, sys\n"
+        "sys.stderr = io.StringIO()\n"
+        "from peftcore_singa.plugin import peftcore_backend\n"
+        "info = peftcore_backend().info()\n"
+        "replaced, sys.stderr = sys.stderr, sys.__stderr__\n"
+        "assert info.available, info.reason\n"
+        "assert isinstance(replaced, io.StringIO)  # given back after the import\n"
+    )
+    subprocess.run([sys.executable, "-c", code], check=True)
+
+
 def test_uninitialised_model_is_planned_at_its_first_forward(sg: Any) -> None:
     from singa import autograd, layer, model, tensor
 

@@ -270,3 +270,6 @@ def test_backends_lists_p_tuning_and_the_reasons(sg: Any) -> None:
     for method in ("prefix_tuning", "unipelt"):
         line = next(line for line in out.splitlines() if line.startswith(f"singa: cannot build {method} "))
         assert "SINGA's core has no attention layer" in line
+    for method in ("prompt_tuning", "residual_prompt_tuning", "p_tuning"):  # built, with one submodule only
+        line = next(line for line in out.splitlines() if line.startswith(f"singa: {method} is limited: "))
+        assert "num_transformer_submodules=2" in line

@@ -9,6 +9,12 @@ SINGA's Python package still uses names that newer interpreters removed:
   and so ``Model.load_states``) uses them; numpy 1.24 removed them. The shim sets
   ``np.float = float`` and ``np.int = int``.
 
+A third is needed by the import itself: ``singa/__init__.py`` calls
+``faulthandler.enable()``, which needs ``sys.stderr`` to be a real file. Where it is not
+(pytest's ``capsys``, some notebook and GUI consoles) the import fails with
+``UnsupportedOperation: fileno``; :func:`import_singa` then imports with the process's
+own ``sys.__stderr__`` in place, so SINGA's crash tracebacks go to the real stderr.
+
 Each shim is applied only where the attribute is missing (numpy < 1.24 still has the
 deprecated aliases, so nothing is set there), and :func:`apply_shims` must run before
 the first ``import singa``. Every module of this package that imports singa calls it
@@ -21,9 +27,10 @@ from __future__ import annotations
 
 import collections
 import collections.abc
+import contextlib
 import sys
 import warnings
-from typing import Any
+from typing import Any, Iterator
 
 _applied = False
 
@@ -58,6 +65,28 @@ def apply_shims() -> list[str]:
     return added
 
 
+def _has_fileno(stream: Any) -> bool:
+    try:
+        stream.fileno()
+    except Exception:  # io.UnsupportedOperation, AttributeError, a closed stream...
+        return False
+    return True
+
+
+@contextlib.contextmanager
+def _stderr_with_fileno() -> Iterator[None]:
+    """``sys.stderr`` as a real file while SINGA's ``faulthandler.enable()`` runs."""
+    replaced = sys.stderr
+    if _has_fileno(replaced) or not _has_fileno(sys.__stderr__):
+        yield
+        return
+    sys.stderr = sys.__stderr__
+    try:
+        yield
+    finally:
+        sys.stderr = replaced
+
+
 def import_singa() -> Any:
     """Apply the shims, then import and return the ``singa`` package (with its
     ``tensor``, ``autograd``, ``layer``, ``model`` and ``device`` submodules loaded).
@@ -73,12 +102,13 @@ def import_singa() -> Any:
         if importlib.util.find_spec("singa") is None:
             raise ModuleNotFoundError("No module named 'singa'", name="singa")
     apply_shims()
-    import singa
-    import singa.autograd
-    import singa.device
-    import singa.layer
-    import singa.model
-    import singa.tensor
+    with _stderr_with_fileno():
+        import singa
+        import singa.autograd
+        import singa.device
+        import singa.layer
+        import singa.model
+        import singa.tensor
 
     return singa
 

@@ -5,7 +5,9 @@ SINGA's core has no attention layer: ``singa.layer`` offers no ``MultiHeadAttent
 code, with no keys and values a backend could find and extend. Methods that put
 virtual tokens *inside* attention (prefix tuning, UniPELT's prefix part) therefore have
 nothing to attach to. The prompt-family methods that work at the input embedding (prompt
-tuning, residual prompt tuning, XPrompt, P-tuning with its MLP or LSTM encoder) are built.
+tuning, residual prompt tuning, XPrompt, P-tuning with its MLP or LSTM encoder) are built,
+with one block of prompt rows: SINGA has no encoder-decoder model class, so HF's
+encoder-decoder layout (``num_transformer_submodules=2``) is refused, and listed too.
 
 This module imports neither singa nor the layer modules.
 """
@@ -19,9 +21,17 @@ from peftcore.errors import PlanError
 from peftcore.registry import PeftRegistry
 
 _NO_ATTENTION = "SINGA's core has no attention layer (singa.layer has no MultiHeadAttention)"
+_ONE_SUBMODULE = (
+    "prompts need num_transformer_submodules=1: SINGA has no encoder-decoder model class, so HF's "
+    "encoder-decoder layout (num_transformer_submodules=2, task_type SEQ_2_SEQ_LM) is refused"
+)
 
-#: Methods the SINGA backend cannot build, by registry name, with the reason.
+#: Methods the SINGA backend cannot build, or builds only in some forms, by registry name,
+#: with the reason (``peftcore backends`` prints both kinds).
 LIMITATIONS: dict[str, str] = {
+    "prompt_tuning": _ONE_SUBMODULE,
+    "residual_prompt_tuning": _ONE_SUBMODULE,
+    "p_tuning": _ONE_SUBMODULE,
     "prefix_tuning": (
         f"{_NO_ATTENTION}, so there are no attention keys and values to put the prefix in front of; "
         "use the torch backend"

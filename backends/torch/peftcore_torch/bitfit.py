@@ -39,11 +39,6 @@ class BiasAdapter(AdapterLayer):
         self._bias_before_merge: Optional[torch.Tensor] = None
         self._had_bias = self.base_bias() is not None
 
-    @property
-    def weight(self) -> Any:
-        """The base layer's weight: models read ``layer.weight`` (T5 checks its dtype)."""
-        return self.base_layer.weight
-
     def base_bias(self) -> Optional[torch.Tensor]:
         bias = getattr(self.base_layer, "bias", None)
         return bias if isinstance(bias, torch.Tensor) else None

@@ -174,7 +174,7 @@ class PromptEmbedding(AdapterLayer):
         if mask is not None:  # pruned entries stay exactly zero, and get no gradient
             if mask.device != prompt.device or mask.dtype != prompt.dtype:
                 mask = self.prompt_masks[adapter_name] = mask.to(device=prompt.device, dtype=prompt.dtype)
-            return prompt * mask
+            return prompt * mask[: prompt.shape[0]]  # the mask covers every stored block
         if adapter_name not in self.residual_down_weight:
             return prompt
         down_w, down_b = self.residual_down_weight[adapter_name], self.residual_down_bias[adapter_name]
