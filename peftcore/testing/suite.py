@@ -121,6 +121,23 @@ class LoraTests(SuiteBase):
         np.testing.assert_allclose(self.run(peftcore_backend, loaded, inputs), expected, atol=ATOL)
         assert loaded.get_nb_trainable_parameters()[0] == 0
 
+    def test_lora_bias_all_trains_the_base_biases_in_place(
+        self, peftcore_backend: Backend, toy: ToySpec, rng: Any, tmp_path: Any
+    ) -> None:
+        weights, inputs = toy.random_weights(rng), toy.random_inputs(rng)
+        peft_model = self.wrap(peftcore_backend, toy, weights, inputs, r=2, bias="all")
+        biased = [s.name for s in toy.layers if s.kind == "linear" and s.bias]
+        assert sorted(op.path for op in peft_model.plans["default"].ops if op.op == "base_bias") == sorted(biased)
+        assert peft_model.get_nb_trainable_parameters()[0] == peft_model.plans["default"].num_trainable()
+        self.randomise(peftcore_backend, peft_model, "default", rng)  # trained factors and biases
+        expected = self.expected(toy, weights, inputs, peft_model, "default")
+        np.testing.assert_allclose(self.run(peftcore_backend, peft_model, inputs), expected, atol=ATOL)
+        peft_model.save_pretrained(str(tmp_path))
+        loaded = PeftModel.from_pretrained(
+            self.build(peftcore_backend, toy, weights), str(tmp_path), backend=peftcore_backend.name, example_inputs=inputs
+        )
+        np.testing.assert_allclose(self.run(peftcore_backend, loaded, inputs), expected, atol=ATOL)
+
     def test_unload_and_merge_and_unload(self, peftcore_backend: Backend, toy: ToySpec, rng: Any) -> None:
         weights, inputs = toy.random_weights(rng), toy.random_inputs(rng)
         base_out = reference_forward(toy, weights, inputs)

@@ -13,7 +13,7 @@ from typing import Any, Mapping, Optional, Sequence
 import numpy as np
 
 from peftcore.methods.bitfit import TrainBias
-from peftcore.methods.lora import AddLora
+from peftcore.methods.lora import AddLora, TrainBaseBias
 from peftcore.methods.prompt_tuning import AddPrompt
 from peftcore.plan import RewritePlan
 
@@ -125,7 +125,7 @@ def adapter_effects(plan: RewritePlan, tensors: Mapping[str, np.ndarray]) -> Ada
     biases: dict[str, np.ndarray] = {}
     prompts: dict[str, np.ndarray] = {}
     for op in plan.ops:
-        if isinstance(op, TrainBias):
+        if isinstance(op, (TrainBias, TrainBaseBias)):  # BitFit's copy, or LoRA's bias trained in place
             biases[op.path] = tensors[f"{op.path}.bias"].astype(np.float64)
         elif isinstance(op, AddPrompt):
             prompts[op.path] = prompt_reference(op, {k[len(op.path) + 1 :]: v for k, v in tensors.items() if k.startswith(op.path + ".")})
