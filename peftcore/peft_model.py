@@ -310,8 +310,9 @@ class PeftModel(AdapterFilesMixin, HFCompatMixin):
         """Context manager: run the base model alone inside the block.
 
         Merged adapters are unmerged for the block and merged again after it; no adapter
-        parameter requires gradients inside it. Layers disabled before the block (``disable_adapter_layers``) stay disabled after it; when
-        only some were, all are enabled after it, with a warning (HF PEFT's rule).
+        parameter requires gradients inside it. Layers disabled before the block
+        (``disable_adapter_layers``) stay disabled after it; when only some were, all are
+        enabled after it, with a warning (HF PEFT's rule).
         """
         merged = list(self._merged)
         states = model_ops.enabled_states(self.runtime, self.get_base_model())
