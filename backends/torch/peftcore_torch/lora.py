@@ -49,9 +49,12 @@ class LoraFactor(nn.Linear):
     ``weight`` is the factor, so ``layer.lora_A["default"].weight`` is the A matrix."""
 
     def __init__(self, weight: nn.Parameter) -> None:
-        out_features, in_features = weight.shape
-        super().__init__(in_features, out_features, bias=False, device="meta")
+        # nn.Linear's own __init__ would allocate and initialise a weight only to drop it
+        # (a third of the time of injecting LoRA into a large model); set its state directly
+        nn.Module.__init__(self)
+        self.out_features, self.in_features = (int(d) for d in weight.shape)
         self.weight = weight
+        self.register_parameter("bias", None)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return F.linear(x, self.weight)
