@@ -33,7 +33,8 @@ class AddLora(PlanOp):
     ``in_features`` is the vocabulary size and ``out_features`` the embedding width.
     ``init`` is ``"kaiming"`` (A kaiming-uniform, B zero), ``"gaussian"`` (A normal
     with std 1/r, B zero) or ``"random"`` (both random: the output changes at once,
-    for tests).
+    for tests). For an embedding, ``"kaiming"`` and ``"gaussian"`` both make A zero
+    and B unit normal, as HF PEFT and the original LoRA code initialise embeddings.
     """
 
     op: ClassVar[str] = "lora"

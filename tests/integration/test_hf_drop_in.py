@@ -131,6 +131,20 @@ def test_lora_factors_are_linear_modules_with_hf_delta_weights() -> None:
     assert (layer.in_features, layer.out_features) == (6, 8)
 
 
+def test_embedding_lora_starts_as_hf_s_and_trains_both_factors_at_once() -> None:
+    base = nn.Sequential(nn.Embedding(50, 6), nn.Linear(6, 2))
+    model = get_peft_model(base, LoraConfig(target_modules=["0"], r=4))
+    layer = model.base_model.model[0]
+    a, b = layer.lora_embedding_A["default"], layer.lora_embedding_B["default"]
+    assert float(a.abs().max()) == 0.0 and 0.5 < float(b.std()) < 1.5  # HF PEFT's: A zero, B unit normal
+    before = (a.detach().clone(), b.detach().clone())
+    optimizer = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=0.1)
+    model(torch.tensor([[1, 2, 3]])).sum().backward()
+    optimizer.step()
+    assert not torch.equal(a, before[0])  # B is non-zero, so A learns from the first step, as in HF PEFT
+    assert torch.equal(b, before[1])  # ...and B waits for A
+
+
 def test_no_adapter_trains_inside_disable_adapter_and_inactive_ones_never_do() -> None:
     model = get_peft_model(net(), LoraConfig(target_modules=["lin0"]))
     model.add_adapter("other", LoraConfig(target_modules=["lin0", "lin1"]))

@@ -183,7 +183,12 @@ class LoraEmbedding(LoraLayer):
 
 def _initialise(a: Any, b: Any, op: AddLora) -> None:
     """A as torch's ``kaiming_uniform_(a=sqrt(5))`` on the canonical ``(r, in)`` shape
-    (bound ``1/sqrt(in)``) or normal with std ``1/r``; B zero, or random for ``init="random"``."""
+    (bound ``1/sqrt(in)``) or normal with std ``1/r``; B zero, or random for ``init="random"``.
+    An embedding's is A zero and B unit normal (see ``AddLora``)."""
+    if op.layer_kind == "embedding" and op.init != "random":
+        a.set_value(0.0)
+        b.gaussian(0.0, 1.0)
+        return
     if op.init == "gaussian":
         a.gaussian(0.0, 1.0 / op.r)
     else:

@@ -359,6 +359,10 @@ class LoraEmbedding(LoraLayer):
 
 def _initialise(a: torch.Tensor, b: torch.Tensor, op: AddLora) -> None:
     with torch.no_grad():
+        if op.layer_kind == "embedding" and op.init != "random":  # A zero, B unit normal (see AddLora)
+            nn.init.zeros_(a)
+            nn.init.normal_(b)
+            return
         if op.init == "gaussian":
             nn.init.normal_(a, std=1.0 / op.r)
         else:
