@@ -1,0 +1,109 @@
+"""The harness that runs HF PEFT's own test file against peftcore (benchmarks/hf_peft_suite):
+which cases it keeps, and that its ``peft`` module only maps names onto peftcore's."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+import textwrap
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Optional
+
+import pytest
+
+from benchmarks.hf_peft_suite import select_cases
+from tests.subprocess_env import child_env
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+class LoraConfig:  # stand-ins named as HF's config classes: the rule reads names only
+    def __init__(self, **kwargs: Any) -> None:
+        self.__dict__.update(kwargs)
+
+
+class VeraConfig(LoraConfig):
+    pass
+
+
+@dataclass
+class CallSpec:
+    params: dict
+
+
+@dataclass
+class Item:
+    """What the selection rule reads of a collected pytest item."""
+
+    params: Optional[dict] = None
+    function: Optional[Callable[..., Any]] = None
+    callspec: Optional[CallSpec] = field(init=False)
+
+    def __post_init__(self) -> None:
+        self.callspec = CallSpec(self.params) if self.params is not None else None
+
+
+def case(model_id: str, config_cls: type, **kwargs: Any) -> Item:
+    return Item({"test_name": "x", "model_id": model_id, "config_cls": config_cls, "config_kwargs": kwargs})
+
+
+def test_parametrised_cases_keep_claimed_methods_layers_and_no_variants() -> None:
+    assert select_cases.kept(case("MLP", LoraConfig, target_modules=["lin0"]))
+    assert select_cases.kept(case("EmbConv1D", LoraConfig, target_modules=["emb"]))
+    assert not select_cases.kept(case("Conv2d", LoraConfig, target_modules=["conv2d"]))  # a layer type not claimed
+    assert not select_cases.kept(case("MLP", VeraConfig, target_modules=["lin0"]))  # a method not claimed
+    assert not select_cases.kept(case("MLP", LoraConfig, target_modules=["lin0"], use_dora=True))  # a LoRA variant
+    assert not select_cases.kept(case("MLP", LoraConfig, init_lora_weights="mica"))
+
+
+def test_unparametrised_tests_are_read_from_their_source() -> None:
+    def lora_on_linears() -> None:
+        LoraConfig(target_modules=["lin0"])
+
+    def lora_on_a_conv2d() -> None:
+        LoraConfig(target_modules=["conv2d"])
+
+    def another_method() -> None:
+        VeraConfig(target_modules=["lin0"])
+
+    def config_instances(config0: Any, config1: Any) -> None:
+        pass
+
+    assert select_cases.kept(Item(function=lora_on_linears))
+    assert not select_cases.kept(Item(function=lora_on_a_conv2d))
+    assert not select_cases.kept(Item(function=another_method))
+    # configs given as parameters: their class names, and variants switched on in them
+    assert select_cases.kept(Item({"config0": LoraConfig(r=2), "config1": LoraConfig(r=4)}, lora_on_linears))
+    assert not select_cases.kept(Item({"config0": LoraConfig(use_dora=True)}, lora_on_linears))
+
+
+def test_the_peft_module_maps_hf_names_onto_peftcore() -> None:
+    pytest.importorskip("torch")
+    pytest.importorskip("peftcore_ia3")
+    script = textwrap.dedent(
+        """
+        from benchmarks.hf_peft_suite import shim
+        shim.install()
+        import peft, peftcore, peftcore_ia3
+        from peft import LoraConfig, IA3Config, get_peft_model, KasaConfig
+        from peft.tuners import lora
+        from peft.tuners.tuners_utils import BaseTunerLayer
+        from peft.utils import ModulesToSaveWrapper, infer_device
+        from peft.import_utils import is_bnb_available
+        from peftcore_torch.layers import AdapterLayer
+        from peftcore_torch.lora import LoraLinear
+        assert LoraConfig is peftcore.LoraConfig and IA3Config is peftcore_ia3.IA3Config
+        assert get_peft_model is peftcore.get_peft_model
+        assert lora.Linear is LoraLinear and BaseTunerLayer is AdapterLayer
+        assert infer_device() in ("cpu", "cuda") and is_bnb_available() is False
+        KasaConfig(r=4)  # what peftcore lacks can be built (HF's module does at import) but holds nothing
+        assert not hasattr(KasaConfig(), "plan")
+        print("mapped")
+        """
+    )
+    done = subprocess.run(
+        [sys.executable, "-c", script], cwd=ROOT, env=child_env(ROOT), capture_output=True, text=True, timeout=120
+    )
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert done.stdout.strip() == "mapped"
