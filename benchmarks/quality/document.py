@@ -34,9 +34,14 @@ def machine() -> dict[str, Any]:
             "python": platform.python_version(), "torch_threads": threads, "versions": versions}
 
 
+#: Hand-written findings about the claims (what was checked where one did not hold),
+#: kept beside the results and placed into the report after the computed verdicts.
+ANALYSIS = Path(__file__).resolve().parent / "analysis.md"
+
+
 def evaluation_markdown(runs: Sequence[dict[str, Any]], meta: Optional[dict[str, Any]], plot_path: str,
-                        results_path: str) -> str:
-    """The whole report as markdown."""
+                        results_path: str, analysis: str = "") -> str:
+    """The whole report as markdown (``analysis``: the hand-written findings, if any)."""
     meta = meta or {}
     protocol = meta.get("protocol", {})
     host = meta.get("machine", {})
@@ -123,6 +128,8 @@ def evaluation_markdown(runs: Sequence[dict[str, Any]], meta: Optional[dict[str,
         out += [f"### {title}", "", f"**Verdict: {verdict}.**", ""]
         out += [f"- {line}" for line in evidence] or ["- no runs yet"]
         out.append("")
+    if analysis.strip():
+        out += [analysis.strip(), ""]
     out += [
         "## Machine and command",
         "",
@@ -146,4 +153,5 @@ def write_document(path: Path, runs: Sequence[dict[str, Any]], meta: Optional[di
                    results_path: str) -> None:
     """Write :func:`evaluation_markdown` to ``path``."""
     path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(evaluation_markdown(runs, meta, plot_path, results_path), encoding="utf-8")
+    analysis = ANALYSIS.read_text(encoding="utf-8") if ANALYSIS.is_file() else ""
+    path.write_text(evaluation_markdown(runs, meta, plot_path, results_path, analysis), encoding="utf-8")

@@ -220,3 +220,18 @@ def test_a_failing_run_is_reported_and_the_others_go_on(tmp_path: Path, monkeypa
     assert store.get(planned[0].key) is None  # not recorded: a rerun retries it
     record = store.get(planned[1].key)
     assert record["held_out_accuracy"] is None and record["eval_examples"] == 4  # seed 1: test set only
+
+
+def test_ablations_follow_the_main_protocol_and_sit_beside_the_main_runs() -> None:
+    from benchmarks.quality import ablate
+    from benchmarks.quality.methods import ABLATIONS, method_spec
+
+    planned = ablate.planned()
+    assert {r.seed for r in planned} == set(run.FULL.seeds) and {r.steps for r in planned} == {run.FULL.steps[ablate.K]}
+    assert all(method_spec(r.method) for r in planned)  # every ablation is a known method or a main one
+    assert set(ABLATIONS).isdisjoint(run.METHODS)  # never in the main table
+    main = [_record("lora", 500, seed, 2e-3, 0.6 + seed / 100) for seed in range(3)]
+    done = [{**_record("lora", 500, seed, 2e-3, 0.5), "method": "unipelt_lora_only"} for seed in range(2)]
+    text = ablate.table(main, done)
+    assert "| LoRA (main run) | 0.002 | 61.0 ± 1.0 (n=3) |" in text
+    assert "| UniPELT's gated LoRA alone (variant L) (ablation) | 0.002 | 50.0 ± 0.0 (n=2) |" in text
