@@ -13,6 +13,8 @@ The findings are written up by hand in ``analysis.md``, which the report include
 - ``lora_alpha_4`` (LoRA with ``alpha / r = 0.5``): plain LoRA at the gate's scale.
 - ``bitfit`` at a learning rate above its grid (2e-2): whether BitFit's gap to full
   fine-tuning is the grid's edge (5e-3, its largest rate, won the selection).
+- ``residual_ln_scale_one``: residual prompt tuning whose layer norm starts at scale 1
+  (a standard LayerNorm, as the paper's code) instead of peftcore's 0.
 """
 
 from __future__ import annotations
@@ -27,7 +29,7 @@ if __package__ in (None, ""):  # run as a script: make ``benchmarks.quality`` im
     sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
 from benchmarks.quality import data  # noqa: E402
-from benchmarks.quality.methods import METHODS, method_spec  # noqa: E402
+from benchmarks.quality.methods import DEFAULT_PROMPT_LENGTH, METHODS, method_spec  # noqa: E402
 from benchmarks.quality.results import ResultStore, run_records  # noqa: E402
 from benchmarks.quality.run import FULL, PlannedRun  # noqa: E402
 
@@ -36,14 +38,18 @@ RESULTS = HERE / "ablations.jsonl"
 K = 500
 
 #: (method, learning rate): the runs, each with the main protocol's seeds at K.
-PLAN = (("unipelt_lora_only", 2e-3), ("lora_alpha_4", 2e-3), ("bitfit", 2e-2))
+PLAN = (("unipelt_lora_only", 2e-3), ("lora_alpha_4", 2e-3), ("bitfit", 2e-2), ("residual_ln_scale_one", 3e-2))
 #: Rows from the main results to compare with: (method, learning rate or None for its selected one).
 COMPARE = (("lora", None), ("unipelt", None), ("adapter", None), ("prefix_tuning", None), ("bitfit", None),
-           ("full", None))
+           ("full", None), ("prompt_tuning", None), ("residual_prompt_tuning", None))
 
 
 def planned() -> list[PlannedRun]:
-    return [PlannedRun(name, K, seed, lr, None, FULL.steps[K]) for name, lr in PLAN for seed in FULL.seeds]
+    return [
+        PlannedRun(name, K, seed, lr, DEFAULT_PROMPT_LENGTH if method_spec(name).uses_prompt_length else None, FULL.steps[K])
+        for name, lr in PLAN
+        for seed in FULL.seeds
+    ]
 
 
 def table(main_runs: Sequence[dict[str, Any]], ablation_runs: Sequence[dict[str, Any]]) -> str:
@@ -61,8 +67,9 @@ def table(main_runs: Sequence[dict[str, Any]], ablation_runs: Sequence[dict[str,
     for name, lr in COMPARE:
         chosen = lr if lr is not None else select_lr(main_runs, name, K)
         if chosen is not None:
+            length = DEFAULT_PROMPT_LENGTH if METHODS[name].uses_prompt_length else None
             runs = [r for r in main_runs if r["method"] == name and r["k"] == K and r["lr"] == chosen
-                    and r.get("prompt_length") is None]
+                    and r.get("prompt_length") == length]
             row(f"{METHODS[name].label} (main run)", chosen, runs)
     for name, lr in PLAN:
         runs = [r for r in ablation_runs if r["method"] == name and r["lr"] == lr]

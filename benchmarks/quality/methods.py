@@ -33,7 +33,8 @@ class MethodSpec:
     """One method: how to build its config and which learning rates to try.
 
     ``make_config(prompt_length)`` returns a peftcore config, or ``None`` for full
-    fine-tuning. ``quick_lr`` is the single learning rate of ``--quick`` mode."""
+    fine-tuning. ``quick_lr`` is the single learning rate of ``--quick`` mode.
+    ``after_wrap(peft_model)``, if set, changes the new adapter before training (ablations)."""
 
     name: str
     label: str
@@ -43,6 +44,7 @@ class MethodSpec:
     two_phase: bool = False  # XPrompt: train, prune, retrain
     uses_prompt_length: bool = False
     notes: str = field(default="", compare=False)
+    after_wrap: Optional[Callable[[Any], None]] = field(default=None, compare=False)
 
 
 def _full(prompt_length: int) -> None:
@@ -132,6 +134,18 @@ def _lora_alpha_4(prompt_length: int) -> Any:
     return peftcore.LoraConfig(r=8, lora_alpha=4, target_modules=["query", "value"], task_type="SEQ_CLS")
 
 
+def _layer_norm_scale_one(peft_model: Any) -> None:
+    """Start the residual MLP's layer norm at scale 1, as a standard LayerNorm (and the
+    paper's code) does; peftcore starts it at 0 so the first prompt is the initial one."""
+    import numpy as np
+
+    tensors = {key: np.asarray(value) for key, value in peft_model.export_adapter("default").items()}
+    for key in tensors:
+        if key.endswith("residual_norm_weight"):
+            tensors[key] = np.ones_like(tensors[key])
+    peft_model.import_adapter("default", tensors)
+
+
 #: Follow-up methods for ``ablate.py``: each tests an explanation of a claim that does not
 #: hold here; they are never part of the main table.
 ABLATIONS: dict[str, MethodSpec] = {
@@ -139,6 +153,8 @@ ABLATIONS: dict[str, MethodSpec] = {
     for spec in (
         MethodSpec("unipelt_lora_only", "UniPELT's gated LoRA alone (variant L)", _unipelt_lora_only, (2e-3,), 2e-3),
         MethodSpec("lora_alpha_4", "LoRA with alpha 4 (scaling 0.5)", _lora_alpha_4, (2e-3,), 2e-3),
+        MethodSpec("residual_ln_scale_one", "residual prompt tuning, layer norm starting at scale 1",
+                   _residual_prompt, (3e-2,), 3e-2, uses_prompt_length=True, after_wrap=_layer_norm_scale_one),
     )
 }
 

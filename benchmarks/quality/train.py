@@ -110,7 +110,12 @@ def fresh_model(spec: MethodSpec, prompt_length: int, seed: int) -> Any:
     model.classifier.weight.data.normal_(0.0, model.config.initializer_range)
     model.classifier.bias.data.zero_()
     config = spec.make_config(prompt_length)
-    return model if config is None else peftcore.get_peft_model(model, config)
+    if config is None:
+        return model
+    peft_model = peftcore.get_peft_model(model, config)
+    if spec.after_wrap is not None:
+        spec.after_wrap(peft_model)
+    return peft_model
 
 
 def count_parameters(model: Any) -> tuple[int, int]:
