@@ -60,6 +60,7 @@ def evaluation_markdown(runs: Sequence[dict[str, Any]], meta: Optional[dict[str,
         "python benchmarks/quality/run.py --quick               # smoke test: K=100, one seed, one rate per method",
         "python benchmarks/quality/run.py                       # the full run, resumable (prints its time estimate)",
         "python benchmarks/quality/run.py --report-only         # this file and the plot from benchmarks/quality/results.jsonl",
+        "python benchmarks/quality/ablate.py                    # the follow-up runs of the last section (ablations.jsonl)",
         "```",
         "",
         "Each finished run is appended to `benchmarks/quality/results.jsonl` (`results-quick.jsonl` for `--quick`) at "
@@ -150,8 +151,9 @@ def _epochs(protocol: dict[str, Any]) -> str:
 
 
 def write_document(path: Path, runs: Sequence[dict[str, Any]], meta: Optional[dict[str, Any]], plot_path: str,
-                   results_path: str) -> None:
-    """Write :func:`evaluation_markdown` to ``path``."""
+                   results_path: str, with_analysis: bool = True) -> None:
+    """Write :func:`evaluation_markdown` to ``path`` (with ``analysis.md`` when ``with_analysis``:
+    its numbers are the full run's)."""
     path.parent.mkdir(parents=True, exist_ok=True)
-    analysis = ANALYSIS.read_text(encoding="utf-8") if ANALYSIS.is_file() else ""
+    analysis = ANALYSIS.read_text(encoding="utf-8") if with_analysis and ANALYSIS.is_file() else ""
     path.write_text(evaluation_markdown(runs, meta, plot_path, results_path, analysis), encoding="utf-8")

@@ -2,7 +2,7 @@
 
     python benchmarks/quality/run.py                 # the full, resumable run (2.5-3 h on 2 CPU cores)
     python benchmarks/quality/run.py --quick         # one seed, K=100, one learning rate (about 10 min)
-    python benchmarks/quality/run.py --report-only   # rewrite docs/evaluation.md and the plot from the results
+    python benchmarks/quality/run.py --report-only   # rewrite docs/evaluation.md (evaluation-quick.md) and the plot
 
 Each finished run is appended to the results file at once (``results.jsonl``, or
 ``results-quick.jsonl`` with ``--quick``) and skipped when the script runs again, so an
@@ -233,7 +233,7 @@ def write_report(protocol: Protocol, results_path: Path, plot_path: Path, doc_pa
         meta = {**meta, "protocol": asdict(protocol)}
     plot(runs, plot_path)
     write_document(doc_path, runs, meta or {"protocol": asdict(protocol)},
-                   _relative(plot_path, doc_path.parent), _relative(results_path, ROOT))
+                   _relative(plot_path, doc_path.parent), _relative(results_path, ROOT), with_analysis=not protocol.quick)
     print(f"wrote {doc_path} and {plot_path} from {len(runs)} runs in {results_path}")
 
 
@@ -246,7 +246,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     parser.add_argument("--quick", action="store_true", help="one seed, K=100, one learning rate, small eval sets")
     parser.add_argument("--report-only", action="store_true", help="only rewrite the report and plot")
     parser.add_argument("--results", type=Path, default=None, help="results file (default: next to this script)")
-    parser.add_argument("--doc", type=Path, default=DOC, help="markdown report to write")
+    parser.add_argument("--doc", type=Path, default=None,
+                        help="markdown report to write (default: docs/evaluation.md, docs/evaluation-quick.md with --quick)")
     parser.add_argument("--workers", type=int, default=None,
                         help="runs done at once, each in its own process (default: the CPU count, at most 2)")
     parser.add_argument("--threads", type=int, default=1, help="torch threads per run (default 1)")
@@ -255,8 +256,9 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     suffix = "-quick" if args.quick else ""
     results_path = args.results or HERE / f"results{suffix}.jsonl"
     plot_path = HERE / f"results{suffix}.png"
+    doc_path = args.doc or DOC.with_name(f"evaluation{suffix}.md")  # a quick run never overwrites the full report
     if args.report_only:
-        write_report(protocol, results_path, plot_path, args.doc)
+        write_report(protocol, results_path, plot_path, doc_path)
         return 0
     workers = max(1, args.workers if args.workers is not None else min(2, os.cpu_count() or 1))
     threads = max(1, args.threads)
@@ -304,7 +306,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     finally:
         if pool is not None:
             pool.shutdown(cancel_futures=True)
-    write_report(protocol, results_path, plot_path, args.doc)
+    write_report(protocol, results_path, plot_path, doc_path)
     if failures:
         print(f"{len(failures)} run(s) failed (run the script again to retry them):", *failures, sep="\n  ")
         return 1

@@ -13,7 +13,7 @@ from typing import Any
 
 import pytest
 
-from benchmarks.quality import data, report, results, run
+from benchmarks.quality import data, document, report, results, run
 from benchmarks.quality.train import RunResult
 
 
@@ -164,6 +164,10 @@ def test_report_table_and_claim_verdicts(tmp_path: Path) -> None:
     text = doc.read_text()
     assert "**Verdict: does not hold.**" in text and "K=100: XPrompt" in text
     assert (tmp_path / "plot.png").stat().st_size > 1000
+    analysis_heading = document.ANALYSIS.read_text(encoding="utf-8").splitlines()[0]
+    assert analysis_heading not in text  # the hand-written findings quote the full run's numbers
+    run.write_report(run.FULL, path, tmp_path / "plot.png", doc)
+    assert analysis_heading in doc.read_text()
 
 
 def test_verdict_rules_at_their_edges() -> None:
