@@ -10,7 +10,7 @@ torch = pytest.importorskip("torch")
 pytest.importorskip("transformers")
 
 import peftcore  # noqa: E402
-from tests.integration.tiny import bert_cls, gpt2_lm, llama_lm, random_ids  # noqa: E402
+from tests.integration.tiny import bert_cls, gpt2_lm, llama_lm, random_ids, train_steps  # noqa: E402
 
 pytestmark = [pytest.mark.filterwarnings("ignore::UserWarning"), pytest.mark.filterwarnings("ignore::FutureWarning")]
 N = 3
@@ -37,17 +37,7 @@ def _scores(model, ids, mask, use_cache):
 
 
 def _train(model, batch, steps=5):
-    optimizer = torch.optim.Adam([p for p in model.parameters() if p.requires_grad], lr=0.05)
-    model.train()
-    losses = []
-    for _ in range(steps):
-        loss = model(**batch).loss
-        optimizer.zero_grad()
-        loss.backward()
-        optimizer.step()
-        losses.append(float(loss))
-    model.eval()
-    return losses
+    return train_steps(model, batch, steps, lr=0.05)
 
 
 @pytest.mark.parametrize("projection", [False, True], ids=["table", "projection"])

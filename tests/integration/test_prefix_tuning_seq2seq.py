@@ -11,7 +11,7 @@ torch = pytest.importorskip("torch")
 transformers = pytest.importorskip("transformers")
 
 import peftcore  # noqa: E402
-from tests.integration.tiny import VOCAB, bart_lm, random_ids, seeded, t5_lm  # noqa: E402
+from tests.integration.tiny import VOCAB, bart_lm, random_ids, seeded, t5_lm, train_steps  # noqa: E402
 
 pytestmark = [pytest.mark.filterwarnings("ignore::UserWarning"), pytest.mark.filterwarnings("ignore::FutureWarning")]
 N = 3
@@ -52,18 +52,8 @@ def _logits(model, batch):
         return model(**batch).logits
 
 
-def _train(model, batch, steps=5, lr=0.1):
-    """Optimizer steps with dropout off (the tiny BART's loss moves less than its dropout noise)."""
-    optimizer = torch.optim.Adam([p for p in model.parameters() if p.requires_grad], lr=lr)
-    model.eval()
-    losses = []
-    for _ in range(steps):
-        loss = model(**batch).loss
-        optimizer.zero_grad()
-        loss.backward()
-        optimizer.step()
-        losses.append(float(loss))
-    return losses
+def _train(model, batch, steps=5):
+    return train_steps(model, batch, steps, lr=0.1, dropout=False)  # the tiny BART's loss moves less than its dropout noise
 
 
 def _max_difference(ours, theirs):

@@ -16,7 +16,7 @@ torch = pytest.importorskip("torch")
 pytest.importorskip("transformers")
 
 import peftcore  # noqa: E402
-from tests.integration.tiny import bart_lm, random_ids, t5_lm  # noqa: E402
+from tests.integration.tiny import bart_lm, random_ids, t5_lm, train_steps  # noqa: E402
 
 pytestmark = [pytest.mark.filterwarnings("ignore::UserWarning"), pytest.mark.filterwarnings("ignore::FutureWarning")]
 N = 3
@@ -78,15 +78,7 @@ def test_training_with_labels_lowers_the_loss(name, method):
     model = peftcore.get_peft_model(BUILDS[name](), CONFIGS[method]())
     frozen = {n: p.detach().clone() for n, p in model.named_parameters() if not p.requires_grad}
     assert model.get_nb_trainable_parameters()[0] == model.plans["default"].num_trainable() > 0
-    optimizer = torch.optim.Adam([p for p in model.parameters() if p.requires_grad], lr=0.02)
-    model.eval()  # dropout off: the tiny BART's loss moves less than its dropout noise
-    batch, losses = _batch(), []
-    for _ in range(5):
-        loss = model(**batch).loss
-        optimizer.zero_grad()
-        loss.backward()
-        optimizer.step()
-        losses.append(float(loss))
+    losses = train_steps(model, _batch(), 5, lr=0.02, dropout=False)  # the tiny BART's loss moves less than its dropout noise
     assert losses[-1] < losses[0], losses
     for n, p in model.named_parameters():
         if n in frozen:

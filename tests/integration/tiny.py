@@ -71,3 +71,20 @@ def bart_lm(seed: int = 0) -> Any:
         pad_token_id=0, bos_token_id=1, eos_token_id=2, decoder_start_token_id=2, forced_eos_token_id=None,
     )
     return seeded(lambda: transformers.BartForConditionalGeneration(config), seed)
+
+
+def train_steps(model: Any, batch: dict[str, Any], steps: int, lr: float, dropout: bool = True) -> list[float]:
+    """``steps`` Adam steps on ``model(**batch).loss`` over the trainable parameters; the
+    losses seen. ``dropout=False`` trains in eval mode, for a tiny model whose loss moves
+    less than its dropout noise. The model is left in eval mode."""
+    optimizer = torch.optim.Adam([p for p in model.parameters() if p.requires_grad], lr=lr)
+    model.train(dropout)
+    losses = []
+    for _ in range(steps):
+        loss = model(**batch).loss
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+        losses.append(float(loss))
+    model.eval()
+    return losses
