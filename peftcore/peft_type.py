@@ -8,7 +8,15 @@ import enum
 __all__ = ["PeftType", "PromptEncoderReparameterizationType", "PromptTuningInit"]
 
 
-class PeftType(str, enum.Enum):
+class StrValueEnum(str, enum.Enum):
+    """An enum of strings whose members print as their value (``str(PeftType.LORA) == "LORA"``),
+    as HF PEFT's enums do."""
+
+    def __str__(self) -> str:
+        return str(self.value)
+
+
+class PeftType(StrValueEnum):
     """A method's ``peft_type``, as HF PEFT names it (``config.peft_type``).
 
     Members compare equal to their strings (``PeftType.LORA == "LORA"``) and are written
@@ -25,29 +33,20 @@ class PeftType(str, enum.Enum):
     RESIDUAL_PROMPT_TUNING = "RESIDUAL_PROMPT_TUNING"
     UNIPELT = "UNIPELT"
 
-    def __str__(self) -> str:
-        return str(self.value)
 
-
-class PromptTuningInit(str, enum.Enum):
+class PromptTuningInit(StrValueEnum):
     """``PromptTuningConfig.prompt_tuning_init`` values, as HF PEFT names them."""
 
     TEXT = "TEXT"
     SAMPLE_VOCAB = "SAMPLE_VOCAB"
     RANDOM = "RANDOM"
 
-    def __str__(self) -> str:
-        return str(self.value)
 
-
-class PromptEncoderReparameterizationType(str, enum.Enum):
+class PromptEncoderReparameterizationType(StrValueEnum):
     """``PromptEncoderConfig.encoder_reparameterization_type`` values (P-tuning)."""
 
     MLP = "MLP"
     LSTM = "LSTM"
-
-    def __str__(self) -> str:
-        return str(self.value)
 
 
 def as_peft_type(value: str) -> str:

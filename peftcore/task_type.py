@@ -2,12 +2,12 @@
 
 from __future__ import annotations
 
-import enum
+from peftcore.peft_type import StrValueEnum
 
 __all__ = ["TaskType", "TASK_TYPES", "TRANSFORMERS_AUTO_CLASSES"]
 
 
-class TaskType(str, enum.Enum):
+class TaskType(StrValueEnum):
     """The kind of model an adapter is for, as Hugging Face PEFT names it.
 
     A config's ``task_type`` is one of these (the enum member or its string). It decides
@@ -21,9 +21,6 @@ class TaskType(str, enum.Enum):
     TOKEN_CLS = "TOKEN_CLS"
     QUESTION_ANS = "QUESTION_ANS"
     FEATURE_EXTRACTION = "FEATURE_EXTRACTION"
-
-    def __str__(self) -> str:
-        return str(self.value)
 
 
 TASK_TYPES: tuple[str, ...] = tuple(t.value for t in TaskType)
