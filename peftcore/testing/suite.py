@@ -19,7 +19,6 @@ from typing import Any
 
 import numpy as np
 
-from peftcore.api import PeftModel
 from peftcore.graph import ModelGraph
 from peftcore.methods.lora import LoraConfig
 from peftcore.plugins import Backend
@@ -116,8 +115,7 @@ class LoraTests(SuiteBase):
         self.randomise(peftcore_backend, peft_model, "default", rng)
         expected = self.run(peftcore_backend, peft_model, inputs)
         peft_model.save_pretrained(str(tmp_path))
-        fresh = self.build(peftcore_backend, toy, weights)
-        loaded = PeftModel.from_pretrained(fresh, str(tmp_path), backend=peftcore_backend.name, example_inputs=inputs)
+        loaded = self.load_saved(peftcore_backend, toy, weights, inputs, tmp_path)
         np.testing.assert_allclose(self.run(peftcore_backend, loaded, inputs), expected, atol=ATOL)
         assert loaded.get_nb_trainable_parameters()[0] == 0
 
@@ -133,9 +131,7 @@ class LoraTests(SuiteBase):
         expected = self.expected(toy, weights, inputs, peft_model, "default")
         np.testing.assert_allclose(self.run(peftcore_backend, peft_model, inputs), expected, atol=ATOL)
         peft_model.save_pretrained(str(tmp_path))
-        loaded = PeftModel.from_pretrained(
-            self.build(peftcore_backend, toy, weights), str(tmp_path), backend=peftcore_backend.name, example_inputs=inputs
-        )
+        loaded = self.load_saved(peftcore_backend, toy, weights, inputs, tmp_path)
         np.testing.assert_allclose(self.run(peftcore_backend, loaded, inputs), expected, atol=ATOL)
 
     def test_unload_and_merge_and_unload(self, peftcore_backend: Backend, toy: ToySpec, rng: Any) -> None:

@@ -44,6 +44,14 @@ class SuiteBase:
     def wrap_with(self, backend: Backend, spec: ToySpec, weights: dict, inputs: np.ndarray, config: PeftConfig) -> PeftModel:
         return get_peft_model(self.build(backend, spec, weights), config, backend=backend.name, example_inputs=inputs)
 
+    def load_saved(
+        self, backend: Backend, spec: ToySpec, weights: dict, inputs: np.ndarray, directory: Any, is_trainable: bool = False
+    ) -> PeftModel:
+        """The adapter saved in ``directory``, loaded onto a fresh build of ``spec``."""
+        return PeftModel.from_pretrained(
+            self.build(backend, spec, weights), str(directory), backend=backend.name, example_inputs=inputs, is_trainable=is_trainable
+        )
+
     def randomise(self, backend: Backend, peft_model: PeftModel, adapter: str, rng: np.random.Generator) -> dict:
         tensors = {
             key: (rng.standard_normal(spec.shape) * 0.2).astype(np.float32)

@@ -67,7 +67,6 @@ class BitFitTests(SuiteBase):
         self.randomise(peftcore_backend, peft_model, "default", rng)
         expected = self.run(peftcore_backend, peft_model, inputs)
         peft_model.save_pretrained(str(tmp_path))
-        fresh = self.build(peftcore_backend, toy, weights)
-        loaded = PeftModel.from_pretrained(fresh, str(tmp_path), backend=peftcore_backend.name, example_inputs=inputs, is_trainable=True)
+        loaded = self.load_saved(peftcore_backend, toy, weights, inputs, tmp_path, is_trainable=True)
         np.testing.assert_allclose(self.run(peftcore_backend, loaded, inputs), expected, atol=ATOL)
         assert loaded.get_nb_trainable_parameters()[0] == peft_model.plans["default"].num_trainable()

@@ -67,9 +67,7 @@ class PromptTests(SuiteBase):
         expected = self.expected(TOKEN_MODEL, weights, inputs, peft_model, "default")
         np.testing.assert_allclose(self.run(peftcore_backend, peft_model, inputs), expected, atol=ATOL)
         peft_model.save_pretrained(str(tmp_path))
-        loaded = PeftModel.from_pretrained(
-            self.build(peftcore_backend, TOKEN_MODEL, weights), str(tmp_path), backend=peftcore_backend.name, example_inputs=inputs
-        )
+        loaded = self.load_saved(peftcore_backend, TOKEN_MODEL, weights, inputs, tmp_path)
         np.testing.assert_allclose(self.run(peftcore_backend, loaded, inputs), expected, atol=ATOL)
 
     def test_prompt_cannot_merge(self, peftcore_backend: Backend, rng: Any) -> None:
@@ -87,10 +85,7 @@ class PromptTests(SuiteBase):
         expected = self.run(peftcore_backend, peft_model, inputs)
         peft_model.save_pretrained(str(tmp_path))
         for trainable in (False, True):
-            fresh = self.build(peftcore_backend, TOKEN_MODEL, weights)
-            loaded = PeftModel.from_pretrained(
-                fresh, str(tmp_path), backend=peftcore_backend.name, example_inputs=inputs, is_trainable=trainable
-            )
+            loaded = self.load_saved(peftcore_backend, TOKEN_MODEL, weights, inputs, tmp_path, is_trainable=trainable)
             np.testing.assert_allclose(self.run(peftcore_backend, loaded, inputs), expected, atol=ATOL)
             count = loaded.get_nb_trainable_parameters()[0]
             assert count == (peft_model.plans["default"].num_trainable() if trainable else 0)
@@ -107,9 +102,7 @@ class PromptTests(SuiteBase):
         assert peft_model.plans["default"].num_trainable() == 3 * TOKEN_MODEL.steps[0].out_dim < before
         assert set(self.exported(peft_model, "default")) == set(peft_model.plans["default"].tensor_specs())
         peft_model.save_pretrained(str(tmp_path))
-        loaded = PeftModel.from_pretrained(
-            self.build(peftcore_backend, TOKEN_MODEL, weights), str(tmp_path), backend=peftcore_backend.name, example_inputs=inputs
-        )
+        loaded = self.load_saved(peftcore_backend, TOKEN_MODEL, weights, inputs, tmp_path)
         np.testing.assert_allclose(self.run(peftcore_backend, loaded, inputs), unbaked, atol=1e-6)
 
     def test_pruned_prompt_matches_reference(self, peftcore_backend: Backend, rng: Any) -> None:
