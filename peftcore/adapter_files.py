@@ -92,6 +92,10 @@ class _PeftModelState(Protocol):
 
     def _layer_dtypes(self) -> dict[str, str]: ...
 
+    def _tensors_of_files(
+        self, files: AdapterFiles, plan: RewritePlan, strict: bool, allow_non_finite: bool
+    ) -> tuple[dict[str, Any], dict[str, Any], list[str]]: ...
+
     def _set_trainable(self, adapter_name: str, trainable: bool) -> None: ...
 
     def _load_embedding_layers(self, weights: Mapping[str, Any]) -> None: ...
@@ -215,17 +219,26 @@ class AdapterFilesMixin:
                 f"{files.directory}: adapter {adapter_name!r} exists with another plan; delete_adapter() it first "
                 "or load under another name"
             )
-        weights_path = os.path.join(files.directory, WEIGHTS_NAME)
-        adapter_tensors, embeddings = split_embedding_layers(files.tensors, self.graph, plan, weights_path)
-        tensors = match_tensors(
-            plan, adapter_tensors, weights_path, strict, allow_non_finite=allow_non_finite, dtypes=self._layer_dtypes()
-        )
+        tensors, embeddings, unexpected = self._tensors_of_files(files, plan, strict, allow_non_finite)
         self.import_adapter(adapter_name, tensors)
         if embeddings:
             self._load_embedding_layers(embeddings)
         self.peft_config[adapter_name] = self.peft_config[adapter_name].replace(inference_mode=not is_trainable)
         self._set_trainable(adapter_name, is_trainable and adapter_name in self.active_adapters)
-        return unexpected_tensor_keys(plan, adapter_tensors)
+        return unexpected
+
+    def _tensors_of_files(
+        self: _PeftModelState, files: AdapterFiles, plan: RewritePlan, strict: bool, allow_non_finite: bool
+    ) -> tuple[dict[str, Any], dict[str, Any], list[str]]:
+        """``files``' tensors for ``plan``, checked (canonical names), the embedding
+        matrices saved beside them, and the file keys a non-strict load skips."""
+        assert self.graph is not None
+        weights_path = os.path.join(files.directory, WEIGHTS_NAME)
+        adapter_tensors, embeddings = split_embedding_layers(files.tensors, self.graph, plan, weights_path)
+        tensors = match_tensors(
+            plan, adapter_tensors, weights_path, strict, allow_non_finite=allow_non_finite, dtypes=self._layer_dtypes()
+        )
+        return tensors, embeddings, unexpected_tensor_keys(plan, adapter_tensors)
 
     def _layer_dtypes(self: _PeftModelState) -> dict[str, str]:
         """Each layer's dtype as it is now: the graph's, updated from the adapter layers."""
@@ -254,11 +267,7 @@ class AdapterFilesMixin:
             config = config.replace(inference_mode=not is_trainable)
         plan = plan_of_files(files, config, self.graph, adapter_name)
         check_plan_fits(plan, self.graph, files.directory)
-        weights_path = os.path.join(files.directory, WEIGHTS_NAME)
-        adapter_tensors, embeddings = split_embedding_layers(files.tensors, self.graph, plan, weights_path)
-        tensors = match_tensors(
-            plan, adapter_tensors, weights_path, strict, allow_non_finite=allow_non_finite, dtypes=self._layer_dtypes()
-        )
+        tensors, embeddings, unexpected = self._tensors_of_files(files, plan, strict, allow_non_finite)
         self.add_adapter(
             adapter_name, config, plan=plan, autocast_adapter_dtype=autocast_adapter_dtype,
             low_cpu_mem_usage=low_cpu_mem_usage,
@@ -270,7 +279,7 @@ class AdapterFilesMixin:
         except BaseException:
             self.delete_adapter(adapter_name)
             raise
-        return unexpected_tensor_keys(plan, adapter_tensors)
+        return unexpected
 
     def _load_embedding_layers(self: _PeftModelState, weights: Mapping[str, Any]) -> None:
         """Copy the embedding matrices an HF PEFT adapter saved (``save_embedding_layers``)
