@@ -97,7 +97,8 @@ def main(argv: list[str] | None = None) -> dict:
                 alone.append(peft_model(input_ids=batch).logits)
         loop_time = time.perf_counter() - start
     separate = torch.cat(alone)
-    largest = float((mixed - separate).abs().max())
+    # relative to the largest logit: the rows are the same maths in another batch shape, so they differ by rounding
+    largest = float((mixed - separate).abs().max() / separate.abs().max())
 
     print(f"\nmixed batch of {len(ids)} rows, {len(rows)} adapters (incl. the base):")
     print(f"  {'adapter':10} {'next-token accuracy on its skill':>34}")
@@ -107,7 +108,7 @@ def main(argv: list[str] | None = None) -> dict:
         accuracies[name] = next_token_accuracy(mixed[offset : offset + len(batch)], batch)
         print(f"  {name:10} {accuracies[name]:>34.3f}")
         offset += len(batch)
-    print(f"  largest difference from running each adapter alone: {largest:.2e}")
+    print(f"  largest difference from running each adapter alone: {largest:.2e} of the largest logit")
     print(f"  one mixed forward {mixed_time * 1e3:.1f} ms vs a forward per adapter {loop_time * 1e3:.1f} ms")
     return {"accuracies": accuracies, "largest_difference": largest}
 

@@ -22,7 +22,8 @@ import numpy as np
 from peftcore.graph import ModelGraph
 from peftcore.methods.lora import LoraConfig
 from peftcore.plugins import Backend
-from peftcore.testing.suite_base import ATOL, SuiteBase
+from peftcore.testing.numerics import assert_close_to_scale
+from peftcore.testing.suite_base import SuiteBase
 from peftcore.testing.suite_bitfit import BitFitTests
 from peftcore.testing.suite_prompt import PromptTests
 from peftcore.testing.toys import ToySpec, reference_forward
@@ -50,7 +51,7 @@ class LoraTests(SuiteBase):
     def test_base_model_matches_reference(self, peftcore_backend: Backend, toy: ToySpec, rng: Any) -> None:
         weights, inputs = toy.random_weights(rng), toy.random_inputs(rng)
         model = self.build(peftcore_backend, toy, weights)
-        np.testing.assert_allclose(self.run(peftcore_backend, model, inputs), reference_forward(toy, weights, inputs), atol=ATOL)
+        assert_close_to_scale(self.run(peftcore_backend, model, inputs), reference_forward(toy, weights, inputs))
 
     def test_lora_at_init_is_exactly_the_base(self, peftcore_backend: Backend, toy: ToySpec, rng: Any) -> None:
         weights, inputs = toy.random_weights(rng), toy.random_inputs(rng)
@@ -63,7 +64,7 @@ class LoraTests(SuiteBase):
         peft_model = self.wrap(peftcore_backend, toy, weights, inputs, r=3, lora_alpha=6, use_rslora=True)
         self.randomise(peftcore_backend, peft_model, "default", rng)
         got = self.run(peftcore_backend, peft_model, inputs)
-        np.testing.assert_allclose(got, self.expected(toy, weights, inputs, peft_model, "default"), atol=ATOL)
+        assert_close_to_scale(got, self.expected(toy, weights, inputs, peft_model, "default"))
 
     def test_trainable_count_is_the_plans(self, peftcore_backend: Backend, toy: ToySpec, rng: Any) -> None:
         weights, inputs = toy.random_weights(rng), toy.random_inputs(rng)
@@ -87,11 +88,11 @@ class LoraTests(SuiteBase):
         self.randomise(peftcore_backend, peft_model, "default", rng)
         unmerged = self.run(peftcore_backend, peft_model, inputs)
         peft_model.merge_adapter()
-        np.testing.assert_allclose(self.run(peftcore_backend, peft_model, inputs), unmerged, atol=ATOL)
+        assert_close_to_scale(self.run(peftcore_backend, peft_model, inputs), unmerged)
         peft_model.unmerge_adapter()
         np.testing.assert_array_equal(self.run(peftcore_backend, peft_model, inputs), unmerged)
         with peft_model.disable_adapter():
-            np.testing.assert_allclose(self.run(peftcore_backend, peft_model, inputs), reference_forward(toy, weights, inputs), atol=ATOL)
+            assert_close_to_scale(self.run(peftcore_backend, peft_model, inputs), reference_forward(toy, weights, inputs))
 
     def test_multiple_adapters(self, peftcore_backend: Backend, toy: ToySpec, rng: Any) -> None:
         weights, inputs = toy.random_weights(rng), toy.random_inputs(rng)
@@ -99,15 +100,15 @@ class LoraTests(SuiteBase):
         peft_model.add_adapter("other", LoraConfig(target_modules=[toy.layers[-1].name], r=5, lora_alpha=3))
         self.randomise(peftcore_backend, peft_model, "default", rng)
         self.randomise(peftcore_backend, peft_model, "other", rng)
-        np.testing.assert_allclose(self.run(peftcore_backend, peft_model, inputs), self.expected(toy, weights, inputs, peft_model, "default"), atol=ATOL)
+        assert_close_to_scale(self.run(peftcore_backend, peft_model, inputs), self.expected(toy, weights, inputs, peft_model, "default"))
         peft_model.set_adapter("other")
-        np.testing.assert_allclose(self.run(peftcore_backend, peft_model, inputs), self.expected(toy, weights, inputs, peft_model, "other"), atol=ATOL)
+        assert_close_to_scale(self.run(peftcore_backend, peft_model, inputs), self.expected(toy, weights, inputs, peft_model, "other"))
         peft_model.set_adapter(["default", "other"])
         both = self.expected(toy, weights, inputs, peft_model, "default", "other")
-        np.testing.assert_allclose(self.run(peftcore_backend, peft_model, inputs), both, atol=ATOL)
+        assert_close_to_scale(self.run(peftcore_backend, peft_model, inputs), both)
         peft_model.delete_adapter("other")
         assert list(peft_model.peft_config) == ["default"]
-        np.testing.assert_allclose(self.run(peftcore_backend, peft_model, inputs), self.expected(toy, weights, inputs, peft_model, "default"), atol=ATOL)
+        assert_close_to_scale(self.run(peftcore_backend, peft_model, inputs), self.expected(toy, weights, inputs, peft_model, "default"))
 
     def test_save_load_round_trip(self, peftcore_backend: Backend, toy: ToySpec, rng: Any, tmp_path: Any) -> None:
         weights, inputs = toy.random_weights(rng), toy.random_inputs(rng)
@@ -116,7 +117,7 @@ class LoraTests(SuiteBase):
         expected = self.run(peftcore_backend, peft_model, inputs)
         peft_model.save_pretrained(str(tmp_path))
         loaded = self.load_saved(peftcore_backend, toy, weights, inputs, tmp_path)
-        np.testing.assert_allclose(self.run(peftcore_backend, loaded, inputs), expected, atol=ATOL)
+        assert_close_to_scale(self.run(peftcore_backend, loaded, inputs), expected)
         assert loaded.get_nb_trainable_parameters()[0] == 0
 
     def test_lora_bias_all_trains_the_base_biases_in_place(
@@ -129,10 +130,10 @@ class LoraTests(SuiteBase):
         assert peft_model.get_nb_trainable_parameters()[0] == peft_model.plans["default"].num_trainable()
         self.randomise(peftcore_backend, peft_model, "default", rng)  # trained factors and biases
         expected = self.expected(toy, weights, inputs, peft_model, "default")
-        np.testing.assert_allclose(self.run(peftcore_backend, peft_model, inputs), expected, atol=ATOL)
+        assert_close_to_scale(self.run(peftcore_backend, peft_model, inputs), expected)
         peft_model.save_pretrained(str(tmp_path))
         loaded = self.load_saved(peftcore_backend, toy, weights, inputs, tmp_path)
-        np.testing.assert_allclose(self.run(peftcore_backend, loaded, inputs), expected, atol=ATOL)
+        assert_close_to_scale(self.run(peftcore_backend, loaded, inputs), expected)
 
     def test_unload_and_merge_and_unload(self, peftcore_backend: Backend, toy: ToySpec, rng: Any) -> None:
         weights, inputs = toy.random_weights(rng), toy.random_inputs(rng)
@@ -141,13 +142,13 @@ class LoraTests(SuiteBase):
         self.randomise(peftcore_backend, peft_model, "default", rng)
         adapted = self.expected(toy, weights, inputs, peft_model, "default")
         merged_model = peft_model.merge_and_unload()
-        np.testing.assert_allclose(self.run(peftcore_backend, merged_model, inputs), adapted, atol=ATOL)
+        assert_close_to_scale(self.run(peftcore_backend, merged_model, inputs), adapted)
         graph = peftcore_backend.describe(merged_model, inputs)
         assert graph is not None
         assert [n.path for n in graph.of_kind("linear", "embedding")] == [s.name for s in toy.layers]
         second = self.wrap(peftcore_backend, toy, weights, inputs, r=2)
         self.randomise(peftcore_backend, second, "default", rng)
-        np.testing.assert_allclose(self.run(peftcore_backend, second.unload(), inputs), base_out, atol=ATOL)
+        assert_close_to_scale(self.run(peftcore_backend, second.unload(), inputs), base_out)
 
 
 class ConformanceSuite(LoraTests, BitFitTests, PromptTests):

@@ -13,8 +13,6 @@ from peftcore.methods.lora import LoraConfig
 from peftcore.plugins import Backend
 from peftcore.testing.toys import TOY_SPECS, ToySpec, adapter_effects, reference_forward
 
-ATOL = 1e-5
-
 
 class SuiteBase:
     """Fixtures and helpers; ``backends`` names the backends the tests run on."""

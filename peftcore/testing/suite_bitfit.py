@@ -9,7 +9,8 @@ import numpy as np
 from peftcore.api import PeftModel
 from peftcore.methods.bitfit import BitFitConfig, TrainBias
 from peftcore.plugins import Backend
-from peftcore.testing.suite_base import ATOL, SuiteBase
+from peftcore.testing.numerics import assert_close_to_scale
+from peftcore.testing.suite_base import SuiteBase
 from peftcore.testing.toys import ToySpec, reference_forward
 
 
@@ -42,7 +43,7 @@ class BitFitTests(SuiteBase):
         peft_model = self.bitfit(peftcore_backend, toy, weights, inputs)
         self.randomise(peftcore_backend, peft_model, "default", rng)
         got = self.run(peftcore_backend, peft_model, inputs)
-        np.testing.assert_allclose(got, self.expected(toy, weights, inputs, peft_model, "default"), atol=ATOL)
+        assert_close_to_scale(got, self.expected(toy, weights, inputs, peft_model, "default"))
 
     def test_bitfit_merge_unmerge_and_unload(self, peftcore_backend: Backend, toy: ToySpec, rng: Any) -> None:
         weights, inputs = toy.random_weights(rng), toy.random_inputs(rng)
@@ -50,13 +51,13 @@ class BitFitTests(SuiteBase):
         self.randomise(peftcore_backend, peft_model, "default", rng)
         adapted = self.run(peftcore_backend, peft_model, inputs)
         peft_model.merge_adapter()
-        np.testing.assert_allclose(self.run(peftcore_backend, peft_model, inputs), adapted, atol=ATOL)
+        assert_close_to_scale(self.run(peftcore_backend, peft_model, inputs), adapted)
         peft_model.unmerge_adapter()
         np.testing.assert_array_equal(self.run(peftcore_backend, peft_model, inputs), adapted)
         with peft_model.disable_adapter():
-            np.testing.assert_allclose(self.run(peftcore_backend, peft_model, inputs), reference_forward(toy, weights, inputs), atol=ATOL)
+            assert_close_to_scale(self.run(peftcore_backend, peft_model, inputs), reference_forward(toy, weights, inputs))
         merged = peft_model.merge_and_unload()
-        np.testing.assert_allclose(self.run(peftcore_backend, merged, inputs), adapted, atol=ATOL)
+        assert_close_to_scale(self.run(peftcore_backend, merged, inputs), adapted)
         graph = peftcore_backend.describe(merged, inputs)
         assert graph is not None
         assert all(graph.get(s.name).has_bias for s in toy.layers if s.kind == "linear")
@@ -68,5 +69,5 @@ class BitFitTests(SuiteBase):
         expected = self.run(peftcore_backend, peft_model, inputs)
         peft_model.save_pretrained(str(tmp_path))
         loaded = self.load_saved(peftcore_backend, toy, weights, inputs, tmp_path, is_trainable=True)
-        np.testing.assert_allclose(self.run(peftcore_backend, loaded, inputs), expected, atol=ATOL)
+        assert_close_to_scale(self.run(peftcore_backend, loaded, inputs), expected)
         assert loaded.get_nb_trainable_parameters()[0] == peft_model.plans["default"].num_trainable()

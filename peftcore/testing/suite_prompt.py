@@ -16,7 +16,8 @@ from peftcore.methods.prompt_tuning import AddPrompt, PromptTuningConfig, Residu
 from peftcore.peft_model import PeftModel, wrap_model
 from peftcore.plan import RewritePlan
 from peftcore.plugins import Backend
-from peftcore.testing.suite_base import ATOL, SuiteBase
+from peftcore.testing.numerics import assert_close_to_scale
+from peftcore.testing.suite_base import SuiteBase
 from peftcore.testing.toys import TOKEN_MODEL, reference_forward
 
 PROMPT_CONFIGS = {
@@ -52,9 +53,9 @@ class PromptTests(SuiteBase):
         peft_model, weights, inputs = self.prompted(peftcore_backend, prompt_config, rng)
         self.randomise(peftcore_backend, peft_model, "default", rng)
         got = self.run(peftcore_backend, peft_model, inputs)
-        np.testing.assert_allclose(got, self.expected(TOKEN_MODEL, weights, inputs, peft_model, "default"), atol=ATOL)
+        assert_close_to_scale(got, self.expected(TOKEN_MODEL, weights, inputs, peft_model, "default"))
         with peft_model.disable_adapter():
-            np.testing.assert_allclose(self.run(peftcore_backend, peft_model, inputs), reference_forward(TOKEN_MODEL, weights, inputs), atol=ATOL)
+            assert_close_to_scale(self.run(peftcore_backend, peft_model, inputs), reference_forward(TOKEN_MODEL, weights, inputs))
 
     @pytest.mark.parametrize("kind", ["MLP", "LSTM"])
     def test_p_tuning_matches_reference(self, peftcore_backend: Backend, kind: str, rng: Any, tmp_path: Any) -> None:
@@ -65,10 +66,10 @@ class PromptTests(SuiteBase):
         assert peft_model.get_nb_trainable_parameters()[0] == peft_model.plans["default"].num_trainable()
         self.randomise(peftcore_backend, peft_model, "default", rng)
         expected = self.expected(TOKEN_MODEL, weights, inputs, peft_model, "default")
-        np.testing.assert_allclose(self.run(peftcore_backend, peft_model, inputs), expected, atol=ATOL)
+        assert_close_to_scale(self.run(peftcore_backend, peft_model, inputs), expected)
         peft_model.save_pretrained(str(tmp_path))
         loaded = self.load_saved(peftcore_backend, TOKEN_MODEL, weights, inputs, tmp_path)
-        np.testing.assert_allclose(self.run(peftcore_backend, loaded, inputs), expected, atol=ATOL)
+        assert_close_to_scale(self.run(peftcore_backend, loaded, inputs), expected)
 
     def test_prompt_cannot_merge(self, peftcore_backend: Backend, rng: Any) -> None:
         peft_model, _, inputs = self.prompted(peftcore_backend, PromptTuningConfig(num_virtual_tokens=2), rng)
@@ -86,7 +87,7 @@ class PromptTests(SuiteBase):
         peft_model.save_pretrained(str(tmp_path))
         for trainable in (False, True):
             loaded = self.load_saved(peftcore_backend, TOKEN_MODEL, weights, inputs, tmp_path, is_trainable=trainable)
-            np.testing.assert_allclose(self.run(peftcore_backend, loaded, inputs), expected, atol=ATOL)
+            assert_close_to_scale(self.run(peftcore_backend, loaded, inputs), expected)
             count = loaded.get_nb_trainable_parameters()[0]
             assert count == (peft_model.plans["default"].num_trainable() if trainable else 0)
 
@@ -97,13 +98,13 @@ class PromptTests(SuiteBase):
         unbaked = self.run(peftcore_backend, peft_model, inputs)
         before = peft_model.plans["default"].num_trainable()
         peft_model.bake()
-        np.testing.assert_allclose(self.run(peftcore_backend, peft_model, inputs), unbaked, atol=1e-6)
+        assert_close_to_scale(self.run(peftcore_backend, peft_model, inputs), unbaked)
         assert type(peft_model.peft_config["default"]) is PromptTuningConfig
         assert peft_model.plans["default"].num_trainable() == 3 * TOKEN_MODEL.steps[0].out_dim < before
         assert set(self.exported(peft_model, "default")) == set(peft_model.plans["default"].tensor_specs())
         peft_model.save_pretrained(str(tmp_path))
         loaded = self.load_saved(peftcore_backend, TOKEN_MODEL, weights, inputs, tmp_path)
-        np.testing.assert_allclose(self.run(peftcore_backend, loaded, inputs), unbaked, atol=1e-6)
+        assert_close_to_scale(self.run(peftcore_backend, loaded, inputs), unbaked)
 
     def test_pruned_prompt_matches_reference(self, peftcore_backend: Backend, rng: Any) -> None:
         """An XPrompt-pruned prompt: two of three tokens kept, half of each one's pieces masked."""
@@ -121,4 +122,4 @@ class PromptTests(SuiteBase):
         peft_model.add_adapter("default", config, plan=plan)
         self.randomise(peftcore_backend, peft_model, "default", rng)
         got = self.run(peftcore_backend, peft_model, inputs)
-        np.testing.assert_allclose(got, self.expected(TOKEN_MODEL, weights, inputs, peft_model, "default"), atol=ATOL)
+        assert_close_to_scale(got, self.expected(TOKEN_MODEL, weights, inputs, peft_model, "default"))

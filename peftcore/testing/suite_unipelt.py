@@ -23,9 +23,9 @@ from peftcore.errors import AdapterError
 from peftcore.methods.prefix_tuning import PrefixTuningConfig
 from peftcore.methods.unipelt import UniPELTConfig, gate_values
 from peftcore.plugins import Backend
+from peftcore.testing.numerics import assert_close_to_scale
 from peftcore.testing.unipelt_reference import ATTENTION_TOYS, AttentionToySpec, unipelt_reference
 
-ATOL = 1e-5
 VARIANTS = ("APL", "AP", "L", "P", "A")
 
 
@@ -76,12 +76,11 @@ class UniPELTSuite:
         peft_model = get_peft_model(model, config, backend=peftcore_backend.name, example_inputs=inputs)
         tensors = self.randomise_unipelt(peftcore_backend, peft_model, unipelt_rng)
         expected, _ = unipelt_reference(attention_toy, weights, inputs, peft_model.plans["default"], tensors)
-        np.testing.assert_allclose(self.toy_output(peftcore_backend, peft_model, inputs), expected, atol=ATOL)
+        assert_close_to_scale(self.toy_output(peftcore_backend, peft_model, inputs), expected)
         assert peft_model.get_nb_trainable_parameters()[0] == peft_model.plans["default"].num_trainable()
         with peft_model.disable_adapter():
-            np.testing.assert_allclose(
-                self.toy_output(peftcore_backend, peft_model, inputs), self.toy_output(peftcore_backend, model, inputs), atol=ATOL
-            )
+            assert_close_to_scale(
+                self.toy_output(peftcore_backend, peft_model, inputs), self.toy_output(peftcore_backend, model, inputs))
 
     @pytest.mark.parametrize("variant", VARIANTS)
     def test_unipelt_matches_reference(self, peftcore_backend: Backend, attention_toy: AttentionToySpec, unipelt_rng: Any, variant: str) -> None:
@@ -89,18 +88,18 @@ class UniPELTSuite:
         peft_model = self.unipelt_model(peftcore_backend, attention_toy, weights, inputs, variant=variant)
         tensors = self.randomise_unipelt(peftcore_backend, peft_model, unipelt_rng)
         expected, expected_gates = unipelt_reference(attention_toy, weights, inputs, peft_model.plans["default"], tensors)
-        np.testing.assert_allclose(self.toy_output(peftcore_backend, peft_model, inputs), expected, atol=ATOL)
+        assert_close_to_scale(self.toy_output(peftcore_backend, peft_model, inputs), expected)
         got_gates = gate_values(peft_model)
         assert set(got_gates) == set(expected_gates)
         for key, value in expected_gates.items():
-            np.testing.assert_allclose(got_gates[key], value, atol=ATOL)
+            assert_close_to_scale(got_gates[key], value)
             assert value.shape == (inputs.shape[0],) and np.all((value > 0) & (value < 1))
 
     def test_lora_and_adapter_start_as_the_base(self, peftcore_backend: Backend, attention_toy: AttentionToySpec, unipelt_rng: Any) -> None:
         weights, inputs = attention_toy.random_weights(unipelt_rng), attention_toy.random_inputs(unipelt_rng)
         base, _ = unipelt_reference(attention_toy, weights, inputs)
         peft_model = self.unipelt_model(peftcore_backend, attention_toy, weights, inputs, variant="AL")
-        np.testing.assert_allclose(self.toy_output(peftcore_backend, peft_model, inputs), base, atol=ATOL)
+        assert_close_to_scale(self.toy_output(peftcore_backend, peft_model, inputs), base)
 
     def test_unipelt_counts_disables_and_refuses_merge(self, peftcore_backend: Backend, attention_toy: AttentionToySpec, unipelt_rng: Any) -> None:
         weights, inputs = attention_toy.random_weights(unipelt_rng), attention_toy.random_inputs(unipelt_rng)
@@ -117,9 +116,9 @@ class UniPELTSuite:
         np.testing.assert_array_equal(self.toy_output(peftcore_backend, peft_model, inputs), adapted)
         with peft_model.disable_adapter():
             base, _ = unipelt_reference(attention_toy, weights, inputs)
-            np.testing.assert_allclose(self.toy_output(peftcore_backend, peft_model, inputs), base, atol=ATOL)
+            assert_close_to_scale(self.toy_output(peftcore_backend, peft_model, inputs), base)
         unloaded = peft_model.unload()
-        np.testing.assert_allclose(self.toy_output(peftcore_backend, unloaded, inputs), base, atol=ATOL)
+        assert_close_to_scale(self.toy_output(peftcore_backend, unloaded, inputs), base)
 
     def test_unipelt_save_load_round_trip(self, peftcore_backend: Backend, attention_toy: AttentionToySpec, unipelt_rng: Any, tmp_path: Any) -> None:
         weights, inputs = attention_toy.random_weights(unipelt_rng), attention_toy.random_inputs(unipelt_rng)

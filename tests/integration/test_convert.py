@@ -38,6 +38,7 @@ from peftcore.convert import check_hf_compatible, convert, load_adapter_dir  # n
 from peftcore.errors import AdapterError  # noqa: E402
 from peftcore.io import read_adapter  # noqa: E402
 from peftcore.plan import RewritePlan  # noqa: E402
+from peftcore.testing.numerics import assert_close_to_scale  # noqa: E402
 from peftcore.testing.toys import MLP, lora_deltas, reference_forward  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -102,7 +103,7 @@ def test_hf_to_peftcore_without_a_model(hf_lora: Path, tmp_path: Path) -> None:
     assert set(converted.tensors) == set(load_file(str(hf_lora / WEIGHTS)))
     hf_model = peft.PeftModel.from_pretrained(tiny_llama(), str(hf_lora))
     ours = peftcore.PeftModel.from_pretrained(tiny_llama(), str(tmp_path / "pc"))
-    np.testing.assert_allclose(logits(ours), logits(hf_model), atol=1e-5)
+    assert_close_to_scale(logits(ours), logits(hf_model))
 
 
 def test_hf_to_peftcore_with_the_model_gives_the_same_plan(
@@ -133,7 +134,7 @@ def test_peftcore_to_hf_loads_in_hf_peft(tmp_path: Path, capsys: pytest.CaptureF
     saved = json.loads((tmp_path / "hf" / CONFIG).read_text())
     assert saved["init_lora_weights"] is True  # HF PEFT has no "kaiming" spelling
     hf_model = peft.PeftModel.from_pretrained(tiny_llama(), str(tmp_path / "hf"))
-    np.testing.assert_allclose(logits(hf_model), logits(model), atol=1e-5)
+    assert_close_to_scale(logits(hf_model), logits(model))
     assert read_adapter(str(tmp_path / "hf")).plan is None
     status, _, err = cli(capsys, "convert", tmp_path / "hf", tmp_path / "hf", "--to", "hf")
     assert status == 2 and "already holds an adapter" in err and "--force" in err
@@ -270,7 +271,7 @@ def test_singa_checkpoint_to_canonical_layout(singa_like: dict, capsys: pytest.C
     expected = singa_like["expected"]["default"]
     weights = {**singa_like["weights"], "head.weight": expected["head.weight"], "head.bias": expected["head.bias"]}
     reference = reference_forward(MLP, weights, x, [lora_deltas(singa_like["plan"], expected)])
-    np.testing.assert_allclose(loaded.backend.conformance_kit().forward(loaded.model, x), reference, atol=1e-5)
+    assert_close_to_scale(loaded.backend.conformance_kit().forward(loaded.model, x), reference)
 
 
 def test_singa_checkpoint_adapter_choice_and_hf_output(singa_like: dict, capsys: pytest.CaptureFixture) -> None:
@@ -295,7 +296,7 @@ def test_singa_checkpoint_adapter_choice_and_hf_output(singa_like: dict, capsys:
     weights = {**singa_like["weights"], "head.weight": expected["head.weight"], "head.bias": expected["head.bias"]}
     reference = reference_forward(MLP, weights, x, [lora_deltas(singa_like["plan"], expected)])
     with torch.no_grad():
-        np.testing.assert_allclose(hf_model(torch.from_numpy(x)).numpy(), reference, atol=1e-5)
+        assert_close_to_scale(hf_model(torch.from_numpy(x)).numpy(), reference)
 
 
 def test_singa_square_saved_weight_needs_the_layer_type(tmp_path: Path) -> None:
@@ -486,7 +487,7 @@ def test_checkpoint_of_a_real_singa_run(tmp_path: Path, capsys: pytest.CaptureFi
     hf_model = peft.PeftModel.from_pretrained(mlp_twin(MLP.random_weights(np.random.default_rng(0))), str(tmp_path / "two_hf"))
     with torch.no_grad():
         out = hf_model(torch.from_numpy(np.load(tmp_path / "inputs.npy"))).numpy()
-    np.testing.assert_allclose(out, np.load(tmp_path / "two_default_out.npy"), atol=1e-5)
+    assert_close_to_scale(out, np.load(tmp_path / "two_default_out.npy"))
 
 
 def test_a_plugins_checkpoint_format_is_read_by_convert(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:

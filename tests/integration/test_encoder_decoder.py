@@ -10,6 +10,7 @@ torch = pytest.importorskip("torch")
 pytest.importorskip("transformers")
 
 import peftcore  # noqa: E402
+from peftcore.testing.numerics import assert_close_to_scale  # noqa: E402
 from tests.integration.tiny import VOCAB, bart_lm, random_ids, t5_lm  # noqa: E402
 
 pytestmark = [pytest.mark.filterwarnings("ignore::UserWarning"), pytest.mark.filterwarnings("ignore::FutureWarning")]
@@ -78,7 +79,7 @@ def test_encoder_sees_prompt_and_extended_mask_and_padding_is_respected():
         handle.remove()
         assert seen["decoder_cross_mask"].tolist() == [[1] * N + row for row in mask.tolist()]
         alone = model(input_ids=ids[1:, :4], attention_mask=mask[1:, :4], labels=labels[1:]).logits
-    torch.testing.assert_close(batched[1:], alone, atol=1e-5, rtol=1e-5)
+    assert_close_to_scale(batched[1:], alone)
 
 
 def test_disabled_adapter_is_the_base_model():
@@ -100,7 +101,7 @@ def test_seq2seq_prompt_generate_cached_equals_uncached(build):
     tokens, scores = _generate(model, ids, mask, use_cache=True)
     uncached_tokens, uncached_scores = _generate(model, ids, mask, use_cache=False)
     assert torch.equal(tokens, uncached_tokens)
-    torch.testing.assert_close(scores, uncached_scores, atol=1e-5, rtol=1e-5)
+    assert_close_to_scale(scores, uncached_scores)
     # the prompt changes what the decoder sees
     with model.disable_adapter():
         _, plain_scores = _generate(model, ids, mask, use_cache=True)
@@ -159,7 +160,7 @@ def test_t5_bitfit_with_added_biases_is_bit_exact_at_init_and_trains():
     with torch.no_grad():
         trained = model(input_ids=ids, attention_mask=mask, labels=labels).logits
         model.merge_adapter()
-        torch.testing.assert_close(model(input_ids=ids, attention_mask=mask, labels=labels).logits, trained, atol=1e-5, rtol=1e-5)
+        assert_close_to_scale(model(input_ids=ids, attention_mask=mask, labels=labels).logits, trained)
 
 
 # -- Hugging Face PEFT interoperability --------------------------------------------------------
@@ -189,9 +190,9 @@ def test_peftcore_t5_prompt_loads_in_hf_peft(tmp_path):
     model.save_pretrained(str(tmp_path))
     hf_model = peft.PeftModel.from_pretrained(t5_lm(), str(tmp_path))
     assert hf_model.peft_config["default"].num_transformer_submodules == 2
-    torch.testing.assert_close(_hf_logits(hf_model, input_ids=ids, attention_mask=mask, labels=labels), ours, atol=1e-5, rtol=0)
+    assert_close_to_scale(_hf_logits(hf_model, input_ids=ids, attention_mask=mask, labels=labels), ours)
     _, hf_scores = _generate(hf_model, ids, mask, use_cache=True)
-    torch.testing.assert_close(hf_scores, our_scores, atol=1e-5, rtol=0)
+    assert_close_to_scale(hf_scores, our_scores)
 
 
 def test_hf_peft_t5_prompt_loads_in_peftcore(tmp_path):
@@ -204,7 +205,7 @@ def test_hf_peft_t5_prompt_loads_in_peftcore(tmp_path):
     ours = peftcore.PeftModel.from_pretrained(t5_lm(), str(tmp_path))
     with torch.no_grad():
         got = ours(input_ids=ids, attention_mask=mask, labels=labels).logits
-    torch.testing.assert_close(got, expected, atol=1e-5, rtol=0)
+    assert_close_to_scale(got, expected)
 
 
 def test_t5_lora_round_trips_with_hf_peft(tmp_path):
@@ -217,11 +218,11 @@ def test_t5_lora_round_trips_with_hf_peft(tmp_path):
         ours = model(input_ids=ids, attention_mask=mask, labels=labels).logits
     model.save_pretrained(str(tmp_path / "ours"))
     hf_model = peft.PeftModel.from_pretrained(t5_lm(), str(tmp_path / "ours"))
-    torch.testing.assert_close(_hf_logits(hf_model, input_ids=ids, attention_mask=mask, labels=labels), ours, atol=1e-5, rtol=0)
+    assert_close_to_scale(_hf_logits(hf_model, input_ids=ids, attention_mask=mask, labels=labels), ours)
     hf_model.save_pretrained(str(tmp_path / "hf"))
     back = peftcore.PeftModel.from_pretrained(t5_lm(), str(tmp_path / "hf"))
     with torch.no_grad():
-        torch.testing.assert_close(back(input_ids=ids, attention_mask=mask, labels=labels).logits, ours, atol=1e-5, rtol=0)
+        assert_close_to_scale(back(input_ids=ids, attention_mask=mask, labels=labels).logits, ours)
 
 
 @pytest.mark.parametrize("submodules", [1, 2], ids=["one-block", "hf-layout"])
@@ -268,7 +269,7 @@ def test_xprompt_prunes_a_t5_prompt(submodules, tmp_path):
     if submodules == 2:
         peft = pytest.importorskip("peft")
         hf_model = peft.PeftModel.from_pretrained(t5_lm(), str(tmp_path))
-        assert float((_hf_logits(hf_model, **batches[0]) - expected).abs().max()) <= 1e-5
+        assert_close_to_scale(_hf_logits(hf_model, **batches[0]), expected)
 
 
 @pytest.mark.parametrize("kind", ["MLP", "LSTM"])
@@ -284,8 +285,8 @@ def test_t5_p_tuning_round_trips_with_hf_peft(kind, tmp_path):
         ours = model(input_ids=ids, attention_mask=mask, labels=labels).logits
     model.save_pretrained(str(tmp_path / "ours"))
     hf_model = peft.PeftModel.from_pretrained(t5_lm(), str(tmp_path / "ours"))
-    torch.testing.assert_close(_hf_logits(hf_model, input_ids=ids, attention_mask=mask, labels=labels), ours, atol=1e-5, rtol=0)
+    assert_close_to_scale(_hf_logits(hf_model, input_ids=ids, attention_mask=mask, labels=labels), ours)
     hf_model.save_pretrained(str(tmp_path / "hf"))
     back = peftcore.PeftModel.from_pretrained(t5_lm(), str(tmp_path / "hf"))
     with torch.no_grad():
-        torch.testing.assert_close(back(input_ids=ids, attention_mask=mask, labels=labels).logits, ours, atol=1e-5, rtol=0)
+        assert_close_to_scale(back(input_ids=ids, attention_mask=mask, labels=labels).logits, ours)

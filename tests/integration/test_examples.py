@@ -14,6 +14,7 @@ pytest.importorskip("torch")
 pytest.importorskip("transformers")
 
 from examples import multi_adapter_serving, t5_residual_xprompt, unipelt_xprompt_tiny  # noqa: E402
+from peftcore.testing.numerics import FLOAT32_RTOL  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[2]
 pytestmark = [pytest.mark.slow, pytest.mark.filterwarnings("ignore::UserWarning")]
@@ -21,7 +22,7 @@ pytestmark = [pytest.mark.slow, pytest.mark.filterwarnings("ignore::UserWarning"
 
 def test_multi_adapter_serving_routes_each_row_to_its_adapter() -> None:
     result = multi_adapter_serving.main(["--quick"])
-    assert result["largest_difference"] < 1e-5
+    assert result["largest_difference"] < FLOAT32_RTOL
     accuracies = result["accuracies"]
     assert all(accuracies[name] > 0.9 for name in accuracies if name != "__base__")
     assert accuracies["__base__"] < 0.5
@@ -40,7 +41,9 @@ def test_unipelt_and_xprompt_example_learn_and_prune() -> None:
 def test_t5_residual_prompt_and_xprompt_example_learns_and_prunes() -> None:
     result = t5_residual_xprompt.main(["--quick"])
     assert result["trained"] > result["base"] + 0.1
-    assert result["baked"] == pytest.approx(result["trained"], abs=1e-6)
+    # baking is the same maths in another order (tested to rounding in test_seq2seq_methods); another CPU's rounding
+    # may flip the argmax of a near-tie, so the accuracies agree to a few tokens, not bit for bit
+    assert result["baked"] == pytest.approx(result["trained"], abs=0.01)
     assert result["kept"] == 4 and result["retrained"] >= result["pruned"] - 0.02
 
 

@@ -31,6 +31,7 @@ from torch import nn  # noqa: E402
 from transformers.pytorch_utils import Conv1D  # noqa: E402
 
 import peftcore  # noqa: E402
+from peftcore.testing.numerics import assert_close_to_scale  # noqa: E402
 
 pytestmark = [
     pytest.mark.filterwarnings("ignore::UserWarning"),
@@ -38,7 +39,6 @@ pytestmark = [
     pytest.mark.filterwarnings("ignore::DeprecationWarning"),
 ]
 
-ATOL = 1e-5
 VOCAB = 100
 WEIGHTS = "adapter_model.safetensors"
 LLAMA_LINEARS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
@@ -184,7 +184,7 @@ def test_peftcore_adapter_loads_in_hf_peft(case: Case, tmp_path: Path) -> None:
     core.save_pretrained(tmp_path)
 
     hf = peft.PeftModel.from_pretrained(base_of(case), str(tmp_path))
-    torch.testing.assert_close(output_of(hf), expected, atol=ATOL, rtol=0)
+    assert_close_to_scale(output_of(hf), expected)
     assert hf_scalings(hf) == pytest.approx(hf_scalings(core.model))
 
 
@@ -198,7 +198,7 @@ def test_hf_peft_adapter_loads_in_peftcore(case: Case, tmp_path: Path) -> None:
     hf.save_pretrained(str(tmp_path))
 
     core = peftcore.PeftModel.from_pretrained(base_of(case), tmp_path)
-    torch.testing.assert_close(output_of(core), expected, atol=ATOL, rtol=0)
+    assert_close_to_scale(output_of(core), expected)
     assert hf_scalings(core.model) == pytest.approx(hf_scalings(hf))
 
 
@@ -227,7 +227,7 @@ def test_hf_seq_cls_adapter_loads_in_peftcore(tmp_path: Path, modules_to_save: O
     assert "score" in json.loads((tmp_path / "adapter_config.json").read_text())["modules_to_save"]
 
     core = peftcore.PeftModel.from_pretrained(base_of(case), tmp_path)
-    torch.testing.assert_close(output_of(core), expected, atol=ATOL, rtol=0)
+    assert_close_to_scale(output_of(core), expected)
 
 
 def test_trained_peftcore_adapter_round_trips_through_hf(tmp_path: Path) -> None:
@@ -239,7 +239,7 @@ def test_trained_peftcore_adapter_round_trips_through_hf(tmp_path: Path) -> None
     hf = peft.PeftModel.from_pretrained(base_of(case), str(tmp_path / "core"))
     hf.save_pretrained(str(tmp_path / "hf"))
     again = peftcore.PeftModel.from_pretrained(base_of(case), tmp_path / "hf")
-    torch.testing.assert_close(output_of(again), expected, atol=ATOL, rtol=0)
+    assert_close_to_scale(output_of(again), expected)
 
 
 # -- behaviour on real architectures -----------------------------------------------------------
@@ -279,15 +279,15 @@ def test_merged_matches_unmerged_after_training(case: Case) -> None:
     assert not torch.allclose(unmerged, expected_base, atol=1e-4), "training did not change the outputs"
 
     core.merge_adapter()
-    torch.testing.assert_close(output_of(core), unmerged, atol=ATOL, rtol=0)
+    assert_close_to_scale(output_of(core), unmerged)
     core.unmerge_adapter()
-    torch.testing.assert_close(output_of(core), unmerged, atol=ATOL, rtol=0)
+    assert_close_to_scale(output_of(core), unmerged)
     for name, param in core.model.named_parameters():
         if name in frozen_before:
             assert torch.equal(param, frozen_before[name]), f"unmerge did not restore {name}"
 
     plain = core.merge_and_unload()
-    torch.testing.assert_close(output_of(plain), unmerged, atol=ATOL, rtol=0)
+    assert_close_to_scale(output_of(plain), unmerged)
     assert {type(m).__name__ for m in plain.modules()} <= {type(m).__name__ for m in base.modules()}
 
 
@@ -383,4 +383,4 @@ def test_same_files_load_in_hf_peft_after_peftcore_validation(saved_llama: Path)
     case = CASES[CASE_IDS.index("llama-7")]
     core = peftcore.PeftModel.from_pretrained(base_of(case), saved_llama)
     hf = peft.PeftModel.from_pretrained(base_of(case), str(saved_llama))
-    torch.testing.assert_close(output_of(hf), output_of(core), atol=ATOL, rtol=0)
+    assert_close_to_scale(output_of(hf), output_of(core))

@@ -11,6 +11,7 @@ pytest.importorskip("transformers")
 peft = pytest.importorskip("peft")
 
 import peftcore  # noqa: E402
+from peftcore.testing.numerics import assert_close_to_scale  # noqa: E402
 from tests.integration.tiny import bert_cls, llama_lm, random_ids  # noqa: E402
 
 pytestmark = [pytest.mark.filterwarnings("ignore::UserWarning"), pytest.mark.filterwarnings("ignore::FutureWarning")]
@@ -53,7 +54,7 @@ def test_peftcore_prompt_loads_in_hf_peft(case, tmp_path):
         ours = model(**inputs).logits
     model.save_pretrained(str(tmp_path))
     hf_model = peft.PeftModel.from_pretrained(build(), str(tmp_path))
-    torch.testing.assert_close(_hf_outputs(hf_model, **inputs), ours, atol=1e-5, rtol=1e-5)
+    assert_close_to_scale(_hf_outputs(hf_model, **inputs), ours)
 
 
 @pytest.mark.parametrize("case", sorted(CASES))
@@ -68,7 +69,7 @@ def test_hf_peft_prompt_loads_in_peftcore(case, tmp_path):
     hf_model.save_pretrained(str(tmp_path))
     ours = peftcore.PeftModel.from_pretrained(build(), str(tmp_path))
     with torch.no_grad():
-        torch.testing.assert_close(ours(**inputs).logits, expected, atol=1e-5, rtol=1e-5)
+        assert_close_to_scale(ours(**inputs).logits, expected)
 
 
 def test_hf_text_initialised_prompt_loads_without_a_tokenizer(tmp_path):
@@ -101,7 +102,7 @@ def test_baked_residual_prompt_loads_in_hf_peft(tmp_path):
     model.bake()
     model.save_pretrained(str(tmp_path))
     hf_model = peft.PeftModel.from_pretrained(llama_lm(), str(tmp_path))
-    torch.testing.assert_close(_hf_outputs(hf_model, input_ids=ids), expected, atol=1e-5, rtol=1e-5)
+    assert_close_to_scale(_hf_outputs(hf_model, input_ids=ids), expected)
 
 
 def test_text_initialised_prompt_loads_in_hf_peft(tmp_path):
@@ -116,4 +117,4 @@ def test_text_initialised_prompt_loads_in_hf_peft(tmp_path):
     model.save_pretrained(str(tmp_path))
     # the saved prompt replaces any init, so the file says RANDOM and HF needs no tokenizer
     hf_model = peft.PeftModel.from_pretrained(llama_lm(), str(tmp_path))
-    torch.testing.assert_close(_hf_outputs(hf_model, input_ids=ids), expected, atol=1e-5, rtol=1e-5)
+    assert_close_to_scale(_hf_outputs(hf_model, input_ids=ids), expected)

@@ -11,11 +11,11 @@ torch = pytest.importorskip("torch")
 transformers = pytest.importorskip("transformers")
 
 import peftcore  # noqa: E402
+from peftcore.testing.numerics import assert_close_to_scale  # noqa: E402
 from tests.integration.tiny import VOCAB, bart_lm, random_ids, seeded, t5_lm, train_steps  # noqa: E402
 
 pytestmark = [pytest.mark.filterwarnings("ignore::UserWarning"), pytest.mark.filterwarnings("ignore::FutureWarning")]
 N = 3
-TOLERANCE = 1e-5
 
 
 def t5_three_layers(seed: int = 0, attn_implementation: str = "eager"):
@@ -54,10 +54,6 @@ def _logits(model, batch):
 
 def _train(model, batch, steps=5):
     return train_steps(model, batch, steps, lr=0.1, dropout=False)  # the tiny BART's loss moves less than its dropout noise
-
-
-def _max_difference(ours, theirs):
-    return float((ours - theirs).abs().max())
 
 
 @pytest.mark.parametrize("projection", [False, True], ids=["table", "projection"])
@@ -127,8 +123,8 @@ def test_hf_peft_seq2seq_prefix_loads_in_peftcore(case, tmp_path):
     hf_model.save_pretrained(str(tmp_path))
     ours = peftcore.PeftModel.from_pretrained(build(), str(tmp_path))
     got = [_logits(ours, labelled), _logits(ours, decoded)]
-    assert _max_difference(got[0], expected[0]) <= TOLERANCE
-    assert _max_difference(got[1], expected[1]) <= TOLERANCE
+    assert_close_to_scale(got[0], expected[0])
+    assert_close_to_scale(got[1], expected[1])
     assert not torch.allclose(got[0], _logits(build(), labelled))  # the prefix does something
 
 
@@ -145,8 +141,8 @@ def test_peftcore_seq2seq_prefix_loads_in_hf_peft(case, tmp_path):
     hf_model = peft.PeftModel.from_pretrained(build(), str(tmp_path))
     assert type(hf_model).__name__ == "PeftModelForSeq2SeqLM"
     got = [_logits(hf_model, labelled), _logits(hf_model, decoded)]
-    assert _max_difference(got[0], expected[0]) <= TOLERANCE
-    assert _max_difference(got[1], expected[1]) <= TOLERANCE
+    assert_close_to_scale(got[0], expected[0])
+    assert_close_to_scale(got[1], expected[1])
 
 
 # -- generation -------------------------------------------------------------------------------
@@ -171,10 +167,10 @@ def test_seq2seq_prefix_generate_cached_equals_uncached(name, projection):
     tokens, scores = _generate(model, ids, mask, use_cache=True)
     uncached_tokens, uncached_scores = _generate(model, ids, mask, use_cache=False)
     assert torch.equal(tokens, uncached_tokens)
-    torch.testing.assert_close(scores, uncached_scores, atol=1e-5, rtol=1e-5)
+    assert_close_to_scale(scores, uncached_scores)
     # and both are the model's forward over the generated decoder input, which the prefix changes
     logits = _logits(model, {"input_ids": ids, "attention_mask": mask, "decoder_input_ids": tokens[:, :-1]})
-    torch.testing.assert_close(scores, logits, atol=1e-5, rtol=1e-5)
+    assert_close_to_scale(scores, logits)
     with model.disable_adapter():
         base_tokens, _ = _generate(model, ids, mask, use_cache=True)
     assert torch.equal(base_tokens, _generate(BUILDS[name](), ids, mask, use_cache=True)[0])

@@ -19,6 +19,7 @@ from peftcore import LoraConfig, get_peft_model
 from peftcore.api import PeftModel
 from peftcore.graph import LayerNode, ModelGraph
 from peftcore.io import read_adapter, save_adapter
+from peftcore.testing.numerics import assert_close_to_scale
 from peftcore.testing.toys import MLP, TOKEN_MODEL, ToySpec, ToyStep, lora_deltas, reference_forward
 
 BIG_MLP = ToySpec(
@@ -271,7 +272,7 @@ def test_embedding_lora_trains(sg: Any) -> None:
     np.testing.assert_array_equal(before["embed.W"], after["embed.W"])
     exported = peft.export_adapter("default")
     expected = reference_forward(TOKEN_MODEL, weights, tokens, [lora_deltas(peft.plans["default"], exported)])
-    np.testing.assert_allclose(_forward(model, tokens), expected, atol=1e-5)
+    assert_close_to_scale(_forward(model, tokens), expected)
 
 
 @pytest.mark.parametrize("trans_b,alpha", [(True, 1.0), (False, 0.5)])
@@ -299,9 +300,9 @@ def test_gemm_lora_matches_reference_and_merges(sg: Any, trans_b: bool, alpha: f
     delta = lora_deltas(peft.plans["default"], exported)["proj"]
     expected = alpha * x @ canonical.T + bias + x @ delta.T
     unmerged = _forward(net, x)
-    np.testing.assert_allclose(unmerged, expected, atol=1e-5)
+    assert_close_to_scale(unmerged, expected)
     peft.merge_adapter()
-    np.testing.assert_allclose(_forward(net, x), expected, atol=1e-5)
+    assert_close_to_scale(_forward(net, x), expected)
     peft.unmerge_adapter()
     np.testing.assert_array_equal(_forward(net, x), unmerged)
 
@@ -347,9 +348,9 @@ def test_modules_to_save_with_register_layers(sg: Any, tmp_path: Any) -> None:
     fresh.compile([tensor.from_numpy(x)], is_train=False)  # initialise, then copy the base weights
     fresh.set_params({k: v for k, v in net.get_params().items() if ".lora_" not in k and "modules_to_save" not in k})
     loaded = PeftModel.from_pretrained(fresh, str(tmp_path), example_inputs=x)
-    np.testing.assert_allclose(_forward(fresh, x), expected, atol=1e-6)
+    assert_close_to_scale(_forward(fresh, x), expected)
     plain = loaded.merge_and_unload()
-    np.testing.assert_allclose(_forward(plain, x), expected, atol=1e-5)
+    assert_close_to_scale(_forward(plain, x), expected)
     assert type(plain.seq.items[0]).__name__ == "Linear" and plain.seq.items[0].W.name == "seq.Linear_0.W"
 
 
@@ -375,7 +376,7 @@ def test_cross_framework_adapter_files(sg: Any, tmp_path: Any) -> None:
     save_adapter(str(tmp_path / "numpy"), config, plan, tensors)
     loaded = PeftModel.from_pretrained(_toy(BIG_MLP, weights), str(tmp_path / "numpy"), example_inputs=x)
     expected = reference_forward(BIG_MLP, weights, x, [lora_deltas(plan, tensors)])
-    np.testing.assert_allclose(_forward(loaded.model, x), expected, atol=1e-5)
+    assert_close_to_scale(_forward(loaded.model, x), expected)
 
     model = _toy(BIG_MLP, weights)
     peft = get_peft_model(model, LoraConfig(target_modules=["fc1", "fc2"], r=4, lora_alpha=8, init_lora_weights=False))
@@ -390,7 +391,7 @@ def test_cross_framework_adapter_files(sg: Any, tmp_path: Any) -> None:
     specs = files.plan.tensor_specs()
     saved = {name: files.tensors["base_model.model." + spec.hf_name] for name, spec in specs.items()}
     expected = reference_forward(BIG_MLP, weights, x, [lora_deltas(files.plan, saved)])
-    np.testing.assert_allclose(_forward(model, x), expected, atol=1e-5)
+    assert_close_to_scale(_forward(model, x), expected)
 
 
 def test_torch_and_singa_share_adapters(sg: Any, tmp_path: Any) -> None:
@@ -416,7 +417,7 @@ def test_torch_and_singa_share_adapters(sg: Any, tmp_path: Any) -> None:
     assert np.abs(torch_forward(torch_model, x) - base).max() > 1e-3  # training changed the output
     torch_peft.save_pretrained(str(tmp_path / "from_torch"))
     singa_loaded = PeftModel.from_pretrained(_toy(BIG_MLP, weights), str(tmp_path / "from_torch"))
-    np.testing.assert_allclose(_forward(singa_loaded.model, x), torch_forward(torch_model, x), atol=1e-5)
+    assert_close_to_scale(_forward(singa_loaded.model, x), torch_forward(torch_model, x))
 
     from singa import opt, tensor
 
@@ -429,7 +430,7 @@ def test_torch_and_singa_share_adapters(sg: Any, tmp_path: Any) -> None:
     assert np.abs(_forward(singa_model, x) - base).max() > 1e-3
     singa_peft.save_pretrained(str(tmp_path / "from_singa"))
     torch_loaded = PeftModel.from_pretrained(build_torch_toy(BIG_MLP, weights), str(tmp_path / "from_singa"))
-    np.testing.assert_allclose(torch_forward(torch_loaded.model, x), _forward(singa_model, x), atol=1e-5)
+    assert_close_to_scale(torch_forward(torch_loaded.model, x), _forward(singa_model, x))
 
 
 @pytest.mark.parametrize("use_graph", [False, True])
@@ -526,13 +527,13 @@ def test_same_training_in_torch_and_singa_gives_the_same_adapter(sg: Any, tmp_pa
     assert set(from_torch) == set(from_singa) and len(from_torch) == 4
     for key, value in from_torch.items():
         assert np.abs(value).max() > 1e-3, f"{key} was not trained"
-        np.testing.assert_allclose(from_singa[key], value, rtol=1e-4, atol=1e-5, err_msg=key)
-    np.testing.assert_allclose(singa_out(singa_model), torch_out(torch_model), atol=1e-5)
+        assert_close_to_scale(from_singa[key], value, err_msg=key)
+    assert_close_to_scale(singa_out(singa_model), torch_out(torch_model))
 
     torch_in_singa = PeftModel.from_pretrained(singa_twin(), str(tmp_path / "torch"))
-    np.testing.assert_allclose(singa_out(torch_in_singa.model), torch_out(torch_model), atol=1e-5)
+    assert_close_to_scale(singa_out(torch_in_singa.model), torch_out(torch_model))
     singa_in_torch = PeftModel.from_pretrained(torch_twin(), str(tmp_path / "singa"))
-    np.testing.assert_allclose(torch_out(singa_in_torch.model), singa_out(singa_model), atol=1e-5)
+    assert_close_to_scale(torch_out(singa_in_torch.model), singa_out(singa_model))
 
 
 def test_unmerge_keeps_edits_made_while_merged(sg: Any) -> None:
@@ -561,7 +562,7 @@ def test_unmerge_keeps_edits_made_while_merged(sg: Any) -> None:
     layer.base_layer.W.copy_from_numpy(merged + edit)
     with pytest.warns(UserWarning, match="changed while adapters"):
         peft.unmerge_adapter()
-    np.testing.assert_allclose(tensor.to_numpy(layer.base_layer.W), original + edit, atol=1e-5)
+    assert_close_to_scale(tensor.to_numpy(layer.base_layer.W), original + edit)
 
 
 def test_bitfit_unmerge_keeps_edits_made_while_merged(sg: Any) -> None:
@@ -581,7 +582,7 @@ def test_bitfit_unmerge_keeps_edits_made_while_merged(sg: Any) -> None:
     bias.copy_from_numpy(tensor.to_numpy(bias) + np.float32(0.5))
     with pytest.warns(UserWarning, match="changed while adapters"):
         peft.unmerge_adapter()
-    np.testing.assert_allclose(tensor.to_numpy(bias_layer.base_layer.b), original + 0.5, atol=1e-5)
+    assert_close_to_scale(tensor.to_numpy(bias_layer.base_layer.b), original + 0.5)
 
 
 def test_safe_merge_checks_the_layers_current_dtype(sg: Any) -> None:

@@ -12,6 +12,7 @@ import pytest
 
 from peftcore import PromptTuningConfig, XPromptConfig, get_peft_model, xprompt_prune
 from peftcore.plugins import get_plugin_manager
+from peftcore.testing.numerics import assert_close_to_scale
 from peftcore.testing.toys import TOKEN_MODEL
 
 torch = pytest.importorskip("torch")
@@ -66,7 +67,7 @@ def test_singa_gradients_and_xprompt_masks_match_torch(singa_backend: Any) -> No
         name: peft.adapter_gradients("default", _loss_for(name, targets)(peft, batches[0]))["embed.prompt_embeddings"]
         for name, peft in models.items()
     }
-    np.testing.assert_allclose(grads["singa"], grads["torch"], atol=1e-5)
+    assert_close_to_scale(grads["singa"], grads["torch"])
     config = XPromptConfig(token_ratio=0.5, piece_ratio=0.5, num_pieces=2, rounds=2)
     results = {
         name: xprompt_prune(peft, batches, _loss_for(name, targets), config, progress=False) for name, peft in models.items()
@@ -77,4 +78,4 @@ def test_singa_gradients_and_xprompt_masks_match_torch(singa_backend: Any) -> No
     outputs = {
         name: peft.backend.conformance_kit().forward(peft.model, batches[0]) for name, peft in models.items()
     }
-    np.testing.assert_allclose(outputs["singa"], outputs["torch"], atol=1e-5)
+    assert_close_to_scale(outputs["singa"], outputs["torch"])

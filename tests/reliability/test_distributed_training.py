@@ -18,9 +18,9 @@ from tests.subprocess_env import child_env
 torch = pytest.importorskip("torch", reason="torch is not installed")
 
 from peftcore.io import match_tensors, read_adapter  # noqa: E402
+from peftcore.testing.numerics import assert_close_to_scale  # noqa: E402
 
 WORKER = Path(__file__).with_name("distributed_worker.py")
-TOLERANCE = 1e-6
 
 
 def gloo_unavailable() -> str:
@@ -81,7 +81,7 @@ def assert_same_adapter(distributed: dict[str, np.ndarray], single: dict[str, An
     initial = start.export_adapter("default")
     for name, expected in single.items():
         assert not np.allclose(expected, initial[name]), f"{name} did not train"
-        np.testing.assert_allclose(distributed[name], expected, rtol=0, atol=TOLERANCE, err_msg=name)
+        assert_close_to_scale(distributed[name], expected, err_msg=name)  # all-reduce sums in another order
 
 
 @pytest.mark.slow

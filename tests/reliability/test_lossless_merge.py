@@ -15,10 +15,11 @@ from torch import nn  # noqa: E402
 
 import peftcore  # noqa: E402
 from peftcore import AdapterError, BackendError, LoraConfig, PeftModel  # noqa: E402
+from peftcore.testing.numerics import FLOAT32_RTOL, HALF_RTOL, assert_close_to_scale  # noqa: E402
 from peftcore_torch.lora import LoraLinear  # noqa: E402
 
 DTYPES = [torch.float32, torch.bfloat16, torch.float16]
-TOLERANCE = {torch.float32: 1e-5, torch.bfloat16: 5e-2, torch.float16: 5e-3}
+RTOL = {torch.float32: FLOAT32_RTOL, torch.bfloat16: HALF_RTOL["bfloat16"], torch.float16: HALF_RTOL["float16"]}
 
 
 def base_model(dtype: Any = torch.float32, seed: int = 0) -> nn.Module:
@@ -85,7 +86,7 @@ def test_merge_unmerge_cycles_restore_base_bits(dtype: Any) -> None:
         peft_model.merge_adapter()
         assert snapshot(peft_model.model)["fc1.weight"].ne(original["fc1.weight"]).any()
         merged = peft_model(tokens())
-        torch.testing.assert_close(merged.float(), expected.float(), atol=TOLERANCE[dtype] * 10, rtol=TOLERANCE[dtype])
+        assert_close_to_scale(merged, expected, rtol=RTOL[dtype])
         peft_model.merge_adapter(["second"])  # a second merge on top of the first
         with peft_model.disable_adapter():  # unmerges for the block, merges again after it
             assert_bit_identical(snapshot(peft_model.model), original)
@@ -122,7 +123,7 @@ def test_merge_and_unload_is_reproducible_from_a_fresh_base(dtype: Any, tmp_path
     merged = peft_model.merge_and_unload()
     assert not any("lora" in type(m).__name__.lower() for m in merged.modules())
     assert set(merged.state_dict()) == set(base_model(dtype).state_dict())
-    torch.testing.assert_close(merged(tokens()).float(), expected.float(), atol=TOLERANCE[dtype] * 10, rtol=TOLERANCE[dtype])
+    assert_close_to_scale(merged(tokens()), expected, rtol=RTOL[dtype])
 
     again = PeftModel.from_pretrained(load_base(tmp_path / "base.safetensors", dtype), tmp_path / "adapter")
     merged_again = again.merge_and_unload()
