@@ -56,7 +56,7 @@ LAYERS = (
     ("peftcore.plugins", "peftcore.hookspecs", "peftcore.runtime"),
     ("peftcore.io", "peftcore.convert"),
     ("peftcore.api",),
-    ("peftcore.testing", "peftcore.testing.", "peftcore.xprompt", "peftcore.cli", "peftcore.cli."),
+    ("peftcore.testing", "peftcore.testing.", "peftcore.xprompt", "peftcore.cli", "peftcore.cli.", "peftcore.singa_peft"),
 )
 
 
