@@ -211,9 +211,9 @@ class AdapterFilesMixin:
         strict: bool,
         allow_non_finite: bool = False,
     ) -> list[str]:
-        assert self.graph is not None
+        assert self.model_graph is not None
         current = self.plans[adapter_name]
-        plan = plan_of_files(files, files.config, self.graph, adapter_name)
+        plan = plan_of_files(files, files.config, self.model_graph, adapter_name)
         if plan.ops != current.ops:
             raise AdapterError(
                 f"{files.directory}: adapter {adapter_name!r} exists with another plan; delete_adapter() it first "
@@ -232,9 +232,9 @@ class AdapterFilesMixin:
     ) -> tuple[dict[str, Any], dict[str, Any], list[str]]:
         """``files``' tensors for ``plan``, checked (canonical names), the embedding
         matrices saved beside them, and the file keys a non-strict load skips."""
-        assert self.graph is not None
+        assert self.model_graph is not None
         weights_path = os.path.join(files.directory, WEIGHTS_NAME)
-        adapter_tensors, embeddings = split_embedding_layers(files.tensors, self.graph, plan, weights_path)
+        adapter_tensors, embeddings = split_embedding_layers(files.tensors, self.model_graph, plan, weights_path)
         tensors = match_tensors(
             plan, adapter_tensors, weights_path, strict, allow_non_finite=allow_non_finite, dtypes=self._layer_dtypes()
         )
@@ -242,8 +242,8 @@ class AdapterFilesMixin:
 
     def _layer_dtypes(self: _PeftModelState) -> dict[str, str]:
         """Each layer's dtype as it is now: the graph's, updated from the adapter layers."""
-        assert self.graph is not None
-        recorded = {node.path: node.dtype for node in self.graph.layers if node.dtype}
+        assert self.model_graph is not None
+        recorded = {node.path: node.dtype for node in self.model_graph.layers if node.dtype}
         return {**recorded, **model_ops.layer_dtypes(self.runtime, self.get_base_model())}
 
     def _add_from_files(
@@ -257,7 +257,7 @@ class AdapterFilesMixin:
         low_cpu_mem_usage: bool = False,
     ) -> list[str]:
         """Add the adapter in ``files``; returns the file keys a non-strict load skipped."""
-        if self.graph is None:
+        if self.model_graph is None:
             raise AdapterError(
                 f"cannot load {files.directory!r} yet: the model's layers do not know their shapes; run one forward "
                 "pass (or compile) first, or pass example_inputs"
@@ -265,8 +265,8 @@ class AdapterFilesMixin:
         config = files.config
         if config.inference_mode is is_trainable:
             config = config.replace(inference_mode=not is_trainable)
-        plan = plan_of_files(files, config, self.graph, adapter_name)
-        check_plan_fits(plan, self.graph, files.directory)
+        plan = plan_of_files(files, config, self.model_graph, adapter_name)
+        check_plan_fits(plan, self.model_graph, files.directory)
         tensors, embeddings, unexpected = self._tensors_of_files(files, plan, strict, allow_non_finite)
         self.add_adapter(
             adapter_name, config, plan=plan, autocast_adapter_dtype=autocast_adapter_dtype,

@@ -250,7 +250,7 @@ def _load_base_parameters(model: Any, arrays: Mapping[str, np.ndarray]) -> set[s
     (``[base_model.model.]<layer path>[.base_layer].<parameter>``, e.g. a bias trained
     with LoRA's ``bias="all"``) into it, as HF PEFT's state-dict loading does; returns
     the keys written. Needs the backend's ``base_tensor`` primitive."""
-    runtime, graph = model.runtime, model.graph
+    runtime, graph = model.runtime, model.model_graph
     written: set[str] = set()
     for key, value in arrays.items():
         name = key[len(HF_PREFIX):] if key.startswith(HF_PREFIX) else key
@@ -430,7 +430,7 @@ def embedding_matrices_to_save(model: Any, adapter_name: str, save_embedding_lay
     ``"auto"`` saves them, with a warning, when the config targets an embedding layer;
     ``True`` always (the shell must be able to find the model's input/output embeddings,
     which transformers models have; else a warning and nothing); ``False`` never."""
-    graph = model.graph
+    graph = model.model_graph
     targeted = targets_embedding_layers(model.peft_config[adapter_name], [node.path for node in graph] if graph else [])
     if save_embedding_layers == "auto":
         if not targeted:

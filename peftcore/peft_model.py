@@ -38,7 +38,7 @@ from peftcore.plan import RewritePlan
 from peftcore.plugins import Backend, get_plugin_manager
 from peftcore.runtime import BackendRuntime
 
-__all__ = ["BASE_ROW", "HandlePeftModel", "PeftModel", "wrap_model"]
+__all__ = ["BASE_ROW", "HandlePeftModel", "PeftModel", "deprecated_graph_alias", "wrap_model"]
 
 
 class PeftModel(AdapterFilesMixin, HFCompatMixin):
@@ -49,7 +49,9 @@ class PeftModel(AdapterFilesMixin, HFCompatMixin):
     """
 
     backend_name: str
-    graph: Optional[ModelGraph]
+    #: the backend's description of the model (None until its layers know their shapes);
+    #: not ``graph``, which frameworks use (SINGA's ``Model.graph(mode, sequential)``)
+    model_graph: Optional[ModelGraph]
     peft_config: dict[str, PeftConfig]
     plans: dict[str, RewritePlan]
     active_adapters: list[str]
@@ -63,7 +65,7 @@ class PeftModel(AdapterFilesMixin, HFCompatMixin):
         forward.
         """
         self.backend_name = backend_name
-        self.graph = graph
+        self.model_graph = graph
         self.peft_config = {}
         self.plans = {}
         self.active_adapters = []
@@ -209,11 +211,11 @@ class PeftModel(AdapterFilesMixin, HFCompatMixin):
         if adapter_name in self.peft_config or adapter_name in self.pending_adapters:
             raise AdapterError(f"Adapter with name '{adapter_name}' already exists; delete it first or pick another name.")
         config.check_beside({**self.peft_config, **{name: c for name, c, _ in self._pending}})
-        if self.graph is None:
+        if self.model_graph is None:
             self._pending.append((adapter_name, config, plan))
             return plan  # type: ignore[return-value]  # None until built: the layers' shapes are unknown
         if plan is None:
-            plan = config.plan(self.graph, adapter_name)
+            plan = config.plan(self.model_graph, adapter_name)
         elif plan.adapter_name != adapter_name:
             plan = plan.with_adapter_name(adapter_name)
         model_ops.apply_plan(self.runtime, self.get_base_model(), plan, self.backend.builders())
@@ -242,14 +244,14 @@ class PeftModel(AdapterFilesMixin, HFCompatMixin):
         """Describe the model, now that its layers know their shapes (or by one forward on
         ``example_inputs``), and build the adapters added before. Does nothing when none
         is pending."""
-        if self.graph is None:
+        if self.model_graph is None:
             graph = self.backend.describe(self.get_base_model(), example_inputs)
             if graph is None:
                 raise AdapterError(
                     "the model's layers do not know their shapes yet: run one forward pass (or compile) first, "
                     "or pass example_inputs"
                 )
-            self.graph = graph
+            self.model_graph = graph
         pending, self._pending = self._pending, []
         for index, (name, config, plan) in enumerate(pending):
             try:
@@ -427,8 +429,8 @@ class PeftModel(AdapterFilesMixin, HFCompatMixin):
             name: (self.plans[name], self.export_adapter(name))
             for name in adapter_names
         }
-        assert self.graph is not None  # adapters exist only once the model is described
-        check_safe_to_merge(exported, self.graph, model_ops.layer_dtypes(self.runtime, self.get_base_model()))
+        assert self.model_graph is not None  # adapters exist only once the model is described
+        check_safe_to_merge(exported, self.model_graph, model_ops.layer_dtypes(self.runtime, self.get_base_model()))
 
     def unload(self) -> Any:
         """Remove every adapter without merging and return the plain model."""
@@ -594,10 +596,27 @@ class HandlePeftModel(PeftModel):
     def __getattr__(self, name: str) -> Any:
         if name == "model":  # not yet set (e.g. during unpickling)
             raise AttributeError(name)
-        return getattr(self.model, name)
+        try:
+            return getattr(self.model, name)
+        except AttributeError:
+            if name == "graph":
+                return deprecated_graph_alias(self)
+            raise
 
     def __repr__(self) -> str:
         return f"PeftModel(backend={self.backend_name!r}, adapters={list(self.peft_config)}, model={self.model!r})"
+
+
+def deprecated_graph_alias(peft_model: PeftModel) -> Optional[ModelGraph]:
+    """``peft_model.graph``, the old name of :attr:`PeftModel.model_graph`, with a
+    DeprecationWarning. A shell answers it only where nothing else has that name: SINGA's
+    ``Model.graph(mode, sequential)`` and a wrapped model's own ``graph`` come first."""
+    warnings.warn(
+        "PeftModel.graph is deprecated: use PeftModel.model_graph (on SINGA, graph() is Model.graph)",
+        DeprecationWarning,
+        stacklevel=3,
+    )
+    return peft_model.model_graph
 
 
 def wrap_model(model: Any, backend: Backend, example_inputs: Any = None) -> PeftModel:

@@ -305,7 +305,7 @@ def test_singa_square_saved_weight_needs_the_layer_type(tmp_path: Path) -> None:
 
     weights = MLP.random_weights(np.random.default_rng(0))
     twin = peftcore.get_peft_model(mlp_twin(weights), peftcore.LoraConfig(r=2, target_modules=["fc1"], modules_to_save=["block"]))
-    plan, graph = twin.plans["default"], twin.graph
+    plan, graph = twin.plans["default"], twin.model_graph
     rng = np.random.default_rng(1)
     a, b, square = (rng.standard_normal(s).astype(np.float32) for s in ((2, 12), (16, 2), (16, 16)))
     write_singa_checkpoint(tmp_path / "sq.zip", {

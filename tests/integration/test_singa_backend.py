@@ -138,14 +138,14 @@ def test_uninitialised_model_is_planned_at_its_first_forward(sg: Any) -> None:
 
     x = np.ones((2, 5), np.float32)
     pending = get_peft_model(Net(), LoraConfig(target_modules=["fc1"]), backend="singa")
-    assert pending.graph is None and pending.pending_adapters == ["default"]
+    assert pending.model_graph is None and pending.pending_adapters == ["default"]
     peft = get_peft_model(Net(), LoraConfig(target_modules=["fc1"]), example_inputs=x)
     assert peft.backend.name == "singa"  # detected, not named
-    assert peft.graph.get("fc1").params["weight"] == (8, 5)
+    assert peft.model_graph.get("fc1").params["weight"] == (8, 5)
     compiled = Net()
     compiled.compile([tensor.from_numpy(x)], is_train=False)
     peft = get_peft_model(compiled, LoraConfig(target_modules=["fc2"]))  # initialised: no inputs needed
-    assert peft.graph.get("unused").kind == "other"
+    assert peft.model_graph.get("unused").kind == "other"
     with pytest.raises(UnsupportedLayerError, match="uninitialised"):
         get_peft_model(Net(), LoraConfig(target_modules=["unused"]), example_inputs=x)
 
@@ -291,7 +291,7 @@ def test_gemm_lora_matches_reference_and_merges(sg: Any, trans_b: bool, alpha: f
     x = rng.standard_normal((6, 9)).astype(np.float32)
     net = Net()
     peft = get_peft_model(net, LoraConfig(target_modules=["proj"], r=3, init_lora_weights=False), example_inputs=x)
-    node = peft.graph.get("proj")
+    node = peft.model_graph.get("proj")
     assert (node.in_features, node.out_features, node.params["weight"]) == (9, 5, (5, 9))
     w = tensor.to_numpy(net.proj.base_layer.W)
     canonical = w if trans_b else w.T
@@ -334,7 +334,7 @@ def test_modules_to_save_with_register_layers(sg: Any, tmp_path: Any) -> None:
     config = LoraConfig(target_modules=["Linear_1"], r=2, init_lora_weights=False, modules_to_save=["Linear_0"])
     net = Net()
     peft = get_peft_model(net, config, example_inputs=x)
-    assert [n.path for n in peft.graph] == ["seq", "seq.Linear_0", "seq.Linear_1"]
+    assert [n.path for n in peft.model_graph] == ["seq", "seq.Linear_0", "seq.Linear_1"]
     saved = net.seq.items[0]
     assert type(saved).__name__ == "ModulesToSaveWrapper" and type(net.seq.items[1]).__name__ == "LoraLinear"
     copy_w = saved.modules_to_save["default"].W

@@ -358,7 +358,7 @@ def test_input_embedding_is_the_first_embedding_forward_calls(sg: Any) -> None:
 
     ids = np.array([[0, 1, 2], [2, 1, 0]])
     peft = get_peft_model(Net(), PromptTuningConfig(num_virtual_tokens=2), example_inputs=ids)
-    assert peft.graph.input_embedding == "tokens"
+    assert peft.model_graph.input_embedding == "tokens"
     assert [op.path for op in peft.plans["default"].ops_of("prompt_embedding")] == ["tokens"]
     initialised = Net()
     _forward(initialised, ids)  # (compile would abort: SINGA's embedding cannot be graph-recorded)

@@ -176,7 +176,7 @@ def test_save_states_of_p_tuning_converts(sg: Any, kind: str, tmp_path: Any) -> 
     model.save_states(str(tmp_path / "states.zip"))
     with_plan = convert(tmp_path / "states.zip", tmp_path / "with_plan", config=config, plan=peft.plans["default"])
     _assert_same_adapter(exported, with_plan.tensors)
-    with_model = convert(tmp_path / "states.zip", tmp_path / "hf", to="hf", config=config, graph=peft.graph)
+    with_model = convert(tmp_path / "states.zip", tmp_path / "hf", to="hf", config=config, graph=peft.model_graph)
     assert set(with_model.tensors) == {PROMPT}
     assert_close_to_scale(with_model.tensors[PROMPT], exported[PROMPT])
     for folder, trainable in (("with_plan", kind), ("hf", None)):

@@ -39,9 +39,9 @@ How it sits on SINGA's ``Model``/``Layer`` machinery:
   instead, which a model with a ``layer.Embedding`` cannot take), builds pending
   adapters, then sets what ``Model.compile`` sets, on the wrapper and on your model
   (``autograd.training``, ``training``, ``graph_mode``, ``sequential``) and drops a
-  recorded graph. ``train``/``eval`` are passed on to your model as well. ``Model.graph()``
-  is not available on the wrapper, whose ``graph`` attribute is peftcore's description of
-  the model: call ``peft_model.model.graph(mode, sequential)``, or ``compile`` again.
+  recorded graph. ``train``/``eval`` are passed on to your model as well, and so is
+  ``Model.graph(mode, sequential)`` (``peft_model.graph(True, False)``, as SINGA's
+  ``char_rnn`` calls it); peftcore's description of the model is ``peft_model.model_graph``.
 """
 
 from __future__ import annotations
@@ -182,7 +182,7 @@ class SingaPeftModel(PeftModel, singa_model.Model):
         (the model's forward arguments), then plan and build the pending adapters."""
         model = self.model
         model.__dict__.pop("initialize", None)
-        if self.graph is not None and model._initialized and not self.pending_adapters:
+        if self.model_graph is not None and model._initialized and not self.pending_adapters:
             return
         tensors = _input_tensors(inputs)
         if not tensors:
@@ -194,13 +194,13 @@ class SingaPeftModel(PeftModel, singa_model.Model):
             return
         with _graph_recording_off(tensors[0].device):
             zeros = _zero_inputs(inputs)
-            if self.graph is None or not model._initialized:
+            if self.model_graph is None or not model._initialized:
                 with eval_mode(model):
                     model.forward(*zeros)
             example = zeros if len(tensors) == len(zeros) else None
             if self.pending_adapters:
                 self.build_pending_adapters(example_inputs=example)
-            elif self.graph is None:  # nothing to build; describe now if the shapes are known
+            elif self.model_graph is None:  # nothing to build; describe now if the shapes are known
                 with contextlib.suppress(AdapterError):
                     self.build_pending_adapters(example_inputs=example)
 
@@ -245,6 +245,15 @@ class SingaPeftModel(PeftModel, singa_model.Model):
     @optimizer.setter
     def optimizer(self, value: Any) -> None:
         self.set_optimizer(value)
+
+    def graph(self, mode: bool = True, sequential: bool = False) -> None:
+        """SINGA's ``Model.graph``: turn graph mode on or off (and pick sequential
+        execution), on the wrapper and on your model, whose ``train_one_batch`` records;
+        a graph recorded before is dropped so the next step follows the new mode."""
+        targets = [self, self.model] if isinstance(self.model, _Model) else [self]
+        for target in targets:
+            _Model.graph(target, mode, sequential)
+        self.runtime.model_changed(self.model)
 
     def train(self, mode: bool = True) -> None:
         _Model.train(self, mode)

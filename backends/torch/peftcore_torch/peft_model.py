@@ -20,7 +20,7 @@ from torch import nn
 
 from peftcore.errors import AdapterError
 from peftcore.graph import ModelGraph
-from peftcore.peft_model import PeftModel
+from peftcore.peft_model import PeftModel, deprecated_graph_alias
 from peftcore_torch.layers import AdapterLayer
 from peftcore_torch.trainer_integration import enable_if_transformers_loaded
 
@@ -203,7 +203,12 @@ class TorchPeftModel(PeftModel, nn.Module):
         except AttributeError:
             if name == "base_model":  # not set yet (during unpickling)
                 raise
-            return getattr(self.base_model, name)
+            try:
+                return getattr(self.base_model, name)
+            except AttributeError:
+                if name == "graph":  # the old name, where the model has no graph of its own
+                    return deprecated_graph_alias(self)
+                raise
 
     def __repr__(self) -> str:
         return f"{type(self).__name__}(backend={self.backend_name!r}, adapters={list(self.peft_config)})\n" + repr(
