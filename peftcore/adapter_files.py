@@ -43,7 +43,7 @@ class _PeftModelState(Protocol):
     """What the files half uses of the PeftModel it is mixed into."""
 
     backend_name: str
-    graph: Optional[ModelGraph]
+    model_graph: Optional[ModelGraph]
     peft_config: dict[str, PeftConfig]
     plans: dict[str, RewritePlan]
     active_adapters: list[str]
