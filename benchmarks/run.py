@@ -10,7 +10,8 @@
 Measurements (one module each): ``train`` (LoRA training step vs HF PEFT vs the floor),
 ``inject`` (Llama-7B-shaped injection on meta), ``mixed`` (8-adapter mixed batch
 inference), ``merge`` (merge/unmerge drift, fp32 and bf16), ``memory`` (training-step
-peak memory), ``singa`` (SINGA's PEFT example, when available). Runs on CUDA when it is
+peak memory), ``singa`` (SINGA's PEFT example, when available), ``singa_start``
+(``get_peft_model`` on a SINGA model in a fresh interpreter, torch installed). Runs on CUDA when it is
 available (``--device`` to choose). On a CPU the default is one torch thread timed by
 thread CPU time, which stays meaningful on a machine shared with other work; use
 ``--threads N`` for wall-clock timing with N threads. Needs torch, transformers and
@@ -31,7 +32,7 @@ from typing import Any, Dict, List, Optional
 from harness import Clock, Result, Settings, load_average, machine, machine_text, markdown_table, progress
 
 HERE = os.path.dirname(os.path.abspath(__file__))
-MEASUREMENTS = ("train", "inject", "mixed", "merge", "memory", "singa")
+MEASUREMENTS = ("train", "inject", "mixed", "merge", "memory", "singa", "singa_start")
 TORCH_TITLES = {
     "train": "1. LoRA training step",
     "inject": "2. inject LoRA, Llama-7B shape",
@@ -52,6 +53,10 @@ def _missing_libraries() -> Optional[str]:
 
 
 def _measure(name: str, settings: Settings, clock: Clock, args: argparse.Namespace) -> List[Result]:
+    if name == "singa_start":
+        import bench_singa_start
+
+        return [bench_singa_start.run(settings, args.singa_python)]
     if name == "singa":
         import bench_singa
 

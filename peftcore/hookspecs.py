@@ -1,10 +1,12 @@
 """The plugin contract: pluggy hook specifications (project name and prefix ``peftcore``).
 
-Six hooks in all:
+Seven hooks in all:
 
 * ``peftcore_backend`` makes a plugin a backend: it returns the backend's
   :class:`~peftcore.runtime.BackendRuntime` (primitives plus op builders). It is called on
-  each plugin on its own, never broadcast.
+  each plugin on its own, never broadcast. ``peftcore_backend_modules`` (optional) names
+  the framework's top-level modules, so that picking a backend for a model skips, without
+  importing its framework, a backend none of the model's classes comes from.
 * The extension hooks are broadcast to every plugin, each plugin called on its own so a
   failing one is left out and named: methods, native layer kinds, op builders, checkpoint
   formats ``peftcore convert`` reads, and the conformance kit of toy models a backend's
@@ -39,6 +41,14 @@ __all__ = ["BackendInfo", "PROJECT", "hookimpl", "hookspec"]
 def peftcore_backend() -> BackendRuntime:  # type: ignore[empty-body]
     """This plugin's backend runtime (cheap to build: it imports its framework only when
     asked for ``info()`` or given a model)."""
+
+
+@hookspec(firstresult=True)
+def peftcore_backend_modules() -> Sequence[str]:  # type: ignore[empty-body]
+    """The top-level module names of this plugin's framework (``["torch"]``), given
+    without importing it. Backend detection asks a backend's runtime (which imports the
+    framework) only about a model one of whose classes (its type or a base class) comes
+    from these modules; without this hook, every backend's runtime is asked."""
 
 
 @hookspec

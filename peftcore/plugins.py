@@ -62,6 +62,7 @@ class Backend:
         self._manager = manager
         self._runtime: Optional[BackendRuntime] = None
         self._info: Optional[BackendInfo] = None
+        self._modules: Optional[frozenset[str]] = None
 
     def __repr__(self) -> str:
         return f"Backend({self.name!r})"
@@ -86,6 +87,30 @@ class Backend:
                 )
             self._runtime = runtime
         return self._runtime
+
+    def may_own(self, model: Any) -> bool:
+        """False when the plugin names its framework's modules
+        (``peftcore_backend_modules``) and none of ``model``'s classes comes from them:
+        decided from module names alone, without building the runtime (which imports the
+        framework). True otherwise, and when the plugin names none."""
+        modules = self._framework_modules()
+        if not modules:
+            return True
+        roots = {cls.__module__.partition(".")[0] for cls in type(model).__mro__}
+        return not roots.isdisjoint(modules)
+
+    def _framework_modules(self) -> frozenset:
+        if self._modules is None:
+            impls = [i for i in self._manager.pm.hook.peftcore_backend_modules.get_hookimpls() if i.plugin is self.plugin]
+            declared: frozenset[str] = frozenset()
+            if impls:
+                try:
+                    result: Any = impls[0].function()
+                    declared = frozenset([result] if isinstance(result, str) else [str(name) for name in result])
+                except PLUGIN_FAULTS as exc:  # then the runtime is asked, as for a plugin without the hook
+                    self._manager.plugin_failed(self.name, "peftcore_backend_modules", exc)
+            self._modules = declared
+        return self._modules
 
     @property
     def info(self) -> BackendInfo:
@@ -285,7 +310,7 @@ class PluginManager:
             return self.get_backend(chosen)
         claims, errors = [], []
         for _, candidate in sorted(self.backends().items()):
-            if not candidate.available:
+            if not candidate.may_own(model) or not candidate.available:
                 continue
             try:
                 if candidate.detect(model):

@@ -77,6 +77,13 @@ def peftcore_backend() -> BackendRuntime:
 
 
 @hookimpl
+def peftcore_backend_modules() -> list[str]:
+    # a model of this backend has a class from these modules; others are not asked about
+    # (so picking a backend for another framework's model does not import this one's)
+    return ["singa"]
+
+
+@hookimpl
 def peftcore_conformance_kit(backend: str) -> Any:
     if backend != NAME:
         return None
