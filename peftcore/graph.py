@@ -77,6 +77,8 @@ class ModelGraph:
     head or classifier), which ``target_modules="all-linear"`` leaves alone.
     ``input_embedding`` is the path of the embedding layer that turns input token ids
     into vectors, where prompt tuning prepends its virtual tokens.
+    ``unreached`` holds the backend's notes on layers it saw but could not describe (and
+    how to make them reachable); a target that matches nothing shows them.
     """
 
     layers: tuple[LayerNode, ...]
@@ -84,11 +86,13 @@ class ModelGraph:
     model_type: str = ""
     output_head: Optional[str] = None
     input_embedding: Optional[str] = None
+    unreached: tuple[str, ...] = ()
     #: The layers by path (filled from ``layers``; not a constructor argument).
     _by_path: dict[str, LayerNode] = field(init=False, repr=False, compare=False)
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "layers", tuple(self.layers))
+        object.__setattr__(self, "unreached", tuple(self.unreached))
         seen: set[str] = set()
         for node in self.layers:
             if node.path in seen:
@@ -134,13 +138,16 @@ class ModelGraph:
         return sum(n.num_params for n in self.layers)
 
     def to_dict(self) -> dict[str, Any]:
-        return {
+        data: dict[str, Any] = {
             "backend": self.backend,
             "model_type": self.model_type,
             "output_head": self.output_head,
             "input_embedding": self.input_embedding,
             "layers": [n.to_dict() for n in self.layers],
         }
+        if self.unreached:
+            data["unreached"] = list(self.unreached)
+        return data
 
     def to_json(self, indent: Optional[int] = 2) -> str:
         return json.dumps(self.to_dict(), indent=indent)
@@ -153,4 +160,5 @@ class ModelGraph:
             model_type=data.get("model_type", ""),
             output_head=data.get("output_head"),
             input_embedding=data.get("input_embedding"),
+            unreached=tuple(str(note) for note in data.get("unreached", ())),
         )

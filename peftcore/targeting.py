@@ -237,4 +237,5 @@ def _nothing_matched(
             if hint not in hints:
                 hints.append(hint)
     hint_text = f"; closest layer names: {', '.join(hints[:8])}" if hints else ""
-    return f"{owner}: target_modules {targets!r} matched no layer of the model{hint_text}"
+    unreached = "".join(f"; {note}" for note in graph.unreached)
+    return f"{owner}: target_modules {targets!r} matched no layer of the model{hint_text}{unreached}"

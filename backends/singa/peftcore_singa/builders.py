@@ -23,6 +23,7 @@ from peftcore.methods.prompt_tuning import AddPrompt  # noqa: E402
 from peftcore.plan import SaveModule  # noqa: E402
 from peftcore.runtime import OpBuilder  # noqa: E402
 from peftcore_singa.bitfit import BiasAdapter, base_bias  # noqa: E402
+from peftcore_singa.describe import is_linear  # noqa: E402
 from peftcore_singa.layers import AdapterLayer  # noqa: E402
 from peftcore_singa.lora import LoraEmbedding, LoraLinear  # noqa: E402
 from peftcore_singa.modules_to_save import ModulesToSaveWrapper  # noqa: E402
@@ -35,11 +36,13 @@ def build_lora(model: Any, layers: dict, op: AddLora, adapter_name: str) -> None
     base = target.base_layer if isinstance(target, AdapterLayer) else target
     if isinstance(base, layer.Embedding):
         wrapper_type: type[AdapterLayer] = LoraEmbedding
-    elif isinstance(base, (layer.Linear, layer.Gemm)):
+    elif base is not None and is_linear(base):
         wrapper_type = LoraLinear
     else:
         kind = type(base).__name__ if base is not None else "missing"
-        raise PlanError(f"singa backend cannot put LoRA on {op.path!r} ({kind}); it supports Linear, Gemm, Embedding")
+        raise PlanError(
+            f"singa backend cannot put LoRA on {op.path!r} ({kind}); it supports Linear, Gemm, Linear3D, Embedding"
+        )
     if not base._initialized:
         raise PlanError(f"layer {op.path!r} is not initialised (no forward has reached it); pass example_inputs")
     wrap_layer(model, layers, op.path, wrapper_type).add(adapter_name, op)

@@ -32,6 +32,7 @@ from singa import autograd, device, layer, tensor  # noqa: E402
 from peftcore.errors import BackendError  # noqa: E402
 from peftcore.graph import LayerNode, ModelGraph  # noqa: E402
 from peftcore_singa.layers import DTYPE_NAMES, AdapterLayer  # noqa: E402
+from peftcore_singa.unregistered import held_children, unreached_layers  # noqa: E402
 
 _CONV = (layer.Conv2d, layer.SeparableConv2d)
 _NORM = (layer.BatchNorm2d,)
@@ -56,25 +57,44 @@ class ParamView:
 
 
 def children(node: Any) -> list[tuple[str, Any]]:
-    """Registered sublayers of ``node`` that are really reachable as attributes."""
+    """Sublayers of ``node`` that are really reachable as attributes: registered ones, then
+    layers it holds outside ``_layers`` (a plain list, its ``__dict__``: see
+    :mod:`peftcore_singa.unregistered`)."""
     shadowed = node.__dict__
-    return [(key, child) for key, child in node._layers.items() if key not in shadowed]
+    registered = [(key, child) for key, child in node._layers.items() if key not in shadowed]
+    return registered + held_children(node)
 
 
-def walk(model: Any, prefix: str = "") -> Iterator[tuple[str, Any]]:
-    """Every registered layer under ``model`` as ``(path, layer)``, depth first in
-    registration order; an adapter wrapper is yielded in place of its base layer and
-    not descended into."""
+def walk(model: Any, prefix: str = "", _seen: Optional[set] = None) -> Iterator[tuple[str, Any]]:
+    """Every layer under ``model`` as ``(path, layer)``, depth first in registration order
+    (each layer once, at the first path that reaches it); an adapter wrapper is yielded in
+    place of its base layer and not descended into."""
+    seen = _seen if _seen is not None else {id(model)}
     for key, child in children(model):
+        if id(child) in seen:
+            continue
+        seen.add(id(child))
         path = f"{prefix}.{key}" if prefix else key
         yield path, child
         if not isinstance(child, AdapterLayer):
-            yield from walk(child, path)
+            yield from walk(child, path, seen)
 
 
 def layer_index(model: Any) -> dict[str, Any]:
     """``{path: layer}`` for every layer, with ``""`` for the model itself."""
     return {"": model, **dict(walk(model))}
+
+
+def is_linear_3d(node: Any) -> bool:
+    """SINGA's transformer example's ``Linear3D`` (``examples/trans``; not part of the
+    ``singa`` package, so known by its class name): ``y = x @ W (+ b)`` over the last axis
+    of a 3-D input, W ``(in, out)`` as ``layer.Linear``'s."""
+    return type(node).__name__ == "Linear3D" and isinstance(node, layer.Layer)
+
+
+def is_linear(node: Any) -> bool:
+    """A layer LoRA treats as linear: ``Linear``, ``Gemm`` or ``Linear3D``."""
+    return isinstance(node, (layer.Linear, layer.Gemm)) or is_linear_3d(node)
 
 
 def linear_features(base: Any) -> tuple[int, int]:
@@ -90,7 +110,7 @@ def native_params(node: Any) -> dict[str, ParamView]:
     ``weight``/``bias`` for Linear, Gemm and Embedding, the attribute name otherwise."""
     if not node._initialized:
         return {}
-    if isinstance(node, (layer.Linear, layer.Gemm)):
+    if is_linear(node):
         in_f, out_f = linear_features(node)
         transpose = not (isinstance(node, layer.Gemm) and node.transB)
         views = {"weight": ParamView(node.W, (out_f, in_f), transpose)}
@@ -188,7 +208,8 @@ def describe_model(model: Any, example_inputs: Any = None, extra_kinds: Optional
     if not ensure_initialised(model, example_inputs):
         return None
     extra_kinds = extra_kinds or {}
-    layers = [describe_layer(path, node, extra_kinds) for path, node in walk(model)]
+    walked = list(walk(model))
+    layers = [describe_layer(path, node, extra_kinds) for path, node in walked]
     linears = [n.path for n in layers if n.kind == "linear"]
     embeddings = [n.path for n in layers if n.kind == "embedding"]
     return ModelGraph(
@@ -197,6 +218,7 @@ def describe_model(model: Any, example_inputs: Any = None, extra_kinds: Optional
         model_type=str(getattr(model, "model_type", "") or ""),
         output_head=linears[-1] if linears else None,
         input_embedding=input_embedding(model, embeddings, example_inputs),
+        unreached=tuple(unreached_layers(walked, model)),
     )
 
 
@@ -256,7 +278,7 @@ def layer_kind(node: Any, extra_kinds: dict) -> str:
     for cls, kind in extra_kinds.items():
         if isinstance(node, cls):
             return kind
-    if isinstance(node, (layer.Linear, layer.Gemm)):
+    if is_linear(node):
         return "linear"
     if isinstance(node, layer.Embedding):
         return "embedding"

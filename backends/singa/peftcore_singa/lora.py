@@ -29,7 +29,7 @@ apply_shims()
 from singa import autograd, layer, singa_wrap, tensor  # noqa: E402
 
 from peftcore.methods.lora import AddLora  # noqa: E402
-from peftcore_singa.describe import linear_features  # noqa: E402
+from peftcore_singa.describe import is_linear_3d, linear_features  # noqa: E402
 from peftcore_singa.layers import AdapterLayer, to_numpy  # noqa: E402
 
 
@@ -125,8 +125,9 @@ class LoraLayer(AdapterLayer):
 
 
 class LoraLinear(LoraLayer):
-    """LoRA around ``layer.Linear`` (W is ``(in, out)``) or ``layer.Gemm`` (W is
-    ``(out, in)`` with ``transB``, the default; ``alpha`` and ``transA`` are honoured).
+    """LoRA around ``layer.Linear`` (W is ``(in, out)``), ``layer.Gemm`` (W is
+    ``(out, in)`` with ``transB``, the default; ``alpha`` and ``transA`` are honoured) or
+    SINGA's transformer example's ``Linear3D`` (W ``(in, out)``, 3-D input).
 
     Unlike a bare ``Linear``, the wrapper also accepts N-D input ``(..., in)``: it is
     flattened to 2-D for the base layer and the adapters, and the result reshaped back.
@@ -134,6 +135,17 @@ class LoraLinear(LoraLayer):
 
     def features(self) -> tuple[int, int]:
         return linear_features(self.base_layer)
+
+    def __getattr__(self, name: str) -> Any:
+        """An attribute the wrapper lacks is the base layer's: SINGA code that reads the
+        layer it called reads it (sonnx's run reads a Gemm's ``transB`` and ``bias``)."""
+        try:
+            return layer.Layer.__getattr__(self, name)
+        except AttributeError:
+            base = self.__dict__.get("base_layer")
+            if base is None or name.startswith("__"):
+                raise
+            return getattr(base, name)
 
     def delta_weight(self, adapter_name: str) -> np.ndarray:
         delta = self.native_delta(adapter_name)
@@ -147,7 +159,7 @@ class LoraLinear(LoraLayer):
         trans_a = isinstance(base, layer.Gemm) and bool(base.transA)
         shape = tuple(x.shape)
         flat = x if trans_a or len(shape) == 2 else autograd.reshape(x, [-1, shape[-1]])
-        result = base(flat)
+        result = _linear_3d(base, flat) if is_linear_3d(base) else base(flat)
         running = self.adapters_to_run()
         if running:
             lora_in = autograd.transpose(flat, [1, 0]) if trans_a else flat
@@ -157,6 +169,16 @@ class LoraLinear(LoraLayer):
         if flat is not x:
             result = autograd.reshape(result, list(shape[:-1]) + [int(result.shape[-1])])
         return result
+
+
+def _linear_3d(base: Any, x2d: Any) -> Any:
+    """What ``Linear3D`` computes (``x @ W (+ b)``), on the flattened input: SINGA's example
+    layer slices its input per sample with ``x[i]``, which autograd cannot differentiate,
+    so no gradient would reach the layers before it."""
+    base.device_check(x2d, base.W)
+    result = autograd.matmul(x2d, base.W)
+    bias = getattr(base, "b", None)
+    return autograd.add_bias(result, bias, axis=0) if bias is not None else result
 
 
 class LoraEmbedding(LoraLayer):

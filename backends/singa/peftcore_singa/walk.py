@@ -13,6 +13,7 @@ from typing import Any
 from peftcore.errors import PlanError, did_you_mean
 from peftcore_singa.describe import layer_index, walk
 from peftcore_singa.layers import AdapterLayer
+from peftcore_singa.unregistered import replace_held
 
 __all__ = ["layer_index", "replace_layer", "walk", "wrap_layer"]
 
@@ -22,7 +23,13 @@ def replace_layer(model: Any, layers: dict[str, Any], path: str, new: Any) -> No
     same layer name, same parent. Python lists, tuples and dicts held by the parent that
     reference the old layer (how ``register_layers`` users often keep them) are updated too."""
     parent_path, _, key = path.rpartition(".")
-    parent = layers[parent_path] if parent_path else model
+    parent = layers.get(parent_path) if parent_path else model
+    if parent is None or parent._layers.get(key) is not layers[path]:  # held outside _layers
+        grandparent = parent_path.rpartition(".")[0]  # a list slot: the list's owner holds it
+        holder = parent if parent is not None else (layers[grandparent] if grandparent else model)
+        replace_held(holder, layers[path], new, path)
+        layers[path] = new
+        return
     old = parent._layers[key]
     parent._layers[key] = new
     new.__dict__["_parent"] = parent
