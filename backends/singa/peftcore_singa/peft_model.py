@@ -61,11 +61,13 @@ from singa import model as singa_model  # noqa: E402
 from peftcore.config import PeftConfig  # noqa: E402
 from peftcore.errors import AdapterError  # noqa: E402
 from peftcore.graph import ModelGraph  # noqa: E402
+from peftcore.methods.prompt_tuning import AddPrompt  # noqa: E402
 from peftcore.peft_model import PeftModel  # noqa: E402
 from peftcore.plan import RewritePlan  # noqa: E402
 from peftcore_singa.describe import eval_mode  # noqa: E402
 from peftcore_singa.layers import NP_DTYPES  # noqa: E402
 from peftcore_singa.limitations import refuse_unbuildable  # noqa: E402
+from peftcore_singa.prompt_fit import check_prompt_fits  # noqa: E402
 
 _Model = singa_model.Model
 
@@ -228,7 +230,28 @@ class SingaPeftModel(PeftModel, singa_model.Model):
         """Run your model's forward with the active adapters (eval: ``peft_model(x)``)."""
         if self.pending_adapters and self.model._initialized:  # otherwise the hook builds them
             self._build_pending(args)
+        self._check_prompts_fit(args)
         return self.peft_forward(*args, **kwargs)
+
+    def _check_prompts_fit(self, inputs: Sequence[Any]) -> None:
+        """With a prompt adapter active, check once per adapter set and input shape that
+        the model can take the added positions (:mod:`peftcore_singa.prompt_fit`), so a
+        mismatch is a peftcore error and not a SINGA abort."""
+        prompts = {
+            op.path: int(op.num_virtual_tokens)
+            for name in self.active_adapters
+            for op in (self.plans[name].ops if name in self.plans else ())
+            if isinstance(op, AddPrompt)
+        }
+        tensors = _input_tensors(inputs)
+        if not prompts or not tensors or not self.model._initialized:
+            return
+        key = (tuple(sorted(prompts.items())), tuple(tuple(t.shape) for t in tensors))
+        if self.__dict__.get("_prompts_fit") == key:
+            return
+        with _graph_recording_off(tensors[0].device), eval_mode(self.model):
+            check_prompt_fits(self.model.forward, _zero_inputs(inputs), prompts)
+        self.__dict__["_prompts_fit"] = key
 
     def set_optimizer(self, optimizer: Any) -> None:
         """Give ``optimizer`` to your model (its ``set_optimizer``, else its ``optimizer``)."""
@@ -326,6 +349,7 @@ def _train_one_batch(self: SingaPeftModel, *args: Any, **kwargs: Any) -> Any:
         )
     if self.pending_adapters and model._initialized:  # otherwise the hook builds them
         self._build_pending(args[:1])
+    self._check_prompts_fit(args[:1])
     return model.train_one_batch(*args, **kwargs)
 
 
