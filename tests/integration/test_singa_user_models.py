@@ -271,3 +271,25 @@ def test_lora_on_a_sonnx_imported_mlp(sonnx: Any) -> None:
     assert not np.allclose(trained, out)
     with peft_model.disable_adapter():
         np.testing.assert_allclose(_eval(peft_model, x), expected, rtol=1e-5, atol=1e-5 * np.abs(expected).max())
+
+
+def test_lora_on_conv2d_is_refused_by_kind_with_the_reason_listed(sg: Any) -> None:
+    """SINGA's Conv2d takes no LoRA yet; the error names the layer and its kind, and
+    ``peftcore backends`` lists the reason."""
+    from singa import layer, model
+
+    from peftcore.errors import UnsupportedLayerError
+    from peftcore_singa.limitations import LIMITATIONS
+
+    class Conv(model.Model):
+        def __init__(self) -> None:
+            super().__init__()
+            self.conv1, self.flatten, self.fc = layer.Conv2d(1, 2, 3, padding=1), layer.Flatten(), layer.Linear(3)
+
+        def forward(self, x: Any) -> Any:
+            return self.fc(self.flatten(self.conv1(x)))
+
+    x = np.zeros((2, 1, 4, 4), np.float32)
+    with pytest.raises(UnsupportedLayerError, match=r"'conv1' \(Conv2d\)"):
+        get_peft_model(Conv(), LoraConfig(r=2, target_modules=["conv1"]), example_inputs=x)
+    assert "Conv2d" in LIMITATIONS["lora"]
