@@ -16,15 +16,16 @@ from __future__ import annotations
 from typing import Any, Optional, Sequence
 
 import numpy as np
+
 from peftcore_singa.compat import apply_shims
 
 apply_shims()
 
-from peftcore_singa.describe import is_linear_3d, linear_features, native_params  # noqa: E402
-from peftcore_singa.layers import AdapterLayer, copy_into, digest, to_numpy  # noqa: E402
 from singa import autograd, layer  # noqa: E402
 
 from peftcore_ia3.config import IA3Scale  # noqa: E402
+from peftcore_singa.describe import is_linear_3d, linear_features, native_params  # noqa: E402
+from peftcore_singa.layers import AdapterLayer, copy_into, digest, to_numpy  # noqa: E402
 
 
 class IA3SingaLinear(AdapterLayer):
