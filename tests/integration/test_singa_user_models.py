@@ -21,6 +21,7 @@ import pytest
 
 from peftcore import LoraConfig, PeftModel, get_peft_model
 from peftcore.errors import TargetNotFoundError
+from peftcore.testing.numerics import assert_close_to_scale
 
 
 def _models() -> dict[str, type]:
@@ -161,7 +162,7 @@ def test_lora_on_list_held_linear3d_attention(sg: Any, tmp_path: Any) -> None:
 
     out = _eval(peft_model, ids)
     peft_model.merge_adapter()
-    np.testing.assert_allclose(_eval(peft_model, ids), out, rtol=1e-4, atol=1e-4 * np.abs(out).max())
+    assert_close_to_scale(_eval(peft_model, ids), out)
     peft_model.unmerge_adapter()
     np.testing.assert_array_equal(_eval(peft_model, ids), out)
 
@@ -171,7 +172,7 @@ def test_lora_on_list_held_linear3d_attention(sg: Any, tmp_path: Any) -> None:
     loaded = PeftModel.from_pretrained(fresh, tmp_path / "adapter", example_inputs=ids)
     for i in (0, 1):  # same base weights (same seed), so the adapter's output comes back
         np.testing.assert_array_equal(*(list(_params(m.encoder.layers[i].W_K).values())[0] for m in (fresh, net)))
-    np.testing.assert_allclose(_eval(loaded, ids), out, rtol=1e-5, atol=1e-5 * np.abs(out).max())
+    assert_close_to_scale(_eval(loaded, ids), out)
 
 
 def test_layers_held_in_a_dict_are_named_in_the_error(sg: Any) -> None:
@@ -257,7 +258,7 @@ def test_lora_on_a_sonnx_imported_mlp(sonnx: Any) -> None:
     peft_model = get_peft_model(net, LoraConfig(r=2, lora_alpha=2, target_modules=["/0/Gemm", "/2/Gemm"]), example_inputs=x)
     expected = np.maximum(x @ weights["w1"].T, 0) @ weights["w2"].T
     out = _eval(peft_model, x)
-    np.testing.assert_allclose(out, expected, rtol=1e-5, atol=1e-5 * np.abs(expected).max())  # B = 0: the base
+    assert_close_to_scale(out, expected)  # B = 0: the base
     assert peft_model.model_graph.get("/0/Gemm").params["weight"] == (8, 5)
     assert type(net.sg_ir.__dict__["/0/Gemm"]).__name__ == "LoraLinear"  # where sonnx's run looks it up
 
@@ -270,7 +271,7 @@ def test_lora_on_a_sonnx_imported_mlp(sonnx: Any) -> None:
     trained = _eval(peft_model, x)
     assert not np.allclose(trained, out)
     with peft_model.disable_adapter():
-        np.testing.assert_allclose(_eval(peft_model, x), expected, rtol=1e-5, atol=1e-5 * np.abs(expected).max())
+        assert_close_to_scale(_eval(peft_model, x), expected)
 
 
 def test_lora_on_conv2d_is_refused_by_kind_with_the_reason_listed(sg: Any) -> None:
