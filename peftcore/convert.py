@@ -22,7 +22,7 @@ from __future__ import annotations
 import json
 import os
 import re
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Mapping, Optional, Union
 
 import numpy as np
@@ -277,13 +277,16 @@ def convert(
     adapter_name: Optional[str] = None,
     overwrite: bool = False,
     strict: bool = True,
+    rename: Optional[Mapping[str, str]] = None,
 ) -> Adapter:
     """Read the adapter at ``source`` (either adapter layout or a SINGA checkpoint) and
     write it to the directory ``destination`` in layout ``to`` (``"peftcore"`` or ``"hf"``).
 
     Adapter directories need nothing else (``graph`` adds a check against the model and
     is needed to plan a non-LoRA HF adapter). A SINGA checkpoint needs ``config`` and
-    either ``plan`` or ``graph``. Returns the adapter as written.
+    either ``plan`` or ``graph``. ``rename`` maps layer paths of the source to those of
+    the model the adapter is for (:func:`rename_layers`); ``graph`` is then that model's.
+    Returns the adapter as written.
     """
     if to not in ("peftcore", "hf"):
         raise ConfigError(f"cannot convert to {to!r}; choose 'peftcore' or 'hf'")
@@ -299,7 +302,7 @@ def convert(
         if config is not None or plan is not None or adapter_name is not None:
             raise ConfigError("an adapter directory carries its own config; --config, --method/--set, --plan and "
                               "--adapter-name apply to framework checkpoints (SINGA's save_states) only")
-        adapter = load_adapter_dir(source, graph, strict)
+        adapter = load_adapter_dir(source, None if rename else graph, strict)
     elif os.path.exists(source):
         known = "; ".join(f.description for f in get_plugin_manager().checkpoint_formats()) or "none installed"
         raise AdapterError(
@@ -307,11 +310,46 @@ def convert(
         )
     else:
         raise AdapterError(f"{os.fspath(source)} does not exist")
+    if rename:
+        adapter = rename_layers(adapter, rename)
+        if graph is not None:
+            check_plan_fits(adapter.plan, graph, os.fspath(source))
     if to == "hf":
         save_hf_adapter(destination, adapter)
     else:
         save_peftcore_adapter(destination, adapter)
     return adapter
+
+
+def rename_layers(adapter: Adapter, names: Mapping[str, str]) -> Adapter:
+    """``adapter`` with its layer paths renamed (``{old path: new path}``): its plan's ops,
+    its tensors' keys and its config's ``target_modules`` (the renamed layers' new paths).
+
+    For an adapter trained on one form of a model and used on another: a model imported
+    from ONNX (SINGA's ``sonnx`` names layers by ONNX node, ``/0/Gemm``) and the torch
+    model it was exported from (``0``). Every old path must be a path the plan adapts.
+    """
+    known = {op.path for op in adapter.plan.ops if op.path}
+    unknown = sorted(set(names) - known)
+    if unknown:
+        raise AdapterError(f"cannot rename {unknown}: the adapter adapts no such layer (it adapts {sorted(known)})")
+    for old, new in names.items():
+        if not isinstance(new, str) or not new:
+            raise AdapterError(f"the new path for {old!r} must be a non-empty string, got {new!r}")
+    ops = [replace(op, path=names.get(op.path, op.path)) if op.path else op for op in adapter.plan.ops]
+    new_paths = [op.path for op in ops if op.path]
+    if len(set(new_paths)) != len(new_paths):
+        raise AdapterError(f"renaming gives two ops the same layer path: {sorted(new_paths)}")
+    plan = replace(adapter.plan, ops=tuple(ops))
+    keys = dict(zip(adapter.plan.tensor_specs(), plan.tensor_specs()))
+    tensors = {keys.get(key, key): value for key, value in adapter.tensors.items()}
+    config = adapter.config
+    targets = getattr(config, "target_modules", None)
+    if isinstance(targets, list):  # entries naming a renamed layer follow it
+        config = config.replace(target_modules=[names.get(t, t) for t in targets])
+    elif isinstance(targets, str):  # a regex written for the old names: the new paths, listed
+        config = config.replace(target_modules=sorted({op.path for op in ops if op.path and op.op != "modules_to_save"}))
+    return Adapter(config, plan, tensors, adapter.layout)
 
 
 def _check_destination(destination: str, overwrite: bool) -> None:

@@ -94,9 +94,15 @@ def cmd_convert(args: argparse.Namespace) -> int:
     config = build_config(args)
     plan = read_plan_file(args.plan) if args.plan else None
     graph = describe(args, config, adapter_task_type(args.source))[2] if args.model else None
+    rename = {}
+    for item in args.rename:
+        old, sep, new = item.rpartition("=")
+        if not sep or not old or not new:
+            raise ConfigError(f"--rename takes OLD=NEW, got {item!r}")
+        rename[old] = new
     adapter = convert(
         args.source, args.destination, args.to, graph=graph, config=config, plan=plan,
-        adapter_name=args.adapter_name, overwrite=args.force,
+        adapter_name=args.adapter_name, overwrite=args.force, rename=rename or None,
     )
     names = {"hf": "HF PEFT adapter", "peftcore": "peftcore adapter", "singa": "SINGA checkpoint"}
     names.update({fmt.name: fmt.description for fmt in get_plugin_manager().checkpoint_formats() if fmt.name not in names})
@@ -159,6 +165,10 @@ def make_parser() -> argparse.ArgumentParser:
     convert.add_argument("--plan", metavar="FILE", help="the adapter's plan (from `peftcore plan --json`), for SINGA")
     convert.add_argument("--adapter-name", metavar="NAME", help="which adapter of a SINGA checkpoint (default: its only one)")
     convert.add_argument("--force", action="store_true", help="overwrite an adapter already in DEST")
+    convert.add_argument(
+        "--rename", metavar="OLD=NEW", action="append", default=[],
+        help="rename a layer path (repeatable), e.g. an ONNX node name to the torch module path: --rename /0/Gemm=0",
+    )
     convert.set_defaults(func=cmd_convert)
 
     demo = commands.add_parser("demo", help="LoRA on scikit-learn digits with torch")

@@ -294,3 +294,55 @@ def test_lora_on_conv2d_is_refused_by_kind_with_the_reason_listed(sg: Any) -> No
     with pytest.raises(UnsupportedLayerError, match=r"'conv1' \(Conv2d\)"):
         get_peft_model(Conv(), LoraConfig(r=2, target_modules=["conv1"]), example_inputs=x)
     assert "Conv2d" in LIMITATIONS["lora"]
+
+
+def test_lora_trained_on_a_torch_onnx_export_moves_back_to_the_torch_model(sonnx: Any, tmp_path: Any) -> None:
+    """torch model -> ONNX (opset 11) -> sonnx -> LoRA trained on SINGA -> save_pretrained
+    -> ``convert(rename={ONNX node: torch path})`` -> ``PeftModel.from_pretrained`` on the
+    torch model it came from: the same outputs."""
+    torch = pytest.importorskip("torch", reason="the export side needs torch")
+    import io
+    import warnings
+
+    import onnx
+    from singa import autograd
+
+    from peftcore.convert import convert
+
+    class Imported(sonnx.SONNXModel):
+        def forward(self, *inputs: Any) -> Any:
+            return super().forward(*inputs)[0]
+
+        def train_one_batch(self, x: Any, y: Any) -> Any:
+            out = self.forward(x)
+            loss = autograd.softmax_cross_entropy(out, y)
+            self.optimizer(loss)
+            return out, loss
+
+    torch.manual_seed(0)
+    net = torch.nn.Sequential(torch.nn.Linear(5, 8), torch.nn.ReLU(), torch.nn.Linear(8, 3))
+    buffer = io.BytesIO()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        torch.onnx.export(net, (torch.zeros(4, 5),), buffer, opset_version=11, dynamo=False)
+    onnx_model = onnx.load_from_string(buffer.getvalue())
+    assert [n.name for n in onnx_model.graph.node] == ["/0/Gemm", "/1/Relu", "/2/Gemm"]
+
+    rng = np.random.default_rng(0)
+    x, y = rng.standard_normal((4, 5)).astype(np.float32), rng.integers(0, 3, 4)
+    imported = Imported(onnx_model)
+    peft_model = get_peft_model(
+        imported, LoraConfig(r=2, lora_alpha=4, target_modules=["/0/Gemm", "/2/Gemm"]), example_inputs=x
+    )
+    with torch.no_grad():
+        assert_close_to_scale(_eval(peft_model, x), net(torch.from_numpy(x)).numpy())  # the import is the model
+    _train(peft_model, x, y, 5)
+    trained = _eval(peft_model, x)
+    peft_model.save_pretrained(tmp_path / "singa")
+
+    adapter = convert(tmp_path / "singa", tmp_path / "torch", rename={"/0/Gemm": "0", "/2/Gemm": "2"})
+    assert sorted(op.path for op in adapter.plan.ops if op.path) == ["0", "2"]
+    assert adapter.config.target_modules == ["0", "2"]
+    on_torch = PeftModel.from_pretrained(net, tmp_path / "torch")
+    with torch.no_grad():
+        assert_close_to_scale(on_torch(torch.from_numpy(x)).numpy(), trained)
