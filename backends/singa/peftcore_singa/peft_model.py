@@ -247,11 +247,12 @@ class SingaPeftModel(PeftModel, singa_model.Model):
         if not prompts or not tensors or not self.model._initialized:
             return
         key = (tuple(sorted(prompts.items())), tuple(tuple(t.shape) for t in tensors))
-        if self.__dict__.get("_prompts_fit") == key:
+        checked = self.__dict__.setdefault("_prompts_fit", set())
+        if key in checked:
             return
         with _graph_recording_off(tensors[0].device), eval_mode(self.model):
             check_prompt_fits(self.model.forward, _zero_inputs(inputs), prompts)
-        self.__dict__["_prompts_fit"] = key
+        checked.add(key)
 
     def set_optimizer(self, optimizer: Any) -> None:
         """Give ``optimizer`` to your model (its ``set_optimizer``, else its ``optimizer``)."""
