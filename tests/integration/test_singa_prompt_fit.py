@@ -160,7 +160,6 @@ def test_a_long_enough_position_table_takes_the_prompt(sg: object) -> None:
 
 def test_the_check_runs_once_per_input_shape(sg: object) -> None:
     """A model that fits is probed once per adapter set and input shape, not every call."""
-    from singa import device, tensor
 
     import peftcore
     from peftcore_singa import prompt_fit
