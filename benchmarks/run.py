@@ -10,9 +10,10 @@
 Measurements (one module each): ``train`` (LoRA training step vs HF PEFT vs the floor),
 ``inject`` (Llama-7B-shaped injection on meta), ``mixed`` (8-adapter mixed batch
 inference), ``merge`` (merge/unmerge drift, fp32 and bf16), ``memory`` (training-step
-peak memory), ``singa`` (SINGA's PEFT example, when available), ``singa_start``
-(``get_peft_model`` on a SINGA model in a fresh interpreter, torch installed). Runs on CUDA when it is
-available (``--device`` to choose). On a CPU the default is one torch thread timed by
+peak memory), ``decode`` (unmerged greedy decoding, batch 1 and 8), ``singa`` (SINGA's
+PEFT example, when available), ``singa_start`` (``get_peft_model`` on a SINGA model in a
+fresh interpreter, torch installed). Runs on CUDA when it is available (``--device`` to
+choose). On a CPU the default is one torch thread timed by
 thread CPU time, which stays meaningful on a machine shared with other work; use
 ``--threads N`` for wall-clock timing with N threads. Needs torch, transformers and
 peft (``pip install -e .[bench]``); a measurement whose libraries are missing prints a
@@ -32,13 +33,14 @@ from typing import Any, Dict, List, Optional
 from harness import Clock, Result, Settings, load_average, machine, machine_text, markdown_table, progress
 
 HERE = os.path.dirname(os.path.abspath(__file__))
-MEASUREMENTS = ("train", "inject", "mixed", "merge", "memory", "singa", "singa_start")
+MEASUREMENTS = ("train", "inject", "mixed", "merge", "memory", "decode", "singa", "singa_start")
 TORCH_TITLES = {
     "train": "1. LoRA training step",
     "inject": "2. inject LoRA, Llama-7B shape",
     "mixed": "3. mixed-adapter inference",
     "merge": "4. merge+unmerge x100",
     "memory": "5. peak memory of a training step",
+    "decode": "6. unmerged greedy decoding",
 }
 
 
@@ -76,6 +78,10 @@ def _measure(name: str, settings: Settings, clock: Clock, args: argparse.Namespa
         import bench_mixed
 
         return [bench_mixed.run(settings, clock)]
+    if name == "decode":
+        import bench_decode
+
+        return bench_decode.run(settings, clock)
     if name == "merge":
         import bench_merge
 

@@ -93,6 +93,40 @@ def test_inference_routes_match_the_plain_route(base: str, tokens: int) -> None:
     torch.testing.assert_close(fast, plain)
 
 
+def test_one_token_decoding_follows_every_change_of_state() -> None:
+    """The one-adapter route is chosen per call from the layer's own state: a second adapter,
+    set_adapter, disabling, merging, a global hook and factors replaced through ``.data``
+    all show in the next one-token forward, as they do on the plain route."""
+    peft_model, layer = wrapped("Conv1D")
+    peft_model.add_adapter("other", LoraConfig(r=2, target_modules=["0"], init_lora_weights=False))
+    x = torch.randn(1, 1, 12)
+
+    def expected(names: list) -> Any:
+        base = layer.base_layer(x)
+        return base + sum((layer.update(name, x) for name in names), torch.zeros_like(base))
+
+    with torch.no_grad():
+        torch.testing.assert_close(peft_model(x), expected(["default"]))
+        peft_model.set_adapter("other")
+        torch.testing.assert_close(peft_model(x), expected(["other"]))
+        with peft_model.disable_adapter():
+            assert torch.equal(peft_model(x), layer.base_layer(x))
+        layer.lora_B["other"].weight.data = torch.randn_like(layer.lora_B["other"].weight)
+        torch.testing.assert_close(peft_model(x), expected(["other"]))
+        handle = nn.modules.module.register_module_forward_hook(lambda module, args, out: None)
+        try:
+            assert not can_fuse(layer.base_layer, True, x, layer.lora_A["other"].weight, layer.lora_B["other"].weight)
+            torch.testing.assert_close(peft_model(x), expected(["other"]))
+        finally:
+            handle.remove()
+        unmerged = peft_model(x)
+        peft_model.merge_adapter()
+        torch.testing.assert_close(peft_model(x), unmerged)
+        peft_model.unmerge_adapter()
+        layer.active_adapters = ["default", "other"]  # two active: the per-adapter route
+        torch.testing.assert_close(peft_model(x), expected(["default", "other"]))
+
+
 def test_low_precision_and_hooked_layers_take_the_plain_route() -> None:
     peft_model, layer = wrapped("Linear", dtype=torch.bfloat16)
     x = torch.randn(2, 64, 12, dtype=torch.bfloat16)

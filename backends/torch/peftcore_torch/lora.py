@@ -6,7 +6,9 @@ for ``nn.Embedding``, whose table is ``(num_embeddings, dim)``.
 
 Forward, fastest first: one active adapter on a plain frozen ``nn.Linear``/``Conv1D``
 runs as a single fused autograd node, or folded into a temporary weight for long
-inference batches (:mod:`peftcore_torch.lora_kernels`); anything else (several active
+inference batches (:mod:`peftcore_torch.lora_kernels`). That case is recognised first,
+from the layer's own dicts, because decoding calls each layer once per token and the
+checks cost as much as the adapter's arithmetic there; anything else (several active
 adapters, hooks on the base layer, mixed dtypes, autocast) calls the base layer and
 adds each update. Dropout with ``p = 0`` is skipped, not called. A mixed-adapter batch
 routes each row to its own adapter (:mod:`peftcore_torch.row_routing`).
@@ -223,12 +225,17 @@ class LoraLinear(LoraLayer):
         return update.view(*x.shape[:-1], update.shape[-1])
 
     def forward(self, x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
+        single = self._single_active_factor(args, kwargs)
+        if single is not None:  # the common case, decided from plain attributes before anything else
+            fused = self._fused_forward(x, *single)
+            if fused is not None:
+                return fused
         groups = self._row_groups(x)
         running = self.adapters_to_run() if groups is None else self._uniform(groups, x)
         if running is None:  # rows use different adapters
             return self._forward_mixed(x, groups, *args, **kwargs)  # type: ignore[arg-type]
-        if len(running) == 1 and not args and not kwargs:
-            fused = self._fused_forward(x, running[0])
+        if len(running) == 1 and not args and not kwargs and single is None:
+            fused = self._fused_forward(x, running[0], cast(LoraFactor, self.lora_A[running[0]]))
             if fused is not None:
                 return fused
         result = self.base_layer(x, *args, **kwargs)
@@ -290,15 +297,29 @@ class LoraLinear(LoraLayer):
             for name in groups
         )
 
-    def _fused_forward(self, x: torch.Tensor, name: str) -> Optional[torch.Tensor]:
-        a, b = self.lora_A.weight(name), self.lora_B.weight(name)
-        base = self.base_layer
+    def _single_active_factor(self, args: tuple, kwargs: dict) -> Optional[tuple[str, LoraFactor]]:
+        """``(name, A factor)`` when exactly one adapter runs on every row: one active,
+        present adapter, nothing merged or disabled, no mixed batch, no extra arguments.
+        Reads the module's own dicts directly: decoding calls this once per layer per token."""
+        active = self.active_adapters
+        if len(active) != 1 or self.disabled or self.merged_adapters or args or kwargs:
+            return None
+        factor = cast(nn.Module, self._modules["lora_A"])._modules.get(active[0])
+        if factor is None or self.batch_routing is not None:
+            return None
+        return active[0], cast(LoraFactor, factor)
+
+    def _fused_forward(self, x: torch.Tensor, name: str, factor_a: LoraFactor) -> Optional[torch.Tensor]:
+        modules = cast(dict[str, nn.Module], self._modules)
+        a = factor_a.weight
+        b = cast(LoraFactor, modules["lora_B"]._modules[name]).weight
+        base = modules["base_layer"]
         if not can_fuse(base, self._plain_base, x, a, b):
             return None
-        dropout = self.lora_dropout[name]
+        dropout = cast(nn.Module, modules["lora_dropout"]._modules[name])
         lora_input = None if _runs_as_identity(dropout) else dropout(x)
-        bias = cast(Optional[torch.Tensor], base.bias)
-        return fused_lora_linear(x, lora_input, self.base_weight(), bias, a, b, self.scaling[name], self.fan_in_fan_out)
+        weight, bias = cast(torch.Tensor, base.weight), cast(Optional[torch.Tensor], base.bias)
+        return fused_lora_linear(x, lora_input, weight, bias, a, b, self.scaling[name], self.fan_in_fan_out)
 
 
 class LoraEmbedding(LoraLayer):

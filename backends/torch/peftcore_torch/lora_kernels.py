@@ -157,26 +157,30 @@ def fused_lora_linear(
         t is not None and t.requires_grad for t in (x, lora_input, bias, lora_a, lora_b)
     ):
         return _FusedLoraLinear.apply(x, lora_input, weight, bias, lora_a, lora_b, scaling, weight_in_out)
-    tokens = x.numel() // max(x.shape[-1], 1)
-    if lora_input is None and folding_pays(tokens, weight):
-        folded = merged_weight(weight, lora_a, lora_b, scaling, weight_in_out)
-        out = base_product(x.reshape(-1, x.shape[-1]), folded, bias, weight_in_out)
-        return out.view(*x.shape[:-1], out.shape[-1])
-    return _forward(x, lora_input, weight, bias, lora_a, lora_b, scaling, weight_in_out)[0]
+    x2 = x.reshape(-1, x.shape[-1])
+    if lora_input is None and folding_pays(x2.shape[0], weight):
+        out = base_product(x2, merged_weight(weight, lora_a, lora_b, scaling, weight_in_out), bias, weight_in_out)
+    else:
+        # no autograd: the scaling rides on the last product (addmm_'s alpha), one kernel fewer
+        # per call, which is most of the adapter's cost when decoding one token at a time
+        out = base_product(x2, weight, bias, weight_in_out)
+        hidden = torch.mm(x2 if lora_input is None else lora_input.reshape(x2.shape), lora_a.t())
+        out.addmm_(hidden, lora_b.t(), alpha=scaling)
+    return out.view(*x.shape[:-1], out.shape[-1])
 
 
 _HOOK_DICTS = ("_forward_hooks", "_forward_pre_hooks", "_backward_hooks", "_backward_pre_hooks")
-_GLOBAL_HOOK_DICTS = (
-    "_global_forward_hooks", "_global_forward_pre_hooks", "_global_backward_hooks", "_global_backward_pre_hooks",
+# torch registers global hooks by adding to these module-level dicts, never by rebinding them
+_GLOBAL_HOOKS = tuple(
+    getattr(nn.modules.module, name, {})
+    for name in ("_global_forward_hooks", "_global_forward_pre_hooks", "_global_backward_hooks", "_global_backward_pre_hooks")
 )
 
 
 def has_hooks(module: nn.Module) -> bool:
     """Whether calling ``module`` would run a hook (its own or a global one)."""
-    if any(getattr(module, name, None) for name in _HOOK_DICTS):
-        return True
-    registry = nn.modules.module
-    return any(getattr(registry, name, None) for name in _GLOBAL_HOOK_DICTS)
+    state = module.__dict__
+    return any(state.get(name) for name in _HOOK_DICTS) or any(_GLOBAL_HOOKS)
 
 
 def _autocast_on(device_type: str) -> bool:
