@@ -148,11 +148,15 @@ def xprompt_prune(
         current = {**exported, key: table(values, other_blocks)}
         peft_model.import_adapter(name, current)
         total: Optional[np.ndarray] = None
-        for batch in tqdm(scoring, desc=f"XPrompt {level} scores", disable=not progress, leave=False):
-            grad = np.asarray(peft_model.adapter_gradients(name, loss_fn(peft_model, batch))[key])[:tokens]
+        for index, batch in enumerate(tqdm(scoring, desc=f"XPrompt {level} scores", disable=not progress, leave=False)):
+            loss = loss_fn(peft_model, batch)
+            _check_finite_scores(np.asarray(peft_model.runtime.to_numpy(loss)), f"the loss of batch {index}", level, name)
+            grad = np.asarray(peft_model.adapter_gradients(name, loss)[key])[:tokens]
             step = token_importance(values, grad) if level == "token" else piece_importance(values, grad, config.num_pieces)
+            _check_finite_scores(step, f"the {level} importance scores of batch {index}", level, name)
             total = step if total is None else total + step
         assert total is not None
+        _check_finite_scores(total, f"the summed {level} importance scores", level, name)
         return total / len(scoring)
 
     trainable = name in peft_model.active_adapters and not peft_model.peft_config[name].inference_mode
@@ -209,6 +213,17 @@ def _plain_prompt_op(plan: RewritePlan, name: str) -> AddPrompt:
     if op.encoder:
         raise AdapterError(f"adapter {name!r} is a P-tuning prompt (an encoder's output); XPrompt prunes a plain prompt")
     return op
+
+
+def _check_finite_scores(values: np.ndarray, what: str, level: str, adapter_name: str) -> None:
+    """Refuse to rank entries on NaN/Inf: a non-finite loss or gradient makes every
+    comparison of scores meaningless (NaN sorts last, so the pruned half would be chance)."""
+    bad = int(values.size - np.count_nonzero(np.isfinite(values)))
+    if bad:
+        raise AdapterError(
+            f"xprompt_prune of adapter {adapter_name!r}: {what} hold {bad} NaN/Inf value(s) while scoring at the "
+            f"{level} level; nothing was pruned and the adapter is unchanged (check the loss function and the batches)"
+        )
 
 
 def _take(batches: Iterable[Any], limit: Optional[int]) -> list[Any]:
