@@ -16,8 +16,10 @@ import warnings
 from typing import Any, Mapping, Optional, Protocol, Sequence, Union
 
 from peftcore import model_ops
+from peftcore.all_or_nothing import restoring_base_weights, restoring_tensors
 from peftcore.config import PeftConfig
 from peftcore.errors import AdapterError
+from peftcore.finite import check_adapter_gains, check_embedding_matrices, check_plan_scalars
 from peftcore.graph import ModelGraph
 from peftcore.hf_compat import (
     check_hf_save_arguments,
@@ -30,6 +32,7 @@ from peftcore.io import (
     AdapterFiles,
     LoadResult,
     adapter_save_dirs,
+    hf_key_of,
     match_tensors,
     read_adapter,
     save_adapter,
@@ -220,9 +223,11 @@ class AdapterFilesMixin:
                 "or load under another name"
             )
         tensors, embeddings, unexpected = self._tensors_of_files(files, plan, strict, allow_non_finite)
-        self.import_adapter(adapter_name, tensors)
-        if embeddings:
-            self._load_embedding_layers(embeddings)
+        # all or nothing: a write failing part-way puts back what was written
+        with restoring_tensors(self, adapter_name), restoring_base_weights(self, list(embeddings)):
+            self.import_adapter(adapter_name, tensors)
+            if embeddings:
+                self._load_embedding_layers(embeddings)
         self.peft_config[adapter_name] = self.peft_config[adapter_name].replace(inference_mode=not is_trainable)
         self._set_trainable(adapter_name, is_trainable and adapter_name in self.active_adapters)
         return unexpected
@@ -235,9 +240,12 @@ class AdapterFilesMixin:
         assert self.model_graph is not None
         weights_path = os.path.join(files.directory, WEIGHTS_NAME)
         adapter_tensors, embeddings = split_embedding_layers(files.tensors, self.model_graph, plan, weights_path)
-        tensors = match_tensors(
-            plan, adapter_tensors, weights_path, strict, allow_non_finite=allow_non_finite, dtypes=self._layer_dtypes()
-        )
+        dtypes = self._layer_dtypes()
+        tensors = match_tensors(plan, adapter_tensors, weights_path, strict, allow_non_finite=allow_non_finite, dtypes=dtypes)
+        if not allow_non_finite:  # nothing from the files may make finite inputs give non-finite outputs
+            check_embedding_matrices(embeddings, dtypes, weights_path)
+            check_plan_scalars(plan, files.config, weights_path)
+            check_adapter_gains(plan, tensors, dtypes, weights_path, hf_key_of(plan))
         return tensors, embeddings, unexpected_tensor_keys(plan, adapter_tensors)
 
     def _layer_dtypes(self: _PeftModelState) -> dict[str, str]:
@@ -273,9 +281,10 @@ class AdapterFilesMixin:
             low_cpu_mem_usage=low_cpu_mem_usage,
         )
         try:
-            self.import_adapter(adapter_name, tensors)
-            if embeddings:
-                self._load_embedding_layers(embeddings)
+            with restoring_base_weights(self, list(embeddings)):
+                self.import_adapter(adapter_name, tensors)
+                if embeddings:
+                    self._load_embedding_layers(embeddings)
         except BaseException:
             self.delete_adapter(adapter_name)
             raise

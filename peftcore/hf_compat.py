@@ -21,8 +21,10 @@ from typing import Any, Mapping, NamedTuple, Optional, Sequence, Union
 
 import numpy as np
 
+from peftcore.all_or_nothing import restoring_base_tensors, restoring_tensors
 from peftcore.errors import AdapterError, ConfigError
-from peftcore.io import DEFAULT_ADAPTER, HF_PREFIX, match_tensors
+from peftcore.finite import check_adapter_gains, check_values, count_non_finite
+from peftcore.io import DEFAULT_ADAPTER, HF_PREFIX, hf_key_of, match_tensors
 from peftcore.methods.lora import AddLora, LoraConfig
 
 __all__ = [
@@ -101,6 +103,8 @@ class HFCompatMixin:
         adapters, weights = list(adapters), [float(w) for w in weights]
         if not adapters or len(adapters) != len(weights):
             raise ValueError("adapters and weights must be non-empty lists of the same length")
+        if not all(np.isfinite(weights)):
+            raise ValueError(f"weights must be finite numbers, got {weights}")
         for name in adapters:
             pm._require(name)
             if not isinstance(pm.peft_config[name], LoraConfig):
@@ -144,6 +148,16 @@ class HFCompatMixin:
                 b, a = _svd_factors(np.asarray(delta), new_rank, svd_clamp, svd_full_matrices)
             layer_ranks[path] = int(a.shape[0])
             combined[f"{path}.lora_A"], combined[f"{path}.lora_B"] = a, b
+        # validate everything before the model is touched: what is written must be finite where it is stored
+        source_dtypes = {name: np.asarray(value).dtype for t in tensors.values() for name, value in t.items()}
+        for key, value in combined.items():
+            with np.errstate(over="ignore", invalid="ignore"):
+                stored = np.asarray(value).astype(source_dtypes.get(key, np.float32))
+            if count_non_finite(stored):
+                raise AdapterError(
+                    f"add_weighted_adapter: the combined tensor {key!r} holds NaN/Inf (in {stored.dtype}); the weights "
+                    f"{weights} or the adapters' tensors overflow; nothing was added"
+                )
         first = pm.peft_config[adapters[0]]
         assert isinstance(first, LoraConfig)
         rank_pattern = {_exact(p): r for p, r in layer_ranks.items() if r != new_rank}
@@ -226,32 +240,48 @@ def set_peft_model_state_dict(
     adapter_name: str = DEFAULT_ADAPTER,
     ignore_mismatched_sizes: bool = False,
     low_cpu_mem_usage: bool = False,
+    *,
+    allow_non_finite: bool = False,
 ) -> IncompatibleKeys:
     """Load tensors keyed as :func:`get_peft_model_state_dict` returns them (or as HF PEFT
     saves them, with or without ``base_model.model.``) into adapter ``adapter_name``.
 
     Every tensor of the adapter must be there with its shape (else :class:`AdapterError`);
-    keys the adapter does not have come back in ``unexpected_keys``."""
+    keys the adapter does not have come back in ``unexpected_keys``. All or nothing:
+    every entry (adapter tensors and base parameters, such as a bias trained with
+    ``bias="all"``) is checked first (shape; unless ``allow_non_finite``, NaN/Inf, values
+    beyond the layer's dtype and overflowing products, as loading a file does), and only
+    then is anything written."""
     if ignore_mismatched_sizes:
         raise ValueError("ignore_mismatched_sizes=True is not supported: a tensor of another shape is an error")
     model._require(adapter_name)
     runtime = model.runtime
     arrays = {_strip_adapter_name(key, adapter_name): runtime.to_numpy(value) for key, value in peft_model_state_dict.items()}
     plan = model.plans[adapter_name]
-    found = match_tensors(plan, arrays, "peft_model_state_dict", strict=False)
+    source = "peft_model_state_dict"
+    dtypes = model._layer_dtypes()
+    found = match_tensors(plan, arrays, source, strict=False, allow_non_finite=allow_non_finite, dtypes=dtypes)
+    if not allow_non_finite:
+        check_adapter_gains(plan, found, dtypes, source, hf_key_of(plan))
     known = {key for key in arrays if key in _hf_keys(plan) or HF_PREFIX + key in _hf_keys(plan)}
-    model.import_adapter(adapter_name, found)
-    known |= _load_base_parameters(model, {key: arrays[key] for key in set(arrays) - known})
+    base = _base_parameters(model, {key: arrays[key] for key in set(arrays) - known}, allow_non_finite, dtypes)
+    with restoring_tensors(model, adapter_name), restoring_base_tensors(runtime, [t for _, t, _ in base]):
+        model.import_adapter(adapter_name, found)
+        for _, tensor, value in base:
+            runtime.write_tensor(tensor, value)
+    known |= {key for key, _, _ in base}
     return IncompatibleKeys(missing_keys=[], unexpected_keys=sorted(set(arrays) - known))
 
 
-def _load_base_parameters(model: Any, arrays: Mapping[str, np.ndarray]) -> set[str]:
-    """Write the entries of ``arrays`` that name a parameter of the base model
+def _base_parameters(
+    model: Any, arrays: Mapping[str, np.ndarray], allow_non_finite: bool, dtypes: Mapping[str, str]
+) -> list[tuple[str, Any, np.ndarray]]:
+    """The entries of ``arrays`` that name a parameter of the base model
     (``[base_model.model.]<layer path>[.base_layer].<parameter>``, e.g. a bias trained
-    with LoRA's ``bias="all"``) into it, as HF PEFT's state-dict loading does; returns
-    the keys written. Needs the backend's ``base_tensor`` primitive."""
+    with LoRA's ``bias="all"``), which HF PEFT's state-dict loading writes into it, each
+    checked: ``(key, base tensor, value)``. Needs the backend's ``base_tensor`` primitive."""
     runtime, graph = model.runtime, model.model_graph
-    written: set[str] = set()
+    entries: list[tuple[str, Any, np.ndarray]] = []
     for key, value in arrays.items():
         name = key[len(HF_PREFIX):] if key.startswith(HF_PREFIX) else key
         path, _, parameter = name.rpartition(".")
@@ -262,15 +292,16 @@ def _load_base_parameters(model: Any, arrays: Mapping[str, np.ndarray]) -> set[s
         try:
             tensor = runtime.base_tensor(model.get_base_model(), path, parameter)
         except NotImplementedError:
-            return written
+            return []
         if tensor is None or runtime.numel(tensor) != value.size:
             raise AdapterError(
                 f"state dict entry {key!r} has {value.size} values; the model's {path}.{parameter} has "
-                f"{'none' if tensor is None else runtime.numel(tensor)}"
+                f"{'none' if tensor is None else runtime.numel(tensor)}; nothing was written"
             )
-        runtime.write_tensor(tensor, value)
-        written.add(key)
-    return written
+        if not allow_non_finite:
+            check_values(value, f"entry {key!r}", dtypes.get(path), "peft_model_state_dict")
+        entries.append((key, tensor, value))
+    return entries
 
 
 def _hf_keys(plan: Any) -> set[str]:
@@ -458,6 +489,11 @@ def embedding_matrices_to_save(model: Any, adapter_name: str, save_embedding_lay
     }
 
 
+def _is_embedding_matrix(node: Any) -> bool:
+    """An embedding layer, or an output head HF PEFT saves as one (``lm_head``, a linear)."""
+    return node.kind == "embedding" or (node.kind == "linear" and node.path.rsplit(".", 1)[-1] in EMBEDDING_LAYER_NAMES)
+
+
 def split_embedding_layers(
     tensors: Mapping[str, np.ndarray], graph: Any, plan: Any, source: str
 ) -> tuple[dict[str, np.ndarray], dict[str, np.ndarray]]:
@@ -479,9 +515,12 @@ def split_embedding_layers(
             continue
         for suffix in (".base_layer.weight", ".weight"):
             layer = path[: -len(suffix)] if path.endswith(suffix) else None
-            if layer and layer in graph and graph.get(layer).kind == "embedding":
+            if layer and layer in graph and _is_embedding_matrix(graph.get(layer)):
                 node = graph.get(layer)
-                expected = (node.num_embeddings, node.embedding_dim)
+                expected = (
+                    (node.num_embeddings, node.embedding_dim) if node.kind == "embedding"
+                    else (node.out_features, node.in_features)
+                )
                 shape = header_spec(key)[1] if callable(header_spec) else tensors[key].shape
                 if tuple(shape) != tuple(expected):
                     raise AdapterError(

@@ -30,6 +30,7 @@ import numpy as np
 from peftcore import strict_json
 from peftcore.config import CONFIG_NAME, PeftConfig
 from peftcore.errors import AdapterError, PeftCoreError
+from peftcore.finite import DTYPE_MAX, check_values
 from peftcore.graph import ModelGraph
 from peftcore.methods.lora import AddLora
 from peftcore.model_ops import BASE_ROW
@@ -48,13 +49,6 @@ MAX_CONFIG_BYTES = 16 * 1024 * 1024
 MAX_ADAPTER_NAME_BYTES = 200
 
 _FLOAT_DTYPES = (np.float16, np.float32, np.float64)
-#: Largest finite value of each dtype a backend may report for a layer.
-_DTYPE_MAX = {
-    "float16": 65504.0,
-    "bfloat16": 3.3895313892515355e38,
-    "float32": float(np.finfo(np.float32).max),
-    "float64": float(np.finfo(np.float64).max),
-}
 
 
 @dataclass(frozen=True)
@@ -332,25 +326,8 @@ def match_tensors(
             (f"{op.path}.{name}" if op.path else name): op.path for op in plan.ops for name in op.tensor_specs()
         }
         for canonical, array in found.items():
-            _check_finite(array, keys[canonical], (dtypes or {}).get(layer_of.get(canonical, "")), source)
+            check_values(array, f"tensor {keys[canonical]!r}", (dtypes or {}).get(layer_of.get(canonical, "")), source)
     return found
-
-
-def _check_finite(array: np.ndarray, key: str, layer_dtype: Optional[str], source: str) -> None:
-    bad = int(array.size - np.count_nonzero(np.isfinite(array)))
-    if bad:
-        raise AdapterError(
-            f"{source}: tensor {key!r} holds {bad} NaN/Inf value(s); refusing to load it "
-            "(pass allow_non_finite=True to load it anyway)"
-        )
-    limit = _DTYPE_MAX.get(layer_dtype or "")
-    if limit is not None and array.size:
-        largest = float(np.max(np.abs(array)))
-        if largest > limit:
-            raise AdapterError(
-                f"{source}: tensor {key!r} holds a value of magnitude {largest:.3g}, beyond the largest {layer_dtype} "
-                "its layer can hold; refusing to load it (pass allow_non_finite=True to load it anyway)"
-            )
 
 
 def check_safe_to_merge(
@@ -386,12 +363,18 @@ def check_safe_to_merge(
                 delta = (np.asarray(b, dtype=compute) @ np.asarray(a, dtype=compute)) * compute(op.scaling)
                 total = deltas[op.path] + delta if op.path in deltas else delta
             largest = float(np.max(np.abs(total))) if total.size else 0.0
-            if not largest <= _DTYPE_MAX.get(dtype, _DTYPE_MAX["float32"]):
+            if not largest <= DTYPE_MAX.get(dtype, DTYPE_MAX["float32"]):
                 raise AdapterError(
                     f"adapter {name!r}: merging tensors '{op.path}.lora_A' and '{op.path}.lora_B' would put values "
                     f"of magnitude {largest:.3g} into layer {op.path!r} ({dtype}), which overflows; refusing to merge it"
                 )
             deltas[op.path] = total
+
+
+def hf_key_of(plan: RewritePlan) -> Callable[[str], str]:
+    """Canonical tensor name -> the key it has in an adapter file (for messages)."""
+    specs = plan.tensor_specs()
+    return lambda name: _hf_key(specs[name]) if name in specs else name
 
 
 def _hf_key(spec: TensorSpec) -> str:

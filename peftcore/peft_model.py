@@ -22,8 +22,10 @@ from typing import Any, Iterator, Mapping, Optional, Sequence, Union
 
 from peftcore import model_ops
 from peftcore.adapter_files import AdapterFilesMixin, adapter_dir, device_of_map, placement_of, to_device
+from peftcore.all_or_nothing import check_tensor_shapes, restoring_adapter
 from peftcore.config import PeftConfig
 from peftcore.errors import AdapterError, BackendError, did_you_mean
+from peftcore.finite import count_non_finite
 from peftcore.graph import ModelGraph
 from peftcore.hf_compat import HFCompatMixin
 from peftcore.io import (
@@ -279,11 +281,13 @@ class PeftModel(AdapterFilesMixin, HFCompatMixin):
         """Rebuild adapter ``adapter_name`` from a new config, plan and canonical tensors,
         keeping which adapters are active (XPrompt uses it to install a pruned prompt)."""
         self._require(adapter_name)
+        check_tensor_shapes(plan, tensors, adapter_name)
         active = list(self.active_adapters)
-        self.delete_adapter(adapter_name)
-        self.add_adapter(adapter_name, config, plan=plan)
-        self.import_adapter(adapter_name, tensors)
-        self.set_adapter(active)
+        with restoring_adapter(self, adapter_name):  # all or nothing: the old adapter comes back on failure
+            self.delete_adapter(adapter_name)
+            self.add_adapter(adapter_name, config, plan=plan)
+            self.import_adapter(adapter_name, tensors)
+            self.set_adapter(active)
 
     def delete_adapter(self, adapter_name: str) -> None:
         """Remove an adapter. Deleting the active one activates the first remaining."""
@@ -458,10 +462,18 @@ class PeftModel(AdapterFilesMixin, HFCompatMixin):
         baked = RewritePlan(plan.method, plan.adapter_name, tuple(op.baked() for op in plan.ops), plan.version)
         if baked == plan:
             return
-        model_ops.bake(self.runtime, self.get_base_model(), name)
-        config = self.peft_config[name].baked()
-        self.plans[name] = RewritePlan(config.method, name, baked.ops, plan.version)
-        self.peft_config[name] = config
+        finite_before = not any(count_non_finite(v) for v in self.export_adapter(name).values())
+        with restoring_adapter(self, name):  # all or nothing: a failed bake leaves the adapter unbaked
+            model_ops.bake(self.runtime, self.get_base_model(), name)
+            config = self.peft_config[name].baked()
+            self.plans[name] = RewritePlan(config.method, name, baked.ops, plan.version)
+            self.peft_config[name] = config
+            bad = sorted(k for k, v in self.export_adapter(name).items() if count_non_finite(v))
+            if finite_before and bad:
+                raise AdapterError(
+                    f"baking adapter {name!r} gives NaN/Inf in {bad[:3]} (its reparameterisation overflows); "
+                    "the adapter was left unbaked"
+                )
 
     # -- parameters -------------------------------------------------------------------------
     def get_nb_trainable_parameters(self) -> tuple[int, int]:
@@ -487,6 +499,7 @@ class PeftModel(AdapterFilesMixin, HFCompatMixin):
         """Copy canonical-layout numpy tensors into the adapter's parameters."""
         self._require(adapter_name)
         plan = self.plans[adapter_name]
+        check_tensor_shapes(plan, tensors, adapter_name)  # every shape before any write
         in_place = model_ops.base_tensor_names(plan)
         model_ops.import_adapter(
             self.runtime, self.get_base_model(), adapter_name, {k: v for k, v in tensors.items() if k not in in_place}

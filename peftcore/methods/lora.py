@@ -226,6 +226,21 @@ class LoraConfig(PeftConfig):
     def scaling(self, r: int, alpha: float) -> float:
         return alpha / math.sqrt(r) if self.use_rslora else alpha / r
 
+    def scalar_source(self, path: str, field: str) -> str:
+        """The config entries that give layer ``path`` its ``field`` (of its ``lora`` op),
+        for error messages: ``alpha_pattern['q_proj']=1e+308 with r=8 (alpha / r)``."""
+        r_key, alpha_key = _pattern_key(self.rank_pattern, path), _pattern_key(self.alpha_pattern, path)
+        r_entry = f"rank_pattern[{r_key!r}]={self.rank_pattern[r_key]!r}" if r_key is not None else f"r={self.r!r}"
+        alpha_entry = (
+            f"alpha_pattern[{alpha_key!r}]={self.alpha_pattern[alpha_key]!r}" if alpha_key is not None
+            else f"lora_alpha={self.lora_alpha!r}"
+        )
+        if field == "lora_alpha":
+            return alpha_entry
+        if field == "scaling":
+            return f"{alpha_entry} with {r_entry} ({'alpha / sqrt(r), use_rslora' if self.use_rslora else 'alpha / r'})"
+        return "lora_dropout" if field == "dropout" else field
+
     def plan(self, graph: ModelGraph, adapter_name: str = "default") -> RewritePlan:
         layers = select_layers(
             graph,
@@ -287,8 +302,13 @@ class LoraConfig(PeftConfig):
         )
 
 
-def _pattern_value(pattern: Optional[dict], path: str, default: Any) -> Any:
-    for key, value in (pattern or {}).items():
+def _pattern_key(pattern: Optional[dict], path: str) -> Optional[str]:
+    for key in pattern or {}:
         if re.fullmatch(rf"(.*\.)?(?:{key})", path):
-            return value
-    return default
+            return key
+    return None
+
+
+def _pattern_value(pattern: Optional[dict], path: str, default: Any) -> Any:
+    key = _pattern_key(pattern, path)
+    return default if key is None else (pattern or {})[key]

@@ -6,7 +6,8 @@ model (adapters and base) bit-identical, and the same adapters, plans and config
 
 from __future__ import annotations
 
-import math
+import re
+import warnings
 from typing import Any
 
 import numpy as np
@@ -17,6 +18,7 @@ pytest.importorskip("transformers")
 
 import peftcore  # noqa: E402
 from peftcore import AdapterError, LoraConfig, PromptTuningConfig, XPromptConfig, xprompt_prune  # noqa: E402
+from peftcore.io import WEIGHTS_NAME  # noqa: E402
 from tests.integration.tiny import llama_lm, random_ids  # noqa: E402
 
 
@@ -30,12 +32,22 @@ def snapshot(pm: Any) -> dict[str, Any]:
     }
 
 
+def same_bits(a: Any, b: Any) -> bool:
+    """Bit-identical (NaN included)."""
+    if a.dtype != b.dtype or a.shape != b.shape:
+        return False
+    if a.is_floating_point():
+        bits = {2: torch.int16, 4: torch.int32, 8: torch.int64}[a.element_size()]
+        return torch.equal(a.view(bits), b.view(bits))
+    return torch.equal(a, b)
+
+
 def assert_untouched(pm: Any, before: dict[str, Any]) -> None:
     after = snapshot(pm)
     assert after["plans"] == before["plans"] and after["configs"] == before["configs"]
     assert after["active"] == before["active"]
     assert after["tensors"].keys() == before["tensors"].keys()
-    changed = [k for k, v in before["tensors"].items() if not torch.equal(v, after["tensors"][k])]
+    changed = [k for k, v in before["tensors"].items() if not same_bits(v, after["tensors"][k])]
     assert not changed, f"changed by a failed call: {changed[:5]}"
 
 
@@ -79,3 +91,149 @@ def test_class7_non_finite_loss_or_scores_refuse_to_prune_and_leave_the_adapter(
     # still prunable with a sane loss afterwards
     result = xprompt_prune(pm, batches(), lambda m, b: m(input_ids=b, labels=b).loss, XPromptConfig(), progress=False)
     assert result.num_pruned_tokens == 3
+
+
+# -- 3. what is loaded is finite where it reaches the outputs ----------------------------
+def rewrite_weights(directory: Any, change: Any) -> None:
+    """Apply ``change(tensors)`` to the adapter's weights file, keeping its metadata."""
+    from safetensors import safe_open
+    from safetensors.numpy import save_file
+
+    weights = directory / WEIGHTS_NAME
+    with safe_open(str(weights), "np") as handle:
+        metadata = dict(handle.metadata())
+        tensors = {k: handle.get_tensor(k) for k in handle.keys()}
+    change(tensors)
+    save_file(tensors, str(weights), metadata=metadata)
+
+
+def lora(**changes: Any) -> LoraConfig:
+    fields: dict[str, Any] = dict(r=2, lora_alpha=4, target_modules=["q_proj", "v_proj"], init_lora_weights=False)
+    return LoraConfig(**{**fields, **changes})
+
+
+def saved_adapter(tmp_path: Any, config: LoraConfig, name: str = "adapter", **save: Any) -> Any:
+    directory = tmp_path / name
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        peftcore.get_peft_model(llama_lm(), config).save_pretrained(directory, **save)
+    return directory
+
+
+def assert_refused_everywhere(directory: Any, pattern: str, torch_dtype: Any = None) -> None:
+    """``from_pretrained``, ``load_adapter`` under a new name and ``load_adapter`` over the
+    same adapter (loaded with ``allow_non_finite=True``) refuse it and change nothing."""
+    def base() -> Any:
+        return llama_lm().to(torch_dtype) if torch_dtype else llama_lm()
+
+    plain = base()
+    plain_before = {k: v.clone() for k, v in plain.state_dict().items()}
+    with pytest.raises(AdapterError, match=pattern):
+        peftcore.PeftModel.from_pretrained(plain, directory)
+    assert all(same_bits(v, plain.state_dict()[k]) for k, v in plain_before.items())
+    pm = peftcore.get_peft_model(base(), lora(lora_alpha=2))
+    before = snapshot(pm)
+    with pytest.raises(AdapterError, match=pattern):
+        pm.load_adapter(directory, "other")
+    assert_untouched(pm, before)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        loaded = peftcore.PeftModel.from_pretrained(base(), directory, allow_non_finite=True)
+    before = snapshot(loaded)
+    with pytest.raises(AdapterError, match=pattern):
+        loaded.load_adapter(directory, "default")
+    assert_untouched(loaded, before)
+
+
+@pytest.mark.parametrize("value", [float("nan"), float("-inf"), 1e300])
+@pytest.mark.parametrize("layer", ["embed_tokens", "lm_head"])
+def test_class3_non_finite_embedding_matrices_beside_the_adapter_are_refused(tmp_path: Any, value: float, layer: str) -> None:
+    directory = saved_adapter(tmp_path, lora(target_modules=["embed_tokens", "lm_head", "q_proj"]), save_embedding_layers=True)
+
+    def poison(tensors: dict) -> None:
+        key = next(k for k in tensors if layer in k and not k.split(".")[-2].startswith("lora"))
+        tensors[key] = tensors[key].astype(np.float64)
+        tensors[key][3, 1] = value
+
+    rewrite_weights(directory, poison)
+    assert_refused_everywhere(directory, rf"embedding matrix for layer 'model.{layer}'|'{layer}'.*(NaN/Inf|beyond)")
+
+
+def test_class3_embedding_values_beyond_a_half_precision_model_are_refused(tmp_path: Any) -> None:
+    directory = saved_adapter(tmp_path, lora(target_modules=["embed_tokens"]), save_embedding_layers=True)
+    rewrite_weights(directory, lambda t: t["base_model.model.model.embed_tokens.base_layer.weight"].__setitem__((0, 0), 1e5))
+    assert_refused_everywhere(directory, "embedding matrix for layer 'model.embed_tokens'.*beyond the largest float16",
+                              torch.float16)
+
+
+@pytest.mark.parametrize(
+    "changes, entry",
+    [
+        (dict(lora_alpha=1e308), r"lora_alpha=1e\+308"),
+        (dict(lora_alpha=1e300, r=4, use_rslora=True), r"lora_alpha=1e\+300"),
+        (dict(alpha_pattern={"v_proj": 1e39}), r"alpha_pattern\['v_proj'\]=1e\+39"),
+    ],
+)
+@pytest.mark.parametrize("writer", ["peftcore", "hf_peft"])
+def test_class3_config_scalars_that_make_the_scaling_non_finite_are_refused(
+    tmp_path: Any, changes: dict, entry: str, writer: str
+) -> None:
+    if writer == "peftcore":
+        directory = saved_adapter(tmp_path, lora(**changes))
+    else:  # an HF PEFT adapter: no stored plan, the scaling is computed from the config alone
+        import peft
+
+        fields = {**dict(r=2, lora_alpha=4, target_modules=["q_proj", "v_proj"], init_lora_weights=False), **changes}
+        directory = tmp_path / "hf"
+        peft.get_peft_model(llama_lm(), peft.LoraConfig(**fields)).save_pretrained(directory)
+    assert_refused_everywhere(directory, rf"the config's {entry}.*not finite in float32")
+
+
+@pytest.mark.parametrize(
+    "tensor, what",
+    [("q_proj.lora_A", r"'[^']*q_proj.lora_A.weight' .*A x"),
+     ("v_proj.lora_B", r"lora_A.weight' and '[^']*v_proj.lora_B.weight' .*B A x")],
+)
+def test_class3_finite_factors_whose_product_overflows_are_refused(tmp_path: Any, tensor: str, what: str) -> None:
+    directory = saved_adapter(tmp_path, lora())
+
+    def scale(tensors: dict) -> None:
+        for key in tensors:
+            if tensor in key:
+                tensors[key] = tensors[key] * np.float32(1e38)  # every value stays finite in float32
+                assert np.isfinite(tensors[key]).all()
+
+    rewrite_weights(directory, scale)
+    assert_refused_everywhere(directory, what)
+    # what the check protects: loaded anyway, an input with entries in [-1, 1] gives Inf/NaN
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        pm = peftcore.PeftModel.from_pretrained(llama_lm(), directory, allow_non_finite=True)
+    path = "model.layers.0.self_attn." + tensor.split(".")[0]
+    tensors = pm.export_adapter("default")
+    a, b = tensors[f"{path}.lora_A"].astype(np.float64), tensors[f"{path}.lora_B"].astype(np.float64)
+    product = a if "lora_A" in tensor else b @ a
+    worst = np.sign(product[np.argmax(np.abs(product).sum(axis=1))])
+    with torch.no_grad():
+        out = pm.get_base_model().get_submodule(path)(torch.tensor(worst, dtype=torch.float32)[None])
+    assert not torch.isfinite(out).all()
+
+
+@pytest.mark.parametrize(
+    "changes, scaling",
+    [(dict(lora_alpha=2e38), "1e+38"), (dict(lora_alpha=3e38, rank_pattern={"q_proj": 1}), "3e+38"),
+     (dict(lora_alpha=1e38, alpha_pattern={"v_proj": 2e38}, use_rslora=True, r=4), "1e+38")],
+)
+def test_class3_a_scaling_finite_in_float32_can_still_overflow_with_the_tensors(
+    tmp_path: Any, changes: dict, scaling: str
+) -> None:
+    directory = saved_adapter(tmp_path, lora(**changes))  # every scalar finite in float32
+    assert_refused_everywhere(directory, rf"B A x, scaled by {re.escape(scaling)}")
+
+
+def test_class3_legitimate_adapters_load_in_every_dtype(tmp_path: Any) -> None:
+    directory = saved_adapter(tmp_path, lora(target_modules=["embed_tokens", "q_proj", "v_proj"], lora_alpha=16))
+    for dtype in (torch.float32, torch.float16, torch.bfloat16):
+        pm = peftcore.PeftModel.from_pretrained(llama_lm().to(dtype), directory)
+        with torch.no_grad():
+            assert torch.isfinite(pm(input_ids=random_ids(2, 5)).logits).all()
