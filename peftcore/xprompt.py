@@ -178,10 +178,10 @@ def xprompt_prune(
             masked[kept] = trained[kept] * _spread(piece_mask, width)
             piece_scores = score(masked, "piece")[kept]
             _prune_lowest(piece_mask.reshape(-1), piece_scores.reshape(-1), target)
-    except BaseException:
-        peft_model.import_adapter(name, exported)
-        raise
     finally:
+        # the trained values back, whether scoring failed or not: installing the pruned
+        # prompt below is all or nothing, and on failure leaves the adapter as trained
+        peft_model.import_adapter(name, exported)
         model_ops.set_trainable(runtime, model, name, trainable)
 
     pruned_op = dataclasses.replace(

@@ -17,7 +17,7 @@ torch = pytest.importorskip("torch", reason="torch is not installed")
 pytest.importorskip("transformers")
 
 import peftcore  # noqa: E402
-from peftcore import AdapterError, LoraConfig, PromptTuningConfig, XPromptConfig, xprompt_prune  # noqa: E402
+from peftcore import AdapterError, BackendError, LoraConfig, PromptTuningConfig, XPromptConfig, xprompt_prune  # noqa: E402
 from peftcore.io import WEIGHTS_NAME  # noqa: E402
 from tests.integration.tiny import llama_lm, random_ids  # noqa: E402
 
@@ -237,3 +237,175 @@ def test_class3_legitimate_adapters_load_in_every_dtype(tmp_path: Any) -> None:
         pm = peftcore.PeftModel.from_pretrained(llama_lm().to(dtype), directory)
         with torch.no_grad():
             assert torch.isfinite(pm(input_ids=random_ids(2, 5)).logits).all()
+
+
+# -- 6. all or nothing for every multi-tensor write ---------------------------------------
+class Fault(RuntimeError):
+    """A failure injected in the middle of a write."""
+
+
+#: What an injected fault surfaces as: itself, or wrapped by the backend guard.
+FAULT = (Fault, BackendError)
+
+
+def fail_on_call(monkeypatch: Any, owner: Any, name: str, call: int) -> None:
+    """Make ``owner.name`` do its work and then raise on its ``call``-th call (the
+    earlier calls succeed): a write that fails part-way."""
+    original = getattr(owner, name)
+    count = {"n": 0}
+
+    def wrapped(*args: Any, **kwargs: Any) -> Any:
+        result = original(*args, **kwargs)
+        count["n"] += 1
+        if count["n"] == call:
+            raise Fault(f"injected failure in {name} call {call}")
+        return result
+
+    monkeypatch.setattr(owner, name, wrapped)
+
+
+def bert_lora() -> Any:
+    from tests.integration.tiny import bert_cls
+
+    return peftcore.get_peft_model(bert_cls(), lora(target_modules=["query", "value"]))
+
+
+@pytest.mark.parametrize("bad", ["wrong_size", "nan", "inf_adapter_tensor", "wrong_size_adapter_tensor"])
+def test_class6_set_peft_model_state_dict_checks_every_entry_before_writing_any(bad: str) -> None:
+    from peftcore import get_peft_model_state_dict, set_peft_model_state_dict
+
+    pm = bert_lora()
+    state = {k: v + 1.0 for k, v in get_peft_model_state_dict(pm).items()}  # every adapter tensor would change
+    bias_key = "base_model.model.bert.encoder.layer.1.attention.self.query.base_layer.bias"
+    bias = pm.get_base_model().bert.encoder.layer[1].attention.self.query.base_layer.bias.detach().clone()
+    state[bias_key] = bias + 1.0
+    last = sorted(k for k in state if "lora" in k)[-1]
+    if bad == "wrong_size":
+        state[bias_key] = torch.zeros(bias.numel() + 1)
+    elif bad == "nan":
+        state[bias_key][5] = float("nan")
+    elif bad == "inf_adapter_tensor":
+        state[last][0, 0] = float("inf")
+    else:
+        state[last] = state[last][:, :1]
+    before = snapshot(pm)
+    with pytest.raises(AdapterError, match="values; the model's|NaN/Inf|shape"):
+        set_peft_model_state_dict(pm, state)
+    assert_untouched(pm, before)
+    if bad == "nan":  # the caller may still opt in, and then everything is written
+        set_peft_model_state_dict(pm, state, allow_non_finite=True)
+        written = pm.get_base_model().bert.encoder.layer[1].attention.self.query.base_layer.bias
+        assert torch.isnan(written[5]) and torch.equal(written[:5], bias[:5] + 1.0)
+
+
+def test_class6_a_state_dict_write_failing_part_way_is_put_back(monkeypatch: pytest.MonkeyPatch) -> None:
+    from peftcore import get_peft_model_state_dict, set_peft_model_state_dict
+    from peftcore_torch.runtime import TorchRuntime
+
+    pm = bert_lora()
+    state = {k: v + 1.0 for k, v in get_peft_model_state_dict(pm).items()}
+    state["base_model.model.bert.encoder.layer.0.attention.self.value.base_layer.bias"] = torch.ones(32)
+    state["base_model.model.bert.encoder.layer.1.attention.self.value.base_layer.bias"] = torch.ones(32)
+    before = snapshot(pm)
+    fail_on_call(monkeypatch, TorchRuntime, "write_tensor", 2)  # the second base entry
+    with pytest.raises(FAULT, match="injected"):
+        set_peft_model_state_dict(pm, state)
+    monkeypatch.undo()
+    assert_untouched(pm, before)
+
+
+@pytest.mark.parametrize("where", ["adapter_layer", "embedding_matrix"])
+@pytest.mark.parametrize("name", ["default", "new"])
+def test_class6_load_adapter_failing_part_way_leaves_the_model_as_it_was(
+    tmp_path: Any, monkeypatch: pytest.MonkeyPatch, where: str, name: str
+) -> None:
+    from peftcore_torch.layers import AdapterLayer
+    from peftcore_torch.peft_model import TorchPeftModel
+
+    config = lora(target_modules=["embed_tokens", "lm_head", "q_proj", "v_proj"])
+    directory = saved_adapter(tmp_path, config, save_embedding_layers=True)
+    rewrite_weights(directory, lambda t: t.update({k: v + np.float32(0.5) for k, v in t.items()}))
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        pm = peftcore.get_peft_model(llama_lm(seed=3), config)
+    before = snapshot(pm)
+    if where == "adapter_layer":
+        fail_on_call(monkeypatch, AdapterLayer, "load", 3)
+    else:
+        fail_on_call(monkeypatch, TorchPeftModel, "_set_base_weights", 1)
+    with pytest.raises(FAULT, match="injected"):
+        pm.load_adapter(directory, name)
+    monkeypatch.undo()
+    assert_untouched(pm, before)
+    pm.load_adapter(directory, name)  # and it loads once nothing fails
+    assert not same_bits(pm.get_base_model().model.embed_tokens.base_layer.weight,
+                         before["tensors"]["base_model.model.model.embed_tokens.base_layer.weight"])
+
+
+@pytest.mark.parametrize("combination", ["linear", "cat", "svd"])
+@pytest.mark.parametrize("weight", [1e80, float("nan"), "fault"])
+def test_class6_add_weighted_adapter_is_all_or_nothing(
+    monkeypatch: pytest.MonkeyPatch, combination: str, weight: Any
+) -> None:
+    from peftcore_torch.layers import AdapterLayer
+
+    pm = peftcore.get_peft_model(llama_lm(), lora())
+    pm.add_adapter("b", lora())
+    before = snapshot(pm)
+    if weight == "fault":
+        fail_on_call(monkeypatch, AdapterLayer, "load", 2)
+    error = FAULT if weight == "fault" else (ValueError, AdapterError)
+    with pytest.raises(error, match="injected|finite|NaN/Inf"):
+        pm.add_weighted_adapter(["default", "b"], [1.0, 1.0 if weight == "fault" else weight], "mix", combination)
+    monkeypatch.undo()
+    assert_untouched(pm, before)
+    assert "mix" not in pm.peft_config
+
+
+def residual_prompt_model() -> Any:
+    from peftcore import ResidualPromptTuningConfig
+
+    return peftcore.get_peft_model(llama_lm(), ResidualPromptTuningConfig(num_virtual_tokens=4, bottleneck_size=8)).eval()
+
+
+@pytest.mark.parametrize("failure", ["fault", "overflow"])
+def test_class6_a_failed_bake_leaves_the_adapter_unbaked(monkeypatch: pytest.MonkeyPatch, failure: str) -> None:
+    from peftcore_torch.prompt import PromptEmbedding
+
+    pm = residual_prompt_model()
+    if failure == "overflow":  # finite tensors whose baked prompt is Inf
+        tensors = pm.export_adapter("default")
+        key = next(k for k in tensors if k.endswith("residual_norm_weight"))
+        pm.import_adapter("default", {**tensors, key: np.full_like(tensors[key], 3e38)})
+    else:
+        fail_on_call(monkeypatch, PromptEmbedding, "bake", 1)  # bakes the layer, then fails
+    before = snapshot(pm)
+    ids = random_ids(2, 5)
+    with torch.no_grad():
+        out_before = pm(input_ids=ids).logits
+    with pytest.raises(FAULT if failure == "fault" else AdapterError, match="injected|left unbaked"):
+        pm.bake()
+    monkeypatch.undo()
+    assert_untouched(pm, before)
+    with torch.no_grad():
+        assert same_bits(pm(input_ids=ids).logits, out_before)
+
+
+def test_class6_a_failed_xprompt_install_leaves_the_prompt(monkeypatch: pytest.MonkeyPatch) -> None:
+    from peftcore import model_ops
+
+    pm = prompt_model()
+    before = snapshot(pm)
+    original = model_ops.apply_plan
+
+    def failing(runtime: Any, model: Any, plan: Any, builders: Any) -> None:
+        if any(getattr(op, "token_mask", ()) for op in plan.ops):
+            raise Fault("injected failure installing the pruned prompt")
+        original(runtime, model, plan, builders)
+
+    monkeypatch.setattr(model_ops, "apply_plan", failing)
+    with pytest.raises(FAULT, match="injected"):
+        xprompt_prune(pm, batches(), lambda m, b: m(input_ids=b, labels=b).loss, XPromptConfig(), progress=False)
+    monkeypatch.undo()
+    assert_untouched(pm, before)
+    assert list(pm.peft_config) == ["default"] and pm.active_adapters == ["default"]
