@@ -14,11 +14,11 @@ float16 and bfloat16, which torch exports widened to float32).
 from __future__ import annotations
 
 import contextlib
-from typing import Any, Iterator, Mapping, Sequence
+from typing import Any, Iterator, Mapping, Optional, Sequence
 
 import numpy as np
 
-from peftcore.errors import AdapterError
+from peftcore.errors import AdapterError, BackendError
 from peftcore.plan import RewritePlan
 
 
@@ -40,12 +40,20 @@ def check_tensor_shapes(plan: RewritePlan, tensors: Mapping[str, Any], adapter_n
 @contextlib.contextmanager
 def restoring_tensors(peft_model: Any, adapter_name: str) -> Iterator[None]:
     """Inside the block the adapter's tensors (and the base tensors it trains in place)
-    may be overwritten; if the block raises, they are put back as they were."""
-    before = {name: np.array(value, copy=True) for name, value in peft_model.export_adapter(adapter_name).items()}
+    may be overwritten; if the block raises, they are put back as they were. An adapter
+    built without data (torch's ``meta`` device, ``low_cpu_mem_usage``) cannot be
+    exported and has no values to lose: nothing is kept for it."""
+    try:
+        before: Optional[dict[str, np.ndarray]] = {
+            name: np.array(value, copy=True) for name, value in peft_model.export_adapter(adapter_name).items()
+        }
+    except BackendError:
+        before = None
     try:
         yield
     except BaseException:
-        peft_model.import_adapter(adapter_name, before)
+        if before is not None:
+            peft_model.import_adapter(adapter_name, before)
         raise
 
 

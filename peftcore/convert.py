@@ -44,7 +44,7 @@ from peftcore.methods.common import effective_modules_to_save
 from peftcore.plan import RewritePlan, check_plan_fits
 from peftcore.plugins import get_plugin_manager
 from peftcore.runtime import CheckpointFormat
-from peftcore.targeting import matches
+from peftcore.targeting import TargetMatcher
 
 #: ``peft_type`` values Hugging Face PEFT knows. A method whose type is listed writes
 #: HF PEFT's config and tensor keys (peftcore's LoRA and prompt tuning do).
@@ -164,9 +164,10 @@ def _saved_module_nodes(config: PeftConfig, others: Mapping[str, np.ndarray], so
     """One node per ``modules_to_save`` module, owning every parameter under it."""
     names = effective_modules_to_save(config.task_type, getattr(config, "modules_to_save", None)) or []
     modules: dict[str, dict[str, tuple]] = {}
+    saved = TargetMatcher(names)
     for key, array in others.items():
         parts = key.split(".")
-        module = next((".".join(parts[:i]) for i in range(1, len(parts)) if matches(".".join(parts[:i]), names)), None)
+        module = next((".".join(parts[:i]) for i in range(1, len(parts)) if saved(".".join(parts[:i]))), None)
         if module is None:
             raise AdapterError(
                 f"{source}: tensor {key!r} is neither a LoRA tensor nor under a modules_to_save module "

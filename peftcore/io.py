@@ -194,10 +194,14 @@ def check_plan_matches_config(plan: RewritePlan, config: PeftConfig, where: str)
     scaling_of = getattr(config, "scaling", None)
     if not callable(rank_and_alpha) or not callable(scaling_of):
         return
-    for op in plan.ops:
-        if not isinstance(op, AddLora):
-            continue
-        r, alpha = rank_and_alpha(op.path)
+    lora_ops = [op for op in plan.ops if isinstance(op, AddLora)]
+    settings_of = getattr(config, "layer_settings", None)
+    try:  # every layer's settings at once: linear in keys plus layers, bounded (see peftcore.pattern_keys)
+        settings = settings_of([op.path for op in lora_ops]) if callable(settings_of) else {}
+    except PeftCoreError as exc:
+        raise AdapterError(f"{where}: {exc}") from None
+    for op in lora_ops:
+        r, alpha = settings[op.path] if op.path in settings else rank_and_alpha(op.path)
         expected = float(scaling_of(r, alpha))
         if op.r != r or not np.isclose(op.lora_alpha, float(alpha), rtol=1e-9, atol=0.0) or not np.isclose(
             op.scaling, expected, rtol=1e-9, atol=0.0

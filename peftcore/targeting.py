@@ -18,6 +18,7 @@ from typing import Any, Optional, Sequence, Union
 
 from peftcore.errors import ConfigError, TargetNotFoundError, UnsupportedLayerError, closest
 from peftcore.graph import LayerNode, ModelGraph
+from peftcore.pattern_keys import component_suffixes
 
 Targets = Union[str, Sequence[str], None]
 
@@ -156,12 +157,25 @@ def validate_targets(owner: str, name: str, targets: Targets, allow_none: bool =
 
 
 def matches(path: str, targets: Targets) -> bool:
-    """Whether ``path`` is named by ``targets`` (list = exact or dotted suffix, str = full regex)."""
-    if targets is None:
-        return False
-    if isinstance(targets, str):
-        return re.fullmatch(targets, path) is not None
-    return any(path == t or path.endswith("." + t) for t in targets)
+    """Whether ``path`` is named by ``targets`` (list = exact or dotted suffix, str = full regex).
+    To test many paths, build a :class:`TargetMatcher` once."""
+    return TargetMatcher(targets)(path)
+
+
+class TargetMatcher:
+    """:func:`matches` for one ``targets`` value, prepared once: a list becomes a set
+    (a path is named when it, or one of its ends that starts a component, is in it), a
+    regex is compiled. Testing a path costs a few set lookups however long the list is,
+    so a config with a long ``target_modules`` list from a file costs linear work."""
+
+    def __init__(self, targets: Targets) -> None:
+        self.regex = re.compile(targets) if isinstance(targets, str) else None
+        self.names = frozenset(targets) if targets is not None and not isinstance(targets, str) else frozenset()
+
+    def __call__(self, path: str) -> bool:
+        if self.regex is not None:
+            return self.regex.fullmatch(path) is not None
+        return bool(self.names) and any(suffix in self.names for suffix in component_suffixes(path))
 
 
 def layer_index(path: str, patterns: Union[str, Sequence[str], None]) -> Optional[int]:
@@ -200,10 +214,12 @@ def select_layers(
     if target_modules == ALL_LINEAR:
         matched = [n for n in graph if n.kind == "linear" and n.path != graph.output_head]
     else:
-        matched = [n for n in graph if matches(n.path, target_modules)]
+        targeted = TargetMatcher(target_modules)
+        matched = [n for n in graph if targeted(n.path)]
     before_filters = list(matched)
     if exclude_modules is not None:
-        matched = [n for n in matched if not matches(n.path, exclude_modules)]
+        excluded = TargetMatcher(exclude_modules)
+        matched = [n for n in matched if not excluded(n.path)]
     if layers_to_transform is not None:
         wanted = {layers_to_transform} if isinstance(layers_to_transform, int) else set(layers_to_transform)
         matched = [n for n in matched if layer_index(n.path, layers_pattern) in wanted]

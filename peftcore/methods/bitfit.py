@@ -17,12 +17,13 @@ from peftcore.graph import LAYER_KINDS, LayerNode, ModelGraph
 from peftcore.methods.common import (
     effective_modules_to_save,
     modules_to_save_ops,
+    validate_layers_pattern,
     validate_layers_to_transform,
     validate_modules_to_save,
 )
 from peftcore.peft_type import PeftType
 from peftcore.plan import FreezeBase, PlanOp, RewritePlan, TensorSpec, register_op
-from peftcore.targeting import ALL_LINEAR, Targets, layer_index, matches, select_layers, validate_targets
+from peftcore.targeting import ALL_LINEAR, TargetMatcher, Targets, layer_index, select_layers, validate_targets
 
 #: Layer kinds that may carry a bias BitFit trains; only linears are given a new one.
 BIAS_KINDS = ("linear", "norm", "conv")
@@ -106,6 +107,7 @@ class BitFitConfig(PeftConfig):
         self.exclude_modules = validate_targets(name, "exclude_modules", self.exclude_modules)
         check_type(name, "add_missing_biases", self.add_missing_biases, (bool,))
         validate_layers_to_transform(name, self.layers_to_transform)
+        validate_layers_pattern(name, self.layers_pattern)
         validate_modules_to_save(name, self.modules_to_save)
 
     def plan(self, graph: ModelGraph, adapter_name: str = "default") -> RewritePlan:
@@ -129,7 +131,8 @@ class BitFitConfig(PeftConfig):
     def _selected(self, graph: ModelGraph) -> list[LayerNode]:
         """Targeted layers that have a bias, or can be given one."""
         if self.target_modules is None:
-            nodes = [n for n in graph if not matches(n.path, self.exclude_modules)]
+            excluded = TargetMatcher(self.exclude_modules)
+            nodes = [n for n in graph if not excluded(n.path)]
             if self.layers_to_transform is not None:
                 wanted = {self.layers_to_transform} if isinstance(self.layers_to_transform, int) else set(self.layers_to_transform)
                 nodes = [n for n in nodes if layer_index(n.path, self.layers_pattern) in wanted]

@@ -7,9 +7,9 @@ from typing import Any, Optional, Sequence
 
 from peftcore.config import check, check_type
 from peftcore.errors import TargetNotFoundError, closest
-from peftcore.graph import ModelGraph
+from peftcore.graph import LayerNode, ModelGraph
+from peftcore.pattern_keys import component_suffixes
 from peftcore.plan import SaveModule
-from peftcore.targeting import matches
 
 #: Heads HF PEFT trains in full for a task type; kept so HF configs mean the same here.
 TASK_MODULES_TO_SAVE = {
@@ -58,6 +58,26 @@ def validate_layers_to_transform(owner: str, layers: object) -> None:
     )
 
 
+#: Most names a ``layers_pattern`` list may hold (each is searched for in every layer path).
+MAX_LAYERS_PATTERNS = 64
+
+
+def validate_layers_pattern(owner: str, patterns: object) -> None:
+    """``layers_pattern`` is None, a name, or a list of at most :data:`MAX_LAYERS_PATTERNS` names."""
+    if patterns is None:
+        return
+    items = [patterns] if isinstance(patterns, str) else patterns
+    check(
+        isinstance(items, list) and all(isinstance(p, str) and p for p in items),
+        f"{owner}.layers_pattern must be a name or a list of names, got {patterns!r}",
+    )
+    assert isinstance(items, list)
+    check(
+        len(items) <= MAX_LAYERS_PATTERNS,
+        f"{owner}.layers_pattern lists {len(items)} names; at most {MAX_LAYERS_PATTERNS}",
+    )
+
+
 def modules_to_save_ops(
     graph: ModelGraph, modules: Optional[Sequence[str]], owner: str, hf_key_prefix: str = ""
 ) -> list[SaveModule]:
@@ -69,10 +89,15 @@ def modules_to_save_ops(
     """
     ops: list[SaveModule] = []
     unmatched: list[str] = []
-    for name in modules or ():
-        found = [n for n in graph if matches(n.path, [name])]
+    named: dict[str, list[LayerNode]] = {}  # every name a layer answers to -> the layers, in model order
+    for node in graph if modules else ():
+        for suffix in component_suffixes(node.path):
+            named.setdefault(suffix, []).append(node)
+    for name in dict.fromkeys(modules or ()):
+        found = named.get(name, [])
         # keep only the outermost matches (a nested match would be saved twice)
-        outer = [n for n in found if not any(n.path.startswith(o.path + ".") for o in found)]
+        found_paths = {n.path for n in found}
+        outer = [n for n in found if not any(prefix in found_paths for prefix in _component_prefixes(n.path))]
         if not outer:
             unmatched.append(name)
             continue
@@ -90,5 +115,11 @@ def modules_to_save_ops(
     task_heads = {head for heads in TASK_MODULES_TO_SAVE.values() for head in heads}
     unmatched = [name for name in unmatched if name not in task_heads]
     if unmatched:
-        warnings.warn(f"{owner}: modules_to_save entries {unmatched} matched no layer and are ignored", stacklevel=3)
+        listed = ", ".join(repr(name) for name in unmatched[:10]) + (f" and {len(unmatched) - 10} more" if len(unmatched) > 10 else "")
+        warnings.warn(f"{owner}: modules_to_save entries {listed} matched no layer and are ignored", stacklevel=3)
     return ops
+
+
+def _component_prefixes(path: str) -> list[str]:
+    """The paths of the modules that contain ``path`` (``a.b.c``: ``a``, ``a.b``)."""
+    return [path[:i] for i, char in enumerate(path) if char == "."]

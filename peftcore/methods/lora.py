@@ -4,8 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
-import re
-from typing import Any, ClassVar, Mapping, Optional, Union
+from typing import Any, ClassVar, Mapping, Optional, Sequence, Union
 
 from peftcore.config import PeftConfig, check, check_type, config_class
 from peftcore.errors import ConfigError, PlanError
@@ -13,9 +12,11 @@ from peftcore.graph import LayerNode, ModelGraph
 from peftcore.methods.common import (
     effective_modules_to_save,
     modules_to_save_ops,
+    validate_layers_pattern,
     validate_layers_to_transform,
     validate_modules_to_save,
 )
+from peftcore.pattern_keys import MAX_REGEX_KEYS, PatternKeys, literal_form
 from peftcore.peft_type import PeftType
 from peftcore.plan import FreezeBase, PlanOp, RewritePlan, TensorSpec, register_op
 from peftcore.targeting import Targets, check_regex, select_layers, validate_targets
@@ -206,14 +207,24 @@ class LoraConfig(PeftConfig):
         self.target_modules = validate_targets(name, "target_modules", self.target_modules)
         self.exclude_modules = validate_targets(name, "exclude_modules", self.exclude_modules)
         validate_layers_to_transform(name, self.layers_to_transform)
+        validate_layers_pattern(name, self.layers_pattern)
         for field_name in ("rank_pattern", "alpha_pattern"):
             pattern = getattr(self, field_name)
             if pattern is None:
                 setattr(self, field_name, {})
                 continue
             check(isinstance(pattern, dict), f"{name}.{field_name} must be a dict, got {pattern!r}")
-            for key, value in pattern.items():
+            for key in pattern:
+                check(isinstance(key, str) and bool(key), f"{name}.{field_name} keys must be non-empty strings, got {key!r}")
+            regex_keys = [key for key in pattern if literal_form(key) is None]  # a literal name needs no check
+            check(
+                len(regex_keys) <= MAX_REGEX_KEYS,
+                f"{name}.{field_name} has {len(regex_keys)} keys that are regular expressions; at most "
+                f"{MAX_REGEX_KEYS} (literal layer names, e.g. 'model.layers.0.self_attn.q_proj', are not limited)",
+            )
+            for key in regex_keys:
                 check_regex(f"{name}.{field_name} key", key)
+            for key, value in pattern.items():
                 check_type(name, f"{field_name}[{key!r}]", value, (int,) if field_name == "rank_pattern" else (int, float))
                 check(value > 0, f"{name}.{field_name}[{key!r}] must be positive, got {value}")
         validate_modules_to_save(name, self.modules_to_save)
@@ -221,7 +232,26 @@ class LoraConfig(PeftConfig):
     # -- planning -------------------------------------------------------------------
     def rank_and_alpha(self, path: str) -> tuple[int, float]:
         """The rank and alpha for layer ``path``, after ``rank_pattern``/``alpha_pattern``."""
-        return _pattern_value(self.rank_pattern, path, self.r), _pattern_value(self.alpha_pattern, path, self.lora_alpha)
+        return self.layer_settings([path])[path]
+
+    def layer_settings(self, paths: Sequence[str]) -> dict[str, tuple[int, float]]:
+        """:meth:`rank_and_alpha` of every path in ``paths``, in work linear in the number
+        of keys plus layers (see :mod:`peftcore.pattern_keys`)."""
+        ranks, alphas = self._pattern_keys("rank_pattern", paths), self._pattern_keys("alpha_pattern", paths)
+        return {
+            path: (
+                self.rank_pattern[ranks[path]] if ranks[path] is not None else self.r,
+                self.alpha_pattern[alphas[path]] if alphas[path] is not None else self.lora_alpha,
+            )
+            for path in paths
+        }
+
+    def _pattern_keys(self, field: str, paths: Sequence[str]) -> dict[str, Optional[str]]:
+        """Each path's first matching key of ``rank_pattern``/``alpha_pattern`` (or None)."""
+        pattern = getattr(self, field) or {}
+        if not pattern:
+            return dict.fromkeys(paths)
+        return PatternKeys(pattern, f"{type(self).__name__}.{field}").first_matches(paths)
 
     def scaling(self, r: int, alpha: float) -> float:
         return alpha / math.sqrt(r) if self.use_rslora else alpha / r
@@ -229,7 +259,7 @@ class LoraConfig(PeftConfig):
     def scalar_source(self, path: str, field: str) -> str:
         """The config entries that give layer ``path`` its ``field`` (of its ``lora`` op),
         for error messages: ``alpha_pattern['q_proj']=1e+308 with r=8 (alpha / r)``."""
-        r_key, alpha_key = _pattern_key(self.rank_pattern, path), _pattern_key(self.alpha_pattern, path)
+        r_key, alpha_key = self._pattern_keys("rank_pattern", [path])[path], self._pattern_keys("alpha_pattern", [path])[path]
         r_entry = f"rank_pattern[{r_key!r}]={self.rank_pattern[r_key]!r}" if r_key is not None else f"r={self.r!r}"
         alpha_entry = (
             f"alpha_pattern[{alpha_key!r}]={self.alpha_pattern[alpha_key]!r}" if alpha_key is not None
@@ -252,7 +282,8 @@ class LoraConfig(PeftConfig):
             layers_pattern=self.layers_pattern,
         )
         ops: list[PlanOp] = [FreezeBase()]
-        ops.extend(self._lora_op(node) for node in layers)
+        settings = self.layer_settings([node.path for node in layers])
+        ops.extend(self._lora_op(node, *settings[node.path]) for node in layers)
         saved = effective_modules_to_save(self.task_type, self.modules_to_save)
         saved_ops = modules_to_save_ops(graph, saved, type(self).__name__)
         ops.extend(self._bias_ops(graph, [node.path for node in layers], [op.path for op in saved_ops]))
@@ -283,8 +314,7 @@ class LoraConfig(PeftConfig):
                 f"{biased + (['the new one'] if self.bias != 'none' else [])}); set bias='none' for all adapters"
             )
 
-    def _lora_op(self, node: LayerNode) -> AddLora:
-        r, alpha = self.rank_and_alpha(node.path)
+    def _lora_op(self, node: LayerNode, r: int, alpha: float) -> AddLora:
         if node.kind == "embedding":
             in_features, out_features = node.num_embeddings, node.embedding_dim
         else:
@@ -300,15 +330,3 @@ class LoraConfig(PeftConfig):
             dropout=float(self.lora_dropout),
             init=_INITS[self.init_lora_weights],
         )
-
-
-def _pattern_key(pattern: Optional[dict], path: str) -> Optional[str]:
-    for key in pattern or {}:
-        if re.fullmatch(rf"(.*\.)?(?:{key})", path):
-            return key
-    return None
-
-
-def _pattern_value(pattern: Optional[dict], path: str, default: Any) -> Any:
-    key = _pattern_key(pattern, path)
-    return default if key is None else (pattern or {})[key]

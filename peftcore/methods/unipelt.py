@@ -31,6 +31,7 @@ from peftcore.graph import LayerNode, ModelGraph
 from peftcore.methods.common import (
     effective_modules_to_save,
     modules_to_save_ops,
+    validate_layers_pattern,
     validate_layers_to_transform,
     validate_modules_to_save,
 )
@@ -133,6 +134,7 @@ class UniPELTConfig(PeftConfig):
             f"{name}.adapter_activation must be one of {ADAPTER_ACTIVATIONS}, got {self.adapter_activation!r}",
         )
         validate_layers_to_transform(name, self.layers_to_transform)
+        validate_layers_pattern(name, self.layers_pattern)
         for field_name in ("attention_module", "key_module", "ffn_output_module"):
             check_type(name, field_name, getattr(self, field_name), (str,), allow_none=True)
         if self.lora_modules is not None:
