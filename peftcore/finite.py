@@ -12,7 +12,8 @@ An adapter read from a file (or a state dict) is checked, unless the caller pass
 - the factors of a layer's change, each finite, must not overflow together
   (:func:`check_adapter_gains`): for inputs with entries of magnitude at most 1, every
   intermediate of a LoRA (``A x``, ``B A x``, ``scaling B A x``) and of a bottleneck
-  adapter must fit the layer's dtype. The bound is computed from norms
+  adapter, and every query-key product with a prefix's keys (prefix tuning, UniPELT),
+  must fit the layer's dtype. The bound is computed from norms
   (``||A||_inf`` is the largest ``|A x|`` over such inputs, and ``||B||_inf ||A||_inf``
   bounds every partial sum of ``B (A x)``), so the check costs one pass over the
   tensors, as the NaN check does. It is an upper bound, and a sound one for the
@@ -162,4 +163,34 @@ def _bottleneck_gain(op: Any, tensors: Mapping[str, Any], limit: float) -> Optio
     return None
 
 
-_GAINS: dict[str, Gain] = {"lora": _lora_gain, "bottleneck_adapter": _bottleneck_gain}
+def _key_block_gain(table: np.ndarray, width: int) -> float:
+    """The largest ``sum |k|`` over one layer's key (or value) vector of a prefix table:
+    ``q . k`` for a query with entries of magnitude at most 1 stays below it."""
+    if not table.size or width <= 0 or table.shape[-1] % width:
+        return 0.0
+    return float(np.max(np.sum(np.abs(table.reshape(-1, width)), axis=1)))
+
+
+def _prefix_table_gain(op: Any, tensors: Mapping[str, Any], limit: float) -> Optional[tuple[tuple[str, ...], float, str]]:
+    name = "prefix_encoder.prompt_embeddings"  # with a projection, this is the MLP's output HF PEFT saves
+    key = f"{op.path}.{name}"
+    if key not in tensors:
+        return None
+    gain = _key_block_gain(np.asarray(tensors[key], dtype=np.float64), int(op.width))
+    return ((name,), gain, "q . k over a prefix key") if gain > limit or not math.isfinite(gain) else None
+
+
+def _prefix_gain(op: Any, tensors: Mapping[str, Any], limit: float) -> Optional[tuple[tuple[str, ...], float, str]]:
+    key = f"{op.path}.prefix.keys"
+    if key not in tensors:
+        return None
+    gain = _key_block_gain(np.asarray(tensors[key], dtype=np.float64), int(op.width))
+    return (("prefix.keys",), gain, "q . k over a prefix key") if gain > limit or not math.isfinite(gain) else None
+
+
+_GAINS: dict[str, Gain] = {
+    "lora": _lora_gain,
+    "bottleneck_adapter": _bottleneck_gain,
+    "prefix_encoder": _prefix_table_gain,
+    "prefix": _prefix_gain,
+}

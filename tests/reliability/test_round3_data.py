@@ -219,6 +219,31 @@ def test_class3_finite_factors_whose_product_overflows_are_refused(tmp_path: Any
     assert not torch.isfinite(out).all()
 
 
+@pytest.mark.parametrize("method", ["prefix_tuning", "unipelt"])
+def test_class3_prefix_keys_whose_query_products_overflow_are_refused(tmp_path: Any, method: str) -> None:
+    from peftcore import PrefixTuningConfig, UniPELTConfig
+
+    config = (
+        PrefixTuningConfig(num_virtual_tokens=4, task_type="CAUSAL_LM") if method == "prefix_tuning"
+        else UniPELTConfig(variant="P", num_virtual_tokens=4, task_type="CAUSAL_LM")
+    )
+    directory = tmp_path / method
+    peftcore.get_peft_model(llama_lm(), config).save_pretrained(directory)
+
+    def scale(tensors: dict) -> None:
+        for key in tensors:
+            if key.endswith("prompt_embeddings") or key.endswith("prefix.keys"):
+                largest = float(np.abs(tensors[key]).max())
+                tensors[key] = (tensors[key].astype(np.float64) * (3e38 / largest)).astype(np.float32)
+                assert np.isfinite(tensors[key]).all()  # each value finite, their sums over a key are not
+
+    rewrite_weights(directory, scale)
+    base = llama_lm()
+    with pytest.raises(AdapterError, match=r"q \. k over a prefix key"):
+        peftcore.PeftModel.from_pretrained(base, directory)
+    assert not any("prefix" in name for name, _ in base.named_parameters())
+
+
 @pytest.mark.parametrize(
     "changes, scaling",
     [(dict(lora_alpha=2e38), "1e+38"), (dict(lora_alpha=3e38, rank_pattern={"q_proj": 1}), "3e+38"),
