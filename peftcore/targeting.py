@@ -248,10 +248,17 @@ def _nothing_matched(
     candidates = [n.path for n in graph if n.kind in kinds] or graph.paths
     names = [targets] if isinstance(targets, str) else list(targets or [])
     hints: list[str] = []
-    for name in names:
+    for name in names[:_HINTED_NAMES]:  # a fuzzy search per name: a list from a file may be long
         for hint in closest(name, candidates):
             if hint not in hints:
                 hints.append(hint)
     hint_text = f"; closest layer names: {', '.join(hints[:8])}" if hints else ""
+    shown = repr(targets) if len(names) <= _HINTED_NAMES or isinstance(targets, str) else (
+        f"[{', '.join(repr(n) for n in names[:_HINTED_NAMES])}, ... and {len(names) - _HINTED_NAMES} more]"
+    )
     unreached = "".join(f"; {note}" for note in graph.unreached)
-    return f"{owner}: target_modules {targets!r} matched no layer of the model{hint_text}{unreached}"
+    return f"{owner}: target_modules {shown} matched no layer of the model{hint_text}{unreached}"
+
+
+#: How many target names an error message shows and looks for close layer names to.
+_HINTED_NAMES = 10

@@ -156,3 +156,11 @@ def test_class4_matching_work_over_the_bound_is_refused_before_it_is_done(tmp_pa
     plan = config.plan(small)
     # a path matches a key when its non-zero digits sit at the key's wildcards: these have at most 3
     assert {op.r for op in plan.ops if op.op == "lora"} == {2}
+
+
+def test_class4_a_long_target_list_matching_nothing_fails_fast_with_a_short_message(tmp_path: Path) -> None:
+    names = [f"proj_{i}" for i in range(100_000)]
+    directory = hostile_config(tmp_path, target_modules=names)
+    report = run_limited(LOAD.format(layers=LAYERS, directory=str(directory)), timeout=60)
+    assert report.startswith("PEFTCORE TargetNotFoundError"), report
+    assert "and 99990 more" in report and len(report) < 2_000, report
