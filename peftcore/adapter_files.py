@@ -38,6 +38,7 @@ from peftcore.io import (
     save_adapter,
     unexpected_tensor_keys,
 )
+from peftcore.model_lock import changes_model, reads_model
 from peftcore.plan import RewritePlan, check_plan_fits
 from peftcore.runtime import BackendRuntime
 
@@ -107,6 +108,7 @@ class _PeftModelState(Protocol):
 class AdapterFilesMixin:
     """``save_pretrained`` and ``load_adapter`` (see the module docstring)."""
 
+    @reads_model
     def save_pretrained(
         self: _PeftModelState,
         save_directory: Union[str, os.PathLike],
@@ -174,6 +176,7 @@ class AdapterFilesMixin:
                 create_pr=create_pr, repo_type="model",
             )
 
+    @changes_model
     def load_adapter(
         self: _PeftModelState,
         model_id: Union[str, os.PathLike],

@@ -26,6 +26,7 @@ from peftcore.errors import AdapterError, ConfigError
 from peftcore.finite import check_adapter_gains, check_values, count_non_finite
 from peftcore.io import DEFAULT_ADAPTER, HF_PREFIX, hf_key_of, match_tensors
 from peftcore.methods.lora import AddLora, LoraConfig
+from peftcore.model_lock import changes_model, reads_model
 
 __all__ = [
     "HFCompatMixin",
@@ -50,6 +51,7 @@ class IncompatibleKeys(NamedTuple):
 class HFCompatMixin:
     """HF PEFT's PeftModel methods built on the core's state machine (see the module docstring)."""
 
+    @changes_model
     def disable_adapter_layers(self) -> None:
         """Run the base model alone until :meth:`enable_adapter_layers` (HF PEFT's name);
         meanwhile no adapter parameter requires gradients.
@@ -60,17 +62,19 @@ class HFCompatMixin:
             warnings.warn(
                 f"adapters {pm.merged_adapters} are merged; unmerging them before disabling the adapter layers",
                 UserWarning,
-                stacklevel=2,
+                stacklevel=3,
             )
             pm.unmerge_adapter()
         pm._warn_base_stays_trained("disable_adapter_layers()")
         pm._enable_layers(False)
 
+    @changes_model
     def enable_adapter_layers(self) -> None:
         """Undo :meth:`disable_adapter_layers`."""
         pm: Any = self
         pm._enable_layers(True)
 
+    @changes_model
     def add_weighted_adapter(
         self,
         adapters: Sequence[str],
@@ -209,6 +213,7 @@ def get_peft_config(config_dict: Mapping[str, Any]) -> Any:
     return PeftRegistry.config_from_dict(dict(config_dict))
 
 
+@reads_model
 def get_peft_model_state_dict(
     model: Any,
     state_dict: Optional[Mapping[str, Any]] = None,
@@ -234,6 +239,7 @@ def get_peft_model_state_dict(
     return {key: (convert(value) if convert else value) for key, value in found.items()}
 
 
+@changes_model
 def set_peft_model_state_dict(
     model: Any,
     peft_model_state_dict: Mapping[str, Any],

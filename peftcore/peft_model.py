@@ -35,6 +35,7 @@ from peftcore.io import (
     read_adapter,
 )
 from peftcore.methods.common import effective_modules_to_save
+from peftcore.model_lock import changes_model, model_lock, reads_model, writing
 from peftcore.model_ops import BASE_ROW
 from peftcore.plan import RewritePlan
 from peftcore.plugins import Backend, get_plugin_manager
@@ -102,12 +103,21 @@ class PeftModel(AdapterFilesMixin, HFCompatMixin):
         of the batch, ``"__base__"`` for the base model alone: each row runs through its
         own adapter, whichever adapters are active. Merged adapters cannot be mixed, and
         (as in HF PEFT) a model in training mode refuses ``adapter_names``.
+
+        The call holds the model's lock for reading (:mod:`peftcore.model_lock`), so it
+        sees the adapters wholly before or wholly after any change another thread makes.
         """
         if adapter_names is None:
-            return self.run_base_model(*args, **kwargs)
+            lock = model_lock(self)
+            lock.acquire_read()
+            try:
+                return self.run_base_model(*args, **kwargs)
+            finally:
+                lock.release_read()
         first_input = args[0] if args else kwargs.get("input_ids", kwargs.get("inputs_embeds"))
         return self.run_mixed_batch(self.run_base_model, adapter_names, first_input, args, kwargs)
 
+    @reads_model
     def run_mixed_batch(
         self,
         call: Any,
@@ -184,6 +194,7 @@ class PeftModel(AdapterFilesMixin, HFCompatMixin):
         return self.active_adapters[0] if self.active_adapters else ""
 
     # -- adapters -------------------------------------------------------------------------
+    @changes_model
     def add_adapter(
         self,
         adapter_name: str,
@@ -242,6 +253,7 @@ class PeftModel(AdapterFilesMixin, HFCompatMixin):
         """Adapters added before the model's layers knew their shapes, not built yet."""
         return [name for name, _, _ in self._pending]
 
+    @changes_model
     def build_pending_adapters(self, example_inputs: Any = None) -> None:
         """Describe the model, now that its layers know their shapes (or by one forward on
         ``example_inputs``), and build the adapters added before. Does nothing when none
@@ -262,6 +274,7 @@ class PeftModel(AdapterFilesMixin, HFCompatMixin):
                 self._pending = pending[index + 1 :]
                 raise
 
+    @changes_model
     def set_adapter(self, adapter_name: Union[str, Sequence[str]], inference_mode: bool = False) -> None:
         """Make these adapters the active ones: used in forward, and trainable unless
         ``inference_mode`` (HF PEFT's argument) or their config's ``inference_mode``."""
@@ -275,6 +288,7 @@ class PeftModel(AdapterFilesMixin, HFCompatMixin):
         model_ops.set_active(self.runtime, self.get_base_model(), names)
         self.active_adapters = names
 
+    @changes_model
     def replace_adapter(
         self, adapter_name: str, config: PeftConfig, plan: RewritePlan, tensors: Mapping[str, Any]
     ) -> None:
@@ -289,6 +303,7 @@ class PeftModel(AdapterFilesMixin, HFCompatMixin):
             self.import_adapter(adapter_name, tensors)
             self.set_adapter(active)
 
+    @changes_model
     def delete_adapter(self, adapter_name: str) -> None:
         """Remove an adapter. Deleting the active one activates the first remaining."""
         if adapter_name not in self.peft_config and adapter_name not in self.pending_adapters:
@@ -319,26 +334,32 @@ class PeftModel(AdapterFilesMixin, HFCompatMixin):
         parameter requires gradients inside it. Layers disabled before the block
         (``disable_adapter_layers``) stay disabled after it; when only some were, all are
         enabled after it, with a warning (HF PEFT's rule).
+
+        The switch is model-wide, as in HF PEFT: forwards in other threads see the base
+        model during the block too. Entering and leaving are each one change under the
+        model's lock (:mod:`peftcore.model_lock`); the block itself holds no lock.
         """
-        merged = list(self._merged)
-        states = model_ops.enabled_states(self.runtime, self.get_base_model())
-        if len(states) > 1:
-            warnings.warn(
-                "The model contains some adapter layers that are enabled and others that are disabled; all of them "
-                "will be enabled when the disable_adapter() block ends",
-                UserWarning,
-                stacklevel=3,
-            )
-        enable_after = states != {False}
-        self._warn_base_stays_trained("disable_adapter()")
-        self.unmerge_adapter()
-        self._enable_layers(False)
+        with writing(self):
+            merged = list(self._merged)
+            states = model_ops.enabled_states(self.runtime, self.get_base_model())
+            if len(states) > 1:
+                warnings.warn(
+                    "The model contains some adapter layers that are enabled and others that are disabled; all of "
+                    "them will be enabled when the disable_adapter() block ends",
+                    UserWarning,
+                    stacklevel=3,
+                )
+            enable_after = states != {False}
+            self._warn_base_stays_trained("disable_adapter()")
+            self.unmerge_adapter()
+            self._enable_layers(False)
         try:
             yield
         finally:
-            self._enable_layers(enable_after)
-            if merged:
-                self.merge_adapter(merged)
+            with writing(self):
+                self._enable_layers(enable_after)
+                if merged:
+                    self.merge_adapter(merged)
 
     def _enable_layers(self, enabled: bool) -> None:
         """Switch every adapter layer on or off. While off, no adapter trains (HF PEFT
@@ -376,10 +397,11 @@ class PeftModel(AdapterFilesMixin, HFCompatMixin):
                 f"{operation}: adapters {self._merged} are merged and would no longer match the active "
                 "adapters; unmerging them first",
                 UserWarning,
-                stacklevel=3,
+                stacklevel=4,
             )
             self.unmerge_adapter()
 
+    @changes_model
     def merge_adapter(self, adapter_names: Optional[Sequence[str]] = None, safe_merge: bool = False) -> None:
         """Fold adapters (default: the active ones) into the base weights.
 
@@ -394,7 +416,7 @@ class PeftModel(AdapterFilesMixin, HFCompatMixin):
             self._require_mergeable(name)
         todo = [n for n in names if n not in self._merged]
         if names and not todo:
-            warnings.warn(f"All adapters are already merged, nothing to do ({names})", UserWarning, stacklevel=2)
+            warnings.warn(f"All adapters are already merged, nothing to do ({names})", UserWarning, stacklevel=3)
         if todo:
             if safe_merge:
                 self._check_safe_to_merge(self._merged + todo)
@@ -408,6 +430,7 @@ class PeftModel(AdapterFilesMixin, HFCompatMixin):
                 raise
             self._merged.extend(todo)
 
+    @changes_model
     def unmerge_adapter(self) -> None:
         """Undo every merge, restoring the base weights."""
         if self._merged:
@@ -418,6 +441,7 @@ class PeftModel(AdapterFilesMixin, HFCompatMixin):
     def merged_adapters(self) -> list[str]:
         return list(self._merged)
 
+    @changes_model
     def merge_and_unload(self, safe_merge: bool = False) -> Any:
         """Fold the active adapters into the base weights and return the plain model.
 
@@ -436,6 +460,7 @@ class PeftModel(AdapterFilesMixin, HFCompatMixin):
         assert self.model_graph is not None  # adapters exist only once the model is described
         check_safe_to_merge(exported, self.model_graph, model_ops.layer_dtypes(self.runtime, self.get_base_model()))
 
+    @changes_model
     def unload(self) -> Any:
         """Remove every adapter without merging and return the plain model."""
         self.unmerge_adapter()
@@ -451,6 +476,7 @@ class PeftModel(AdapterFilesMixin, HFCompatMixin):
         self.active_adapters = []
         return model
 
+    @changes_model
     def bake(self, adapter_name: Optional[str] = None) -> None:
         """Replace training-time reparameterisations by what they compute (default: the
         active adapter). For residual prompt tuning the MLP's output becomes a plain
@@ -487,6 +513,7 @@ class PeftModel(AdapterFilesMixin, HFCompatMixin):
         print(f"trainable params: {trainable:,} || all params: {total:,} || trainable%: {share:.4f}")
 
     # -- canonical tensors -----------------------------------------------------------------------
+    @reads_model
     def export_adapter(self, adapter_name: str) -> dict[str, Any]:
         """The adapter's tensors as canonical-layout numpy arrays, keyed by canonical name
         (``<layer path>.<tensor name>``, as in ``RewritePlan.tensor_specs``)."""
@@ -495,6 +522,7 @@ class PeftModel(AdapterFilesMixin, HFCompatMixin):
         tensors.update(model_ops.export_base_tensors(self.runtime, self.get_base_model(), self.plans[adapter_name]))
         return tensors
 
+    @changes_model
     def import_adapter(self, adapter_name: str, tensors: Mapping[str, Any]) -> None:
         """Copy canonical-layout numpy tensors into the adapter's parameters."""
         self._require(adapter_name)
@@ -506,6 +534,7 @@ class PeftModel(AdapterFilesMixin, HFCompatMixin):
         )
         model_ops.import_base_tensors(self.runtime, self.get_base_model(), plan, tensors)
 
+    @reads_model
     def adapter_gradients(self, adapter_name: str, loss: Any) -> dict[str, Any]:
         """d ``loss`` / d each of the adapter's tensors (canonical layout, numpy); ``loss`` is a
         scalar of the model's framework computed by running it. Stored gradients stay."""
@@ -515,6 +544,7 @@ class PeftModel(AdapterFilesMixin, HFCompatMixin):
         except NotImplementedError as exc:
             raise BackendError(str(exc)) from exc
 
+    @reads_model
     def gate_values(self, adapter_name: Optional[str] = None) -> dict[str, Any]:
         """The adapter's gate values from the last forward (UniPELT), keyed
         ``<layer path>.<gate stem>`` (default: the active adapter)."""

@@ -31,6 +31,7 @@ import numpy as np
 from peftcore import model_ops
 from peftcore.errors import AdapterError, ConfigError
 from peftcore.methods.prompt_tuning import AddPrompt
+from peftcore.model_lock import changes_model
 from peftcore.plan import RewritePlan
 
 if TYPE_CHECKING:
@@ -102,6 +103,7 @@ def piece_bounds(width: int, num_pieces: int) -> list[int]:
     return [j * width // num_pieces for j in range(num_pieces + 1)]
 
 
+@changes_model
 def xprompt_prune(
     peft_model: PeftModel,
     batches: Iterable[Any],

@@ -62,6 +62,7 @@ from peftcore.config import PeftConfig  # noqa: E402
 from peftcore.errors import AdapterError  # noqa: E402
 from peftcore.graph import ModelGraph  # noqa: E402
 from peftcore.methods.prompt_tuning import AddPrompt  # noqa: E402
+from peftcore.model_lock import changes_model, reads_model  # noqa: E402
 from peftcore.peft_model import PeftModel  # noqa: E402
 from peftcore.plan import RewritePlan  # noqa: E402
 from peftcore_singa.describe import eval_mode  # noqa: E402
@@ -154,6 +155,7 @@ class SingaPeftModel(PeftModel, singa_model.Model):
         )
 
     # -- building adapters once the layers know their shapes --------------------------------------
+    @changes_model
     def add_adapter(
         self, adapter_name: str, peft_config: Optional[PeftConfig] = None, plan: Optional[RewritePlan] = None,
         **kwargs: Any,
@@ -207,6 +209,7 @@ class SingaPeftModel(PeftModel, singa_model.Model):
                     self.build_pending_adapters(example_inputs=example)
 
     # -- SINGA's Model API ------------------------------------------------------------------------
+    @changes_model
     def compile(self, inputs: Sequence[Any], is_train: bool = True, use_graph: bool = False, sequential: bool = False) -> None:
         """Initialise the layers on placeholder tensors, build pending adapters, and set
         training and graph mode (see the module docstring)."""
@@ -287,12 +290,14 @@ class SingaPeftModel(PeftModel, singa_model.Model):
     def get_params(self) -> dict[str, Any]:
         return dict(self.model.get_params())
 
+    @changes_model
     def set_params(self, parameters: Mapping[str, Any]) -> None:
         self.model.set_params(parameters)
 
     def get_states(self) -> dict[str, Any]:
         return dict(self.model.get_states())
 
+    @changes_model
     def set_states(self, states: Mapping[str, Any]) -> None:
         self.model.set_states(states)
 
@@ -306,6 +311,7 @@ class SingaPeftModel(PeftModel, singa_model.Model):
             )
         _Model.save_states(self, fpath, dict(aux_states or {}))
 
+    @changes_model
     def load_states(self, fpath: str) -> dict[str, Any]:
         """SINGA's ``load_states``; the model must have been compiled or run first (SINGA
         restores nothing, silently, into layers that have not run)."""
@@ -338,6 +344,7 @@ class SingaPeftModel(PeftModel, singa_model.Model):
             )
 
 
+@reads_model
 def _train_one_batch(self: SingaPeftModel, *args: Any, **kwargs: Any) -> Any:
     """One training step: your model's ``train_one_batch`` (it computes the loss and calls
     its optimizer, which updates only the trainable adapter tensors)."""

@@ -21,6 +21,7 @@ from torch import nn
 from peftcore.errors import AdapterError
 from peftcore.graph import ModelGraph
 from peftcore.peft_model import PeftModel, deprecated_graph_alias
+from peftcore.model_lock import changes_model, reading
 from peftcore_torch.layers import AdapterLayer
 from peftcore_torch.trainer_integration import enable_if_transformers_loaded
 
@@ -143,7 +144,8 @@ class TorchPeftModel(PeftModel, nn.Module):
         copies; an encoder-decoder model takes ``adapter_names`` only without them."""
         model: Any = self.get_base_model()
         if adapter_names is None:
-            return model.generate(*args, **kwargs)
+            with reading(self):  # as a forward does: see the adapters before or after a change, never during
+                return model.generate(*args, **kwargs)
         first_input = args[0] if args else kwargs.get("input_ids", kwargs.get("inputs_embeds"))
         generation_config = kwargs.get("generation_config") or getattr(model, "generation_config", None)
         num_beams = int(kwargs.get("num_beams") or getattr(generation_config, "num_beams", 1) or 1)
@@ -155,6 +157,17 @@ class TorchPeftModel(PeftModel, nn.Module):
                 "num_return_sequences > 1 yet"
             )
         return self.run_mixed_batch(model.generate, adapter_names, first_input, args, kwargs, repeat=repeat)
+
+    @changes_model
+    def _apply(self, fn: Any, *args: Any, **kwargs: Any) -> Any:
+        """torch's one path for ``.to()``/``.half()``/``.cuda()``...: it rewrites every
+        weight, so it waits for running forwards and holds later ones back."""
+        return nn.Module._apply(self, fn, *args, **kwargs)
+
+    @changes_model
+    def load_state_dict(self, state_dict: Any, strict: bool = True, assign: bool = False) -> Any:
+        """torch's ``load_state_dict``, as one change of the weights under the model's lock."""
+        return nn.Module.load_state_dict(self, state_dict, strict=strict, assign=assign)
 
     def _set_base_weights(self, weights: Any) -> None:
         """Copy full weight matrices (path -> numpy) into the base layers at those paths
