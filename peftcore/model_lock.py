@@ -14,12 +14,14 @@ whose name the routing checked but whose tensors are gone. So every PeftModel ha
   it waits until the forwards running have finished, and forwards that start meanwhile
   wait for it to finish, so each forward sees the model wholly before or wholly after it.
 
-The lock is reentrant (a change may call other changes and run forwards, as XPrompt
-scoring does), and a thread inside a forward may make a change when it is the only one
-running a forward (SINGA builds pending adapters from inside the first forward); two
-threads asking that at once would wait for each other forever, so the second gets an
-:class:`~peftcore.errors.AdapterError`. A waiting change keeps new forwards out, so a
-steady stream of forwards cannot starve it.
+The lock is reentrant: a change may call other changes and run forwards (XPrompt
+scores a prompt by running the model), and a thread inside a forward may make a change,
+which waits for the other threads' forwards to end (SINGA builds pending adapters from
+inside the first forward). Two threads asking that at once would wait for each other
+forever, so the second gets an :class:`~peftcore.errors.AdapterError`. It is fair both
+ways: a waiting change keeps new forwards out, so a steady stream of forwards cannot
+starve it, and the forwards that waited for a change go in before the next change, so
+a busy writer cannot starve them.
 
 The lock lives in a table beside the model, keyed weakly by the model object, never on
 the model: a PeftModel stays picklable and deep-copyable, and a copy gets its own lock.
@@ -41,9 +43,14 @@ Function = TypeVar("Function", bound=Callable[..., Any])
 
 
 class ModelLock:
-    """A reentrant reader-writer lock that prefers writers (see the module docstring)."""
+    """A reentrant reader-writer lock, fair both ways (see the module docstring): a
+    waiting writer holds back new readers, and when a writer finishes, the readers that
+    were waiting for it go in before the next writer."""
 
-    __slots__ = ("_mutex", "_released", "_readers", "_writer", "_write_depth", "_writers_waiting", "_upgrading")
+    __slots__ = (
+        "_mutex", "_released", "_readers", "_writer", "_write_depth", "_writers_waiting", "_readers_waiting",
+        "_reader_pass", "_upgrading",
+    )
 
     def __init__(self) -> None:
         self._mutex = threading.Lock()
@@ -52,23 +59,39 @@ class ModelLock:
         self._writer: Optional[int] = None
         self._write_depth = 0
         self._writers_waiting = 0
+        self._readers_waiting = 0
+        self._reader_pass = 0  # readers that may still go in before the next writer
         self._upgrading: Optional[int] = None  # a reader waiting to write
 
     def acquire_read(self) -> None:
         """Start a read section; waits while another thread changes (or waits to change) the model."""
         me = threading.get_ident()
         with self._mutex:
-            depth = self._readers.get(me)
-            if depth is None and self._writer != me:
-                while self._writer is not None or self._writers_waiting:
-                    self._released.wait()
-                depth = 0
+            depth = self._readers.get(me, 0)
+            if not depth and self._writer != me and (self._writer is not None or self._writers_waiting):
+                self._wait_to_read()
             self._readers[me] = depth + 1
+
+    def _wait_to_read(self) -> None:
+        self._readers_waiting += 1
+        try:
+            while self._writer is not None or (self._writers_waiting and not self._reader_pass):
+                self._released.wait()
+        except BaseException:
+            self._readers_waiting -= 1
+            self._reader_pass = min(self._reader_pass, self._readers_waiting)  # a writer must not wait for it
+            self._released.notify_all()
+            raise
+        self._readers_waiting -= 1
+        if self._reader_pass:
+            self._reader_pass -= 1
 
     def release_read(self) -> None:
         me = threading.get_ident()
         with self._mutex:
-            depth = self._readers[me] - 1
+            depth = self._readers.get(me, 0) - 1
+            if depth < 0:
+                raise RuntimeError("release_read: this thread holds no read section of the model's lock")
             if depth:
                 self._readers[me] = depth
                 return
@@ -93,7 +116,7 @@ class ModelLock:
                 self._upgrading = me
             self._writers_waiting += 1
             try:
-                while self._writer is not None or any(thread != me for thread in self._readers):
+                while self._writer is not None or self._reader_pass or any(t != me for t in self._readers):
                     self._released.wait()
             except BaseException:
                 if self._writers_waiting == 1:
@@ -108,9 +131,12 @@ class ModelLock:
 
     def release_write(self) -> None:
         with self._mutex:
+            if self._writer != threading.get_ident():
+                raise RuntimeError("release_write: this thread does not hold the model's lock for writing")
             self._write_depth -= 1
             if not self._write_depth:
                 self._writer = None
+                self._reader_pass = self._readers_waiting
                 self._released.notify_all()
 
 

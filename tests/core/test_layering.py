@@ -47,6 +47,7 @@ BACKENDS = ("peftcore_torch", "peftcore_singa")
 #: A name ending in ``.`` covers a package's modules.
 LAYERS = (
     ("peftcore.errors",),
+    ("peftcore.model_lock",),
     ("peftcore.graph",),
     ("peftcore.plan",),
     ("peftcore.config",),
