@@ -30,10 +30,19 @@ def finished(thread: threading.Thread) -> bool:
     return not thread.is_alive()
 
 
-def blocked(thread: threading.Thread) -> bool:
-    """Whether ``thread`` is still waiting a moment after it started."""
-    thread.join(0.2)
-    return thread.is_alive()
+def until(condition: Callable[[], bool]) -> bool:
+    """Whether ``condition`` becomes true within the bound (polled)."""
+    deadline = time.monotonic() + WAIT_S
+    while not condition():
+        if time.monotonic() > deadline:
+            return False
+        time.sleep(0.005)
+    return True
+
+
+def waiting(lock: ModelLock, readers: int = 0, writers: int = 0) -> bool:
+    """Whether that many threads come to wait on ``lock`` to read and to write."""
+    return until(lambda: (lock._readers_waiting, lock._writers_waiting) == (readers, writers))
 
 
 def test_readers_run_together() -> None:
@@ -57,9 +66,10 @@ def test_a_writer_waits_for_readers_and_holds_later_readers_back() -> None:
     order: list[str] = []
     lock.acquire_read()
     writer = started(lambda: (lock.acquire_write(), order.append("write"), lock.release_write()))
-    assert blocked(writer)
+    assert waiting(lock, writers=1)
     late_reader = started(lambda: (lock.acquire_read(), order.append("late read"), lock.release_read()))
-    assert blocked(late_reader), "a reader went in ahead of a waiting writer"
+    assert waiting(lock, readers=1, writers=1), "a reader went in ahead of a waiting writer"
+    assert not order
     lock.release_read()
     assert finished(writer) and finished(late_reader)
     assert order == ["write", "late read"]
@@ -70,7 +80,7 @@ def test_readers_that_waited_go_in_before_the_next_writer() -> None:
     order: list[str] = []
     lock.acquire_write()
     reader = started(lambda: (lock.acquire_read(), order.append("read"), lock.release_read()))
-    assert blocked(reader)
+    assert waiting(lock, readers=1)
     lock.release_write()
     lock.acquire_write()  # at once: the reader that waited goes first all the same
     order.append("second write")
@@ -87,7 +97,7 @@ def test_reentrant_writes_and_reads_inside_a_write() -> None:
     model = Model()
     with writing(model), writing(model), reading(model):
         other = started(lambda: (model_lock(model).acquire_read(), model_lock(model).release_read()))
-        assert blocked(other)
+        assert waiting(model_lock(model), readers=1)
     assert finished(other)
     lock = ModelLock()
     lock.acquire_read()

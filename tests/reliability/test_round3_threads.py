@@ -174,6 +174,15 @@ class Serving:
         assert must_see <= self.seen, f"readers saw only {sorted(self.seen)}"
 
 
+def _until(condition: Callable[[], bool], bound_s: float = 10.0) -> bool:
+    deadline = time.monotonic() + bound_s
+    while not condition():
+        if time.monotonic() > deadline:
+            return False
+        time.sleep(0.005)
+    return True
+
+
 def _mixed_reader(served: Served) -> Callable[[], Any]:
     return lambda: logits(served.pm, adapter_names=ROWS)
 
@@ -283,12 +292,13 @@ def test_a_change_waits_for_a_running_forward_and_holds_later_ones(tmp_path: Pat
         first = threading.Thread(name="first", target=lambda: results.update(first=logits(pm, adapter_names=ROWS)))
         writer = threading.Thread(target=lambda: pm.load_adapter(served.dirs["new"], "b"))
         second = threading.Thread(target=lambda: results.update(second=logits(pm, adapter_names=ROWS)))
+        lock = model_lock(pm)
         first.start()
         assert inside.wait(10)
         writer.start()
-        time.sleep(0.2)  # the writer is now waiting for the first forward
+        assert _until(lambda: lock._writers_waiting == 1), "the change did not wait for the running forward"
         second.start()
-        time.sleep(0.2)  # and the second forward waits behind the writer
+        assert _until(lambda: lock._readers_waiting == 1), "a forward went in ahead of the waiting change"
         assert writer.is_alive() and "second" not in results
         release.set()
         for thread in (first, writer, second):
