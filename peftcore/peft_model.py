@@ -10,6 +10,10 @@ The shell calls :meth:`PeftModel.init_peft_state` in its constructor and provide
 :meth:`get_base_model`. The mixin keeps no plugin object, lock or module: it finds its
 backend by name when it needs one, so a PeftModel pickles and deep-copies as its
 framework allows.
+
+Forward passes read and adapter changes write under one lock per model, kept beside it
+(:mod:`peftcore.model_lock`): a forward in one thread never sees half of a change made
+in another.
 """
 
 from __future__ import annotations
