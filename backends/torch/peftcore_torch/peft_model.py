@@ -20,8 +20,8 @@ from torch import nn
 
 from peftcore.errors import AdapterError
 from peftcore.graph import ModelGraph
-from peftcore.peft_model import PeftModel, deprecated_graph_alias
 from peftcore.model_lock import changes_model, reading
+from peftcore.peft_model import PeftModel, deprecated_graph_alias
 from peftcore_torch.layers import AdapterLayer
 from peftcore_torch.trainer_integration import enable_if_transformers_loaded
 
