@@ -20,8 +20,9 @@ from __future__ import annotations
 import argparse
 import json
 import sys
-from typing import Optional, Sequence
+from typing import Any, Optional, Sequence
 
+from peftcore import __version__
 from peftcore.cli.models import (
     adapter_task_type,
     add_config_arguments,
@@ -124,38 +125,72 @@ def cmd_demo(args: argparse.Namespace) -> int:
     return 0
 
 
-def make_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="peftcore", description="Backend-agnostic parameter-efficient fine-tuning.")
-    commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+_ADAPTER_NAME_HELP = "the adapter's name in the plan (default: default)"
 
-    backends = commands.add_parser("backends", help="installed backends, their state and the methods they build")
+_EXAMPLES = {
+    "backends": ["peftcore backends", "peftcore backends --json"],
+    "inspect": [
+        "peftcore inspect --model examples.tiny_models:tiny_llama --set target_modules=q_proj,v_proj --max-depth 2",
+        "peftcore inspect --model ./my-bert-dir --config adapter_config.json --json",
+    ],
+    "plan": [
+        "peftcore plan --model examples.tiny_models:tiny_llama --set r=8 --set target_modules=all-linear",
+        "peftcore plan --model examples.tiny_models:tiny_llama --method prompt_tuning --set num_virtual_tokens=8 --json",
+    ],
+    "convert": [
+        "peftcore convert hf_adapter/ pc_adapter/",
+        "peftcore convert pc_adapter/ hf_adapter/ --to hf",
+        "peftcore convert ckpt.zip pc_adapter/ --config adapter_config.json --plan plan.json",
+    ],
+    "demo": ["peftcore demo", "peftcore demo --epochs 20 --seed 1 --plot loss.png"],
+}
+
+
+def _add_command(
+    commands: Any, name: str, summary: str, description: Optional[str] = None
+) -> argparse.ArgumentParser:
+    """A subcommand whose ``--help`` ends with its examples."""
+    epilog = "examples:\n" + "\n".join(f"  {line}" for line in _EXAMPLES[name])
+    return commands.add_parser(  # type: ignore[no-any-return]
+        name, help=summary, description=description or summary[:1].upper() + summary[1:] + ".",
+        epilog=epilog, formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+
+
+def make_parser() -> argparse.ArgumentParser:
+    """The ``peftcore`` argument parser, with every command."""
+    parser = argparse.ArgumentParser(
+        prog="peftcore", description="Backend-agnostic parameter-efficient fine-tuning.",
+        epilog="examples:\n" + "\n".join(f"  {examples[0]}" for examples in _EXAMPLES.values())
+        + "\n\n`peftcore COMMAND --help` shows a command's options.",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}", help="print the version and exit")
+    commands = parser.add_subparsers(dest="command", metavar="COMMAND")
+
+    backends = _add_command(commands, "backends", "installed backends, their state and the methods they build")
     backends.add_argument("--json", action="store_true", help="machine-readable output")
     backends.set_defaults(func=cmd_backends)
 
-    inspect = commands.add_parser("inspect", help="the model's layer tree, with what a config would adapt")
+    inspect = _add_command(commands, "inspect", "the model's layer tree, with what a config would adapt")
     add_model_arguments(inspect, required=True)
     add_config_arguments(inspect, default_method=None)
-    inspect.add_argument("--adapter-name", default="default")
+    inspect.add_argument("--adapter-name", default="default", metavar="NAME", help=_ADAPTER_NAME_HELP)
     inspect.add_argument("--max-depth", type=int, metavar="N", help="fold layers nested deeper than N")
     inspect.add_argument("--json", action="store_true", help="machine-readable output")
     inspect.set_defaults(func=cmd_inspect)
 
-    plan = commands.add_parser("plan", help="dry run: show what a config would do to a model")
+    plan = _add_command(commands, "plan", "dry run: show what a config would do to a model")
     add_model_arguments(plan, required=True)
     add_config_arguments(plan, default_method="lora")
-    plan.add_argument("--adapter-name", default="default")
+    plan.add_argument("--adapter-name", default="default", metavar="NAME", help=_ADAPTER_NAME_HELP)
     plan.add_argument("--json", action="store_true", help="print only the plan JSON")
     plan.set_defaults(func=cmd_plan)
 
-    convert = commands.add_parser(
-        "convert", help="convert an adapter: HF PEFT <-> peftcore, or a SINGA checkpoint's adapter",
+    convert = _add_command(
+        commands, "convert", "convert an adapter: HF PEFT <-> peftcore, or a SINGA checkpoint's adapter",
         description="Convert SOURCE (an adapter directory or a SINGA save_states zip) into the adapter\n"
         "directory DEST. A SINGA checkpoint needs the adapter's config and its plan (--plan, or --model).",
-        epilog="examples:\n"
-        "  peftcore convert hf_adapter/ pc_adapter/\n"
-        "  peftcore convert pc_adapter/ hf_adapter/ --to hf\n"
-        "  peftcore convert ckpt.zip pc_adapter/ --config adapter_config.json --plan plan.json",
-        formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     convert.add_argument("source", metavar="SOURCE", help="adapter directory (HF PEFT or peftcore) or SINGA save_states zip")
     convert.add_argument("destination", metavar="DEST", help="directory to write the adapter to")
@@ -171,9 +206,9 @@ def make_parser() -> argparse.ArgumentParser:
     )
     convert.set_defaults(func=cmd_convert)
 
-    demo = commands.add_parser("demo", help="LoRA on scikit-learn digits with torch")
-    demo.add_argument("--epochs", type=int, default=10, help="LoRA training epochs (default 10)")
-    demo.add_argument("--seed", type=int, default=0)
+    demo = _add_command(commands, "demo", "LoRA on scikit-learn digits with torch")
+    demo.add_argument("--epochs", type=int, default=10, metavar="N", help="LoRA training epochs (default 10)")
+    demo.add_argument("--seed", type=int, default=0, metavar="N", help="random seed for the data split and the weights (default 0)")
     demo.add_argument("--plot", metavar="PATH", help="save the loss curve (base and LoRA training) as a PNG; needs matplotlib")
     demo.set_defaults(func=cmd_demo)
     return parser
@@ -181,7 +216,11 @@ def make_parser() -> argparse.ArgumentParser:
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
     """Run the command line; returns the exit status (2 for a peftcore error)."""
-    args = make_parser().parse_args(argv)
+    parser = make_parser()
+    args = parser.parse_args(argv)
+    if args.command is None:  # no command: say what there is
+        parser.print_help()
+        return 0
     try:
         if getattr(args, "max_depth", None) is not None and args.max_depth < 0:
             raise ConfigError("--max-depth must be 0 or more")

@@ -78,6 +78,38 @@ def test_plan_errors_are_one_clear_line(capsys: pytest.CaptureFixture) -> None:
     assert status == 2 and "MODULE:FACTORY or a model directory" in err
 
 
+# -- habits every command line has -------------------------------------------------------------
+def test_version_and_help_without_a_command(capsys: pytest.CaptureFixture) -> None:
+    import peftcore
+
+    with pytest.raises(SystemExit) as exit_info:
+        main(["--version"])
+    assert exit_info.value.code == 0 and capsys.readouterr().out.strip() == f"peftcore {peftcore.__version__}"
+    out = run()  # no command: the help, not an argparse error
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.startswith("usage: peftcore") and "COMMAND" in out.stdout
+    for command in ("backends", "inspect", "plan", "convert", "demo"):
+        assert f"  {command} " in out.stdout and f"  peftcore {command}" in out.stdout
+
+
+def test_every_option_has_help_and_every_command_an_example() -> None:
+    import argparse
+
+    from peftcore.cli import make_parser
+
+    parser = make_parser()
+    subparsers = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction))
+    assert sorted(subparsers.choices) == ["backends", "convert", "demo", "inspect", "plan"]
+    for name, command in [("peftcore", parser), *subparsers.choices.items()]:
+        for action in command._actions:
+            if isinstance(action, argparse._SubParsersAction):
+                continue
+            assert action.help, f"{name} {action.option_strings or action.dest} has no help text"
+        text = command.format_help()
+        assert "examples:\n  peftcore " in text, f"{name} --help shows no example"
+    assert "--seed N" in subparsers.choices["demo"].format_help()
+
+
 # -- backends --------------------------------------------------------------------------------
 def test_backends_table() -> None:
     out = run("backends")
