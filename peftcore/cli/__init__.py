@@ -151,7 +151,7 @@ def _add_command(
 ) -> argparse.ArgumentParser:
     """A subcommand whose ``--help`` ends with its examples."""
     epilog = "examples:\n" + "\n".join(f"  {line}" for line in _EXAMPLES[name])
-    return commands.add_parser(  # type: ignore[no-any-return]
+    return commands.add_parser(
         name, help=summary, description=description or summary[:1].upper() + summary[1:] + ".",
         epilog=epilog, formatter_class=argparse.RawDescriptionHelpFormatter,
     )
