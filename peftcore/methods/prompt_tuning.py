@@ -26,6 +26,7 @@ from peftcore.methods.common import (
     validate_modules_to_save,
     validate_virtual_tokens,
 )
+from peftcore.methods.prompt_text_init import text_init_token_ids
 from peftcore.peft_type import PeftType
 from peftcore.plan import FreezeBase, PlanOp, RewritePlan, TensorSpec, register_op
 
@@ -252,9 +253,12 @@ class PromptTuningConfig(PeftConfig):
     - ``num_virtual_tokens``: how many trainable vectors are prepended to the input.
     - ``prompt_tuning_init``: ``"RANDOM"``, ``"SAMPLE_VOCAB"`` (copies of random rows of
       the embedding table) or ``"TEXT"`` (the embeddings of ``prompt_tuning_init_text``,
-      tokenised with the ``tokenizer`` object you pass, repeated or cut to length).
-    - ``tokenizer``: any callable returning ``{"input_ids": [...]}`` or a list of ids (a
-      transformers tokenizer); used only to plan, never saved, nothing is downloaded.
+      tokenised, repeated or cut to length).
+    - ``tokenizer_name_or_path`` / ``tokenizer_kwargs``: the tokenizer for TEXT, loaded as HF
+      PEFT loads it, ``transformers.AutoTokenizer.from_pretrained(name, **kwargs)``: a local
+      directory, or a hub name where your environment lets transformers download.
+    - ``tokenizer``: a tokenizer object to use instead (any callable returning
+      ``{"input_ids": [...]}`` or a list of ids); used only to plan, never saved.
     - ``embedding_layer``: path of the embedding layer to prompt; by default the model's
       input embedding (or its only embedding layer).
     - ``token_dim``: checked against the embedding width when set.
@@ -374,22 +378,10 @@ class PromptTuningConfig(PeftConfig):
 
     def init_token_ids(self, vocab_size: int) -> tuple[int, ...]:
         """Token ids of ``prompt_tuning_init_text``, repeated or cut to ``num_virtual_tokens``."""
-        owner = type(self).__name__
-        if self.tokenizer is None:
-            raise ConfigError(
-                f"{owner}: prompt_tuning_init='TEXT' needs a tokenizer object (tokenizer=...); "
-                "peftcore never downloads one by name"
-            )
-        if not callable(self.tokenizer):
-            raise ConfigError(f"{owner}.tokenizer must be callable (a tokenizer), got {type(self.tokenizer).__name__}")
-        encoded = self.tokenizer(self.prompt_tuning_init_text)
-        ids = encoded["input_ids"] if isinstance(encoded, Mapping) or hasattr(encoded, "keys") else encoded
-        ids = list(ids)
-        if not ids or not all(isinstance(i, int) and 0 <= i < vocab_size for i in ids):
-            raise ConfigError(f"{owner}: the tokenizer gave {ids!r} for the init text; expected ids below {vocab_size}")
-        count = int(self.num_virtual_tokens or 0)
-        repeats = -(-count // len(ids))
-        return tuple((ids * repeats)[:count])
+        return text_init_token_ids(
+            type(self).__name__, str(self.prompt_tuning_init_text), self.tokenizer, self.tokenizer_name_or_path,
+            self.tokenizer_kwargs, int(self.num_virtual_tokens or 0), vocab_size,
+        )
 
 
 @config_class

@@ -122,7 +122,7 @@ def test_prompt_text_init_repeats_or_cuts_the_tokenised_text() -> None:
     assert config.loading_plan(GRAPH).ops_of("prompt_embedding")[0].init == "random"
     with pytest.raises(ConfigError, match="expected ids below 50"):
         config.replace(tokenizer=lambda text: [99]).plan(GRAPH)
-    with pytest.raises(ConfigError, match="needs a tokenizer object"):
+    with pytest.raises(ConfigError, match="needs tokenizer_name_or_path"):
         config.replace(tokenizer=None).plan(GRAPH)
     assert "tokenizer" not in config.to_dict() and "embedding_layer" not in config.to_dict()
 

@@ -126,7 +126,7 @@ def test_text_init_uses_the_given_tokenizer():
     layer = model.get_input_embeddings()
     torch.testing.assert_close(layer.prompt_embeddings["default"].detach(), layer.base_layer.weight[[5, 6, 7, 5, 6]])
     assert "tokenizer" not in config.to_dict()
-    with pytest.raises(peftcore.ConfigError, match="needs a tokenizer object"):
+    with pytest.raises(peftcore.ConfigError, match="needs tokenizer_name_or_path"):
         peftcore.get_peft_model(llama_lm(), config.replace(tokenizer=None))
 
 
