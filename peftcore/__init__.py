@@ -24,6 +24,7 @@ from peftcore.errors import (
 )
 from peftcore.graph import LayerNode, ModelGraph
 from peftcore.hf_compat import get_peft_config, get_peft_model_state_dict, set_peft_model_state_dict
+from peftcore.hf_names import PromptLearningConfig, lazy_names, resolve
 from peftcore.hookspecs import BackendInfo, hookimpl
 from peftcore.methods import BitFitConfig, LoraConfig, PromptTuningConfig, ResidualPromptTuningConfig
 from peftcore.methods.p_tuning import PromptEncoderConfig
@@ -38,6 +39,10 @@ from peftcore.xprompt import XPromptConfig, XPromptResult, xprompt_prune
 
 __version__ = "0.1.0"
 
+#: Hugging Face PEFT's names for peftcore's errors.
+PeftError = PeftCoreError
+NoMatchingPeftModuleError = TargetNotFoundError
+
 # The plugin layer feeds the method registry, which never imports it: a name the
 # built-in methods do not answer loads the installed plugins' methods (once).
 PeftRegistry.set_plugin_source(lambda: get_plugin_manager().registered_methods())
@@ -49,10 +54,12 @@ __all__ = [
     "BitFitConfig",
     "ConfigError",
     "LayerNode",
+    "NoMatchingPeftModuleError",
     "LoraConfig",
     "ModelGraph",
     "PeftConfig",
     "PeftCoreError",
+    "PeftError",
     "PeftModel",
     "PeftType",
     "PeftWarning",
@@ -62,6 +69,7 @@ __all__ = [
     "PlanError",
     "PlanOp",
     "PrefixTuningConfig",
+    "PromptLearningConfig",
     "PromptEncoderConfig",
     "PromptTuningConfig",
     "ResidualPromptTuningConfig",
@@ -86,3 +94,17 @@ __all__ = [
     "set_peft_model_state_dict",
     "xprompt_prune",
 ]
+
+
+def __getattr__(name: str) -> object:
+    """Hugging Face PEFT's other public names, resolved on first use (torch-side ones from
+    the torch backend); an HF feature peftcore lacks is an ImportError that names it (see
+    :mod:`peftcore.hf_names`)."""
+    value = resolve(name)
+    if name != "PEFT_TYPE_TO_CONFIG_MAPPING":  # that one follows the registry as plugins load
+        globals()[name] = value
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted({*globals(), *lazy_names()})

@@ -51,7 +51,7 @@ def get_peft_model(
         config = config.replace(base_model_name_or_path=name_or_path)
     check_adapter_name(adapter_name)
     chosen = get_plugin_manager().select_backend(model, backend=backend, config=config)
-    peft_model = wrap_model(model, chosen, example_inputs)
+    peft_model = wrap_model(model, chosen, example_inputs, task_type=config.task_type)
     peft_model.add_adapter(
         adapter_name, config, autocast_adapter_dtype=autocast_adapter_dtype, low_cpu_mem_usage=low_cpu_mem_usage
     )

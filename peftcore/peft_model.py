@@ -43,7 +43,7 @@ from peftcore.model_lock import changes_model, model_lock, reads_model, writing
 from peftcore.model_ops import BASE_ROW
 from peftcore.plan import RewritePlan
 from peftcore.plugins import Backend, get_plugin_manager
-from peftcore.runtime import BackendRuntime
+from peftcore.runtime import BackendRuntime, TaskPeftModelClasses
 
 __all__ = ["BASE_ROW", "HandlePeftModel", "PeftModel", "deprecated_graph_alias", "wrap_model"]
 
@@ -596,7 +596,7 @@ class PeftModel(AdapterFilesMixin, HFCompatMixin):
             config.inference_mode = not is_trainable  # HF PEFT keeps the given object, updated
             files = dataclasses.replace(files, config=config)
         chosen = get_plugin_manager().select_backend(model, backend=backend, config=files.config)
-        peft_model = wrap_model(model, chosen, example_inputs)
+        peft_model = wrap_model(model, chosen, example_inputs, task_type=files.config.task_type)
         peft_model._add_from_files(files, adapter_name, is_trainable, strict, allow_non_finite, **placement_of(kwargs))
         to_device(peft_model, kwargs.get("torch_device") or device_of_map(kwargs.get("device_map")))
         if not is_trainable:
@@ -666,12 +666,17 @@ def deprecated_graph_alias(peft_model: PeftModel) -> Optional[ModelGraph]:
     return peft_model.model_graph
 
 
-def wrap_model(model: Any, backend: Backend, example_inputs: Any = None) -> PeftModel:
-    """Describe ``model`` with ``backend`` and put it in the backend's native PeftModel shell.
+def wrap_model(model: Any, backend: Backend, example_inputs: Any = None, task_type: Optional[str] = None) -> PeftModel:
+    """Describe ``model`` with ``backend`` and put it in the backend's native PeftModel shell
+    (the task type's own class where the backend has one, as HF PEFT's ``PeftModelFor...``).
 
     A backend describes a model whose layers do not know their shapes yet as None; the
     shell then builds adapters when the shapes are known (see ``init_peft_state``)."""
     graph = backend.describe(model, example_inputs)
-    with model_ops.guarded(backend.runtime, "peft_model_class"):
-        shell: type[PeftModel] = backend.runtime.peft_model_class() or HandlePeftModel
+    runtime = backend.runtime
+    with model_ops.guarded(runtime, "peft_model_class"):
+        if task_type is not None and isinstance(runtime, TaskPeftModelClasses):
+            shell: type[PeftModel] = runtime.task_peft_model_class(str(task_type))
+        else:
+            shell = runtime.peft_model_class() or HandlePeftModel
     return shell(model, backend.name, graph)  # type: ignore[call-arg]

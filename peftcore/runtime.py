@@ -122,6 +122,15 @@ class CheckpointFormat(Protocol):
     ) -> tuple[str, dict[str, np.ndarray]]: ...
 
 
+@runtime_checkable
+class TaskPeftModelClasses(Protocol):
+    """Optional runtime capability: a PeftModel shell class per task type, as Hugging Face
+    PEFT returns ``PeftModelForCausalLM`` for ``task_type="CAUSAL_LM"``. A runtime without
+    it gets :meth:`BackendRuntime.peft_model_class` for every task type."""
+
+    def task_peft_model_class(self, task_type: str) -> type: ...
+
+
 class BackendRuntime:
     """Base class of a backend's runtime; subclasses implement every method that raises
     ``NotImplementedError`` here (:data:`REQUIRED_PRIMITIVES`)."""

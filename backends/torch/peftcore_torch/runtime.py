@@ -39,6 +39,11 @@ class TorchRuntime(BackendRuntime):
 
         return TorchPeftModel
 
+    def task_peft_model_class(self, task_type: str) -> type:
+        from peftcore_torch.task_models import task_peft_model_class
+
+        return task_peft_model_class(task_type)
+
     def layers(self, model: Any) -> Iterable[tuple[str, Any]]:
         return walk(model)
 
