@@ -105,6 +105,15 @@ class _PeftModelState(Protocol):
     def _load_embedding_layers(self, weights: Mapping[str, Any]) -> None: ...
 
 
+def auto_mapping_of(model: _PeftModelState, config: PeftConfig) -> Optional[dict[str, str]]:
+    """HF PEFT's ``auto_mapping`` for a saved config: the base model's class and module
+    when the adapter has no task type (so ``AutoPeftModel`` can rebuild it), else None."""
+    if config.task_type is not None:
+        return None
+    base_class = type(model.get_base_model())
+    return {"base_model_class": base_class.__name__, "parent_library": base_class.__module__}
+
+
 class AdapterFilesMixin:
     """``save_pretrained`` and ``load_adapter`` (see the module docstring)."""
 
@@ -145,7 +154,8 @@ class AdapterFilesMixin:
         for name in names:
             tensors = self.export_adapter(name)
             embeddings = embedding_matrices_to_save(self, name, save_embedding_layers)
-            save_adapter(targets[name], self.peft_config[name], self.plans[name], tensors, embeddings)
+            saved = self.peft_config[name].as_saved(self.model_graph, self.plans[name])  # as HF PEFT writes it
+            save_adapter(targets[name], saved, self.plans[name], tensors, embeddings, auto_mapping=auto_mapping_of(self, saved))
         if names:
             write_model_card(os.fspath(save_directory), self)
 

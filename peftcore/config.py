@@ -81,6 +81,9 @@ class PeftConfig:
     peft_type: ClassVar[str] = ""
     hf_metadata_fields: ClassVar[tuple] = ("peft_version", "auto_mapping", "revision")
     hf_unsupported_fields: ClassVar[Mapping[str, Any]] = {}
+    #: fields of this config HF PEFT's class of the same ``peft_type`` lacks: saved with
+    #: peftcore's own data in the weights file, never in ``adapter_config.json``
+    peftcore_fields: ClassVar[tuple] = ()
     plan_ops: ClassVar[tuple] = ()
     #: the start every adapter tensor name of this method has (``"lora_"``): HF PEFT's
     #: tuner ``prefix``; empty where the method's tensors share none
@@ -135,7 +138,21 @@ class PeftConfig:
         method has a training-time reparameterisation)."""
         return self
 
+    def as_saved(self, graph: Optional[ModelGraph], plan: Optional[RewritePlan]) -> PeftConfig:
+        """This config as Hugging Face PEFT saves it once the adapter is on a model:
+        ``inference_mode`` True, and (in subclasses) what the model decided written out
+        (default ``target_modules``, the task's heads in ``modules_to_save``, prompt
+        sizes). ``graph`` and ``plan`` are the model's and the adapter's, where known."""
+        return self.replace(inference_mode=True)
+
     # -- serialisation -------------------------------------------------------------
+    def hf_dict(self) -> tuple[dict[str, Any], dict[str, Any]]:
+        """:meth:`to_dict` split in two: the keys HF PEFT's config has (for
+        ``adapter_config.json``) and peftcore's own (:attr:`peftcore_fields`)."""
+        data = self.to_dict()
+        own = {name: data.pop(name) for name in self.peftcore_fields if name in data}
+        return data, own
+
     def to_dict(self) -> dict[str, Any]:
         """The config as written to ``adapter_config.json`` (HF PEFT keys)."""
         data: dict[str, Any] = {}

@@ -79,6 +79,10 @@ class ModelGraph:
     into vectors, where prompt tuning prepends its virtual tokens.
     ``unreached`` holds the backend's notes on layers it saw but could not describe (and
     how to make them reachable); a target that matches nothing shows them.
+    ``model_config`` holds the model's size settings as named in its framework's config
+    (transformers': ``hidden_size``, ``num_hidden_layers``, ``num_attention_heads``,
+    ``num_key_value_heads``, ...), integers only; Hugging Face PEFT fills a saved prompt
+    config's sizes from them.
     """
 
     layers: tuple[LayerNode, ...]
@@ -87,6 +91,7 @@ class ModelGraph:
     output_head: Optional[str] = None
     input_embedding: Optional[str] = None
     unreached: tuple[str, ...] = ()
+    model_config: Mapping[str, int] = field(default_factory=dict)
     #: The layers by path (filled from ``layers``; not a constructor argument).
     _by_path: dict[str, LayerNode] = field(init=False, repr=False, compare=False)
 
@@ -147,6 +152,8 @@ class ModelGraph:
         }
         if self.unreached:
             data["unreached"] = list(self.unreached)
+        if self.model_config:
+            data["model_config"] = dict(self.model_config)
         return data
 
     def to_json(self, indent: Optional[int] = 2) -> str:
@@ -161,4 +168,5 @@ class ModelGraph:
             output_head=data.get("output_head"),
             input_embedding=data.get("input_embedding"),
             unreached=tuple(str(note) for note in data.get("unreached", ())),
+            model_config=dict(data.get("model_config") or {}),
         )

@@ -114,9 +114,13 @@ def save_adapter(
     plan: RewritePlan,
     tensors: Mapping[str, np.ndarray],
     base_matrices: Optional[Mapping[str, np.ndarray]] = None,
+    auto_mapping: Optional[Mapping[str, str]] = None,
 ) -> None:
     """Write one adapter to ``directory`` (created if needed). ``base_matrices`` are base
-    model weights stored beside it under their HF keys (HF PEFT's saved embeddings)."""
+    model weights stored beside it under their HF keys (HF PEFT's saved embeddings).
+    ``auto_mapping`` is HF PEFT's record of the base model's class for an adapter without
+    a task type (``{"base_model_class": ..., "parent_library": ...}``); HF writes the key,
+    null, for the others."""
     specs = plan.tensor_specs()
     missing = sorted(set(specs) - set(tensors))
     extra = sorted(set(tensors) - set(specs))
@@ -132,8 +136,11 @@ def save_adapter(
         if key in hf_tensors:
             raise AdapterError(f"base matrix {key!r} has the name of one of the adapter's tensors")
         hf_tensors[key] = np.ascontiguousarray(value)
-    config_dict = config.to_dict()
+    config_dict, own_fields = config.hf_dict()  # HF PEFT's keys in the JSON file, peftcore's with the weights
+    config_dict["auto_mapping"] = dict(auto_mapping) if auto_mapping is not None else None
     record = {"format_version": FORMAT_VERSION, "plan": plan.to_dict(), "config": config_dict}
+    if own_fields:
+        record["peftcore_config"] = own_fields
     metadata = {"format": "pt", METADATA_KEY: json.dumps(record)}
     text = json.dumps(config_dict, indent=2, sort_keys=True)
     os.makedirs(directory, exist_ok=True)
@@ -169,14 +176,17 @@ def read_adapter(directory: str) -> AdapterFiles:
     tensors, metadata = read_safetensors(weights_path)
     plan = None
     if METADATA_KEY in metadata:
-        plan, saved_config = _parse_record(metadata[METADATA_KEY], weights_path)
+        plan, saved_config, own_fields = _parse_record(metadata[METADATA_KEY], weights_path)
         if saved_config is not None and saved_config != data:
             warnings.warn(
                 f"{config_path} differs from the config saved with {WEIGHTS_NAME} (an interrupted save or "
                 "an edit by hand); using the one saved with the weights",
                 stacklevel=2,
             )
-            config = _parse_config(saved_config, f"{weights_path}: config in '{METADATA_KEY}' metadata")
+            data = saved_config
+            config = _parse_config(data, f"{weights_path}: config in '{METADATA_KEY}' metadata")
+        if own_fields:
+            config = _parse_config({**data, **own_fields}, f"{weights_path}: config in '{METADATA_KEY}' metadata")
     if plan is not None:
         check_plan_matches_config(plan, config, weights_path)
     return AdapterFiles(directory, config, plan, tensors)
@@ -240,8 +250,9 @@ def _parse_config(data: Any, source: str) -> PeftConfig:
         raise AdapterError(f"{source}: invalid config: {type(exc).__name__}: {exc}") from None
 
 
-def _parse_record(text: str, weights_path: str) -> tuple[RewritePlan, Optional[dict]]:
-    """The plan and (when present) the config stored in the ``peftcore`` metadata."""
+def _parse_record(text: str, weights_path: str) -> tuple[RewritePlan, Optional[dict], dict]:
+    """The plan, the config (when present) and the config's peftcore-only fields stored
+    in the ``peftcore`` metadata."""
     try:
         record = _strict_json(text)
         if not isinstance(record, dict) or "plan" not in record:
@@ -254,7 +265,10 @@ def _parse_record(text: str, weights_path: str) -> tuple[RewritePlan, Optional[d
         saved_config = record.get("config")
         if saved_config is not None and not isinstance(saved_config, dict):
             raise ValueError(f"'config' must be an object, got {type(saved_config).__name__}")
-        return RewritePlan.from_dict(record["plan"]), saved_config
+        own_fields = record.get("peftcore_config", {})
+        if not isinstance(own_fields, dict):
+            raise ValueError(f"'peftcore_config' must be an object, got {type(own_fields).__name__}")
+        return RewritePlan.from_dict(record["plan"]), saved_config, own_fields
     except (ValueError, TypeError, KeyError, AttributeError, RecursionError, PeftCoreError) as exc:
         raise AdapterError(f"{weights_path}: bad '{METADATA_KEY}' metadata: {exc}") from None
 

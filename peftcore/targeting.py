@@ -188,6 +188,13 @@ def layer_index(path: str, patterns: Union[str, Sequence[str], None]) -> Optiona
     return None
 
 
+def default_target_modules(graph: ModelGraph) -> Targets:
+    """The ``target_modules`` a config that leaves them unset gets on this model (its
+    model type's default, as HF PEFT), or None where there is none."""
+    default = DEFAULT_TARGETS.get(graph.model_type)
+    return list(default) if default is not None else None
+
+
 def select_layers(
     graph: ModelGraph,
     target_modules: Targets,
@@ -205,7 +212,7 @@ def select_layers(
     method cannot adapt.
     """
     if target_modules is None:
-        target_modules = DEFAULT_TARGETS.get(graph.model_type)
+        target_modules = default_target_modules(graph)
         if target_modules is None:
             raise ConfigError(
                 f"{owner}.target_modules is not set and there is no default for model type "

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import warnings
-from typing import Any, Optional, Sequence
+from typing import Any, Mapping, Optional, Sequence
 
 from peftcore.config import check, check_type
 from peftcore.errors import TargetNotFoundError, closest
@@ -123,3 +123,56 @@ def modules_to_save_ops(
 def _component_prefixes(path: str) -> list[str]:
     """The paths of the modules that contain ``path`` (``a.b.c``: ``a``, ``a.b``)."""
     return [path[:i] for i, char in enumerate(path) if char == "."]
+
+
+def _first(sizes: Mapping[str, int], *keys: str) -> Optional[int]:
+    return next((int(sizes[k]) for k in keys if k in sizes), None)
+
+
+def hf_prompt_sizes(config: Any, graph: Optional[ModelGraph], kv_heads: bool = False) -> dict[str, int]:
+    """The sizes Hugging Face PEFT fills into a prompt-learning config it saves, from the
+    model's config (``graph.model_config``), for the fields ``config`` leaves unset:
+    ``num_layers``, ``token_dim``, ``num_attention_heads``, ``num_transformer_submodules``
+    and (where the config has it) ``encoder_hidden_size``. ``kv_heads``: prefix tuning's
+    rule for grouped-query attention (``token_dim`` and heads of the keys and values).
+    A size the model's config does not give is left out."""
+    sizes = dict(graph.model_config) if graph is not None else {}
+    filled: dict[str, int] = {}
+    layers = config.num_layers if config.num_layers is not None else _first(sizes, "num_hidden_layers", "num_layers", "n_layer")
+    token_dim = config.token_dim if config.token_dim is not None else _first(sizes, "hidden_size", "n_embd", "d_model")
+    heads = config.num_attention_heads
+    if heads is None:
+        heads = _first(sizes, "num_attention_heads", "n_head", "num_heads", "encoder_attention_heads")
+    if kv_heads and "num_key_value_heads" in sizes and token_dim and heads:
+        head_dim = sizes.get("head_dim") or token_dim // heads
+        heads = sizes["num_key_value_heads"]
+        token_dim = head_dim * heads
+    for name, value in (("num_layers", layers), ("token_dim", token_dim), ("num_attention_heads", heads)):
+        if value is not None and getattr(config, name) is None:
+            filled[name] = value
+    if config.num_transformer_submodules is None:
+        filled["num_transformer_submodules"] = 2 if config.task_type == "SEQ_2_SEQ_LM" else 1
+    if hasattr(config, "encoder_hidden_size") and config.encoder_hidden_size is None and token_dim is not None:
+        filled["encoder_hidden_size"] = token_dim
+    return filled
+
+
+def saved_prompt_config(
+    config: Any, graph: Optional[ModelGraph], plan_width: Optional[int], plan_layers: Optional[int] = None,
+    kv_heads: bool = False,
+) -> Any:
+    """A prompt-learning config as HF PEFT saves it (see :func:`hf_prompt_sizes`); the
+    plan's own ``token_dim`` (and ``num_layers``) win where the model's config says
+    otherwise, so the file always describes its tensors."""
+    changes: dict[str, Any] = {"inference_mode": True, **hf_prompt_sizes(config, graph, kv_heads)}
+    if config.token_dim is None and plan_width:
+        changes["token_dim"] = plan_width
+        if "encoder_hidden_size" in changes:
+            changes["encoder_hidden_size"] = plan_width
+    if config.num_layers is None and plan_layers:
+        changes["num_layers"] = plan_layers
+    modules = effective_modules_to_save(config.task_type, config.modules_to_save)
+    if modules != config.modules_to_save:
+        changes["modules_to_save"] = modules
+    return config.replace(**changes)
+

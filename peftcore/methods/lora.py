@@ -19,7 +19,7 @@ from peftcore.methods.common import (
 from peftcore.pattern_keys import MAX_REGEX_KEYS, PatternKeys, literal_form
 from peftcore.peft_type import PeftType
 from peftcore.plan import FreezeBase, PlanOp, RewritePlan, TensorSpec, register_op
-from peftcore.targeting import Targets, check_regex, select_layers, validate_targets
+from peftcore.targeting import Targets, check_regex, default_target_modules, select_layers, validate_targets
 
 #: ``init_lora_weights`` values and the op ``init`` they become.
 _INITS = {True: "kaiming", "kaiming": "kaiming", "gaussian": "gaussian", False: "random"}
@@ -270,6 +270,24 @@ class LoraConfig(PeftConfig):
         if field == "scaling":
             return f"{alpha_entry} with {r_entry} ({'alpha / sqrt(r), use_rslora' if self.use_rslora else 'alpha / r'})"
         return "lora_dropout" if field == "dropout" else field
+
+    def as_saved(self, graph: Optional[ModelGraph], plan: Optional[RewritePlan]) -> LoraConfig:
+        """Also the default ``target_modules`` of the model type and the task's heads in
+        ``modules_to_save``, as HF PEFT writes them."""
+        changes: dict[str, Any] = {"inference_mode": True}
+        if self.target_modules is None and graph is not None:
+            default = default_target_modules(graph)
+            if default is not None:
+                changes["target_modules"] = default if isinstance(default, str) else sorted(set(default))
+        modules = effective_modules_to_save(self.task_type, self.modules_to_save)
+        if modules != self.modules_to_save:
+            changes["modules_to_save"] = modules
+        # HF PEFT turns fan_in_fan_out on for a transposed (GPT-2 Conv1D) target; peftcore's
+        # layers read the layout from the layer itself, so the field only matters in the file
+        adapted = [op.path for op in (plan.ops if plan is not None else ()) if isinstance(op, AddLora)]
+        if graph is not None and any(p in graph and graph.get(p).type_name == "Conv1D" for p in adapted):
+            changes["fan_in_fan_out"] = True
+        return self.replace(**changes)
 
     def plan(self, graph: ModelGraph, adapter_name: str = "default") -> RewritePlan:
         layers = select_layers(

@@ -25,6 +25,7 @@ from peftcore.graph import ModelGraph
 from peftcore.methods.common import (
     effective_modules_to_save,
     modules_to_save_ops,
+    saved_prompt_config,
     validate_modules_to_save,
     validate_virtual_tokens,
 )
@@ -105,6 +106,12 @@ class PromptEncoderConfig(PeftConfig):
         check(0.0 <= self.encoder_dropout < 1.0, f"{name}.encoder_dropout must be in [0, 1), got {self.encoder_dropout}")
         check_type(name, "embedding_layer", self.embedding_layer, (str,), allow_none=True)
         validate_modules_to_save(name, self.modules_to_save)
+
+    def as_saved(self, graph: Optional[ModelGraph], plan: Optional[RewritePlan]) -> PromptEncoderConfig:
+        """Also the sizes HF PEFT writes (``token_dim``, ``encoder_hidden_size``, ...) and the task's heads."""
+        prompts = [op for op in (plan.ops if plan is not None else ()) if isinstance(op, AddPrompt)]
+        saved: PromptEncoderConfig = saved_prompt_config(self, graph, prompts[0].token_dim if prompts else None)
+        return saved
 
     def plan(self, graph: ModelGraph, adapter_name: str = "default") -> RewritePlan:
         return self._plan(graph, adapter_name, with_encoder=True)

@@ -39,6 +39,7 @@ from peftcore.graph import LayerNode, ModelGraph
 from peftcore.methods.common import (
     effective_modules_to_save,
     modules_to_save_ops,
+    saved_prompt_config,
     validate_modules_to_save,
     validate_virtual_tokens,
 )
@@ -184,6 +185,7 @@ class PrefixTuningConfig(PeftConfig):
     peft_type: ClassVar[str] = PeftType.PREFIX_TUNING
     plan_ops: ClassVar[tuple] = ("freeze_base", "prefix_encoder", "modules_to_save")
     hf_unsupported_fields: ClassVar[Mapping[str, Any]] = {"init_weights": None}
+    peftcore_fields: ClassVar[tuple] = ("attention_module", "key_module")
 
     num_virtual_tokens: Optional[int] = None
     token_dim: Optional[int] = None
@@ -219,6 +221,15 @@ class PrefixTuningConfig(PeftConfig):
     def is_seq2seq(self) -> bool:
         """Whether this prefix goes into an encoder-decoder model's decoder (HF's 2 submodules)."""
         return self.task_type == "SEQ_2_SEQ_LM"
+
+    def as_saved(self, graph: Optional[ModelGraph], plan: Optional[RewritePlan]) -> PrefixTuningConfig:
+        """Also the sizes HF PEFT writes (for grouped-query attention, ``token_dim`` and
+        ``num_attention_heads`` of the keys and values) and the task's heads."""
+        prefixes = [op for op in (plan.ops if plan is not None else ()) if isinstance(op, AddPrefixEncoder)]
+        width = prefixes[0].width if prefixes else None
+        layers = (prefixes[0].table_layers or len(prefixes[0].attention_paths)) if prefixes else None
+        saved: PrefixTuningConfig = saved_prompt_config(self, graph, width, layers, kv_heads=True)
+        return saved
 
     # -- planning -------------------------------------------------------------------
     def plan(self, graph: ModelGraph, adapter_name: str = "default") -> RewritePlan:

@@ -23,6 +23,7 @@ from peftcore.graph import LayerNode, ModelGraph
 from peftcore.methods.common import (
     effective_modules_to_save,
     modules_to_save_ops,
+    saved_prompt_config,
     validate_modules_to_save,
     validate_virtual_tokens,
 )
@@ -306,12 +307,18 @@ class PromptTuningConfig(PeftConfig):
         validate_modules_to_save(name, self.modules_to_save)
 
     def to_dict(self) -> dict[str, Any]:
-        # The saved prompt replaces any initial value, and HF PEFT would otherwise insist on
-        # loading the tokenizer by name to rebuild a TEXT init it then overwrites.
+        # A TEXT init from a tokenizer object only is saved as RANDOM: HF PEFT refuses TEXT
+        # without tokenizer_name_or_path, and the saved prompt replaces any initial value.
         data = super().to_dict()
-        if data.get("prompt_tuning_init") == "TEXT":
+        if data.get("prompt_tuning_init") == "TEXT" and not data.get("tokenizer_name_or_path"):
             data["prompt_tuning_init"] = "RANDOM"
         return data
+
+    def as_saved(self, graph: Optional[ModelGraph], plan: Optional[RewritePlan]) -> PromptTuningConfig:
+        """Also the sizes HF PEFT writes (``token_dim``, ``num_layers``, ...) and the task's heads."""
+        prompts = [op for op in (plan.ops if plan is not None else ()) if isinstance(op, AddPrompt)]
+        saved: PromptTuningConfig = saved_prompt_config(self, graph, prompts[0].token_dim if prompts else None)
+        return saved
 
     # -- planning -------------------------------------------------------------------
     def plan(self, graph: ModelGraph, adapter_name: str = "default") -> RewritePlan:

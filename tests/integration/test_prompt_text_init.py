@@ -198,3 +198,27 @@ def test_hf_prompt_tuning_recipe_runs_with_only_the_import_changed(model_dir: st
             next_id = ours(input_ids=ids, attention_mask=torch.ones_like(ids)).logits[:, -1].argmax(-1, keepdim=True)
             ids = torch.cat([ids, next_id], dim=1)
     assert ids[0].tolist() == our_generated
+
+
+def test_text_init_is_saved_as_hf_saves_it(model_dir: str, tmp_path: Path) -> None:
+    import json
+
+    for library in (peftcore, peft):
+        config = library.PromptTuningConfig(
+            task_type="CAUSAL_LM", num_virtual_tokens=4, prompt_tuning_init="TEXT", prompt_tuning_init_text=INIT_TEXT,
+            tokenizer_name_or_path=model_dir,
+        )
+        library.get_peft_model(transformers.AutoModelForCausalLM.from_pretrained(model_dir), config).save_pretrained(
+            str(tmp_path / library.__name__)
+        )
+    ours, theirs = (json.loads((tmp_path / name / "adapter_config.json").read_text()) for name in ("peftcore", "peft"))
+    fields = ("prompt_tuning_init", "prompt_tuning_init_text", "tokenizer_name_or_path", "tokenizer_kwargs")
+    assert [ours[f] for f in fields] == [theirs[f] for f in fields] == ["TEXT", INIT_TEXT, model_dir, None]
+    # each library loads it with the saved prompt (peftcore also to go on training it)
+    hf_loaded = peft.PeftModel.from_pretrained(
+        transformers.AutoModelForCausalLM.from_pretrained(model_dir), str(tmp_path / "peftcore")
+    )
+    ours_loaded = peftcore.PeftModel.from_pretrained(
+        transformers.AutoModelForCausalLM.from_pretrained(model_dir), str(tmp_path / "peftcore"), is_trainable=True
+    )
+    torch.testing.assert_close(prompt_table(ours_loaded), prompt_table(hf_loaded), rtol=0, atol=0)

@@ -30,7 +30,32 @@ def describe_model(model: nn.Module, extra_kinds: Optional[dict] = None) -> Mode
         model_type=str(getattr(getattr(model, "config", None), "model_type", "") or ""),
         output_head=_output_head(model, layers),
         input_embedding=_input_embedding(model),
+        model_config=_size_settings(getattr(model, "config", None)),
     )
+
+
+#: The transformers config entries Hugging Face PEFT reads a model's sizes from.
+_SIZE_KEYS = (
+    "num_hidden_layers", "num_layers", "n_layer", "hidden_size", "n_embd", "d_model", "num_attention_heads",
+    "n_head", "num_heads", "encoder_attention_heads", "num_key_value_heads", "head_dim",
+)
+
+
+def _size_settings(config: Any) -> dict[str, int]:
+    """The integer size settings of a transformers config (its text config for a
+    multimodal model), as ``config.to_dict()`` names them."""
+    to_dict = getattr(config, "to_dict", None)
+    if not callable(to_dict):
+        return {}
+    data = to_dict()
+    text = data.get("text_config")
+    if isinstance(text, dict):
+        data = text
+    sizes = {k: v for k, v in data.items() if k in _SIZE_KEYS and isinstance(v, int) and not isinstance(v, bool)}
+    layers = getattr(config, "num_hidden_layers", None)  # an alias on some configs (GPT-2's n_layer)
+    if "num_hidden_layers" not in sizes and isinstance(layers, int) and not isinstance(layers, bool):
+        sizes["num_hidden_layers"] = layers
+    return sizes
 
 
 def describe_module(path: str, module: nn.Module, extra_kinds: dict) -> LayerNode:

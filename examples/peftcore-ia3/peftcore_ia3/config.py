@@ -150,6 +150,16 @@ class IA3Config(PeftConfig):
         check_type(name, "fan_in_fan_out", self.fan_in_fan_out, (bool,))
         validate_modules_to_save(name, self.modules_to_save)
 
+    def as_saved(self, graph: Optional[ModelGraph], plan: Optional[RewritePlan]) -> IA3Config:
+        """Also the model type's default ``target_modules`` and ``feedforward_modules``
+        written out, as HF PEFT saves them."""
+        changes: dict[str, Any] = {"inference_mode": True}
+        if graph is not None:
+            for field_name, defaults in (("target_modules", DEFAULT_TARGETS), ("feedforward_modules", DEFAULT_FEEDFORWARD)):
+                if getattr(self, field_name) is None and graph.model_type in defaults:
+                    changes[field_name] = sorted(set(defaults[graph.model_type]))
+        return self.replace(**changes)
+
     # -- planning -------------------------------------------------------------------
     def resolved_targets(self, graph: ModelGraph) -> Targets:
         """``target_modules``, or the model type's default when it is None."""
