@@ -50,6 +50,11 @@ def config_class(cls: type[C]) -> type[C]:
     names = [f.name for f in dataclasses.fields(cls)]
 
     def __init__(self: Any, *args: Any, **kwargs: Any) -> None:
+        unsupported: Mapping[str, Any] = getattr(cls, "hf_unsupported_fields", {})
+        for key in [k for k in kwargs if k not in names and k in unsupported]:
+            value = kwargs.pop(key)  # an HF PEFT field: fine while it leaves its feature off
+            if not is_off_value(value, unsupported[key]):
+                raise ConfigError(unsupported_field_message(cls.__name__, key, value))
         unknown = [k for k in kwargs if k not in names]
         if unknown:
             raise UnknownFieldError(
@@ -191,8 +196,8 @@ class PeftConfig:
             elif key in cls.hf_metadata_fields:
                 continue
             elif key in cls.hf_unsupported_fields:
-                if value not in (cls.hf_unsupported_fields[key], None, False, {}, []):
-                    raise ConfigError(f"{cls.__name__}: {key}={value!r} is an HF PEFT feature peftcore does not support")
+                if not is_off_value(value, cls.hf_unsupported_fields[key]):
+                    raise ConfigError(unsupported_field_message(cls.__name__, key, value))
             elif _is_off(value):
                 ignored.append(key)  # most likely a newer HF PEFT's feature, left off
             else:
@@ -227,6 +232,21 @@ class PeftConfig:
         if unknown:
             raise ConfigError(f"{type(self).__name__} has no field {unknown[0]!r}")
         return dataclasses.replace(self, **changes)
+
+
+def is_off_value(value: Any, off: Any) -> bool:
+    """Whether ``value`` of an HF PEFT field peftcore lacks leaves its feature off: the
+    field's own "unused" value ``off``, or null/false/empty."""
+    return value in (off, None, False, {}, [])
+
+
+def unsupported_field_message(owner: str, key: str, value: Any) -> str:
+    """The one message for an HF PEFT feature peftcore does not support, whether it comes
+    from a constructor keyword or a config file."""
+    return (
+        f"{owner}: {key}={value!r} is an HF PEFT feature peftcore does not support; leave {key} at its default "
+        f"(or remove it) to use this method without it"
+    )
 
 
 def _is_off(value: Any) -> bool:

@@ -8,6 +8,7 @@ Python user would expect (``ValueError``, ``KeyError``...), so existing handlers
 from __future__ import annotations
 
 import difflib
+import sys
 from typing import Iterable
 
 
@@ -72,3 +73,15 @@ def did_you_mean(name: str, candidates: Iterable[str]) -> str:
     """Format a ``did you mean ...?`` suffix, or an empty string when nothing is close."""
     found = closest(name, candidates)
     return f"; did you mean {', '.join(repr(f) for f in found)}?" if found else ""
+
+
+def caller_stacklevel() -> int:
+    """The ``stacklevel`` that makes a warning point at the first frame outside peftcore
+    and its backends (the user's line), however deep inside the library it is raised."""
+    frame = sys._getframe(1)
+    level = 1
+    while frame is not None and frame.f_globals.get("__name__", "").split(".")[0].startswith("peftcore"):
+        frame = frame.f_back  # type: ignore[assignment]
+        level += 1
+    return level
+

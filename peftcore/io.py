@@ -177,7 +177,7 @@ def read_adapter(directory: str) -> AdapterFiles:
     plan = None
     if METADATA_KEY in metadata:
         plan, saved_config, own_fields = _parse_record(metadata[METADATA_KEY], weights_path)
-        if saved_config is not None and saved_config != data:
+        if saved_config is not None and _hf_fields(saved_config) != _hf_fields(data):
             warnings.warn(
                 f"{config_path} differs from the config saved with {WEIGHTS_NAME} (an interrupted save or "
                 "an edit by hand); using the one saved with the weights",
@@ -248,6 +248,11 @@ def _parse_config(data: Any, source: str) -> PeftConfig:
     except (TypeError, ValueError, KeyError, AttributeError, IndexError, RecursionError) as exc:
         # a value no validator foresaw; still the file's fault, so still an AdapterError
         raise AdapterError(f"{source}: invalid config: {type(exc).__name__}: {exc}") from None
+
+
+def _hf_fields(data: Mapping[str, Any]) -> dict[str, Any]:
+    """A config dict without the keys that say who wrote it (``auto_mapping``, ``peft_version``...)."""
+    return {k: v for k, v in data.items() if k not in PeftConfig.hf_metadata_fields}
 
 
 def _parse_record(text: str, weights_path: str) -> tuple[RewritePlan, Optional[dict], dict]:

@@ -38,7 +38,7 @@ from peftcore.io import (
     check_safe_to_merge,
     read_adapter,
 )
-from peftcore.methods.common import effective_modules_to_save
+from peftcore.methods.common import effective_modules_to_save, warn_untrained_head
 from peftcore.model_lock import changes_model, model_lock, reads_model, writing
 from peftcore.model_ops import BASE_ROW
 from peftcore.plan import RewritePlan
@@ -233,6 +233,7 @@ class PeftModel(AdapterFilesMixin, HFCompatMixin):
             return plan  # type: ignore[return-value]  # None until built: the layers' shapes are unknown
         if plan is None:
             plan = config.plan(self.model_graph, adapter_name)
+            warn_untrained_head(config, self.model_graph, plan)
         elif plan.adapter_name != adapter_name:
             plan = plan.with_adapter_name(adapter_name)
         model_ops.apply_plan(self.runtime, self.get_base_model(), plan, self.backend.builders())

@@ -12,11 +12,13 @@ Matching rules (those of Hugging Face PEFT, so configs carry over):
 
 from __future__ import annotations
 
+import difflib
 import importlib
 import re
+import warnings
 from typing import Any, Optional, Sequence, Union
 
-from peftcore.errors import ConfigError, TargetNotFoundError, UnsupportedLayerError, closest
+from peftcore.errors import ConfigError, PeftWarning, TargetNotFoundError, UnsupportedLayerError, caller_stacklevel
 from peftcore.graph import LayerNode, ModelGraph
 from peftcore.pattern_keys import component_suffixes
 
@@ -209,8 +211,11 @@ def select_layers(
 
     Raises :class:`TargetNotFoundError` (listing the closest layer names) when nothing
     matches, and :class:`UnsupportedLayerError` when a matched layer is of a kind the
-    method cannot adapt.
+    method cannot adapt. An entry of a ``target_modules`` list that matches nothing while
+    others match is a :class:`~peftcore.errors.PeftWarning` naming it and the closest
+    layer names (a typo would otherwise leave those layers unadapted, silently).
     """
+    explicit = target_modules is not None
     if target_modules is None:
         target_modules = default_target_modules(graph)
         if target_modules is None:
@@ -224,6 +229,8 @@ def select_layers(
         targeted = TargetMatcher(target_modules)
         matched = [n for n in graph if targeted(n.path)]
     before_filters = list(matched)
+    if explicit and matched and isinstance(target_modules, (list, tuple, set, frozenset)):
+        _warn_unmatched_entries(graph, list(target_modules), owner, supported_kinds)
     if exclude_modules is not None:
         excluded = TargetMatcher(exclude_modules)
         matched = [n for n in matched if not excluded(n.path)]
@@ -252,20 +259,45 @@ def _nothing_matched(
             f"{owner}: target_modules matched {len(before_filters)} layer(s) but exclude_modules / "
             f"layers_to_transform removed them all (e.g. {before_filters[0].path!r})"
         )
-    candidates = [n.path for n in graph if n.kind in kinds] or graph.paths
     names = [targets] if isinstance(targets, str) else list(targets or [])
-    hints: list[str] = []
-    for name in names[:_HINTED_NAMES]:  # a fuzzy search per name: a list from a file may be long
-        for hint in closest(name, candidates):
-            if hint not in hints:
-                hints.append(hint)
-    hint_text = f"; closest layer names: {', '.join(hints[:8])}" if hints else ""
+    hints = "; ".join(dict.fromkeys(_name_hint(name, graph, kinds) for name in names[:_HINTED_NAMES]))
     shown = repr(targets) if len(names) <= _HINTED_NAMES or isinstance(targets, str) else (
         f"[{', '.join(repr(n) for n in names[:_HINTED_NAMES])}, ... and {len(names) - _HINTED_NAMES} more]"
     )
     unreached = "".join(f"; {note}" for note in graph.unreached)
-    return f"{owner}: target_modules {shown} matched no layer of the model{hint_text}{unreached}"
+    return f"{owner}: target_modules {shown} matched no layer of the model; {hints}{unreached}"
 
 
-#: How many target names an error message shows and looks for close layer names to.
+#: How many target names an error message or warning shows and looks for close layer names to
+#: (a fuzzy search per name, and a list from a file may be long).
 _HINTED_NAMES = 10
+
+
+def _warn_unmatched_entries(graph: ModelGraph, targets: list[str], owner: str, kinds: Sequence[str]) -> None:
+    # one pass over the graph: an entry names a layer when it is one of that path's component suffixes
+    named = {suffix for node in graph for suffix in component_suffixes(node.path)}
+    unmatched = [name for name in dict.fromkeys(targets) if name not in named]
+    for name in unmatched[:_HINTED_NAMES]:
+        warnings.warn(
+            f"{owner}: target_modules entry {name!r} matches no layer of the model (the other entries do); "
+            f"{_name_hint(name, graph, kinds)}",
+            PeftWarning,
+            stacklevel=caller_stacklevel(),
+        )
+    if len(unmatched) > _HINTED_NAMES:
+        warnings.warn(
+            f"{owner}: {len(unmatched) - _HINTED_NAMES} more target_modules entries match no layer of the model",
+            PeftWarning,
+            stacklevel=caller_stacklevel(),
+        )
+
+
+def _name_hint(name: str, graph: ModelGraph, kinds: Sequence[str]) -> str:
+    """The layer names (last path component, as ``target_modules`` lists them) closest to
+    ``name``, or, when none is close, those of the layers the method can adapt."""
+    short_names = sorted({n.path.rsplit(".", 1)[-1] for n in graph if n.kind in kinds} or {n.name for n in graph})
+    close = difflib.get_close_matches(name.rsplit(".", 1)[-1], short_names, n=5, cutoff=0.5)
+    if close:
+        return f"closest layer names: {', '.join(close)}"
+    listed = ", ".join(short_names[:12]) + (f" and {len(short_names) - 12} more" if len(short_names) > 12 else "")
+    return f"no layer name is close to {name!r}; layer names it can adapt: {listed}"

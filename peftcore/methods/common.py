@@ -6,7 +6,7 @@ import warnings
 from typing import Any, Mapping, Optional, Sequence
 
 from peftcore.config import check, check_type
-from peftcore.errors import TargetNotFoundError, closest
+from peftcore.errors import PeftWarning, TargetNotFoundError, caller_stacklevel, closest
 from peftcore.graph import LayerNode, ModelGraph
 from peftcore.pattern_keys import component_suffixes
 from peftcore.plan import SaveModule
@@ -176,3 +176,28 @@ def saved_prompt_config(
         changes["modules_to_save"] = modules
     return config.replace(**changes)
 
+
+
+#: The task types whose heads HF PEFT trains and saves, by the head's name.
+_TASKS_OF_HEAD = {"classifier": "'SEQ_CLS' or 'TOKEN_CLS'", "score": "'SEQ_CLS' or 'TOKEN_CLS'", "qa_outputs": "'QUESTION_ANS'"}
+
+
+def warn_untrained_head(config: Any, graph: ModelGraph, plan: Any) -> None:
+    """Warn when a task head (``classifier``, ``score``, ``qa_outputs``) of a transformers
+    model is neither trained nor saved by a new adapter because its config has no
+    ``task_type``: the head stays as the model was built (often freshly initialised) and
+    is lost on saving, silently in HF PEFT."""
+    if config.task_type is not None or not graph.model_type:
+        return
+    for head, tasks in _TASKS_OF_HEAD.items():
+        if head not in graph:
+            continue
+        covered = any(op.path == head or op.path.startswith(head + ".") for op in plan.ops if op.path)
+        if not covered:
+            warnings.warn(
+                f"{type(config).__name__} has no task_type, so the model's head {head!r} is neither trained nor "
+                f"saved with the adapter (it keeps the weights the model was built with); pass task_type={tasks} "
+                f"as for this model, or add {head!r} to modules_to_save",
+                PeftWarning,
+                stacklevel=caller_stacklevel(),
+            )
