@@ -72,6 +72,7 @@ _TORCH_MODULES: dict[str, tuple[str, ...]] = {
     "peftcore_torch.status": ("get_layer_status", "get_model_status"),
     "peftcore_torch.base_state": ("get_base_model_state_dict", "load_peft_weights", "set_base_model_state_dict"),
     "peftcore_torch.hf_utils": ("cast_mixed_precision_params", "shift_tokens_right"),
+    "peftcore_torch.prompt_modules": ("PrefixEncoder", "PromptEmbedding", "PromptEncoder"),
 }
 
 #: HF name -> the torch backend module that defines it.
@@ -148,8 +149,6 @@ _MISSING: dict[str, tuple[str, ...]] = {
     "quantised (k-bit) base models": ("prepare_model_for_kbit_training",),
     "HF's per-method tuner classes (peftcore has one tuner shell for every method: a PeftModel's "
     "base_model)": ("IA3Model", "LoraModel", "PEFT_TYPE_TO_TUNER_MAPPING"),
-    "HF's standalone prompt modules (peftcore builds prompt tuning, P-tuning and prefix tuning as "
-    "adapter layers of the model)": ("PrefixEncoder", "PromptEmbedding", "PromptEncoder"),
     "prefix tuning on Bloom's legacy (pre-Cache) key/value layout": (
         "TRANSFORMERS_MODELS_TO_PREFIX_TUNING_POSTPROCESS_MAPPING",
         "bloom_model_postprocess_past_key_value",

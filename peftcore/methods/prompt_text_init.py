@@ -19,7 +19,8 @@ __all__ = ["load_named_tokenizer", "text_init_token_ids"]
 
 
 def load_named_tokenizer(owner: str, name_or_path: str, kwargs: Optional[Mapping[str, Any]]) -> Any:
-    """``AutoTokenizer.from_pretrained(name_or_path, **kwargs)``, its failures as a ConfigError."""
+    """``AutoTokenizer.from_pretrained(name_or_path, **kwargs)``, its failures as a ConfigError
+    (``trust_remote_code`` is dropped from ``kwargs``, as HF PEFT drops it)."""
     try:
         from transformers import AutoTokenizer
     except ImportError as exc:
@@ -27,8 +28,10 @@ def load_named_tokenizer(owner: str, name_or_path: str, kwargs: Optional[Mapping
             f"{owner}: loading the tokenizer {name_or_path!r} for prompt_tuning_init='TEXT' needs transformers "
             f"({exc}); install it, or pass a tokenizer object as tokenizer=..."
         ) from exc
+    # as in HF PEFT, a tokenizer named in a config never runs code from its repository
+    options = {key: value for key, value in (kwargs or {}).items() if key != "trust_remote_code"}
     try:
-        return AutoTokenizer.from_pretrained(name_or_path, **dict(kwargs or {}))
+        return AutoTokenizer.from_pretrained(name_or_path, **options)
     except Exception as exc:  # transformers raises OSError, ValueError, HF hub errors, ...
         raise ConfigError(
             f"{owner}: could not load the tokenizer {name_or_path!r} (tokenizer_name_or_path) for "

@@ -190,3 +190,51 @@ def test_not_implemented_names_say_what_they_belong_to() -> None:
     for name, feature in NOT_IMPLEMENTED.items():
         with pytest.raises(ImportError, match=re.escape(feature)):
             getattr(peftcore, name)
+
+
+PROMPT_MODULE_CONFIGS = {
+    "PromptEmbedding": lambda lib: lib.PromptTuningConfig(
+        num_virtual_tokens=3, token_dim=8, num_transformer_submodules=2, num_layers=2, num_attention_heads=2
+    ),
+    "PromptEncoder-MLP": lambda lib: lib.PromptEncoderConfig(
+        num_virtual_tokens=3, token_dim=8, encoder_hidden_size=6, num_transformer_submodules=1, num_layers=2,
+        num_attention_heads=2,
+    ),
+    "PromptEncoder-LSTM": lambda lib: lib.PromptEncoderConfig(
+        num_virtual_tokens=3, token_dim=8, encoder_hidden_size=6, num_transformer_submodules=1, num_layers=2,
+        num_attention_heads=2, encoder_reparameterization_type="LSTM",
+    ),
+    "PrefixEncoder": lambda lib: lib.PrefixTuningConfig(
+        num_virtual_tokens=3, token_dim=8, num_layers=2, num_attention_heads=2, encoder_hidden_size=6,
+    ),
+    "PrefixEncoder-projection": lambda lib: lib.PrefixTuningConfig(
+        num_virtual_tokens=3, token_dim=8, num_layers=2, num_attention_heads=2, encoder_hidden_size=6,
+        prefix_projection=True,
+    ),
+}
+
+
+@pytest.mark.parametrize("case", list(PROMPT_MODULE_CONFIGS))
+def test_standalone_prompt_modules_match_hf(case: str) -> None:
+    name = case.split("-")[0]
+    make = PROMPT_MODULE_CONFIGS[case]
+    words = torch.nn.Embedding(20, 8)
+    args = (words,) if name == "PromptEmbedding" else ()
+    theirs = getattr(peft, name)(make(peft), *args)
+    ours = getattr(peftcore, name)(make(peftcore), *args)
+    assert {k: v.shape for k, v in ours.state_dict().items()} == {k: v.shape for k, v in theirs.state_dict().items()}
+    ours.load_state_dict(theirs.state_dict())
+    indices = torch.arange(ours.embedding.num_embeddings).unsqueeze(0)
+    torch.testing.assert_close(ours(indices), theirs(indices), rtol=1e-5, atol=1e-6)
+
+
+def test_prompt_embedding_text_init_and_missing_sizes() -> None:
+    words = torch.nn.Embedding(20, 8)
+    config = peftcore.PromptTuningConfig(
+        num_virtual_tokens=4, token_dim=8, num_transformer_submodules=1, prompt_tuning_init="TEXT",
+        prompt_tuning_init_text="x", tokenizer=lambda text: [5, 6, 7],
+    )
+    module = peftcore.PromptEmbedding(config, words)
+    torch.testing.assert_close(module.embedding.weight, words.weight[[5, 6, 7, 5]], rtol=0, atol=0)
+    with pytest.raises(peftcore.ConfigError, match="token_dim must be set"):
+        peftcore.PrefixEncoder(peftcore.PrefixTuningConfig(num_virtual_tokens=2, num_layers=2))
