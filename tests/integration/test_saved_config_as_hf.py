@@ -16,6 +16,7 @@ transformers = pytest.importorskip("transformers")
 peft = pytest.importorskip("peft")
 
 import peftcore  # noqa: E402
+from peftcore.testing.numerics import assert_close_to_scale  # noqa: E402
 from tests.integration import tiny  # noqa: E402
 
 #: keys HF PEFT writes as a set (their order in the file follows Python's hashing)
@@ -92,8 +93,8 @@ def test_prefix_layout_fields_travel_with_the_weights_not_in_hf_keys(tmp_path: P
         "self_attn", "self_attn.k_proj",
     )
     ids = tiny.random_ids(2, 5)
-    with torch.no_grad():
-        torch.testing.assert_close(loaded(input_ids=ids).logits, model.eval()(input_ids=ids).logits)
+    with torch.no_grad():  # the same tensors in the same layers: bit for bit
+        assert torch.equal(loaded(input_ids=ids).logits, model.eval()(input_ids=ids).logits)
 
 
 def test_resolved_defaults_reload_to_the_same_adapter(tmp_path: Path) -> None:
@@ -104,4 +105,4 @@ def test_resolved_defaults_reload_to_the_same_adapter(tmp_path: Path) -> None:
         loaded = library.PeftModel.from_pretrained(tiny.bert_cls(), str(tmp_path))
         ids = tiny.random_ids(2, 5)
         with torch.no_grad():
-            torch.testing.assert_close(loaded(input_ids=ids).logits, model.eval()(input_ids=ids).logits)
+            assert_close_to_scale(loaded(input_ids=ids).logits, model.eval()(input_ids=ids).logits)
