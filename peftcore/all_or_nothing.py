@@ -104,5 +104,5 @@ def restoring_base_tensors(runtime: Any, tensors: Sequence[Any]) -> Iterator[Non
         yield
     except BaseException:
         for tensor, value in before:
-            runtime.write_tensor(tensor, value)
+            runtime.write(tensor, value)
         raise

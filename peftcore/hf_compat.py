@@ -274,7 +274,7 @@ def set_peft_model_state_dict(
     with restoring_tensors(model, adapter_name), restoring_base_tensors(runtime, [t for _, t, _ in base]):
         model.import_adapter(adapter_name, found)
         for _, tensor, value in base:
-            runtime.write_tensor(tensor, value)
+            runtime.write(tensor, value)
     known |= {key for key, _, _ in base}
     return IncompatibleKeys(missing_keys=[], unexpected_keys=sorted(set(arrays) - known))
 

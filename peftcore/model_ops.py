@@ -117,7 +117,7 @@ def import_base_tensors(runtime: BackendRuntime, model: Any, plan: RewritePlan, 
     with guarded(runtime, "loading the adapter"):
         for name, tensor, shape in base_tensor_entries(runtime, model, plan):
             if name in tensors:
-                runtime.write_tensor(tensor, np.asarray(tensors[name]).reshape(shape))
+                runtime.write(tensor, np.asarray(tensors[name]).reshape(shape))
         runtime.model_changed(model)
 
 

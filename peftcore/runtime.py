@@ -33,6 +33,8 @@ from typing import (
     runtime_checkable,
 )
 
+from peftcore.primitives import TensorPrimitives
+
 if TYPE_CHECKING:
     import numpy as np
 
@@ -131,9 +133,13 @@ class TaskPeftModelClasses(Protocol):
     def task_peft_model_class(self, task_type: str) -> type: ...
 
 
-class BackendRuntime:
-    """Base class of a backend's runtime; subclasses implement every method that raises
-    ``NotImplementedError`` here (:data:`REQUIRED_PRIMITIVES`)."""
+class BackendRuntime(TensorPrimitives):
+    """Base class of a backend's runtime: model primitives here, tensor primitives from
+    :class:`~peftcore.primitives.TensorPrimitives` (the same object its adapter layers
+    name as ``primitives``). Subclasses implement every method of
+    :data:`REQUIRED_PRIMITIVES`; the lifecycle primitives (``write``, ``clone``,
+    ``add_into``, ``fingerprint``) are needed by backends whose layers use the core's
+    adapter-layer lifecycle, and ``write`` by :meth:`base_tensor`'s users."""
 
     #: The backend's name (``"torch"``) and framework (``"PyTorch"``).
     name: str = ""
@@ -175,19 +181,6 @@ class BackendRuntime:
         """Every parameter tensor of ``model``, once each."""
         raise NotImplementedError
 
-    def is_trainable(self, tensor: Any) -> bool:
-        raise NotImplementedError
-
-    def set_trainable(self, tensor: Any, trainable: bool) -> None:
-        raise NotImplementedError
-
-    def numel(self, tensor: Any) -> int:
-        raise NotImplementedError
-
-    def to_numpy(self, tensor: Any) -> np.ndarray:
-        """A host numpy copy of a tensor (numpy arrays pass through)."""
-        raise NotImplementedError
-
     def adapter_parameters(self, layer: Any) -> list[Any]:
         """The parameter tensors an adapter layer owns (not its base layer's)."""
         raise NotImplementedError
@@ -211,11 +204,6 @@ class BackendRuntime:
         when it has none. Optional: ops that train base parameters in place (LoRA's
         ``bias="all"``) need it."""
         raise NotImplementedError(f"backend {self.name!r} cannot train base model parameters in place")
-
-    def write_tensor(self, tensor: Any, array: np.ndarray) -> None:
-        """Copy ``array`` into ``tensor`` in place, keeping its dtype and device. Optional,
-        with :meth:`base_tensor`."""
-        raise NotImplementedError(f"backend {self.name!r} cannot write base model parameters")
 
     def place_adapter_tensors(self, layer: Any, adapter_name: str, upcast: bool, on_meta: bool) -> None:
         """Where one layer's tensors of a new adapter live (HF PEFT's

@@ -8,11 +8,12 @@ initialisation is exactly the base model's and the saved file holds only biases.
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from typing import ClassVar, Optional, Union
 
 from peftcore.config import PeftConfig, check_type, config_class
-from peftcore.errors import PlanError, TargetNotFoundError
+from peftcore.errors import AdapterError, PlanError, TargetNotFoundError
 from peftcore.graph import LAYER_KINDS, LayerNode, ModelGraph
 from peftcore.methods.common import (
     effective_modules_to_save,
@@ -54,6 +55,15 @@ class TrainBias(PlanOp):
 
     def tensor_specs(self) -> dict[str, TensorSpec]:
         return {"bias": TensorSpec((self.size,), "bias")}
+
+    def check_bias(self, bias_shape: Optional[tuple]) -> None:
+        """An :class:`AdapterError` unless the layer's bias (its shape, None when it has
+        none) is what this op expects: present with ``size`` values, or absent when ``added``."""
+        if self.added != (bias_shape is None):
+            state = "has no bias" if bias_shape is None else "already has a bias"
+            raise AdapterError(f"layer {self.path!r} {state}, which the plan's bitfit_bias op did not expect")
+        if bias_shape is not None and math.prod(bias_shape) != self.size:
+            raise AdapterError(f"layer {self.path!r} has a bias of shape {tuple(bias_shape)}, the plan expects ({self.size},)")
 
     def misfit(self, graph: ModelGraph) -> Optional[str]:
         node = graph.get(self.path)

@@ -155,7 +155,7 @@ def test_case2_a_failed_first_merge_leaves_no_stale_snapshot(monkeypatch: pytest
     with pytest.raises(peftcore.BackendError, match="injected"):
         pm.merge_adapter()
     monkeypatch.setattr(type(layer), "delta_weight", real)
-    assert layer._unmerged_weight is None
+    assert layer.merge_record is None
     with torch.no_grad():
         layer.base_layer.weight.mul_(2.0)  # a change between the failed merge and the next
     changed = layer.base_layer.weight.detach().clone()

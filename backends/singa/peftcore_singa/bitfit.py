@@ -28,7 +28,8 @@ from singa import autograd, layer, tensor  # noqa: E402
 
 from peftcore.errors import AdapterError, PlanError  # noqa: E402
 from peftcore.methods.bitfit import TrainBias  # noqa: E402
-from peftcore_singa.layers import AdapterLayer, constant, copy_into, digest, to_numpy, warn_changed_while_merged  # noqa: E402
+from peftcore_singa.layers import AdapterLayer, constant  # noqa: E402
+from peftcore_singa.tensors import to_numpy  # noqa: E402
 
 _LINEAR = (layer.Linear, layer.Gemm)
 #: Layers whose bias runs along axis 1 (channels), not the last axis.
@@ -46,12 +47,6 @@ def base_bias(base: Any) -> Optional[Any]:
     return value if isinstance(value, tensor.Tensor) else None
 
 
-def _frozen_copy(t: Any) -> Any:
-    copy = t.clone()
-    copy.requires_grad = copy.stores_grad = False
-    return copy
-
-
 class BiasAdapter(AdapterLayer):
     """Trainable biases, one per adapter, added on top of a frozen base layer.
 
@@ -61,12 +56,15 @@ class BiasAdapter(AdapterLayer):
 
     adapter_tensor_names = ("bitfit_bias",)
     canonical_names = {"bitfit_bias": "bias"}
+    merge_role = "bias"
 
     def __init__(self, base_layer: Any, path: str) -> None:
         super().__init__(base_layer, path)
-        self.__dict__["_bias_before_merge"] = None
         self._had_bias = base_bias(base_layer) is not None
         self.channel_axis = 1 if isinstance(base_layer, _CHANNEL_FIRST) else -1
+
+    def base_tensor(self, role: str) -> Any:
+        return base_bias(self.base_layer) if role == "bias" else super().base_tensor(role)
 
     def base_weight(self) -> Any:
         """The tensor whose device and dtype new adapter tensors follow."""
@@ -78,28 +76,22 @@ class BiasAdapter(AdapterLayer):
             raise AdapterError(f"{type(self.base_layer).__name__} at {self.path!r} has neither a bias nor a weight W")
         return weight
 
-    def add(self, adapter_name: str, op: TrainBias) -> None:
-        if self.has_adapter(adapter_name):
-            raise AdapterError(f"layer {op.path!r} already has an adapter named {adapter_name!r}")
+    def new_adapter(self, adapter_name: str, op: TrainBias) -> dict[str, Any]:
         bias = base_bias(self.base_layer) if self._had_bias else None
-        if op.added != (bias is None):
-            state = "has no bias" if bias is None else "already has a bias"
-            raise AdapterError(f"layer {op.path!r} {state}, which the plan's bitfit_bias op did not expect")
+        op.check_bias(tuple(bias.shape) if bias is not None else None)
         if op.added and not isinstance(self.base_layer, _LINEAR):
             raise PlanError(f"singa backend can give a new bias only to Linear and Gemm layers, not {op.path!r}")
-        if bias is not None and bias.size() != op.size:
-            raise AdapterError(f"layer {op.path!r} has a bias of shape {tuple(bias.shape)}, the plan expects ({op.size},)")
         value = self.new_tensor((op.size,), f"bitfit_bias.{adapter_name}")
         if bias is not None:
             value.copy_data(bias)
         else:
             value.set_value(0.0)
-        self.bitfit_bias[adapter_name] = value
+        return {"bitfit_bias": value}
 
     # -- forward --------------------------------------------------------------------------
     def _original_bias(self) -> Optional[Any]:
         if self.merged_adapters:
-            return self._bias_before_merge
+            return self.merge_original()
         return base_bias(self.base_layer) if self._had_bias else None
 
     def _change(self, running: Sequence[str]) -> Any:
@@ -134,29 +126,15 @@ class BiasAdapter(AdapterLayer):
             result = autograd.reshape(result, list(shape[:-1]) + [int(result.shape[-1])])
         return result
 
-    # -- merging --------------------------------------------------------------------------
-    def merge(self, adapter_names: Sequence[str]) -> None:
-        todo = [a for a in adapter_names if self.has_adapter(a) and a not in self.merged_adapters]
-        if not todo:
-            return
-        if not self.merged_adapters:
-            bias = base_bias(self.base_layer) if self._had_bias else None
-            self.__dict__["_bias_before_merge"] = _frozen_copy(bias) if bias is not None else None
-        original = self._bias_before_merge
-        base_value = to_numpy(original).reshape(-1).astype(np.float64) if original is not None else 0.0
-        current = base_bias(self.base_layer) if self.merged_adapters or self._had_bias else None
-        total = to_numpy(current).reshape(-1).astype(np.float64) if current is not None else None
-        for name in todo:
-            change = to_numpy(self.bitfit_bias[name]).astype(np.float64) - base_value
-            total = change if total is None else total + change
-        if current is None:
-            current = self._create_base_bias()
-        copy_into(current, total)
-        self.merged_adapters.extend(todo)
-        self.__dict__["_merge_digest"] = digest(current)
+    # -- merging: the core's, over these -------------------------------------------------
+    def delta_weight(self, adapter_name: str) -> np.ndarray:
+        """The adapter's bias minus the original one, ``(size,)``, on the host."""
+        original = self._original_bias()
+        change = to_numpy(self.bitfit_bias[adapter_name]).astype(np.float64)
+        return change - to_numpy(original).reshape(-1).astype(np.float64) if original is not None else change
 
-    def _create_base_bias(self) -> Any:
-        """Give the ``Linear``/``Gemm`` base layer a (frozen) bias, as ``bias=True`` would."""
+    def create_base_tensor(self, role: str) -> Any:
+        """Give the ``Linear``/``Gemm`` base layer a zero, frozen bias, as ``bias=True`` would."""
         base = self.base_layer
         weight = base.W
         size = int(self.bitfit_bias[self.adapter_names()[0]].size())
@@ -165,40 +143,12 @@ class BiasAdapter(AdapterLayer):
         bias = tensor.Tensor(
             shape, weight.device, weight.dtype, requires_grad=False, stores_grad=False, name=f"{prefix}.b"
         )
-        base.__dict__["b"] = bias
-        base.__dict__["bias"] = True
+        bias.set_value(0.0)
+        self.set_base_tensor(role, bias)
         return bias
 
-    def unmerge(self) -> None:
-        """Put the bias back as it was (removing one that merge added), unless it changed
-        while merged: then subtract the adapters' change, with a warning, keeping the edit."""
-        if not self.merged_adapters:
-            return
+    def set_base_tensor(self, role: str, value: Any) -> None:
         base = self.base_layer
-        bias = base_bias(base)
-        stamp = self.__dict__.get("_merge_digest")
-        if bias is not None and stamp is not None and stamp != digest(bias):
-            warn_changed_while_merged(self, "bias")
-            original = self._bias_before_merge
-            base_value = to_numpy(original).reshape(-1).astype(np.float64) if original is not None else 0.0
-            total = to_numpy(bias).reshape(-1).astype(np.float64)
-            for name in self.merged_adapters:
-                total = total - (to_numpy(self.bitfit_bias[name]).astype(np.float64) - base_value)
-            copy_into(bias, total)
-        elif self._had_bias:
-            assert bias is not None and self._bias_before_merge is not None
-            bias.copy_data(self._bias_before_merge)
-        else:
-            base.__dict__["b"] = None
-            base.__dict__["bias"] = False
-        self.__dict__["_bias_before_merge"] = None
-        self.__dict__["_merge_digest"] = None
-        self.merged_adapters = []
-
-    def unwrap(self, merge: bool) -> Any:
-        self.unmerge()
-        if merge:
-            self.merge([a for a in self.active_adapters if self.has_adapter(a)])
-            self.__dict__["_bias_before_merge"] = None
-            self.merged_adapters = []
-        return self.base_layer
+        base.__dict__[bias_attribute(base)] = value
+        if isinstance(base, _LINEAR):
+            base.__dict__["bias"] = value is not None

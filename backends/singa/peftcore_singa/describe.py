@@ -31,7 +31,8 @@ from singa import autograd, device, layer, tensor  # noqa: E402
 
 from peftcore.errors import BackendError  # noqa: E402
 from peftcore.graph import LayerNode, ModelGraph  # noqa: E402
-from peftcore_singa.layers import DTYPE_NAMES, AdapterLayer  # noqa: E402
+from peftcore_singa.layers import AdapterLayer  # noqa: E402
+from peftcore_singa.tensors import DTYPE_NAMES  # noqa: E402
 from peftcore_singa.unregistered import held_children, unreached_layers  # noqa: E402
 
 _CONV = (layer.Conv2d, layer.SeparableConv2d)

@@ -30,7 +30,8 @@ from singa import autograd, layer, singa_wrap, tensor  # noqa: E402
 
 from peftcore.methods.lora import AddLora  # noqa: E402
 from peftcore_singa.describe import is_linear_3d, linear_features  # noqa: E402
-from peftcore_singa.layers import AdapterLayer, to_numpy  # noqa: E402
+from peftcore_singa.layers import AdapterLayer  # noqa: E402
+from peftcore_singa.tensors import to_numpy  # noqa: E402
 
 
 class ScaledMatmul(autograd.Operator):
@@ -77,33 +78,16 @@ def lora_dropout(x: Any, p: float) -> Any:
 
 class LoraLayer(AdapterLayer):
     adapter_tensor_names = ("lora_A", "lora_B")
+    other_param_names = ("scaling", "r", "dropout")
+    scaling: dict[str, float]
+    r: dict[str, int]
+    dropout: dict[str, float]
 
-    def __init__(self, base_layer: Any, path: str) -> None:
-        super().__init__(base_layer, path)
-        self.scaling: dict[str, float] = {}
-        self.r: dict[str, int] = {}
-        self.dropout: dict[str, float] = {}
-
-    def features(self) -> tuple[int, int]:
-        raise NotImplementedError
-
-    def add(self, adapter_name: str, op: AddLora) -> None:
-        self.check_op_fits(op, *self.features())
-        if self.has_adapter(adapter_name):
-            raise ValueError(f"layer {op.path!r} already has an adapter named {adapter_name!r}")
+    def new_adapter(self, adapter_name: str, op: AddLora) -> dict[str, Any]:
         a = self.new_tensor((op.in_features, op.r), f"lora_A.{adapter_name}")
         b = self.new_tensor((op.r, op.out_features), f"lora_B.{adapter_name}")
         _initialise(a, b, op)
-        self.lora_A[adapter_name] = a
-        self.lora_B[adapter_name] = b
-        self.scaling[adapter_name] = float(op.scaling)
-        self.r[adapter_name] = int(op.r)
-        self.dropout[adapter_name] = float(op.dropout)
-
-    def delete(self, adapter_name: str) -> None:
-        super().delete(adapter_name)
-        for store in (self.scaling, self.r, self.dropout):
-            store.pop(adapter_name, None)
+        return {"lora_A": a, "lora_B": b, "scaling": float(op.scaling), "r": int(op.r), "dropout": float(op.dropout)}
 
     def canonical_export(self, name: str, array: np.ndarray) -> np.ndarray:
         return array.T

@@ -24,7 +24,8 @@ from singa import tensor  # noqa: E402
 from peftcore.errors import AdapterError  # noqa: E402
 from peftcore.plan import SaveModule  # noqa: E402
 from peftcore_singa.describe import ParamView, native_params, walk  # noqa: E402
-from peftcore_singa.layers import AdapterLayer, copy_into, set_trainable_flags, to_numpy  # noqa: E402
+from peftcore_singa.layers import AdapterLayer  # noqa: E402
+from peftcore_singa.tensors import copy_into, set_trainable_flags, to_numpy  # noqa: E402
 
 
 def clone_layer(source: Any, name: str) -> Any:

@@ -66,9 +66,9 @@ from peftcore.model_lock import changes_model, reads_model  # noqa: E402
 from peftcore.peft_model import PeftModel  # noqa: E402
 from peftcore.plan import RewritePlan  # noqa: E402
 from peftcore_singa.describe import eval_mode  # noqa: E402
-from peftcore_singa.layers import NP_DTYPES  # noqa: E402
 from peftcore_singa.limitations import refuse_unbuildable  # noqa: E402
 from peftcore_singa.prompt_fit import check_prompt_fits  # noqa: E402
+from peftcore_singa.tensors import NP_DTYPES  # noqa: E402
 
 _Model = singa_model.Model
 

@@ -33,9 +33,10 @@ from singa import autograd, singa_wrap, tensor  # noqa: E402
 
 from peftcore.errors import AdapterError  # noqa: E402
 from peftcore.methods.prompt_tuning import RESIDUAL_TENSORS, AddPrompt  # noqa: E402
-from peftcore_singa.layers import AdapterLayer, constant, copy_into, to_numpy  # noqa: E402
+from peftcore_singa.layers import AdapterLayer, constant  # noqa: E402
 from peftcore_singa.lora import lora_dropout  # noqa: E402
 from peftcore_singa.prompt_encoder import ENCODER_PREFIX, PromptEncoder  # noqa: E402
+from peftcore_singa.tensors import copy_into, to_numpy  # noqa: E402
 
 LAYER_NORM_EPS = 1e-5
 

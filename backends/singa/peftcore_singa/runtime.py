@@ -9,8 +9,6 @@ from __future__ import annotations
 
 from typing import Any, Iterable, Mapping, Optional, Sequence
 
-import numpy as np
-
 from peftcore_singa.compat import apply_shims
 
 apply_shims()
@@ -19,15 +17,16 @@ from singa import autograd, layer, model  # noqa: E402
 
 from peftcore.graph import ModelGraph  # noqa: E402
 from peftcore.runtime import BackendInfo, BackendRuntime, OpBuilder  # noqa: E402
-from peftcore_singa.layers import AdapterLayer, copy_into, set_trainable_flags, to_numpy  # noqa: E402
+from peftcore_singa.layers import AdapterLayer  # noqa: E402
 from peftcore_singa.limitations import LIMITATIONS  # noqa: E402
+from peftcore_singa.tensors import SingaTensors, to_numpy  # noqa: E402
 from peftcore_singa.walk import replace_layer, walk  # noqa: E402
 
 NAME = "singa"
 FRAMEWORK = "Apache SINGA"
 
 
-class SingaRuntime(BackendRuntime):
+class SingaRuntime(SingaTensors, BackendRuntime):
     """Apache SINGA: models are ``singa.model.Model`` (or ``layer.Layer``); a tensor trains
     when it ``stores_grad`` (what SINGA optimizers update)."""
 
@@ -65,18 +64,6 @@ class SingaRuntime(BackendRuntime):
     def parameters(self, model_: Any) -> list[Any]:
         return all_params(model_)
 
-    def is_trainable(self, t: Any) -> bool:
-        return bool(t.stores_grad)
-
-    def set_trainable(self, t: Any, trainable: bool) -> None:
-        set_trainable_flags(t, trainable)
-
-    def numel(self, t: Any) -> int:
-        return int(np.prod(t.shape))
-
-    def to_numpy(self, t: Any) -> np.ndarray:
-        return t if isinstance(t, np.ndarray) else to_numpy(t)
-
     def adapter_parameters(self, node: Any) -> list[Any]:
         return list(node.adapter_tensors())
 
@@ -88,9 +75,6 @@ class SingaRuntime(BackendRuntime):
             node = node.base_layer
         view = native_params(node).get(name) if node is not None else None
         return view.tensor if view is not None else None
-
-    def write_tensor(self, t: Any, array: np.ndarray) -> None:
-        copy_into(t, array)
 
     def builders(self) -> Mapping[str, OpBuilder]:
         from peftcore_singa.builders import BUILDERS

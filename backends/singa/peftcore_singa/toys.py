@@ -23,7 +23,7 @@ from singa import autograd, layer, model  # noqa: E402
 from peftcore.errors import PeftCoreError  # noqa: E402
 from peftcore.testing.toys import ToySpec  # noqa: E402
 from peftcore_singa.describe import eval_mode, model_device, to_tensor  # noqa: E402
-from peftcore_singa.layers import copy_into, to_numpy  # noqa: E402
+from peftcore_singa.tensors import copy_into, to_numpy  # noqa: E402
 
 _ACTIVATIONS = {
     "relu": autograd.relu,

@@ -8,12 +8,14 @@ calls ``wrap_layer(model, layers, path, MyAdapterLayer).add(adapter_name, op)``.
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, TypeVar
 
-from peftcore.errors import PlanError, did_you_mean
+from peftcore.adapter_layer import wrap_layer as core_wrap_layer
 from peftcore_singa.describe import layer_index, walk
 from peftcore_singa.layers import AdapterLayer
 from peftcore_singa.unregistered import replace_held
+
+L = TypeVar("L", bound=AdapterLayer)
 
 __all__ = ["layer_index", "replace_layer", "walk", "wrap_layer"]
 
@@ -46,17 +48,7 @@ def replace_layer(model: Any, layers: dict[str, Any], path: str, new: Any) -> No
     layers[path] = new
 
 
-def wrap_layer(model: Any, layers: dict[str, Any], path: str, wrapper_type: type[AdapterLayer]) -> AdapterLayer:
-    """The ``wrapper_type`` adapter layer at ``path``, wrapping the layer there if needed."""
-    if path not in layers or not path:
-        raise PlanError(f"the model has no layer {path!r}{did_you_mean(path, [p for p in layers if p])}")
-    current = layers[path]
-    if isinstance(current, wrapper_type):
-        return current
-    if isinstance(current, AdapterLayer):
-        raise PlanError(
-            f"layer {path!r} already carries a {type(current).__name__}; it cannot also take a {wrapper_type.__name__}"
-        )
-    wrapper = wrapper_type(current, path)
-    replace_layer(model, layers, path, wrapper)
-    return wrapper
+def wrap_layer(model: Any, layers: dict[str, Any], path: str, wrapper_type: type[L]) -> L:
+    """The ``wrapper_type`` adapter layer at ``path``, wrapping the layer there if needed
+    (the core's :func:`peftcore.adapter_layer.wrap_layer` over :func:`replace_layer`)."""
+    return core_wrap_layer(replace_layer, model, layers, path, wrapper_type)

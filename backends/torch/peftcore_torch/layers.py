@@ -1,55 +1,60 @@
 """The base class of every adapter layer the torch backend builds.
 
-An :class:`AdapterLayer` wraps one base layer (kept as ``base_layer``) and holds each
-adapter's tensors in ``nn.ParameterDict`` attributes named by ``adapter_tensor_names``,
-keyed by adapter name. Export, import, delete and (un)freezing are generic over those
-dicts, so a new layer type (ours or a third-party plugin's) only writes its forward,
-``add`` and ``delta_weight``.
-
-Merging keeps a copy of the original weight while merged and restores it on unmerge,
-so any number of merge/unmerge cycles leaves the base weights bit-identical. A weight
-changed while merged (an in-place edit, ``load_state_dict``, a dtype change) is detected
-(tensor version, identity and a fingerprint of its bits) and then unmerged by
-subtracting the adapters' delta, with a warning, so the change is kept.
+An :class:`AdapterLayer` is an ``nn.Module`` that wraps one base layer (kept as
+``base_layer``) and holds each adapter's tensors in ``nn.ParameterDict`` attributes named
+by ``adapter_tensor_names``, keyed by adapter name. Adding, deleting, export, import,
+(un)freezing, merging with an exact unmerge and unwrapping are the core's
+(:class:`~peftcore.adapter_layer.AdapterLayerCore`) over the backend's tensor primitives
+(:mod:`peftcore_torch.tensors`), so a new layer type (ours or a third-party plugin's)
+writes only ``new_adapter``, ``forward`` and ``delta_weight``.
 """
 
 from __future__ import annotations
 
-import warnings
-from typing import Any, ClassVar, Mapping, Optional, cast
+from typing import Any, ClassVar, Optional, TypeVar, cast
 
 import torch
 from torch import nn
 
-from peftcore.adapter_state import AdapterBookkeeping
-from peftcore.errors import AdapterError, PlanError
+from peftcore.adapter_layer import AdapterLayerCore
+from peftcore_torch.tensors import TORCH_TENSORS
+
+T = TypeVar("T", bound="AdapterLayer")
 
 
-class AdapterLayer(AdapterBookkeeping, nn.Module):
-    """A base layer plus named adapters. Subclasses set ``adapter_tensor_names`` (and
-    ``canonical_names`` where an attribute's saved name differs); the bookkeeping rules
-    come from :class:`~peftcore.adapter_state.AdapterBookkeeping`."""
+class AdapterLayer(AdapterLayerCore, nn.Module):
+    """A base layer plus named adapters, as an ``nn.Module``. Subclasses set
+    ``adapter_tensor_names`` (and ``canonical_names`` where an attribute's saved name
+    differs), make an adapter's tensors in ``new_adapter`` and compute ``forward`` and
+    ``delta_weight``; the lifecycle is :class:`~peftcore.adapter_layer.AdapterLayerCore`'s."""
 
+    primitives = TORCH_TENSORS
     #: the child name the wrapped layer is kept under (HF PEFT's state-dict layout:
     #: ``base_layer``, and ``original_module`` for ``modules_to_save``)
     base_layer_attribute: ClassVar[str] = "base_layer"
     base_layer: nn.Module
-    #: HF PEFT's names of a layer's other per-adapter attributes (dicts by adapter name)
-    other_param_names: ClassVar[tuple] = ()
 
     def __init__(self, base_layer: nn.Module) -> None:
         super().__init__()
         setattr(self, self.base_layer_attribute, base_layer)
         self.init_adapter_state()
-        self._unmerged_weight: Optional[torch.Tensor] = None
-        self._merge_stamp: Optional[tuple[int, int, int, tuple[str, tuple[int, ...], int, int]]] = None
+
+    @classmethod
+    def wrap(cls: type[T], base_layer: Any, path: str) -> T:
+        return cls(base_layer)  # type: ignore[call-arg]
+
+    def base_tensor(self, role: str) -> Optional[torch.Tensor]:
+        tensor = getattr(self.base_layer, role, None)
+        return tensor if isinstance(tensor, torch.Tensor) else None
+
+    def set_base_tensor(self, role: str, tensor: Any) -> None:
+        if tensor is None:
+            self.base_layer.register_parameter(role, None)
+        else:
+            setattr(self.base_layer, role, tensor)
 
     def base_weight(self) -> torch.Tensor:
         return cast(torch.Tensor, self.base_layer.weight)
-
-    def weight_dtype(self) -> str:
-        """The base weight's dtype now, canonically named (``"float16"``)."""
-        return str(self.base_weight().dtype).replace("torch.", "")
 
     def new_tensor(self, *shape: int) -> nn.Parameter:
         """An uninitialised parameter on the base weight's device and dtype."""
@@ -83,121 +88,14 @@ class AdapterLayer(AdapterBookkeeping, nn.Module):
         """The base layer's output size (an embedding's is its dimension)."""
         return base_features(self.base_layer)[1]
 
-    # -- what subclasses provide ----------------------------------------------------------
-    def add(self, adapter_name: str, op: Any) -> None:
-        raise NotImplementedError
-
-    def delta_weight(self, adapter_name: str) -> torch.Tensor:
-        """The adapter's change to ``base_layer.weight``, in the weight's own layout."""
-        raise NotImplementedError(f"{type(self).__name__} cannot be merged")
-
-    def canonical_export(self, name: str, tensor: torch.Tensor) -> torch.Tensor:
-        """Convert a stored tensor to canonical layout (identity unless overridden)."""
-        return tensor
-
-    def native_import(self, name: str, tensor: torch.Tensor) -> torch.Tensor:
-        """Convert a canonical tensor to the stored layout (identity unless overridden)."""
-        return tensor
-
-    # -- generic adapter state ------------------------------------------------------------
-    def export(self, adapter_name: str) -> dict[str, torch.Tensor]:
-        return {
-            self.canonical_name(name): self.canonical_export(name, self.adapter_store(name)[adapter_name].detach())
-            for name in self.tensor_names(adapter_name)
-        }
-
-    def load(self, adapter_name: str, tensors: Mapping[str, Any]) -> None:
-        """Copy canonical tensors (numpy arrays or torch tensors) into the adapter."""
-        for name in self.tensor_names(adapter_name):
-            key, given = self.canonical_tensor(adapter_name, tensors, name)
-            store = self.adapter_store(name)
-            target = store[adapter_name]
-            value = self.native_import(name, torch.as_tensor(given))
-            if tuple(value.shape) != tuple(target.shape):
-                raise AdapterError(f"tensor {key!r} has shape {tuple(value.shape)}, expected {tuple(target.shape)}")
-            if target.is_meta:  # built with low_cpu_mem_usage: the loaded tensor becomes the parameter
-                device = self.base_weight().device
-                store[adapter_name] = nn.Parameter(
-                    value.to(device=device, dtype=target.dtype, copy=True), requires_grad=target.requires_grad
-                )
-                continue
-            with torch.no_grad():
-                target.copy_(value.to(device=target.device, dtype=target.dtype))
-
-    def delete(self, adapter_name: str) -> None:
-        self.forget_adapter(adapter_name)
-
-    def set_trainable(self, adapter_name: str, trainable: bool) -> None:
-        for name in self.adapter_tensor_names:
-            store = self.adapter_store(name)
-            if adapter_name in store:
-                store[adapter_name].requires_grad_(trainable)
-
-    # -- merging --------------------------------------------------------------------------
-    def merge(self, adapter_names: list[str]) -> None:
-        todo = [a for a in adapter_names if self.has_adapter(a) and a not in self.merged_adapters]
-        if not todo:
+    def write_adapter_tensor(self, attribute: str, adapter_name: str, value: Any) -> None:
+        store = self.adapter_store(attribute)
+        target = store[adapter_name]
+        if target.is_meta:  # built with low_cpu_mem_usage: the loaded tensor becomes the parameter
+            loaded = torch.as_tensor(value).to(device=self.base_weight().device, dtype=target.dtype, copy=True)
+            store[adapter_name] = nn.Parameter(loaded, requires_grad=target.requires_grad)
             return
-        weight = self.base_weight()
-        if not self.merged_adapters:
-            self._unmerged_weight = weight.detach().clone()
-        elif not self._weight_unchanged():
-            self._unmerged_weight = None  # edited since the last merge: unmerge subtracts instead
-        try:
-            with torch.no_grad():
-                total = weight.detach().to(torch.float32)
-                for name in todo:
-                    total = total + self.delta_weight(name).to(torch.float32)
-                weight.copy_(total.to(weight.dtype))
-        except BaseException:
-            if not self.merged_adapters:  # never leave a snapshot behind a failed first merge
-                self._unmerged_weight = None
-            raise
-        self.merged_adapters.extend(todo)
-        self._merge_stamp = _weight_stamp(weight)
-
-    def _weight_unchanged(self) -> bool:
-        """Whether ``base_layer.weight`` is exactly what the last merge wrote: the same
-        tensor at the same in-place version, or (after a copy, a move or a write that
-        bypassed the version counter) the same fingerprint of its bits."""
-        stamp = getattr(self, "_merge_stamp", None)
-        return stamp is not None and _same_tensor_state(self.base_weight(), stamp)
-
-    def unmerge(self) -> None:
-        if not self.merged_adapters:
-            self._unmerged_weight = None
-            return
-        weight = self.base_weight()
-        # a subclass with its own merge() that takes the snapshot but no stamp (a plugin
-        # written before stamps) keeps the plain restore
-        unstamped = getattr(self, "_merge_stamp", None) is None
-        with torch.no_grad():
-            if self._unmerged_weight is not None and (unstamped or self._weight_unchanged()):
-                weight.copy_(self._unmerged_weight)
-            else:
-                warn_changed_while_merged(self, "weight")
-                total = weight.detach().to(torch.float32)
-                for name in self.merged_adapters:
-                    total = total - self.delta_weight(name).to(device=total.device, dtype=torch.float32)
-                weight.copy_(total.to(weight.dtype))
-        self._unmerged_weight = None
-        self._merge_stamp = None
-        self.merged_adapters = []
-
-    def unwrap(self, merge: bool) -> nn.Module:
-        """The base layer to put back in the model, with active adapters folded in if ``merge``."""
-        self.unmerge()
-        if merge:
-            self.merge([a for a in self.active_adapters if self.has_adapter(a)])
-            self._unmerged_weight = None
-        return self.base_layer
-
-    def check_op_fits(self, op: Any, in_features: int, out_features: int) -> None:
-        if (op.in_features, op.out_features) != (in_features, out_features):
-            raise PlanError(
-                f"plan op for {op.path!r} expects {op.in_features} -> {op.out_features} features, "
-                f"the layer has {in_features} -> {out_features}"
-            )
+        super().write_adapter_tensor(attribute, adapter_name, value)
 
 
 _HALF_PRECISION = (torch.float16, torch.bfloat16)
@@ -235,46 +133,3 @@ def base_features(layer: nn.Module) -> tuple[int, int]:
     if hasattr(sizes, "in_features") and hasattr(sizes, "out_features"):
         return int(sizes.in_features), int(sizes.out_features)
     raise AttributeError(f"{type(layer).__name__} has no in_features/out_features")
-
-
-def warn_changed_while_merged(layer: AdapterLayer, what: str) -> None:
-    """Warn that unmerge subtracts the adapters' change from a base ``what`` (weight,
-    bias) edited while they were merged, instead of restoring the saved original."""
-    warnings.warn(
-        f"{type(layer).__name__}: the base {what} changed while adapters {layer.merged_adapters} were merged; "
-        "unmerging by subtracting their change, which keeps the edit but is not bit-exact",
-        UserWarning,
-        stacklevel=4,
-    )
-
-
-_FINGERPRINT_CHUNK = 1 << 20
-_INT_VIEW = {1: torch.int8, 2: torch.int16, 4: torch.int32, 8: torch.int64}
-
-
-def _fingerprint(weight: torch.Tensor) -> tuple[str, tuple[int, ...], int, int]:
-    """dtype, shape and two int64 sums of the weight's bits (plain and position-weighted),
-    computed in bounded chunks: equal for an unchanged weight, different after an edit."""
-    flat = weight.detach().reshape(-1)
-    ints = flat.view(_INT_VIEW[flat.element_size()]) if flat.element_size() in _INT_VIEW else flat
-    plain = weighted = 0
-    for start in range(0, ints.numel(), _FINGERPRINT_CHUNK):
-        chunk = ints[start : start + _FINGERPRINT_CHUNK].to(torch.int64)
-        position = torch.arange(start, start + chunk.numel(), device=chunk.device, dtype=torch.int64) % 65521 + 1
-        plain += int(chunk.sum())
-        weighted += int((chunk * position).sum())
-    return (str(weight.dtype), tuple(weight.shape), plain, weighted)
-
-
-def _weight_stamp(weight: torch.Tensor) -> tuple[int, int, int, tuple[str, tuple[int, ...], int, int]]:
-    """What :func:`_same_tensor_state` compares: identity, in-place version, fingerprint."""
-    return (id(weight), weight.data_ptr(), weight._version, _fingerprint(weight))
-
-
-def _same_tensor_state(tensor: torch.Tensor, stamp: tuple) -> bool:
-    """Whether ``tensor`` is exactly what it was when ``stamp`` was taken: the same tensor
-    at the same in-place version, or (after a copy, a move or a write that bypassed the
-    version counter) the same fingerprint of its bits."""
-    if stamp[0] == id(tensor) and stamp[1] == tensor.data_ptr() and stamp[2] != tensor._version:
-        return False
-    return bool(stamp[3] == _fingerprint(tensor))

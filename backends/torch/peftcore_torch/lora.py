@@ -135,24 +135,18 @@ class LoraLayer(RoutesRows, AdapterLayer):
         self.lora_A = FactorDict()
         self.lora_B = FactorDict()
 
-    def _add_tensors(self, adapter_name: str, op: AddLora) -> None:
-        if self.has_adapter(adapter_name):
-            raise AdapterError(f"layer {op.path!r} already has an adapter named {adapter_name!r}")
+    def new_adapter(self, adapter_name: str, op: AddLora) -> dict[str, Any]:
         a = self.new_tensor(op.r, op.in_features)
         b = self.new_tensor(op.out_features, op.r)
         _initialise(a, b, op)
-        self.lora_A[adapter_name] = a
-        self.lora_B[adapter_name] = b
-        self.lora_dropout[adapter_name] = nn.Dropout(op.dropout) if op.dropout > 0 else nn.Identity()
-        self.scaling[adapter_name] = op.scaling
-        self.r[adapter_name] = op.r
-
-    def delete(self, adapter_name: str) -> None:
-        super().delete(adapter_name)
-        if adapter_name in self.lora_dropout:
-            del self.lora_dropout[adapter_name]
-        self.scaling.pop(adapter_name, None)
-        self.r.pop(adapter_name, None)
+        a_name, b_name = self.adapter_tensor_names[:2]
+        return {
+            a_name: a,
+            b_name: b,
+            "lora_dropout": nn.Dropout(op.dropout) if op.dropout > 0 else nn.Identity(),
+            "scaling": op.scaling,
+            "r": op.r,
+        }
 
     def canonical_delta(self, adapter_name: str) -> torch.Tensor:
         """``scaling * B @ A`` as ``(out, in)``, computed in float32 for low-precision weights."""
@@ -204,10 +198,6 @@ class LoraLinear(LoraLayer):
         if self.fan_in_fan_out:
             return int(weight.shape[0]), int(weight.shape[1])
         return int(weight.shape[1]), int(weight.shape[0])
-
-    def add(self, adapter_name: str, op: AddLora) -> None:
-        self.check_op_fits(op, *self.features())
-        self._add_tensors(adapter_name, op)
 
     def delta_weight(self, adapter_name: str) -> torch.Tensor:
         delta = self.canonical_delta(adapter_name)
@@ -350,10 +340,6 @@ class LoraEmbedding(LoraLayer):
 
     def features(self) -> tuple[int, int]:
         return int(self.base_layer.num_embeddings), int(self.base_layer.embedding_dim)
-
-    def add(self, adapter_name: str, op: AddLora) -> None:
-        self.check_op_fits(op, *self.features())
-        self._add_tensors(adapter_name, op)
 
     def delta_weight(self, adapter_name: str) -> torch.Tensor:
         return self.canonical_delta(adapter_name).T

@@ -4,21 +4,22 @@ from __future__ import annotations
 
 from typing import Any, Iterable, Mapping, Optional, Sequence
 
-import numpy as np
 import torch
 from torch import nn
 
 from peftcore.graph import ModelGraph
 from peftcore.runtime import BackendInfo, BackendRuntime, OpBuilder
 from peftcore_torch.layers import AdapterLayer, place_tensors
+from peftcore_torch.tensors import TorchTensors
 from peftcore_torch.walk import replace_module, walk
 
 NAME = "torch"
 FRAMEWORK = "PyTorch"
 
 
-class TorchRuntime(BackendRuntime):
-    """PyTorch: models are ``nn.Module``; parameters train when ``requires_grad``."""
+class TorchRuntime(TorchTensors, BackendRuntime):
+    """PyTorch: models are ``nn.Module``; parameters train when ``requires_grad``; tensor
+    primitives from :class:`~peftcore_torch.tensors.TorchTensors`."""
 
     name = NAME
     framework = FRAMEWORK
@@ -56,29 +57,6 @@ class TorchRuntime(BackendRuntime):
     def parameters(self, model: Any) -> list[Any]:
         return list(model.parameters())
 
-    def is_trainable(self, tensor: Any) -> bool:
-        return bool(tensor.requires_grad)
-
-    def set_trainable(self, tensor: Any, trainable: bool) -> None:
-        tensor.requires_grad_(trainable)
-
-    def numel(self, tensor: Any) -> int:
-        return int(tensor.numel())
-
-    def to_numpy(self, tensor: Any) -> np.ndarray:
-        """A CPU numpy copy; bfloat16 (which numpy lacks) becomes float32.
-
-        The copy is made in torch before ``.numpy()``: a numpy view makes torch mark the
-        parameter's own storage non-resizable, which breaks FSDP's resharding after export.
-        """
-        if isinstance(tensor, np.ndarray):
-            return tensor
-        tensor = tensor.detach()
-        if tensor.dtype == torch.bfloat16:
-            tensor = tensor.to(torch.float32)
-        host = tensor.cpu()
-        return (host.clone() if host is tensor else host).numpy()
-
     def adapter_parameters(self, layer: Any) -> list[Any]:
         base = {id(p) for p in layer.base_layer.parameters()}
         return [p for p in layer.parameters() if id(p) not in base]
@@ -102,10 +80,6 @@ class TorchRuntime(BackendRuntime):
             module = module.base_layer
         tensor = getattr(module, name, None)
         return tensor if isinstance(tensor, nn.Parameter) else None
-
-    def write_tensor(self, tensor: Any, array: np.ndarray) -> None:
-        with torch.no_grad():
-            tensor.copy_(torch.as_tensor(np.asarray(array)).reshape(tensor.shape).to(dtype=tensor.dtype, device=tensor.device))
 
     def place_adapter_tensors(self, layer: Any, adapter_name: str, upcast: bool, on_meta: bool) -> None:
         for attribute in layer.tensor_names(adapter_name):

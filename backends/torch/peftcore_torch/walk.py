@@ -9,12 +9,14 @@
 
 from __future__ import annotations
 
-from typing import Iterator
+from typing import Iterator, TypeVar
 
 from torch import Tensor, nn
 
-from peftcore.errors import PlanError, did_you_mean
+from peftcore.adapter_layer import wrap_layer as core_wrap_layer
 from peftcore_torch.layers import AdapterLayer
+
+L = TypeVar("L", bound=AdapterLayer)
 
 
 def is_conv1d(module: nn.Module) -> bool:
@@ -41,19 +43,7 @@ def replace_module(model: nn.Module, layers: dict[str, nn.Module], path: str, ne
     layers[path] = new
 
 
-def wrap_layer(
-    model: nn.Module, layers: dict[str, nn.Module], path: str, wrapper_type: type[AdapterLayer]
-) -> AdapterLayer:
-    """The ``wrapper_type`` adapter layer at ``path``, wrapping the layer there if needed."""
-    if path not in layers or not path:
-        raise PlanError(f"the model has no module {path!r}{did_you_mean(path, [p for p in layers if p])}")
-    current = layers[path]
-    if isinstance(current, wrapper_type):
-        return current
-    if isinstance(current, AdapterLayer):
-        raise PlanError(
-            f"module {path!r} already carries a {type(current).__name__}; it cannot also take a {wrapper_type.__name__}"
-        )
-    wrapper = wrapper_type(current)
-    replace_module(model, layers, path, wrapper)
-    return wrapper
+def wrap_layer(model: nn.Module, layers: dict[str, nn.Module], path: str, wrapper_type: type[L]) -> L:
+    """The ``wrapper_type`` adapter layer at ``path``, wrapping the module there if needed
+    (the core's :func:`peftcore.adapter_layer.wrap_layer` over :func:`replace_module`)."""
+    return core_wrap_layer(replace_module, model, layers, path, wrapper_type)

@@ -1,8 +1,8 @@
 """The (IA)^3 adapter layer for peftcore's torch backend (imported only when building).
 
 :class:`IA3Linear` wraps ``nn.Linear`` or transformers' ``Conv1D`` and subclasses the
-backend's :class:`~peftcore_torch.layers.AdapterLayer`, so export, import, delete,
-(un)freezing and unloading come from the base class. Only merging differs: (IA)^3 is
+backend's :class:`~peftcore_torch.layers.AdapterLayer`, so adding, export, import,
+delete, (un)freezing and unloading come from the core's adapter-layer lifecycle. Only merging differs: (IA)^3 is
 multiplicative, so :meth:`IA3Linear.merge` multiplies the weight (and, for an output
 scale, the bias) instead of adding a delta, and :meth:`IA3Linear.unmerge` restores the
 saved originals, bit for bit, instead of dividing.
@@ -29,13 +29,15 @@ class IA3Linear(AdapterLayer):
     """
 
     adapter_tensor_names = ("ia3_l",)
+    other_param_names = ("is_feedforward",)
 
     def __init__(self, base_layer: nn.Module) -> None:
         super().__init__(base_layer)
         self.ia3_l = nn.ParameterDict()
         self.is_feedforward: dict[str, bool] = {}
         self.fan_in_fan_out = is_conv1d(base_layer)
-        self._unmerged_bias: Optional[torch.Tensor] = None
+        #: the weight and bias before the first merge, restored by unmerge
+        self._originals: Optional[tuple[torch.Tensor, Optional[torch.Tensor]]] = None
 
     def features(self) -> tuple[int, int]:
         """``(in_features, out_features)`` of the wrapped layer."""
@@ -44,23 +46,15 @@ class IA3Linear(AdapterLayer):
             return int(weight.shape[0]), int(weight.shape[1])
         return int(weight.shape[1]), int(weight.shape[0])
 
-    def add(self, adapter_name: str, op: IA3Scale) -> None:
-        """Create adapter ``adapter_name``'s vector as ``op`` describes."""
-        if self.has_adapter(adapter_name):
-            raise ValueError(f"layer {op.path!r} already has an adapter named {adapter_name!r}")
-        self.check_op_fits(op, *self.features())
+    def new_adapter(self, adapter_name: str, op: IA3Scale) -> dict[str, Any]:
+        """Adapter ``adapter_name``'s vector as ``op`` describes (the core checks and stores it)."""
         vector = self.new_tensor(*op.shape)
         with torch.no_grad():
             if op.init == "random":
                 nn.init.normal_(vector, mean=1.0, std=0.1)
             else:
                 nn.init.ones_(vector)
-        self.ia3_l[adapter_name] = vector
-        self.is_feedforward[adapter_name] = op.is_feedforward
-
-    def delete(self, adapter_name: str) -> None:
-        super().delete(adapter_name)
-        self.is_feedforward.pop(adapter_name, None)
+        return {"ia3_l": vector, "is_feedforward": op.is_feedforward}
 
     # -- forward ----------------------------------------------------------------------------
     def _scales(self, names: list[str]) -> tuple[Optional[torch.Tensor], Optional[torch.Tensor]]:
@@ -103,9 +97,8 @@ class IA3Linear(AdapterLayer):
             return
         weight = self.base_weight()
         bias = getattr(self.base_layer, "bias", None)
-        if self._unmerged_weight is None:
-            self._unmerged_weight = weight.detach().clone()
-            self._unmerged_bias = bias.detach().clone() if bias is not None else None
+        if self._originals is None:
+            self._originals = (weight.detach().clone(), bias.detach().clone() if bias is not None else None)
         with torch.no_grad():
             new_weight = weight.detach().to(torch.float32)
             new_bias = bias.detach().to(torch.float32) if bias is not None else None
@@ -122,17 +115,12 @@ class IA3Linear(AdapterLayer):
 
     def unmerge(self) -> None:
         """Restore the weight and bias saved by the first :meth:`merge`, bit for bit."""
-        if not self.merged_adapters:
-            return
-        bias = getattr(self.base_layer, "bias", None)
-        if bias is not None and self._unmerged_bias is not None:
+        if self.merged_adapters and self._originals is not None:
+            weight, bias = self._originals
+            current_bias = getattr(self.base_layer, "bias", None)
             with torch.no_grad():
-                bias.copy_(self._unmerged_bias)
-        self._unmerged_bias = None
-        super().unmerge()
-
-    def unwrap(self, merge: bool) -> nn.Module:
-        """The base layer, with the active adapters multiplied in when ``merge``."""
-        layer = super().unwrap(merge)
-        self._unmerged_bias = None
-        return layer
+                self.base_weight().copy_(weight)
+                if current_bias is not None and bias is not None:
+                    current_bias.copy_(bias)
+        self._originals = None
+        self.merged_adapters = []

@@ -1,0 +1,308 @@
+"""The adapter layer's lifecycle, written once for every backend.
+
+A backend's adapter layer wraps one base layer and keeps each adapter's tensors in
+dict-like attributes named by ``adapter_tensor_names`` (its other per-adapter settings,
+such as LoRA's ``scaling``, in ``other_param_names``), keyed by adapter name. Everything
+that follows from that alone lives here, over the backend's
+:class:`~peftcore.primitives.TensorPrimitives` (the class attribute ``primitives``):
+
+- adding an adapter (the layer makes its initialised tensors, :meth:`AdapterLayerCore.new_adapter`;
+  the checks and the storing are here) and deleting one, over the declared names;
+- export and load of canonical tensors (numpy, canonical layout; shapes checked before
+  anything is written);
+- merge, unmerge and unwrap. The first merge keeps a copy of the base tensor it changes
+  (:attr:`AdapterLayerCore.merge_role`: the weight, BitFit's bias) and a fingerprint of
+  the merged value; unmerge writes the copy back when the tensor is still exactly what
+  the merge wrote, so any number of cycles leaves the base bit-identical. A base tensor
+  edited while merged is instead unmerged by subtracting the adapters' delta, with a
+  warning, so the edit is kept. A layer without the base tensor (BitFit on a layer with
+  no bias) is given one by the merge and has it removed again by the unmerge.
+
+What stays with the backend: making and initialising an adapter's tensors on its
+framework's RNG, the forward computation, ``delta_weight`` (the adapter's change to the
+base tensor, in that tensor's native layout, as something ``primitives.add_into``
+takes), reading and setting the base layer's tensors, and the layout conversions
+``canonical_export``/``native_import``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import warnings
+from typing import Any, Callable, ClassVar, Hashable, Mapping, Optional, Sequence, TypeVar
+
+import numpy as np
+
+from peftcore.adapter_state import AdapterBookkeeping
+from peftcore.errors import AdapterError, PlanError, did_you_mean
+from peftcore.primitives import TensorPrimitives
+
+L = TypeVar("L", bound="AdapterLayerCore")
+
+
+@dataclasses.dataclass(frozen=True)
+class MergeRecord:
+    """What a layer remembers while adapters are merged into its base tensor.
+
+    ``original`` is the base tensor's value before the first merge (None when the layer
+    had none and the merge created it: ``created``); ``restorable`` is False once the
+    tensor was found edited between two merges; ``fingerprint`` is of the value the last
+    merge wrote.
+    """
+
+    original: Any
+    created: bool = False
+    restorable: bool = True
+    fingerprint: Optional[Hashable] = None
+
+
+class AdapterLayerCore(AdapterBookkeeping):
+    """The lifecycle of an adapter layer, framework-free. A backend's adapter-layer base
+    class mixes it into its framework's layer class and sets ``primitives``; see the
+    module docstring for what it supplies."""
+
+    #: The backend's tensor primitives.
+    primitives: ClassVar[TensorPrimitives]
+    #: HF PEFT's names of a layer's other per-adapter attributes (dicts by adapter name).
+    other_param_names: ClassVar[tuple] = ()
+    #: The base tensor a merge changes, by role (``"weight"``, ``"bias"``).
+    merge_role: ClassVar[str] = "weight"
+    #: Set while adapters are merged (see :class:`MergeRecord`).
+    merge_record: Optional[MergeRecord] = None
+    base_layer: Any
+
+    # -- what a backend's layer provides --------------------------------------------------------
+    def base_tensor(self, role: str) -> Any:
+        """The base layer's tensor of ``role`` (``"weight"``, ``"bias"``), or None."""
+        raise NotImplementedError
+
+    def set_base_tensor(self, role: str, tensor: Any) -> None:
+        """Make ``tensor`` the base layer's tensor of ``role`` (None: remove it)."""
+        raise NotImplementedError(f"{type(self).__name__} cannot replace its base layer's {role}")
+
+    def create_base_tensor(self, role: str) -> Any:
+        """Give the base layer a zero, frozen tensor of ``role`` it lacks, and return it."""
+        raise AdapterError(f"{type(self).__name__}: the base layer has no {role} to merge into")
+
+    def base_weight(self) -> Any:
+        """The tensor whose device and dtype new adapter tensors follow."""
+        return self.base_tensor("weight")
+
+    def new_adapter(self, adapter_name: str, op: Any) -> dict[str, Any]:
+        """The new adapter's initialised tensors and settings, by attribute name (names of
+        ``adapter_tensor_names`` and ``other_param_names``)."""
+        raise NotImplementedError(f"{type(self).__name__} builds no adapter from a {type(op).__name__}")
+
+    def delta_weight(self, adapter_name: str) -> Any:
+        """The adapter's change to the base tensor of :attr:`merge_role`, in its layout."""
+        raise NotImplementedError(f"{type(self).__name__} cannot be merged")
+
+    def features(self) -> tuple[int, int]:
+        """``(in_features, out_features)`` of the base layer, for the fit checks."""
+        raise NotImplementedError(f"{type(self).__name__} has no feature sizes")
+
+    def canonical_export(self, name: str, array: Any) -> Any:
+        """Convert a stored tensor's numpy copy to canonical layout (identity by default)."""
+        return array
+
+    def native_import(self, name: str, array: Any) -> Any:
+        """Convert a canonical tensor to the stored layout (identity by default)."""
+        return array
+
+    @classmethod
+    def wrap(cls: type[L], base_layer: Any, path: str) -> L:
+        """A new adapter layer of this class around ``base_layer``, which sits at ``path``."""
+        return cls(base_layer, path)  # type: ignore[call-arg]
+
+    # -- adding and deleting --------------------------------------------------------------------
+    def add(self, adapter_name: str, op: Any) -> None:
+        """Build adapter ``adapter_name`` from plan op ``op`` in this layer."""
+        if self.has_adapter(adapter_name):
+            raise AdapterError(f"layer {op.path!r} already has an adapter named {adapter_name!r}")
+        self.check_op_fits(op)
+        values = self.new_adapter(adapter_name, op)
+        first = self.adapter_tensor_names[0]
+        if first not in values:
+            raise AdapterError(f"{type(self).__name__}.new_adapter made no {first!r} for {adapter_name!r}")
+        for name in (*self.adapter_tensor_names, *self.other_param_names):
+            if name in values:
+                store = self.adapter_store(name) if name in self.adapter_tensor_names else getattr(self, name)
+                store[adapter_name] = values[name]
+
+    def check_op_fits(self, op: Any, in_features: Optional[int] = None, out_features: Optional[int] = None) -> None:
+        """A :class:`PlanError` unless ``op``'s feature sizes (when it has them) are the
+        layer's (``features()`` unless given)."""
+        if not hasattr(op, "in_features") or not hasattr(op, "out_features"):
+            return
+        if in_features is None or out_features is None:
+            in_features, out_features = self.features()
+        if (op.in_features, op.out_features) != (in_features, out_features):
+            raise PlanError(
+                f"plan op for {op.path!r} expects {op.in_features} -> {op.out_features} features, "
+                f"the layer has {in_features} -> {out_features}"
+            )
+
+    def delete(self, adapter_name: str) -> None:
+        """Drop the adapter's tensors and settings from this layer."""
+        self.forget_adapter(adapter_name)
+        for name in self.other_param_names:
+            store = getattr(self, name, None)
+            if store is not None and adapter_name in store:
+                del store[adapter_name]
+
+    def set_trainable(self, adapter_name: str, trainable: bool) -> None:
+        for name in self.tensor_names(adapter_name):
+            self.primitives.set_trainable(self.adapter_store(name)[adapter_name], trainable)
+
+    # -- canonical tensors ----------------------------------------------------------------------
+    def export(self, adapter_name: str) -> dict[str, Any]:
+        """The adapter's tensors as canonical-layout numpy arrays, by canonical name."""
+        to_numpy = self.primitives.to_numpy
+        return {
+            self.canonical_name(name): np.ascontiguousarray(
+                self.canonical_export(name, to_numpy(self.adapter_store(name)[adapter_name]))
+            )
+            for name in self.tensor_names(adapter_name)
+        }
+
+    def load(self, adapter_name: str, tensors: Mapping[str, Any]) -> None:
+        """Copy canonical tensors (numpy arrays, or tensors of the backend) into the
+        adapter; every shape is checked before anything is written."""
+        pending = []
+        for name in self.tensor_names(adapter_name):
+            key, given = self.canonical_tensor(adapter_name, tensors, name)
+            given = given if hasattr(given, "shape") else np.asarray(given)
+            value = self.native_import(name, given)
+            target_shape = self.primitives.shape(self.adapter_store(name)[adapter_name])
+            if tuple(value.shape) != target_shape:
+                expected = self.canonical_export(name, np.empty(target_shape, np.float32)).shape
+                raise AdapterError(f"tensor {key!r} has shape {tuple(given.shape)}, expected {tuple(expected)}")
+            pending.append((name, value))
+        for name, value in pending:
+            self.write_adapter_tensor(name, adapter_name, value)
+
+    def write_adapter_tensor(self, attribute: str, adapter_name: str, value: Any) -> None:
+        """Give the adapter's tensor in ``attribute`` the value ``value`` (native layout)."""
+        store = self.adapter_store(attribute)
+        target = store[adapter_name]
+        written = self.primitives.write(target, value)
+        if written is not target:
+            store[adapter_name] = written
+
+    def weight_dtype(self) -> str:
+        """The base weight's dtype now, canonically named (``"float16"``), for ``safe_merge``."""
+        return self.primitives.dtype_name(self.base_weight())
+
+    # -- merging --------------------------------------------------------------------------------
+    def merge(self, adapter_names: Sequence[str]) -> None:
+        """Fold the named adapters (those present and not merged yet) into the base tensor."""
+        todo = [a for a in adapter_names if self.has_adapter(a) and a not in self.merged_adapters]
+        if not todo:
+            return
+        ops, role, first = self.primitives, self.merge_role, not self.merged_adapters
+        target = self.base_tensor(role)
+        record = self.merge_record
+        if first or record is None:
+            record = MergeRecord(ops.clone(target) if target is not None else None, created=target is None)
+        elif record.restorable and not self._unchanged(target, record):
+            record = dataclasses.replace(record, restorable=False)  # edited since: unmerge subtracts
+        self.merge_record = record
+        try:
+            if target is None:
+                target = self.create_base_tensor(role)
+            merged = ops.add_into(target, [self.delta_weight(name) for name in todo], 1)
+            if merged is not target:
+                self.set_base_tensor(role, merged)
+        except BaseException:
+            if first:  # never leave a snapshot (or a created tensor) behind a failed first merge
+                self.merge_record = None
+                if record.created and self.base_tensor(role) is not None:
+                    self.set_base_tensor(role, None)
+            raise
+        self.merged_adapters.extend(todo)
+        self.merge_record = dataclasses.replace(record, fingerprint=ops.fingerprint(merged))
+
+    def merge_original(self) -> Any:
+        """The base tensor's value before the first merge while merged (None otherwise, or
+        when the merge created it)."""
+        record = self.merge_record
+        return record.original if record is not None and self.merged_adapters else None
+
+    def _unchanged(self, tensor: Any, record: MergeRecord) -> bool:
+        return (
+            tensor is not None
+            and record.fingerprint is not None
+            and self.primitives.unchanged_since(tensor, record.fingerprint)
+        )
+
+    def unmerge(self) -> None:
+        """Undo every merge: exactly, unless the base tensor changed while merged."""
+        record = self.merge_record
+        if not self.merged_adapters:
+            self.merge_record = None
+            return
+        role = self.merge_role
+        target = self.base_tensor(role)
+        if target is None:
+            raise AdapterError(f"{type(self).__name__}: the base layer's {role} is gone; cannot unmerge")
+        if record is not None and record.restorable and self._unchanged(target, record):
+            if record.created:
+                self.set_base_tensor(role, None)
+            else:
+                self._put_base(role, target, self.primitives.write(target, record.original))
+        else:
+            self.warn_changed_while_merged(role)
+            deltas = [self.delta_weight(name) for name in self.merged_adapters]
+            self._put_base(role, target, self.primitives.add_into(target, deltas, -1))
+        self.merge_record = None
+        self.merged_adapters = []
+
+    def _put_base(self, role: str, old: Any, new: Any) -> None:
+        if new is not old:
+            self.set_base_tensor(role, new)
+
+    def unwrap(self, merge: bool) -> Any:
+        """The base layer to put back in the model, with the active adapters folded in for
+        good if ``merge``; the layer then holds no merge state."""
+        self.unmerge()
+        if merge:
+            self.merge([a for a in self.active_adapters if self.has_adapter(a)])
+        self.merge_record = None
+        self.merged_adapters = []
+        return self.base_layer
+
+    def warn_changed_while_merged(self, what: str) -> None:
+        """Warn that unmerge subtracts the adapters' change from a base ``what`` edited
+        while they were merged, instead of restoring the saved original."""
+        where = f" {self.path!r}" if isinstance(getattr(self, "path", None), str) else ""
+        warnings.warn(
+            f"{type(self).__name__}{where}: the base {what} changed while adapters {self.merged_adapters} were "
+            "merged; unmerging by subtracting their change, which keeps the edit but is not bit-exact",
+            UserWarning,
+            stacklevel=5,
+        )
+
+
+def wrap_layer(
+    replace_layer: Callable[[Any, dict, str, Any], None],
+    model: Any,
+    layers: dict,
+    path: str,
+    wrapper_type: type[L],
+) -> L:
+    """The ``wrapper_type`` adapter layer at ``path``, wrapping the layer there if needed:
+    ``wrapper_type.wrap(base_layer, path)`` is put in its place with the runtime's
+    ``replace_layer(model, layers, path, new)``. A layer that already carries another
+    kind of adapter layer is refused."""
+    if path not in layers or not path:
+        raise PlanError(f"the model has no layer {path!r}{did_you_mean(path, [p for p in layers if p])}")
+    current = layers[path]
+    if isinstance(current, wrapper_type):
+        return current
+    if isinstance(current, AdapterLayerCore):
+        raise PlanError(
+            f"layer {path!r} already carries a {type(current).__name__}; it cannot also take a {wrapper_type.__name__}"
+        )
+    wrapper = wrapper_type.wrap(current, path)
+    replace_layer(model, layers, path, wrapper)
+    return wrapper
