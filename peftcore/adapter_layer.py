@@ -29,7 +29,7 @@ from __future__ import annotations
 
 import dataclasses
 import warnings
-from typing import Any, Callable, ClassVar, Hashable, Mapping, Optional, Sequence, TypeVar
+from typing import Any, Callable, ClassVar, Hashable, Mapping, Optional, TypeVar
 
 import numpy as np
 
@@ -194,7 +194,7 @@ class AdapterLayerCore(AdapterBookkeeping):
         return self.primitives.dtype_name(self.base_weight())
 
     # -- merging --------------------------------------------------------------------------------
-    def merge(self, adapter_names: Sequence[str]) -> None:
+    def merge(self, adapter_names: list[str]) -> None:
         """Fold the named adapters (those present and not merged yet) into the base tensor."""
         todo = [a for a in adapter_names if self.has_adapter(a) and a not in self.merged_adapters]
         if not todo:
@@ -274,7 +274,8 @@ class AdapterLayerCore(AdapterBookkeeping):
     def warn_changed_while_merged(self, what: str) -> None:
         """Warn that unmerge subtracts the adapters' change from a base ``what`` edited
         while they were merged, instead of restoring the saved original."""
-        where = f" {self.path!r}" if isinstance(getattr(self, "path", None), str) else ""
+        path = getattr(self, "path", None)
+        where = f" {path!r}" if isinstance(path, str) else ""
         warnings.warn(
             f"{type(self).__name__}{where}: the base {what} changed while adapters {self.merged_adapters} were "
             "merged; unmerging by subtracting their change, which keeps the edit but is not bit-exact",

@@ -125,6 +125,12 @@ class PeftConfig:
         """Turn this config into a rewrite plan for ``graph`` (implemented per method)."""
         raise NotImplementedError(f"{type(self).__name__} does not implement plan()")
 
+    def plan_disagreement(self, plan: RewritePlan) -> Optional[str]:
+        """Why a stored ``plan`` of this config's method would load differently from what
+        a reader of the config alone (HF PEFT, ``convert --to hf``) computes; None when
+        they agree (always, unless a method says otherwise)."""
+        return None
+
     def check_beside(self, others: Mapping[str, PeftConfig]) -> None:
         """Raise a :class:`ConfigError` if an adapter of this config cannot join a model
         that holds adapters with the configs ``others`` (by name). Every combination is

@@ -30,9 +30,7 @@ import numpy as np
 from peftcore import strict_json
 from peftcore.config import CONFIG_NAME, PeftConfig
 from peftcore.errors import AdapterError, PeftCoreError
-from peftcore.finite import DTYPE_MAX, check_values
-from peftcore.graph import ModelGraph
-from peftcore.methods.lora import AddLora
+from peftcore.finite import check_values
 from peftcore.model_ops import BASE_ROW
 from peftcore.plan import RewritePlan, TensorSpec
 from peftcore.safe_files import read_bounded
@@ -194,33 +192,16 @@ def read_adapter(directory: str) -> AdapterFiles:
 
 def check_plan_matches_config(plan: RewritePlan, config: PeftConfig, where: str) -> None:
     """Refuse a stored plan that disagrees with its config where a reader of the config
-    alone (HF PEFT, ``convert --to hf``) would compute something else: for a LoRA plan,
-    each layer's rank, alpha and scaling must be what the config gives that layer."""
-    if plan.method != config.method or plan.method != "lora":
-        if plan.method != config.method:
-            raise AdapterError(f"{where}: the stored plan is for method {plan.method!r}, the config for {config.method!r}")
-        return
-    rank_and_alpha = getattr(config, "rank_and_alpha", None)
-    scaling_of = getattr(config, "scaling", None)
-    if not callable(rank_and_alpha) or not callable(scaling_of):
-        return
-    lora_ops = [op for op in plan.ops if isinstance(op, AddLora)]
-    settings_of = getattr(config, "layer_settings", None)
-    try:  # every layer's settings at once: linear in keys plus layers, bounded (see peftcore.pattern_keys)
-        settings = settings_of([op.path for op in lora_ops]) if callable(settings_of) else {}
+    alone (HF PEFT, ``convert --to hf``) would compute something else (each method says
+    what, :meth:`~peftcore.config.PeftConfig.plan_disagreement`)."""
+    if plan.method != config.method:
+        raise AdapterError(f"{where}: the stored plan is for method {plan.method!r}, the config for {config.method!r}")
+    try:
+        reason = config.plan_disagreement(plan)
     except PeftCoreError as exc:
         raise AdapterError(f"{where}: {exc}") from None
-    for op in lora_ops:
-        r, alpha = settings[op.path] if op.path in settings else rank_and_alpha(op.path)
-        expected = float(scaling_of(r, alpha))
-        if op.r != r or not np.isclose(op.lora_alpha, float(alpha), rtol=1e-9, atol=0.0) or not np.isclose(
-            op.scaling, expected, rtol=1e-9, atol=0.0
-        ):
-            raise AdapterError(
-                f"{where}: the stored plan's entry for layer {op.path!r} (r={op.r}, lora_alpha={op.lora_alpha}, "
-                f"scaling={op.scaling}) disagrees with the config (r={r}, lora_alpha={alpha}, scaling={expected}); "
-                "refusing an adapter whose plan and config would load differently"
-            )
+    if reason:
+        raise AdapterError(f"{where}: {reason}; refusing an adapter whose plan and config would load differently")
 
 
 def _read_config_json(path: str) -> Any:
@@ -351,47 +332,6 @@ def match_tensors(
         for canonical, array in found.items():
             check_values(array, f"tensor {keys[canonical]!r}", (dtypes or {}).get(layer_of.get(canonical, "")), source)
     return found
-
-
-def check_safe_to_merge(
-    adapters: Mapping[str, tuple[RewritePlan, Mapping[str, np.ndarray]]],
-    graph: ModelGraph,
-    dtypes: Optional[Mapping[str, str]] = None,
-) -> None:
-    """Raise :class:`AdapterError` unless merging ``adapters`` (name -> (plan, exported
-    tensors), in merge order) keeps the merged weights finite.
-
-    Every tensor must be free of NaN and Inf, and for each LoRA layer the summed delta
-    ``scaling * B @ A`` of all the adapters must fit the layer's dtype. The base
-    weights stay with the backend, so a finite weight plus a fitting delta whose sum
-    still overflows (a weight already near its dtype's limit) is not caught here.
-    ``dtypes`` gives each layer's dtype as it is now (the model may have been cast since
-    it was described); the graph's is used only for a layer it does not name.
-    """
-    deltas: dict[str, np.ndarray] = {}
-    for name, (plan, tensors) in adapters.items():
-        for key, array in tensors.items():
-            bad = int(np.size(array) - np.count_nonzero(np.isfinite(array)))
-            if bad:
-                raise AdapterError(f"adapter {name!r}: tensor {key!r} has {bad} NaN/Inf value(s); refusing to merge it")
-        for op in plan.ops:
-            if not isinstance(op, AddLora):
-                continue
-            a, b = tensors.get(f"{op.path}.lora_A"), tensors.get(f"{op.path}.lora_B")
-            if a is None or b is None:
-                continue
-            dtype = (dtypes or {}).get(op.path) or (graph.get(op.path).dtype if op.path in graph else "float32")
-            compute = np.float64 if dtype == "float64" else np.float32
-            with np.errstate(over="ignore", invalid="ignore"):
-                delta = (np.asarray(b, dtype=compute) @ np.asarray(a, dtype=compute)) * compute(op.scaling)
-                total = deltas[op.path] + delta if op.path in deltas else delta
-            largest = float(np.max(np.abs(total))) if total.size else 0.0
-            if not largest <= DTYPE_MAX.get(dtype, DTYPE_MAX["float32"]):
-                raise AdapterError(
-                    f"adapter {name!r}: merging tensors '{op.path}.lora_A' and '{op.path}.lora_B' would put values "
-                    f"of magnitude {largest:.3g} into layer {op.path!r} ({dtype}), which overflows; refusing to merge it"
-                )
-            deltas[op.path] = total
 
 
 def hf_key_of(plan: RewritePlan) -> Callable[[str], str]:

@@ -32,12 +32,8 @@ from peftcore.errors import AdapterError, BackendError, did_you_mean
 from peftcore.finite import count_non_finite
 from peftcore.graph import ModelGraph
 from peftcore.hf_compat import HFCompatMixin
-from peftcore.io import (
-    DEFAULT_ADAPTER,
-    check_adapter_name,
-    check_safe_to_merge,
-    read_adapter,
-)
+from peftcore.io import DEFAULT_ADAPTER, check_adapter_name, read_adapter
+from peftcore.merge_checks import check_safe_to_merge
 from peftcore.methods.common import effective_modules_to_save, warn_untrained_head
 from peftcore.model_lock import changes_model, model_lock, reads_model, writing
 from peftcore.model_ops import BASE_ROW

@@ -19,10 +19,13 @@ from __future__ import annotations
 import json
 import math
 from dataclasses import MISSING, asdict, dataclass, field, fields
-from typing import Any, ClassVar, Mapping, Optional, Sequence, TypeVar
+from typing import TYPE_CHECKING, Any, ClassVar, Mapping, Optional, Sequence, TypeVar
 
 from peftcore.errors import AdapterError, PlanError, did_you_mean
 from peftcore.graph import ModelGraph
+
+if TYPE_CHECKING:
+    import numpy as np
 
 #: Bumped when the plan JSON changes incompatibly.
 PLAN_FORMAT_VERSION = 1
@@ -73,6 +76,9 @@ class PlanOp:
     #: Whether the op only trains base parameters in place (:meth:`base_tensors`); the
     #: core builds such ops itself on every backend that has the ``base_tensor`` primitive.
     trains_base_in_place: ClassVar[bool] = False
+    #: The base tensor of layer ``path`` a merge changes (canonical name: ``"weight"``,
+    #: ``"bias"``), or None when merging it changes no base tensor.
+    merge_target: ClassVar[Optional[str]] = None
     path: str = ""
 
     def __post_init__(self) -> None:
@@ -112,6 +118,15 @@ class PlanOp:
         the layer at ``path`` (``"bias"``). The core exports, loads and switches their
         training through the backend's ``base_tensor`` primitive."""
         return {}
+
+    def delta(self, tensors: Mapping[str, np.ndarray], base: Optional[np.ndarray] = None) -> Optional[np.ndarray]:
+        """The change merging this op makes to :attr:`merge_target`, as a numpy array in
+        canonical layout, computed in the dtype of ``tensors`` (this op's canonical
+        tensors, by the names of :meth:`tensor_specs`). ``base`` is the base tensor's value
+        where the caller has it. None when the op merges into nothing, or when its change
+        cannot be told without ``base``. The merge-overflow check, the conformance
+        suite's numpy reference and the converters all use this one definition."""
+        return None
 
     def misfit(self, graph: ModelGraph) -> Optional[str]:
         """Why this op does not fit layer ``path`` of ``graph`` (None when it fits).

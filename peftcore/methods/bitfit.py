@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import ClassVar, Optional, Union
+from typing import Any, ClassVar, Mapping, Optional, Union
 
 from peftcore.config import PeftConfig, check_type, config_class
 from peftcore.errors import AdapterError, PlanError, TargetNotFoundError
@@ -40,6 +40,7 @@ class TrainBias(PlanOp):
     """
 
     op: ClassVar[str] = "bitfit_bias"
+    merge_target: ClassVar[Optional[str]] = "bias"
     layer_kind: str = "linear"
     size: int = 0
     added: bool = False
@@ -55,6 +56,13 @@ class TrainBias(PlanOp):
 
     def tensor_specs(self) -> dict[str, TensorSpec]:
         return {"bias": TensorSpec((self.size,), "bias")}
+
+    def delta(self, tensors: Mapping[str, Any], base: Any = None) -> Any:
+        """The trained bias minus the base one (``base``; a layer given a new bias had
+        none). Without ``base``, the trained bias itself: what merging this adapter alone
+        writes into the layer."""
+        trained = tensors["bias"]
+        return trained - base.reshape(trained.shape).astype(trained.dtype) if base is not None else trained
 
     def check_bias(self, bias_shape: Optional[tuple]) -> None:
         """An :class:`AdapterError` unless the layer's bias (its shape, None when it has

@@ -39,6 +39,7 @@ class AddLora(PlanOp):
     """
 
     op: ClassVar[str] = "lora"
+    merge_target: ClassVar[Optional[str]] = "weight"
     layer_kind: str = "linear"
     in_features: int = 0
     out_features: int = 0
@@ -71,6 +72,14 @@ class AddLora(PlanOp):
                 f"trained for {self.in_features} -> {self.out_features}"
             )
         return None
+
+    def delta(self, tensors: Mapping[str, Any], base: Any = None) -> Any:
+        """``scaling * B @ A``, the change to the weight in canonical layout: ``(out, in)``
+        for a linear layer, transposed to the table's ``(num_embeddings, dim)`` for an
+        embedding."""
+        a, b = tensors["lora_A"], tensors["lora_B"]
+        change = (b @ a) * b.dtype.type(self.scaling)
+        return change.T if self.layer_kind == "embedding" else change
 
     def tensor_specs(self) -> dict[str, TensorSpec]:
         if self.layer_kind == "embedding":
@@ -289,6 +298,24 @@ class LoraConfig(PeftConfig):
             changes["fan_in_fan_out"] = True
         return self.replace(**changes)
 
+    def plan_disagreement(self, plan: RewritePlan) -> Optional[str]:
+        """Each LoRA layer's rank, alpha and scaling in ``plan`` must be what this config
+        gives that layer: a reader of the config alone (HF PEFT) would compute those."""
+        if plan.method != "lora":
+            return None
+        lora_ops = [op for op in plan.ops if isinstance(op, AddLora)]
+        # every layer's settings at once: linear in keys plus layers, bounded (see peftcore.pattern_keys)
+        settings = self.layer_settings([op.path for op in lora_ops])
+        for op in lora_ops:
+            r, alpha = settings[op.path] if op.path in settings else self.rank_and_alpha(op.path)
+            expected = float(self.scaling(r, alpha))
+            if op.r != r or not _close(op.lora_alpha, float(alpha)) or not _close(op.scaling, expected):
+                return (
+                    f"the stored plan's entry for layer {op.path!r} (r={op.r}, lora_alpha={op.lora_alpha}, "
+                    f"scaling={op.scaling}) disagrees with the config (r={r}, lora_alpha={alpha}, scaling={expected})"
+                )
+        return None
+
     def plan(self, graph: ModelGraph, adapter_name: str = "default") -> RewritePlan:
         layers = select_layers(
             graph,
@@ -348,3 +375,8 @@ class LoraConfig(PeftConfig):
             dropout=float(self.lora_dropout),
             init=_INITS[self.init_lora_weights],
         )
+
+
+def _close(a: float, b: float) -> bool:
+    """Equal within a relative 1e-9 (what a float written to JSON and read back keeps)."""
+    return abs(a - b) <= 1e-9 * abs(b)

@@ -96,13 +96,14 @@ TOY_SPECS = (MLP, TOKEN_MODEL)
 
 
 def lora_deltas(plan: RewritePlan, tensors: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
-    """``scaling * B @ A`` per adapted layer (canonical ``(out, in)``), from exported tensors."""
+    """Each LoRA op's change to its layer's weight (:meth:`AddLora.delta`, canonical
+    layout: ``(out, in)``, an embedding's ``(num_embeddings, dim)``), in float64, from
+    exported tensors."""
     deltas: dict[str, np.ndarray] = {}
     for op in plan.ops:
         if isinstance(op, AddLora):
-            a = tensors[f"{op.path}.lora_A"].astype(np.float64)
-            b = tensors[f"{op.path}.lora_B"].astype(np.float64)
-            deltas[op.path] = op.scaling * (b @ a)
+            own = {name: tensors[f"{op.path}.{name}"].astype(np.float64) for name in op.tensor_specs()}
+            deltas[op.path] = op.delta(own)
     return deltas
 
 
@@ -110,7 +111,7 @@ def lora_deltas(plan: RewritePlan, tensors: Mapping[str, np.ndarray]) -> dict[st
 class AdapterEffects:
     """What one adapter does to a toy model, computed in numpy from its exported tensors.
 
-    ``deltas``: LoRA weight changes (canonical ``(out, in)``); ``biases``: BitFit's
+    ``deltas``: LoRA weight changes (canonical layout, see :func:`lora_deltas`); ``biases``: BitFit's
     trained bias per layer (the full value); ``prompts``: virtual tokens put in front of
     an embedding layer's output, ``(n, dim)``.
     """
@@ -216,9 +217,8 @@ def reference_forward(
         if step.kind in ("linear", "embedding"):
             weight = weights[f"{step.name}.weight"].astype(np.float64)
             for effect in all_effects:
-                if step.name in effect.deltas:  # deltas are canonical (out, in); a table is (in, out)
-                    delta = effect.deltas[step.name]
-                    weight = weight + (delta.T if step.kind == "embedding" else delta)
+                if step.name in effect.deltas:  # canonical weight layout, as the weight
+                    weight = weight + effect.deltas[step.name]
             if step.kind == "embedding":
                 x = weight[x]
                 prompts = [e.prompts[step.name] for e in all_effects if step.name in e.prompts]

@@ -41,7 +41,7 @@ class AdapterLayer(AdapterLayerCore, nn.Module):
 
     @classmethod
     def wrap(cls: type[T], base_layer: Any, path: str) -> T:
-        return cls(base_layer)  # type: ignore[call-arg]
+        return cls(base_layer)
 
     def base_tensor(self, role: str) -> Optional[torch.Tensor]:
         tensor = getattr(self.base_layer, role, None)

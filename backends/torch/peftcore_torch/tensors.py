@@ -9,7 +9,7 @@ that bypassed the counter from the sums.
 
 from __future__ import annotations
 
-from typing import Any, Hashable, Sequence
+from typing import Any, Hashable, Sequence, cast
 
 import numpy as np
 import torch
@@ -73,7 +73,7 @@ class TorchTensors(TensorPrimitives):
         return (id(tensor), tensor.data_ptr(), tensor._version, bit_sums(tensor))
 
     def unchanged_since(self, tensor: Any, fingerprint: Hashable) -> bool:
-        identity, pointer, version, sums = fingerprint  # type: ignore[misc]
+        identity, pointer, version, sums = cast(tuple[int, int, int, tuple], fingerprint)
         if identity == id(tensor) and pointer == tensor.data_ptr() and version != tensor._version:
             return False  # written in place since: no need to hash
         return bool(sums == bit_sums(tensor))

@@ -69,6 +69,7 @@ class IA3Scale(PlanOp):
     """
 
     op: ClassVar[str] = "ia3_scale"
+    merge_target: ClassVar[Optional[str]] = "weight"
     in_features: int = 0
     out_features: int = 0
     is_feedforward: bool = False
@@ -96,6 +97,14 @@ class IA3Scale(PlanOp):
 
     def tensor_specs(self) -> dict[str, TensorSpec]:
         return {"ia3_l": TensorSpec(self.shape, "ia3_l")}
+
+    def delta(self, tensors: Any, base: Any = None) -> Any:
+        """``W * (l - 1)``: the change scaling the canonical ``(out, in)`` weight ``base``
+        makes (the vector broadcasts along its axis). Multiplicative, so unknown (None)
+        without the weight."""
+        if base is None:
+            return None
+        return base * (tensors["ia3_l"] - 1)
 
 
 @config_class
