@@ -13,7 +13,7 @@ import importlib
 import os
 import tempfile
 import warnings
-from typing import Any, Mapping, Optional, Protocol, Sequence, Union
+from typing import TYPE_CHECKING, Any, Mapping, Optional, Protocol, Sequence, Union
 
 from peftcore import model_ops
 from peftcore.all_or_nothing import restoring_base_weights, restoring_tensors
@@ -42,6 +42,9 @@ from peftcore.model_lock import changes_model, reads_model
 from peftcore.plan import RewritePlan, check_plan_fits
 from peftcore.runtime import BackendRuntime
 
+if TYPE_CHECKING:
+    from peftcore.plugins import Backend
+
 
 class _PeftModelState(Protocol):
     """What the files half uses of the PeftModel it is mixed into."""
@@ -55,6 +58,9 @@ class _PeftModelState(Protocol):
 
     @property
     def runtime(self) -> BackendRuntime: ...
+
+    @property
+    def backend(self) -> Backend: ...
 
     def get_base_model(self) -> Any: ...
 
@@ -278,6 +284,7 @@ class AdapterFilesMixin:
         low_cpu_mem_usage: bool = False,
     ) -> list[str]:
         """Add the adapter in ``files``; returns the file keys a non-strict load skipped."""
+        self.backend.refuse_unbuildable(files.config)  # before the file's plan meets the model
         if self.model_graph is None:
             raise AdapterError(
                 f"cannot load {files.directory!r} yet: the model's layers do not know their shapes; run one forward "

@@ -224,8 +224,10 @@ class PeftModel(AdapterFilesMixin, HFCompatMixin):
         if adapter_name in self.peft_config or adapter_name in self.pending_adapters:
             raise AdapterError(f"Adapter with name '{adapter_name}' already exists; delete it first or pick another name.")
         config.check_beside({**self.peft_config, **{name: c for name, c, _ in self._pending}})
+        self.backend.refuse_unbuildable(config)
         if self.model_graph is None:
             self._pending.append((adapter_name, config, plan))
+            self._adapter_pending()
             return plan  # type: ignore[return-value]  # None until built: the layers' shapes are unknown
         if plan is None:
             plan = config.plan(self.model_graph, adapter_name)
@@ -248,6 +250,10 @@ class PeftModel(AdapterFilesMixin, HFCompatMixin):
             self._set_trainable(adapter_name, False)
             model_ops.set_active(self.runtime, self.get_base_model(), self.active_adapters)
         return plan
+
+    def _adapter_pending(self) -> None:
+        """Told when an adapter is queued until the model's layers know their shapes (a
+        native shell may hook the model's first forward to build it then)."""
 
     @property
     def pending_adapters(self) -> list[str]:

@@ -19,10 +19,12 @@ from typing import Any, Callable, Optional, TypeVar
 import pluggy
 
 from peftcore import hookspecs
-from peftcore.errors import BackendError, PeftCoreError, did_you_mean
+from peftcore.config import PeftConfig
+from peftcore.errors import BackendError, PeftCoreError, PlanError, did_you_mean
 from peftcore.graph import ModelGraph
 from peftcore.model_ops import PLUGIN_FAULTS, build_base_tensors, build_freeze_base, guarded
 from peftcore.plan import op_types
+from peftcore.registry import PeftRegistry
 from peftcore.runtime import BackendInfo, BackendRuntime, CheckpointFormat, OpBuilder, missing_primitives
 
 T = TypeVar("T")
@@ -170,6 +172,18 @@ class Backend:
         """The op kinds this backend can build, plugins' extras included."""
         with guarded(self.runtime, "builders"):
             return sorted(self.builders())
+
+    def refuse_unbuildable(self, config: PeftConfig) -> None:
+        """Raise :class:`PlanError` with the backend's own reason when it declares it
+        cannot build ``config``'s method (``BackendInfo.limitations``) and lacks a builder
+        for an op that method may emit (a plugin may have added them since). Called
+        before an adapter is planned, queued or built, for every backend."""
+        reason = dict(self.info.limitations or {}).get(config.method)
+        if reason is None:
+            return
+        lacking = set(PeftRegistry.ops_of(config.method)) - set(self.ops())
+        if lacking:
+            raise PlanError(f"{self.name} backend cannot build {config.method} ({type(config).__name__}): {reason}")
 
     def conformance_kit(self) -> Any:
         """The toy-model kit the shared test suite uses for this backend."""
@@ -360,7 +374,5 @@ def reset_plugin_manager() -> None:
     global _manager
     with _lock:
         _manager = None
-    from peftcore.registry import PeftRegistry
-
     PeftRegistry._plugins_loaded = False
 

@@ -9,16 +9,10 @@ tuning, residual prompt tuning, XPrompt, P-tuning with its MLP or LSTM encoder) 
 with one block of prompt rows: SINGA has no encoder-decoder model class, so HF's
 encoder-decoder layout (``num_transformer_submodules=2``) is refused, and listed too.
 
-This module imports neither singa nor the layer modules.
+This module imports nothing: it is data the runtime's ``info()`` declares.
 """
 
 from __future__ import annotations
-
-from typing import Iterable
-
-from peftcore.config import PeftConfig
-from peftcore.errors import PlanError
-from peftcore.registry import PeftRegistry
 
 _NO_ATTENTION = "SINGA's core has no attention layer (singa.layer has no MultiHeadAttention)"
 _ONE_SUBMODULE = (
@@ -27,7 +21,9 @@ _ONE_SUBMODULE = (
 )
 
 #: Methods the SINGA backend cannot build, or builds only in some forms, by registry name,
-#: with the reason (``peftcore backends`` prints both kinds).
+#: with the reason (``peftcore backends`` prints both kinds). The core refuses a method
+#: listed here whose ops the backend lacks builders for, with this reason, before
+#: anything is planned or queued (``Backend.refuse_unbuildable``).
 LIMITATIONS: dict[str, str] = {
     "prompt_tuning": _ONE_SUBMODULE,
     "residual_prompt_tuning": _ONE_SUBMODULE,
@@ -46,13 +42,3 @@ LIMITATIONS: dict[str, str] = {
     ),
 }
 
-
-def refuse_unbuildable(config: PeftConfig, built_ops: Iterable[str]) -> None:
-    """Raise :class:`PlanError` with the plain reason when ``config``'s method is one SINGA
-    cannot build (unless a plugin has since added builders for every op it needs)."""
-    reason = LIMITATIONS.get(config.method)
-    if reason is None:
-        return
-    lacking = sorted(set(PeftRegistry.ops_of(config.method)) - set(built_ops))
-    if lacking:
-        raise PlanError(f"singa backend cannot build {config.method} ({type(config).__name__}): {reason}")

@@ -58,15 +58,12 @@ apply_shims()
 from singa import autograd, tensor  # noqa: E402
 from singa import model as singa_model  # noqa: E402
 
-from peftcore.config import PeftConfig  # noqa: E402
 from peftcore.errors import AdapterError  # noqa: E402
 from peftcore.graph import ModelGraph  # noqa: E402
 from peftcore.methods.prompt_tuning import AddPrompt  # noqa: E402
 from peftcore.model_lock import changes_model, reads_model  # noqa: E402
 from peftcore.peft_model import PeftModel  # noqa: E402
-from peftcore.plan import RewritePlan  # noqa: E402
 from peftcore_singa.describe import eval_mode  # noqa: E402
-from peftcore_singa.limitations import refuse_unbuildable  # noqa: E402
 from peftcore_singa.prompt_fit import check_prompt_fits  # noqa: E402
 from peftcore_singa.tensors import NP_DTYPES  # noqa: E402
 
@@ -155,24 +152,10 @@ class SingaPeftModel(PeftModel, singa_model.Model):
         )
 
     # -- building adapters once the layers know their shapes --------------------------------------
-    @changes_model
-    def add_adapter(
-        self, adapter_name: str, peft_config: Optional[PeftConfig] = None, plan: Optional[RewritePlan] = None,
-        **kwargs: Any,
-    ) -> RewritePlan:
-        config = peft_config if peft_config is not None else kwargs.get("config")
-        if isinstance(config, PeftConfig):  # a plain reason before planning, pending or not
-            refuse_unbuildable(config, self.backend.ops())
-        result = PeftModel.add_adapter(self, adapter_name, peft_config, plan, **kwargs)
-        if self.pending_adapters:
-            # SINGA's forward wrapper calls ``initialize`` before a layer's first forward;
-            # an instance attribute is found before the class's method
-            self.model.__dict__["initialize"] = self._initialise_model
-        return result
-
-    def _add_from_files(self, files: Any, adapter_name: str, *args: Any, **kwargs: Any) -> list[str]:
-        refuse_unbuildable(files.config, self.backend.ops())  # before the file's plan meets the model
-        return PeftModel._add_from_files(self, files, adapter_name, *args, **kwargs)
+    def _adapter_pending(self) -> None:
+        # SINGA's forward wrapper calls ``initialize`` before a layer's first forward;
+        # an instance attribute is found before the class's method
+        self.model.__dict__["initialize"] = self._initialise_model
 
     def _initialise_model(self, *args: Any, **kwargs: Any) -> None:
         """The hook on your model's ``initialize`` while adapters are pending."""
