@@ -28,6 +28,7 @@ from peftcore.runtime import BackendInfo
 
 if TYPE_CHECKING:
     from peftcore.config import PeftConfig
+    from peftcore.plan import PlanOp
     from peftcore.runtime import BackendRuntime, CheckpointFormat
 
 PROJECT = "peftcore"
@@ -62,8 +63,9 @@ def peftcore_layer_kinds(backend: str) -> Mapping[Any, str]:  # type: ignore[emp
 
 
 @hookspec
-def peftcore_op_builders(backend: str) -> Mapping[str, Callable[..., Any]]:  # type: ignore[empty-body]
-    """Builders for extra op kinds on ``backend``: ``{op name: builder(model, layers, op, adapter_name)}``."""
+def peftcore_op_builders(backend: str) -> Mapping[type[PlanOp], Callable[..., Any]]:  # type: ignore[empty-body]
+    """Builders for extra op kinds on ``backend``: ``{op class: builder(model, layers, op, adapter_name)}``
+    (an op's registered name is accepted as the key too)."""
 
 
 @hookspec

@@ -15,13 +15,14 @@ from __future__ import annotations
 
 import contextlib
 import math
-from typing import Any, Callable, Iterator, Mapping, Optional, Sequence
+from typing import Any, Callable, Iterator, Mapping, Optional, Sequence, cast
 
 import numpy as np
 
+from peftcore.capabilities import Bakes, RecordsGates, ReportsWeightDtype, RoutesRows, supports
 from peftcore.errors import BackendError, PeftCoreError, PlanError
 from peftcore.plan import PlanOp, RewritePlan
-from peftcore.runtime import AdapterLayerProtocol, BackendRuntime, OpBuilder
+from peftcore.runtime import AdapterLayerProtocol, BackendRuntime, OpBuilder, OpBuilders
 
 #: What plugin and backend code may raise that is a fault of that code, not a request to
 #: stop: every ``Exception`` and ``SystemExit`` (a plugin's ``sys.exit()`` must not end the
@@ -121,10 +122,11 @@ def import_base_tensors(runtime: BackendRuntime, model: Any, plan: RewritePlan, 
         runtime.model_changed(model)
 
 
-def apply_plan(runtime: BackendRuntime, model: Any, plan: RewritePlan, builders: Mapping[str, OpBuilder]) -> None:
-    """Build every op of ``plan``. On failure the model is put back as it was: the
-    adapter's tensors removed, new adapter layers unwrapped, trainable flags restored."""
-    missing = sorted({op.op for op in plan.ops} - set(builders))
+def apply_plan(runtime: BackendRuntime, model: Any, plan: RewritePlan, builders: OpBuilders) -> None:
+    """Build every op of ``plan`` with the builder of its class. On failure the model is
+    put back as it was: the adapter's tensors removed, new adapter layers unwrapped,
+    trainable flags restored."""
+    missing = sorted({op.op for op in plan.ops if type(op) not in builders})
     if missing:
         raise PlanError(
             f"{runtime.name} backend has no builder for plan op(s) {missing}; is the plugin that adds them installed?"
@@ -137,7 +139,7 @@ def apply_plan(runtime: BackendRuntime, model: Any, plan: RewritePlan, builders:
     try:
         with guarded(runtime, f"building the {plan.method} plan"):
             for op in plan.ops:
-                builders[op.op](model, layers, op, plan.adapter_name)
+                builders[type(op)](model, layers, op, plan.adapter_name)
     except BaseException:
         with guarded(runtime, f"undoing the {plan.method} plan"):
             for layer in adapter_layers(runtime, model).values():
@@ -218,12 +220,12 @@ def unload(runtime: BackendRuntime, model: Any, merge: bool) -> Any:
 
 def layer_dtypes(runtime: BackendRuntime, model: Any) -> dict[str, str]:
     """Each adapter layer's base weight dtype as it is now (``"float16"``...), for layers
-    that report it (optional ``weight_dtype()``); the graph's record may be stale."""
+    that report it (:class:`~peftcore.capabilities.ReportsWeightDtype`); the graph's
+    record may be stale."""
     out: dict[str, str] = {}
     with guarded(runtime, "reading layer dtypes"):
         for path, layer in adapter_layers(runtime, model).items():
-            report = getattr(layer, "weight_dtype", None)
-            dtype = report() if callable(report) else None
+            dtype = cast(ReportsWeightDtype, layer).weight_dtype() if supports(layer, ReportsWeightDtype) else None
             if dtype:
                 out[path] = str(dtype)
     return out
@@ -259,11 +261,12 @@ def import_adapter(runtime: BackendRuntime, model: Any, adapter_name: str, tenso
 
 def bake(runtime: BackendRuntime, model: Any, adapter_name: str) -> None:
     """Every layer that can bake a reparameterisation of the adapter does so."""
-    for_each_layer(runtime, model, "bake", lambda layer: getattr(layer, "bake", _no_bake)(adapter_name))
 
+    def bake_layer(layer: Any) -> None:
+        if supports(layer, Bakes):
+            cast(Bakes, layer).bake(adapter_name)
 
-def _no_bake(adapter_name: str) -> None:
-    return None
+    for_each_layer(runtime, model, "bake", bake_layer)
 
 
 def gate_values(runtime: BackendRuntime, model: Any, adapter_name: str) -> dict[str, np.ndarray]:
@@ -272,9 +275,8 @@ def gate_values(runtime: BackendRuntime, model: Any, adapter_name: str) -> dict[
     values: dict[str, np.ndarray] = {}
     with guarded(runtime, "reading gate values"):
         for path, layer in adapter_layers(runtime, model).items():
-            recorded = getattr(layer, "recorded_gates", None)
-            if recorded is not None:
-                for stem, value in recorded(adapter_name).items():
+            if supports(layer, RecordsGates):
+                for stem, value in cast(RecordsGates, layer).recorded_gates(adapter_name).items():
                     values[f"{path}.{stem}"] = np.asarray(value)
     return values
 
@@ -316,14 +318,14 @@ def set_batch_adapters(runtime: BackendRuntime, model: Any, adapter_names: Optio
         layers = adapter_layers(runtime, model)
     if adapter_names is None:
         for layer in layers.values():
-            if hasattr(layer, "set_batch_adapters"):
-                layer.set_batch_adapters(None)
+            if supports(layer, RoutesRows):
+                cast(RoutesRows, layer).set_batch_adapters(None)
         return
     routing = runtime.row_routing(adapter_names)
     wanted = {name for name in adapter_names if name != BASE_ROW}
-    routers: list[Any] = []  # layers with the row-routing capability (not part of the protocol)
+    routers: list[Any] = []
     for path, layer in layers.items():
-        routes = getattr(layer, "routes_rows", lambda: False)()
+        routes = supports(layer, RoutesRows) and cast(RoutesRows, layer).routes_rows()
         involved = bool(layer.adapters_to_run()) or bool(wanted & set(layer.adapter_names()))
         if involved and not routes:
             raise BackendError(

@@ -14,7 +14,7 @@ import os
 import threading
 import warnings
 from dataclasses import dataclass
-from typing import Any, Callable, Optional, TypeVar
+from typing import Any, Callable, Mapping, Optional, TypeVar
 
 import pluggy
 
@@ -23,7 +23,7 @@ from peftcore.config import PeftConfig
 from peftcore.errors import BackendError, PeftCoreError, PlanError, did_you_mean
 from peftcore.graph import ModelGraph
 from peftcore.model_ops import PLUGIN_FAULTS, build_base_tensors, build_freeze_base, guarded
-from peftcore.plan import op_types
+from peftcore.plan import FreezeBase, PlanOp, op_types
 from peftcore.registry import PeftRegistry
 from peftcore.runtime import BackendInfo, BackendRuntime, CheckpointFormat, OpBuilder, missing_primitives
 
@@ -157,21 +157,22 @@ class Backend:
         with guarded(self.runtime, "describe"):
             return self.runtime.describe(model, example_inputs, kinds)
 
-    def builders(self) -> dict[str, OpBuilder]:
-        """Every op builder: the core's generic ones, the backend's, then plugins' extras."""
+    def builders(self) -> dict[type[PlanOp], OpBuilder]:
+        """Every op builder, by op class: the core's generic ones, the backend's, then
+        plugins' extras."""
         runtime = self.runtime
-        builders: dict[str, OpBuilder] = {"freeze_base": build_freeze_base(runtime)}
+        builders: dict[type[PlanOp], OpBuilder] = {FreezeBase: build_freeze_base(runtime)}
         if type(runtime).base_tensor is not BackendRuntime.base_tensor:  # the runtime reaches base parameters
-            builders.update({name: build_base_tensors(runtime) for name, op in op_types().items() if op.trains_base_in_place})
+            builders.update({op: build_base_tensors(runtime) for op in op_types().values() if op.trains_base_in_place})
         with guarded(runtime, "builders"):
-            builders.update(runtime.builders())
+            builders.update(by_op_class(runtime.builders()))
         builders.update(self._manager.op_builders(self.name))
         return builders
 
     def ops(self) -> list[str]:
-        """The op kinds this backend can build, plugins' extras included."""
+        """The names of the op kinds this backend can build, plugins' extras included."""
         with guarded(self.runtime, "builders"):
-            return sorted(self.builders())
+            return sorted({op.op for op in self.builders()})
 
     def refuse_unbuildable(self, config: PeftConfig) -> None:
         """Raise :class:`PlanError` with the backend's own reason when it declares it
@@ -234,11 +235,11 @@ class PluginManager:
             kinds.update(extra)
         return kinds
 
-    def op_builders(self, backend: str) -> dict[str, OpBuilder]:
-        """Extra op builders plugins add for ``backend``."""
-        builders: dict[str, OpBuilder] = {}
+    def op_builders(self, backend: str) -> dict[type[PlanOp], OpBuilder]:
+        """Extra op builders plugins add for ``backend``, by op class."""
+        builders: dict[type[PlanOp], OpBuilder] = {}
         for extra in self.broadcast(hookspecs.peftcore_op_builders, backend=backend):
-            builders.update(extra)
+            builders.update(by_op_class(extra))
         return builders
 
     def checkpoint_formats(self) -> list[CheckpointFormat]:
@@ -264,6 +265,23 @@ class PluginManager:
                 self.pm.load_setuptools_entrypoints(ENTRY_POINT_GROUP, name=name)
             except PLUGIN_FAULTS as exc:  # a broken plugin must not take the others down
                 self.failures.append(PluginFailure(name, f"{type(exc).__name__}: {exc}"))
+        for name, error in self._drop_unmatched_hooks():
+            self.failures.append(PluginFailure(name, error))
+
+    def _drop_unmatched_hooks(self) -> list[tuple[str, str]]:
+        """pluggy's ``check_pending``: a plugin implementing a hook that has no
+        specification (a misspelled ``peftcore_*`` name) would be ignored silently;
+        each such plugin is unregistered instead and returned with the reason, by name,
+        while the others stay."""
+        dropped = []
+        while True:
+            try:
+                self.pm.check_pending()
+                return dropped
+            except pluggy.PluginValidationError as exc:
+                name = self.pm.get_name(exc.plugin) or repr(exc.plugin)
+                self.pm.unregister(exc.plugin)
+                dropped.append((name, f"{type(exc).__name__}: {exc}"))
 
     def register(self, plugin: Any, name: str) -> None:
         """Register an in-process plugin (a module or object with ``@hookimpl`` functions)."""
@@ -274,6 +292,9 @@ class PluginManager:
         except PLUGIN_FAULTS as exc:
             raise BackendError(f"plugin {name!r} could not be registered: {exc}") from exc
         self._backends.clear()
+        dropped = self._drop_unmatched_hooks()
+        if dropped:
+            raise BackendError("; ".join(f"plugin {bad!r} could not be registered: {why}" for bad, why in dropped))
 
     def unregister(self, name: str) -> None:
         plugin = self.pm.get_plugin(name)
@@ -341,6 +362,19 @@ class PluginManager:
             f"no installed backend recognises a {type(model).__module__}.{type(model).__qualname__}; "
             f"installed backends:\n" + self.describe_backends() + failed
         )
+
+
+def by_op_class(builders: Mapping[Any, OpBuilder]) -> dict[type[PlanOp], OpBuilder]:
+    """``builders`` keyed by op class. A key that is an op's registered name (how
+    plugins written before op-class keys name them) is turned into its class; one that
+    names no registered op builds nothing and is dropped."""
+    known = op_types()
+    keyed: dict[type[PlanOp], OpBuilder] = {}
+    for key, builder in builders.items():
+        op = known.get(key) if isinstance(key, str) else key
+        if isinstance(op, type) and issubclass(op, PlanOp):
+            keyed[op] = builder
+    return keyed
 
 
 def _disabled_names() -> set[str]:

@@ -9,10 +9,10 @@ recognises and describes models, walks and replaces layers, converts tensors to 
 flips trainability, and builds each plan op kind it supports with a builder.
 
 Adapter layers, which each backend builds on its framework's kernels, follow one
-protocol (:class:`AdapterLayerProtocol`). What belongs to one method is a capability of
-that method's layers, found by the core with ``getattr``: ``bake(adapter)`` (residual
-prompt tuning), ``recorded_gates(adapter)`` (UniPELT), ``routes_rows()`` with
-``set_batch_adapters(routing)`` (mixed-adapter batches). A runtime missing a required
+protocol (:class:`AdapterLayerProtocol`; :class:`peftcore.adapter_layer.AdapterLayerCore`
+implements it over the runtime's tensor primitives). What belongs to one method is a
+capability of that method's layers, a small protocol of :mod:`peftcore.capabilities`
+(baking, recorded gates, row routing, the weight's dtype). A runtime missing a required
 primitive is reported unavailable, naming it, when its plugin registers.
 """
 
@@ -39,12 +39,14 @@ if TYPE_CHECKING:
     import numpy as np
 
     from peftcore.graph import ModelGraph
-    from peftcore.plan import RewritePlan
+    from peftcore.plan import PlanOp, RewritePlan
 
 #: ``builder(model, layers, op, adapter_name)``: build one op (each builder takes its own
 #: :class:`~peftcore.plan.PlanOp` subclass); ``layers`` maps every layer path of the model
 #: (``""`` is the model) to its layer and is kept current by builders that replace a layer.
 OpBuilder = Callable[[Any, dict, Any, str], None]
+#: Op builders keyed by the :class:`~peftcore.plan.PlanOp` subclass each one builds.
+OpBuilders = Mapping[type["PlanOp"], OpBuilder]
 
 
 @dataclass(frozen=True)
@@ -185,8 +187,8 @@ class BackendRuntime(TensorPrimitives):
         """The parameter tensors an adapter layer owns (not its base layer's)."""
         raise NotImplementedError
 
-    def builders(self) -> Mapping[str, OpBuilder]:
-        """One builder per op kind this backend builds itself."""
+    def builders(self) -> OpBuilders:
+        """One builder per op class this backend builds itself."""
         raise NotImplementedError
 
     # -- optional ------------------------------------------------------------------------

@@ -187,3 +187,74 @@ def test_hooks_are_called_on_the_selected_backend_only(fresh_manager: None) -> N
     manager.register(Recorder("b"), "b")
     assert manager.get_backend("b").info.name == "broken"
     assert calls == ["b"]  # only b's backend hook ran
+
+
+def test_a_misspelled_hook_leaves_its_plugin_out_named_and_the_others_working(
+    fresh_manager: None, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """pluggy's check_pending runs after the entry points load: a hook implementation with
+    no specification would otherwise be ignored silently."""
+    dist = tmp_path / "typo_peftcore_plugin-1.0.dist-info"
+    dist.mkdir()
+    (dist / "METADATA").write_text("Metadata-Version: 2.1\nName: typo-peftcore-plugin\nVersion: 1.0\n")
+    (dist / "entry_points.txt").write_text("[peftcore]\ntypoplug = typo_peftcore_plugin_module\n")
+    (tmp_path / "typo_peftcore_plugin_module.py").write_text(
+        "from peftcore import hookimpl\n\n@hookimpl\ndef peftcore_register_method():\n    return []\n"
+    )
+    monkeypatch.syspath_prepend(str(tmp_path))
+    reset_plugin_manager()
+    manager = get_plugin_manager()
+    failure = next(f for f in manager.failures if f.name == "typoplug")
+    assert "peftcore_register_method" in failure.error and "unknown hook" in failure.error
+    assert manager.pm.get_plugin("typoplug") is None
+    assert "torch" in manager.backends()
+
+
+def test_registering_a_plugin_with_a_misspelled_hook_is_refused_by_name(fresh_manager: None) -> None:
+    class Typo:
+        @hookimpl
+        def peftcore_op_builder(self, backend: str) -> Any:
+            return {}
+
+    manager = PluginManager(load_entry_points=False)
+    with pytest.raises(BackendError, match="plugin 'typo' could not be registered.*peftcore_op_builder"):
+        manager.register(Typo(), "typo")
+    assert manager.pm.get_plugin("typo") is None
+
+
+class LimitedRuntime(BrokenRuntime):
+    """Declares that it cannot build prefix tuning, and builds nothing but freeze_base."""
+
+    def info(self) -> BackendInfo:
+        return BackendInfo("limited", "Fake", available=True, version="0", limitations={"prefix_tuning": "no attention"})
+
+    def builders(self) -> Any:
+        return {}
+
+
+class LimitedBackend:
+    @hookimpl
+    def peftcore_backend(self) -> BackendRuntime:
+        return LimitedRuntime()
+
+
+def test_the_core_refuses_what_a_backend_declares_it_cannot_build(fresh_manager: None) -> None:
+    from peftcore import PlanError, PrefixTuningConfig
+
+    manager = PluginManager(load_entry_points=False)
+    manager.register(LimitedBackend(), "limited")
+    backend = manager.get_backend("limited")
+    with pytest.raises(PlanError, match=r"limited backend cannot build prefix_tuning \(PrefixTuningConfig\): no attention"):
+        backend.refuse_unbuildable(PrefixTuningConfig(num_virtual_tokens=2))
+    backend.refuse_unbuildable(LoraConfig())  # not declared: left to the builders' own check
+
+
+def test_builders_are_keyed_by_op_class_and_an_op_name_key_is_turned_into_its_class() -> None:
+    from peftcore.methods.lora import AddLora
+    from peftcore.plan import FreezeBase
+    from peftcore.plugins import by_op_class
+
+    def build(*args: Any) -> None:
+        return None
+
+    assert by_op_class({AddLora: build, "freeze_base": build, "no_such_op": build}) == {AddLora: build, FreezeBase: build}

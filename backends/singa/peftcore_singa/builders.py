@@ -1,4 +1,4 @@
-"""The SINGA builders of plan ops: one function per op kind the backend builds.
+"""The SINGA builders of plan ops: one function per op class the backend builds.
 
 A builder is ``builder(model, layers, op, adapter_name)``: ``layers`` maps every layer
 path (adapter layers included, ``""`` for the model) to its layer. SINGA layers create
@@ -19,9 +19,10 @@ from singa import layer  # noqa: E402
 from peftcore.errors import PlanError  # noqa: E402
 from peftcore.methods.bitfit import TrainBias  # noqa: E402
 from peftcore.methods.lora import AddLora  # noqa: E402
+from peftcore.methods.p_tuning import AddPromptEncoder  # noqa: E402
 from peftcore.methods.prompt_tuning import AddPrompt  # noqa: E402
 from peftcore.plan import SaveModule  # noqa: E402
-from peftcore.runtime import OpBuilder  # noqa: E402
+from peftcore.runtime import OpBuilders  # noqa: E402
 from peftcore_singa.bitfit import BiasAdapter, base_bias  # noqa: E402
 from peftcore_singa.describe import is_linear  # noqa: E402
 from peftcore_singa.layers import AdapterLayer  # noqa: E402
@@ -81,12 +82,10 @@ def build_prompt(model: Any, layers: dict, op: AddPrompt, adapter_name: str) -> 
     wrap_layer(model, layers, op.path, PromptEmbedding).add(adapter_name, op)
 
 
-BUILDERS: dict[str, OpBuilder] = {
-    "lora": build_lora,
-    "modules_to_save": build_modules_to_save,
-    "bitfit_bias": build_bitfit,
-    "prompt_embedding": build_prompt,
-    "prompt_encoder": build_prompt,
+BUILDERS: OpBuilders = {
+    AddLora: build_lora,
+    SaveModule: build_modules_to_save,
+    TrainBias: build_bitfit,
+    AddPrompt: build_prompt,
+    AddPromptEncoder: build_prompt,
 }
-
-

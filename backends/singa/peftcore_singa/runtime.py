@@ -16,7 +16,7 @@ apply_shims()
 from singa import autograd, layer, model  # noqa: E402
 
 from peftcore.graph import ModelGraph  # noqa: E402
-from peftcore.runtime import BackendInfo, BackendRuntime, OpBuilder  # noqa: E402
+from peftcore.runtime import BackendInfo, BackendRuntime, OpBuilders  # noqa: E402
 from peftcore_singa.layers import AdapterLayer  # noqa: E402
 from peftcore_singa.limitations import LIMITATIONS  # noqa: E402
 from peftcore_singa.tensors import SingaTensors, to_numpy  # noqa: E402
@@ -76,7 +76,7 @@ class SingaRuntime(SingaTensors, BackendRuntime):
         view = native_params(node).get(name) if node is not None else None
         return view.tensor if view is not None else None
 
-    def builders(self) -> Mapping[str, OpBuilder]:
+    def builders(self) -> OpBuilders:
         from peftcore_singa.builders import BUILDERS
 
         return BUILDERS

@@ -1,4 +1,4 @@
-"""The torch builders of plan ops: one function per op kind the backend builds.
+"""The torch builders of plan ops: one function per op class the backend builds.
 
 A builder is ``builder(model, layers, op, adapter_name)``: ``layers`` maps every module
 path (adapter layers included, ``""`` for the model) to its module. Builders wrap the
@@ -13,9 +13,12 @@ from torch import nn
 from peftcore.errors import PlanError
 from peftcore.methods.bitfit import TrainBias
 from peftcore.methods.lora import AddLora
+from peftcore.methods.p_tuning import AddPromptEncoder
+from peftcore.methods.prefix_tuning import AddPrefixEncoder
 from peftcore.methods.prompt_tuning import AddPrompt
+from peftcore.methods.unipelt_ops import AddBottleneckAdapter, AddGate, AddPrefix
 from peftcore.plan import SaveModule
-from peftcore.runtime import OpBuilder
+from peftcore.runtime import OpBuilders
 from peftcore_torch.bitfit import BiasAdapter
 from peftcore_torch.layers import AdapterLayer
 from peftcore_torch.lora import LoraEmbedding, LoraLinear
@@ -70,14 +73,14 @@ def build_prompt(model: nn.Module, layers: dict, op: AddPrompt, adapter_name: st
     layer.add(adapter_name, op)
 
 
-BUILDERS: dict[str, OpBuilder] = {
-    "lora": build_lora,
-    "modules_to_save": build_modules_to_save,
-    "bitfit_bias": build_bitfit,
-    "prompt_embedding": build_prompt,
-    "prompt_encoder": build_prompt,
-    "prefix": build_prefix,
-    "prefix_encoder": build_prefix_encoder,
-    "bottleneck_adapter": build_bottleneck_adapter,
-    "gate": build_gate,
+BUILDERS: OpBuilders = {
+    AddLora: build_lora,
+    SaveModule: build_modules_to_save,
+    TrainBias: build_bitfit,
+    AddPrompt: build_prompt,
+    AddPromptEncoder: build_prompt,
+    AddPrefix: build_prefix,
+    AddPrefixEncoder: build_prefix_encoder,
+    AddBottleneckAdapter: build_bottleneck_adapter,
+    AddGate: build_gate,
 }

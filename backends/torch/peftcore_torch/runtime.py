@@ -8,7 +8,7 @@ import torch
 from torch import nn
 
 from peftcore.graph import ModelGraph
-from peftcore.runtime import BackendInfo, BackendRuntime, OpBuilder
+from peftcore.runtime import BackendInfo, BackendRuntime, OpBuilders
 from peftcore_torch.layers import AdapterLayer, place_tensors
 from peftcore_torch.tensors import TorchTensors
 from peftcore_torch.walk import replace_module, walk
@@ -61,7 +61,7 @@ class TorchRuntime(TorchTensors, BackendRuntime):
         base = {id(p) for p in layer.base_layer.parameters()}
         return [p for p in layer.parameters() if id(p) not in base]
 
-    def builders(self) -> Mapping[str, OpBuilder]:
+    def builders(self) -> OpBuilders:
         from peftcore_torch.builders import BUILDERS
 
         return BUILDERS

@@ -12,6 +12,7 @@ from typing import Any, Callable, Mapping, Sequence
 
 from peftcore.config import PeftConfig
 from peftcore.hookspecs import hookimpl
+from peftcore.plan import PlanOp
 from peftcore_ia3.config import IA3Config, IA3Scale
 
 
@@ -22,12 +23,12 @@ def peftcore_register_methods() -> Sequence[type[PeftConfig]]:
 
 
 @hookimpl
-def peftcore_op_builders(backend: str) -> Mapping[str, Callable[..., Any]]:
-    """Builders for the ``ia3_scale`` op, for the torch and SINGA backends."""
+def peftcore_op_builders(backend: str) -> Mapping[type[PlanOp], Callable[..., Any]]:
+    """Builders for the ``ia3_scale`` op, by its class, for the torch and SINGA backends."""
     if backend == "torch":
-        return {IA3Scale.op: build_ia3_scale_torch}
+        return {IA3Scale: build_ia3_scale_torch}
     if backend == "singa":
-        return {IA3Scale.op: build_ia3_scale_singa}
+        return {IA3Scale: build_ia3_scale_singa}
     return {}
 
 
