@@ -1,4 +1,4 @@
-"""The import graph: no cycles, and the layering rules of DESIGN.md's "Layering".
+"""The import graph: no cycles, and the layering of docs/architecture.md ("The layers").
 
 How the graph is read (statically, with :mod:`ast`; nothing is imported):
 
@@ -20,14 +20,15 @@ How the graph is read (statically, with :mod:`ast`; nothing is imported):
   backend package's own modules.
 
 A backend never imports ``peftcore.api`` (nor its names through ``peftcore``), at any
-level: functions and ``TYPE_CHECKING`` blocks included. Nor does a core module import a
-module of a higher layer than its own (:data:`LAYERS`, DESIGN.md's order), at any level;
-modules the list does not name are not checked.
+level: functions and ``TYPE_CHECKING`` blocks included. Every core module, found by
+walking the package, belongs to exactly one layer of the list in docs/architecture.md,
+and imports no module of a higher layer, at any level.
 """
 
 from __future__ import annotations
 
 import ast
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -43,22 +44,23 @@ PACKAGES = {
 }
 BACKENDS = ("peftcore_torch", "peftcore_singa")
 
-#: DESIGN.md's layers, lowest first: a module imports only from its own layer or below.
-#: A name ending in ``.`` covers a package's modules.
-LAYERS = (
-    ("peftcore.errors",),
-    ("peftcore.model_lock",),
-    ("peftcore.graph",),
-    ("peftcore.plan",),
-    ("peftcore.config",),
-    ("peftcore.targeting",),
-    ("peftcore.methods", "peftcore.methods."),
-    ("peftcore.registry",),
-    ("peftcore.plugins", "peftcore.hookspecs", "peftcore.runtime"),
-    ("peftcore.io", "peftcore.convert"),
-    ("peftcore.api",),
-    ("peftcore.testing", "peftcore.testing.", "peftcore.xprompt", "peftcore.cli", "peftcore.cli.", "peftcore.singa_peft"),
-)
+ARCHITECTURE = ROOT / "docs" / "architecture.md"
+
+
+def _layers() -> list[list[str]]:
+    """docs/architecture.md's layers, lowest first, as dotted names: the numbered lines of
+    its ```layers block (``methods.*`` covers a package's modules, ``__init__`` is the
+    package itself)."""
+    text = ARCHITECTURE.read_text(encoding="utf-8")
+    block = re.search(r"^```layers\n(.*?)^```", text, re.M | re.S)
+    assert block, f"{ARCHITECTURE} has no ```layers block"
+    layers = []
+    for number, line in enumerate(block.group(1).strip().splitlines()):
+        match = re.fullmatch(r"(\d+)\. (.+)", line.strip())
+        assert match and int(match.group(1)) == number, f"bad layer line {line!r} in {ARCHITECTURE}"
+        names = [name.strip() for name in match.group(2).split(",")]
+        layers.append(["peftcore" if n == "__init__" else f"peftcore.{n}" for n in names])
+    return layers
 
 
 def _modules(package: str) -> dict[str, Path]:
@@ -178,22 +180,49 @@ def test_the_cycle_check_finds_a_cycle() -> None:
     assert len(list(_imports(ast.parse(code), everywhere=True))) == 4
 
 
-def _layer(module: str) -> int | None:
-    for rank, names in enumerate(LAYERS):
-        if any(module == n or (n.endswith(".") and module.startswith(n)) for n in names):
-            return rank
-    return None
+def _covers(name: str, module: str) -> bool:
+    return module == name or (name.endswith(".*") and module.startswith(name[:-1]))
+
+
+def _layer_of() -> dict[str, int]:
+    """Each core module's layer (every module of the package, found by walking it)."""
+    layers = _layers()
+    found = {}
+    for module in _modules("peftcore"):
+        ranks = [rank for rank, names in enumerate(layers) if any(_covers(n, module) for n in names)]
+        assert len(ranks) == 1, f"{module} is in {len(ranks)} layers of {ARCHITECTURE} (it must be in one)"
+        found[module] = ranks[0]
+    return found
+
+
+def test_every_core_module_is_in_exactly_one_layer_and_every_layer_name_is_a_module() -> None:
+    modules = set(_modules("peftcore"))
+    assert len(modules) > 30
+    assert set(_layer_of()) == modules
+    stale = [n for names in _layers() for n in names if not any(_covers(n, m) for m in modules)]
+    assert not stale, f"{ARCHITECTURE} lists modules that do not exist: {stale}"
+
+
+def _upward(graph: dict[str, set[str]], rank: dict[str, int]) -> list[str]:
+    return [
+        f"{module} (layer {rank[module]}) -> {target} (layer {rank[target]})"
+        for module, targets in sorted(graph.items())
+        for target in sorted(targets)
+        if rank[target] > rank[module]
+    ]
 
 
 def test_core_modules_do_not_import_upward() -> None:
-    upward = []
-    for module, targets in _graph("peftcore", everywhere=True).items():
-        rank = _layer(module)
-        for target in sorted(targets):
-            target_rank = _layer(target)
-            if rank is not None and target_rank is not None and target_rank > rank:
-                upward.append(f"{module} -> {target}")
-    assert not upward, f"imports against DESIGN.md's layering: {upward}"
+    upward = _upward(_graph("peftcore", everywhere=True), _layer_of())
+    assert not upward, f"imports against the layering of docs/architecture.md: {upward}"
+
+
+def test_the_layer_check_finds_an_upward_import() -> None:
+    assert _covers("peftcore.methods.*", "peftcore.methods.lora") and not _covers("peftcore.methods.*", "peftcore.methods")
+    rank = _layer_of()
+    assert _upward({"peftcore.errors": {"peftcore.api"}, "peftcore.api": {"peftcore.errors"}}, rank) == [
+        f"peftcore.errors (layer {rank['peftcore.errors']}) -> peftcore.api (layer {rank['peftcore.api']})"
+    ]
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
