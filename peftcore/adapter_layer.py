@@ -117,9 +117,7 @@ class AdapterLayerCore(AdapterBookkeeping):
     # -- adding and deleting --------------------------------------------------------------------
     def add(self, adapter_name: str, op: Any) -> None:
         """Build adapter ``adapter_name`` from plan op ``op`` in this layer."""
-        if self.has_adapter(adapter_name):
-            raise AdapterError(f"layer {op.path!r} already has an adapter named {adapter_name!r}")
-        self.check_op_fits(op)
+        self.check_can_add(adapter_name, op)
         values = self.new_adapter(adapter_name, op)
         first = self.adapter_tensor_names[0]
         if first not in values:
@@ -128,6 +126,14 @@ class AdapterLayerCore(AdapterBookkeeping):
             if name in values:
                 store = self.adapter_store(name) if name in self.adapter_tensor_names else getattr(self, name)
                 store[adapter_name] = values[name]
+
+    def check_can_add(self, adapter_name: str, op: Any) -> None:
+        """An :class:`AdapterError` if the layer already has ``adapter_name``; a
+        :class:`PlanError` if ``op`` does not fit the layer (:meth:`check_op_fits`). A
+        layer with its own ``add`` calls this first."""
+        if self.has_adapter(adapter_name):
+            raise AdapterError(f"layer {op.path!r} already has an adapter named {adapter_name!r}")
+        self.check_op_fits(op)
 
     def check_op_fits(self, op: Any, in_features: Optional[int] = None, out_features: Optional[int] = None) -> None:
         """A :class:`PlanError` unless ``op``'s feature sizes (when it has them) are the

@@ -18,7 +18,7 @@ from dataclasses import dataclass
 from typing import Any, ClassVar, Mapping, Optional, Sequence
 
 from peftcore.config import PeftConfig, check, check_type, config_class, runtime_field
-from peftcore.errors import ConfigError, PlanError
+from peftcore.errors import AdapterError, ConfigError, PlanError
 from peftcore.graph import LayerNode, ModelGraph
 from peftcore.methods.common import (
     effective_modules_to_save,
@@ -217,6 +217,14 @@ class AddPrompt(PlanOp):
             return 0.0
         fan_in = self.token_dim if name.startswith("residual_down") else self.residual_bottleneck
         return 1.0 / math.sqrt(fan_in)
+
+    def check_table(self, shape: tuple) -> None:
+        """An :class:`AdapterError` unless the embedding table's (native) shape is
+        ``(num_embeddings, token_dim)``, the one this op was planned for."""
+        if tuple(shape) != (self.num_embeddings, self.token_dim):
+            raise AdapterError(
+                f"embedding {self.path!r} is {tuple(shape)}, the plan expects ({self.num_embeddings}, {self.token_dim})"
+            )
 
     def tensor_specs(self) -> dict[str, TensorSpec]:
         # HF PEFT's layout: with 2 submodules (an encoder-decoder model) the table has a

@@ -122,13 +122,9 @@ class PromptEmbedding(AdapterLayer):
 
     # -- building -------------------------------------------------------------------------
     def add(self, adapter_name: str, op: AddPrompt) -> None:
-        if self.has_adapter(adapter_name):
-            raise AdapterError(f"layer {op.path!r} already has an adapter named {adapter_name!r}")
+        self.check_can_add(adapter_name, op)
         table = self.base_layer.W
-        if tuple(table.shape) != (op.num_embeddings, op.token_dim):
-            raise AdapterError(
-                f"embedding {op.path!r} is {tuple(table.shape)}, the plan expects ({op.num_embeddings}, {op.token_dim})"
-            )
+        op.check_table(tuple(table.shape))
         if op.encoder:
             self.prompt_encoders[adapter_name] = PromptEncoder(
                 op, lambda shape, name: self.new_tensor(shape, f"{ENCODER_PREFIX}{name}.{adapter_name}")

@@ -100,13 +100,9 @@ class PromptEmbedding(AdapterLayer):
 
     # -- building -------------------------------------------------------------------------
     def add(self, adapter_name: str, op: AddPrompt) -> None:
-        if self.has_adapter(adapter_name):
-            raise AdapterError(f"layer {op.path!r} already has an adapter named {adapter_name!r}")
+        self.check_can_add(adapter_name, op)
         table = self.base_layer.weight
-        if tuple(table.shape) != (op.num_embeddings, op.token_dim):
-            raise AdapterError(
-                f"embedding {op.path!r} is {tuple(table.shape)}, the plan expects ({op.num_embeddings}, {op.token_dim})"
-            )
+        op.check_table(tuple(table.shape))
         if not op.keep_token_type_ids:
             self.drop_token_types.add(adapter_name)
         rows = op.num_virtual_tokens * op.num_transformer_submodules
