@@ -273,7 +273,7 @@ class PluginManager:
         specification (a misspelled ``peftcore_*`` name) would be ignored silently;
         each such plugin is unregistered instead and returned with the reason, by name,
         while the others stay."""
-        dropped = []
+        dropped: list[tuple[str, str]] = []
         while True:
             try:
                 self.pm.check_pending()
