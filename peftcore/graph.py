@@ -10,12 +10,32 @@ from __future__ import annotations
 
 import json
 from dataclasses import asdict, dataclass, field
-from typing import Any, Iterator, Mapping, Optional
+from typing import Any, Callable, Iterator, Mapping, Optional, Sequence
 
 from peftcore.errors import PlanError
 
 #: The layer kinds the IR knows. ``container`` is a module that only holds others.
 LAYER_KINDS = ("linear", "embedding", "conv", "norm", "container", "other")
+
+
+#: Layer class names that are normalisation layers whatever their framework (models'
+#: own ``LlamaRMSNorm``, ``T5LayerNorm``...).
+NORM_NAME_SUFFIXES = ("RMSNorm", "LayerNorm")
+
+
+def kind_of(layer: Any, extra_kinds: Mapping[Any, str], native: Sequence[tuple[str, Callable[[Any], bool]]]) -> str:
+    """The IR kind of a framework layer: a plugin's extra layer classes first
+    (``extra_kinds``), then the backend's own tests in order (``(kind, test)``), then a
+    class named like a norm layer; ``"other"`` when nothing matches."""
+    for cls, kind in extra_kinds.items():
+        if isinstance(layer, cls):
+            return kind
+    for kind, test in native:
+        if test(layer):
+            return kind
+    if type(layer).__name__.endswith(NORM_NAME_SUFFIXES):
+        return "norm"
+    return "other"
 
 
 @dataclass(frozen=True)

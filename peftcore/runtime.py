@@ -33,6 +33,7 @@ from typing import (
     runtime_checkable,
 )
 
+from peftcore.adapter_layer import AdapterLayerCore
 from peftcore.primitives import TensorPrimitives
 
 if TYPE_CHECKING:
@@ -172,8 +173,9 @@ class BackendRuntime(TensorPrimitives):
         raise NotImplementedError
 
     def is_adapter_layer(self, layer: Any) -> bool:
-        """Whether ``layer`` is one of this backend's adapter layers."""
-        raise NotImplementedError
+        """Whether ``layer`` is one of this backend's adapter layers (by default: whether
+        it runs the core's lifecycle, :class:`~peftcore.adapter_layer.AdapterLayerCore`)."""
+        return isinstance(layer, AdapterLayerCore)
 
     def replace_layer(self, model: Any, layers: dict, path: str, new: Any) -> None:
         """Put ``new`` at ``path`` in ``model`` and in the ``layers`` index."""
@@ -226,7 +228,6 @@ REQUIRED_PRIMITIVES = (
     "describe",
     "peft_model_class",
     "layers",
-    "is_adapter_layer",
     "replace_layer",
     "parameters",
     "is_trainable",

@@ -30,13 +30,18 @@ apply_shims()
 from singa import autograd, device, layer, tensor  # noqa: E402
 
 from peftcore.errors import BackendError  # noqa: E402
-from peftcore.graph import LayerNode, ModelGraph  # noqa: E402
+from peftcore.graph import LayerNode, ModelGraph, kind_of  # noqa: E402
 from peftcore_singa.layers import AdapterLayer  # noqa: E402
 from peftcore_singa.tensors import DTYPE_NAMES  # noqa: E402
 from peftcore_singa.unregistered import held_children, unreached_layers  # noqa: E402
 
-_CONV = (layer.Conv2d, layer.SeparableConv2d)
-_NORM = (layer.BatchNorm2d,)
+#: SINGA's own layer classes by IR kind, in the order they are tried.
+_NATIVE_KINDS = (
+    ("linear", lambda node: is_linear(node)),
+    ("embedding", lambda node: isinstance(node, layer.Embedding)),
+    ("conv", lambda node: isinstance(node, (layer.Conv2d, layer.SeparableConv2d))),
+    ("norm", lambda node: isinstance(node, layer.BatchNorm2d)),
+)
 
 
 @dataclass(frozen=True)
@@ -276,15 +281,4 @@ def describe_layer(path: str, node: Any, extra_kinds: dict) -> LayerNode:
 
 
 def layer_kind(node: Any, extra_kinds: dict) -> str:
-    for cls, kind in extra_kinds.items():
-        if isinstance(node, cls):
-            return kind
-    if is_linear(node):
-        return "linear"
-    if isinstance(node, layer.Embedding):
-        return "embedding"
-    if isinstance(node, _CONV):
-        return "conv"
-    if isinstance(node, _NORM) or type(node).__name__.endswith(("RMSNorm", "LayerNorm")):
-        return "norm"
-    return "other"
+    return kind_of(node, extra_kinds, _NATIVE_KINDS)

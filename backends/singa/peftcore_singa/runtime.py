@@ -55,9 +55,6 @@ class SingaRuntime(SingaTensors, BackendRuntime):
     def layers(self, model_: Any) -> Iterable[tuple[str, Any]]:
         return walk(model_)
 
-    def is_adapter_layer(self, node: Any) -> bool:
-        return isinstance(node, AdapterLayer)
-
     def replace_layer(self, model_: Any, layers: dict, path: str, new: Any) -> None:
         replace_layer(model_, layers, path, new)
 

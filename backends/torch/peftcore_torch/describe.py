@@ -12,12 +12,17 @@ from typing import Any, Optional
 
 from torch import nn
 
-from peftcore.graph import LayerNode, ModelGraph
+from peftcore.graph import LayerNode, ModelGraph, kind_of
 from peftcore_torch.layers import AdapterLayer
 from peftcore_torch.walk import is_conv1d, walk
 
-_CONV = (nn.Conv1d, nn.Conv2d, nn.Conv3d)
-_NORM = (nn.LayerNorm, nn.GroupNorm, nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d)
+#: torch's own module classes by IR kind, in the order they are tried.
+_NATIVE_KINDS = (
+    ("linear", lambda module: isinstance(module, nn.Linear) or is_conv1d(module)),
+    ("embedding", lambda module: isinstance(module, nn.Embedding)),
+    ("conv", lambda module: isinstance(module, (nn.Conv1d, nn.Conv2d, nn.Conv3d))),
+    ("norm", lambda module: isinstance(module, (nn.LayerNorm, nn.GroupNorm, nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d))),
+)
 
 
 def describe_model(model: nn.Module, extra_kinds: Optional[dict] = None) -> ModelGraph:
@@ -89,18 +94,7 @@ def describe_module(path: str, module: nn.Module, extra_kinds: dict) -> LayerNod
 
 
 def _kind(module: nn.Module, extra_kinds: dict) -> str:
-    for cls, kind in extra_kinds.items():
-        if isinstance(module, cls):
-            return kind
-    if isinstance(module, nn.Linear) or is_conv1d(module):
-        return "linear"
-    if isinstance(module, nn.Embedding):
-        return "embedding"
-    if isinstance(module, _CONV):
-        return "conv"
-    if isinstance(module, _NORM) or type(module).__name__.endswith(("RMSNorm", "LayerNorm")):
-        return "norm"
-    return "other"
+    return kind_of(module, extra_kinds, _NATIVE_KINDS)
 
 
 def _input_embedding(model: nn.Module) -> Optional[str]:

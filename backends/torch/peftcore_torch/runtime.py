@@ -48,9 +48,6 @@ class TorchRuntime(TorchTensors, BackendRuntime):
     def layers(self, model: Any) -> Iterable[tuple[str, Any]]:
         return walk(model)
 
-    def is_adapter_layer(self, layer: Any) -> bool:
-        return isinstance(layer, AdapterLayer)
-
     def replace_layer(self, model: Any, layers: dict, path: str, new: Any) -> None:
         replace_module(model, layers, path, new)
 
