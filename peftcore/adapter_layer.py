@@ -38,6 +38,8 @@ from peftcore.errors import AdapterError, PlanError, did_you_mean
 from peftcore.primitives import TensorPrimitives
 
 L = TypeVar("L", bound="AdapterLayerCore")
+#: A runtime's ``replace_layer(model, layers, path, new)``.
+ReplaceLayer = Callable[[Any, dict, str, Any], None]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -291,7 +293,7 @@ class AdapterLayerCore(AdapterBookkeeping):
 
 
 def wrap_layer(
-    replace_layer: Callable[[Any, dict, str, Any], None],
+    replace_layer: ReplaceLayer,
     model: Any,
     layers: dict,
     path: str,
@@ -313,3 +315,14 @@ def wrap_layer(
     wrapper = wrapper_type.wrap(current, path)
     replace_layer(model, layers, path, wrapper)
     return wrapper
+
+
+def layer_builder(replace_layer: ReplaceLayer, wrapper_type: type[AdapterLayerCore]) -> Callable[[Any, dict, Any, str], None]:
+    """The builder of an op that needs nothing but its adapter layer: wrap the layer at
+    ``op.path`` in ``wrapper_type`` (once) and add the adapter to it."""
+
+    def build(model: Any, layers: dict, op: Any, adapter_name: str) -> None:
+        wrap_layer(replace_layer, model, layers, op.path, wrapper_type).add(adapter_name, op)
+
+    build.__name__ = build.__qualname__ = f"build_{wrapper_type.__name__}"
+    return build

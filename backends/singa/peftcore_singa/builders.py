@@ -16,6 +16,7 @@ apply_shims()
 
 from singa import layer  # noqa: E402
 
+from peftcore.adapter_layer import layer_builder  # noqa: E402
 from peftcore.errors import PlanError  # noqa: E402
 from peftcore.methods.bitfit import TrainBias  # noqa: E402
 from peftcore.methods.lora import AddLora  # noqa: E402
@@ -29,7 +30,7 @@ from peftcore_singa.layers import AdapterLayer  # noqa: E402
 from peftcore_singa.lora import LoraEmbedding, LoraLinear  # noqa: E402
 from peftcore_singa.modules_to_save import ModulesToSaveWrapper  # noqa: E402
 from peftcore_singa.prompt import PromptEmbedding  # noqa: E402
-from peftcore_singa.walk import wrap_layer  # noqa: E402
+from peftcore_singa.walk import replace_layer, wrap_layer  # noqa: E402
 
 
 def build_lora(model: Any, layers: dict, op: AddLora, adapter_name: str) -> None:
@@ -47,10 +48,6 @@ def build_lora(model: Any, layers: dict, op: AddLora, adapter_name: str) -> None
     if not base._initialized:
         raise PlanError(f"layer {op.path!r} is not initialised (no forward has reached it); pass example_inputs")
     wrap_layer(model, layers, op.path, wrapper_type).add(adapter_name, op)
-
-
-def build_modules_to_save(model: Any, layers: dict, op: SaveModule, adapter_name: str) -> None:
-    wrap_layer(model, layers, op.path, ModulesToSaveWrapper).add(adapter_name, op)
 
 
 def _initialised_base(layers: dict, path: str) -> Any:
@@ -84,7 +81,7 @@ def build_prompt(model: Any, layers: dict, op: AddPrompt, adapter_name: str) -> 
 
 BUILDERS: OpBuilders = {
     AddLora: build_lora,
-    SaveModule: build_modules_to_save,
+    SaveModule: layer_builder(replace_layer, ModulesToSaveWrapper),
     TrainBias: build_bitfit,
     AddPrompt: build_prompt,
     AddPromptEncoder: build_prompt,

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 from torch import nn
 
+from peftcore.adapter_layer import layer_builder
 from peftcore.errors import PlanError
 from peftcore.methods.bitfit import TrainBias
 from peftcore.methods.lora import AddLora
@@ -28,7 +29,7 @@ from peftcore_torch.prefix_tuning import build_prefix_encoder
 from peftcore_torch.prompt import PromptEmbedding
 from peftcore_torch.prompt_inputs import EncoderPromptHook, PromptInputHook, is_encoder_decoder, takes_token_inputs
 from peftcore_torch.unipelt import build_bottleneck_adapter, build_gate
-from peftcore_torch.walk import is_conv1d, wrap_layer
+from peftcore_torch.walk import is_conv1d, replace_module, wrap_layer
 
 
 def build_lora(model: nn.Module, layers: dict, op: AddLora, adapter_name: str) -> None:
@@ -42,14 +43,6 @@ def build_lora(model: nn.Module, layers: dict, op: AddLora, adapter_name: str) -
         kind = type(base).__name__ if base is not None else "missing"
         raise PlanError(f"torch backend cannot put LoRA on {op.path!r} ({kind}); it supports Linear, Conv1D, Embedding")
     wrap_layer(model, layers, op.path, wrapper_type).add(adapter_name, op)
-
-
-def build_modules_to_save(model: nn.Module, layers: dict, op: SaveModule, adapter_name: str) -> None:
-    wrap_layer(model, layers, op.path, ModulesToSaveWrapper).add(adapter_name, op)
-
-
-def build_bitfit(model: nn.Module, layers: dict, op: TrainBias, adapter_name: str) -> None:
-    wrap_layer(model, layers, op.path, BiasAdapter).add(adapter_name, op)
 
 
 def build_prompt(model: nn.Module, layers: dict, op: AddPrompt, adapter_name: str) -> None:
@@ -75,8 +68,8 @@ def build_prompt(model: nn.Module, layers: dict, op: AddPrompt, adapter_name: st
 
 BUILDERS: OpBuilders = {
     AddLora: build_lora,
-    SaveModule: build_modules_to_save,
-    TrainBias: build_bitfit,
+    SaveModule: layer_builder(replace_module, ModulesToSaveWrapper),
+    TrainBias: layer_builder(replace_module, BiasAdapter),
     AddPrompt: build_prompt,
     AddPromptEncoder: build_prompt,
     AddPrefix: build_prefix,
