@@ -28,6 +28,7 @@ takes), reading and setting the base layer's tensors, and the layout conversions
 from __future__ import annotations
 
 import dataclasses
+import functools
 import warnings
 from typing import Any, Callable, ClassVar, Hashable, Mapping, Optional, TypeVar
 
@@ -40,6 +41,23 @@ from peftcore.primitives import TensorPrimitives
 L = TypeVar("L", bound="AdapterLayerCore")
 #: A runtime's ``replace_layer(model, layers, path, new)``.
 ReplaceLayer = Callable[[Any, dict, str, Any], None]
+
+
+def _same(array: Any) -> Any:
+    return array
+
+
+@dataclasses.dataclass(frozen=True)
+class AdapterTensor:
+    """One tensor of an adapter in a layer: its canonical name, how to read it and store
+    a new one in its place, and how its native layout converts to and from canonical."""
+
+    name: str
+    get: Callable[[], Any]
+    #: None where writes are always in place (nothing new is ever stored)
+    put: Optional[Callable[[Any], None]] = None
+    to_canonical: Callable[[Any], Any] = _same
+    to_native: Callable[[Any], Any] = _same
 
 
 @dataclasses.dataclass(frozen=True)
@@ -163,39 +181,61 @@ class AdapterLayerCore(AdapterBookkeeping):
             self.primitives.set_trainable(self.adapter_store(name)[adapter_name], trainable)
 
     # -- canonical tensors ----------------------------------------------------------------------
+    def adapter_tensors_of(self, adapter_name: str) -> list[AdapterTensor]:
+        """Where each tensor of the adapter lives, by canonical name. By default the
+        ``adapter_tensor_names`` stores, converted with ``canonical_export``/``native_import``;
+        a layer that keeps an adapter elsewhere (a copy of a whole module) says so here."""
+        entries = []
+        for name in self.tensor_names(adapter_name):
+            store = self.adapter_store(name)
+            entries.append(
+                AdapterTensor(
+                    self.canonical_name(name),
+                    functools.partial(store.__getitem__, adapter_name),
+                    functools.partial(self.put_adapter_tensor, name, adapter_name),
+                    functools.partial(self.canonical_export, name),
+                    functools.partial(self.native_import, name),
+                )
+            )
+        return entries
+
+    def put_adapter_tensor(self, attribute: str, adapter_name: str, tensor: Any) -> None:
+        """Store ``tensor`` as the adapter's tensor in ``attribute`` (a write that made a new one)."""
+        self.adapter_store(attribute)[adapter_name] = tensor
+
     def export(self, adapter_name: str) -> dict[str, Any]:
         """The adapter's tensors as canonical-layout numpy arrays, by canonical name."""
         to_numpy = self.primitives.to_numpy
         return {
-            self.canonical_name(name): np.ascontiguousarray(
-                self.canonical_export(name, to_numpy(self.adapter_store(name)[adapter_name]))
-            )
-            for name in self.tensor_names(adapter_name)
+            entry.name: np.ascontiguousarray(entry.to_canonical(to_numpy(entry.get())))
+            for entry in self.adapter_tensors_of(adapter_name)
         }
 
     def load(self, adapter_name: str, tensors: Mapping[str, Any]) -> None:
         """Copy canonical tensors (numpy arrays, or tensors of the backend) into the
-        adapter; every shape is checked before anything is written."""
+        adapter; every name and shape is checked before anything is written."""
         pending = []
-        for name in self.tensor_names(adapter_name):
-            key, given = self.canonical_tensor(adapter_name, tensors, name)
+        for entry in self.adapter_tensors_of(adapter_name):
+            if entry.name not in tensors:
+                raise AdapterError(f"tensor {entry.name!r} missing for adapter {adapter_name!r}")
+            given = tensors[entry.name]
             given = given if hasattr(given, "shape") else np.asarray(given)
-            value = self.native_import(name, given)
-            target_shape = self.primitives.shape(self.adapter_store(name)[adapter_name])
-            if tuple(value.shape) != target_shape:
-                expected = self.canonical_export(name, np.empty(target_shape, np.float32)).shape
-                raise AdapterError(f"tensor {key!r} has shape {tuple(given.shape)}, expected {tuple(expected)}")
-            pending.append((name, value))
-        for name, value in pending:
-            self.write_adapter_tensor(name, adapter_name, value)
+            native_shape = self.primitives.shape(entry.get())
+            expected = tuple(entry.to_canonical(np.empty(native_shape, np.float32)).shape)
+            if tuple(given.shape) != expected:
+                raise AdapterError(f"tensor {entry.name!r} has shape {tuple(given.shape)}, expected {expected}")
+            pending.append((entry, given))
+        for entry, given in pending:
+            self.write_adapter_tensor(entry, entry.to_native(given))
 
-    def write_adapter_tensor(self, attribute: str, adapter_name: str, value: Any) -> None:
-        """Give the adapter's tensor in ``attribute`` the value ``value`` (native layout)."""
-        store = self.adapter_store(attribute)
-        target = store[adapter_name]
+    def write_adapter_tensor(self, entry: AdapterTensor, value: Any) -> None:
+        """Give the adapter tensor ``entry`` the value ``value`` (native layout)."""
+        target = entry.get()
         written = self.primitives.write(target, value)
         if written is not target:
-            store[adapter_name] = written
+            if entry.put is None:
+                raise AdapterError(f"{type(self).__name__}: tensor {entry.name!r} was not written in place")
+            entry.put(written)
 
     def weight_dtype(self) -> str:
         """The base weight's dtype now, canonically named (``"float16"``), for ``safe_merge``."""

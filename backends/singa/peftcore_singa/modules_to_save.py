@@ -11,9 +11,8 @@ backend knows keeps its parameters as attributes.
 from __future__ import annotations
 
 import copy
-from typing import Any, Mapping
-
-import numpy as np
+import functools
+from typing import Any
 
 from peftcore_singa.compat import apply_shims
 
@@ -21,11 +20,11 @@ apply_shims()
 
 from singa import tensor  # noqa: E402
 
-from peftcore.errors import AdapterError  # noqa: E402
+from peftcore.adapter_layer import AdapterTensor  # noqa: E402
 from peftcore.plan import SaveModule  # noqa: E402
 from peftcore_singa.describe import ParamView, native_params, walk  # noqa: E402
 from peftcore_singa.layers import AdapterLayer  # noqa: E402
-from peftcore_singa.tensors import copy_into, set_trainable_flags, to_numpy  # noqa: E402
+from peftcore_singa.tensors import set_trainable_flags  # noqa: E402
 
 
 def clone_layer(source: Any, name: str) -> Any:
@@ -100,21 +99,12 @@ class ModulesToSaveWrapper(AdapterLayer):
                 found[f"{rel}.{param_name}" if rel else param_name] = view
         return found
 
-    def export(self, adapter_name: str) -> dict[str, np.ndarray]:
-        return {key: view.to_canonical(to_numpy(view.tensor)) for key, view in self._views(adapter_name).items()}
-
-    def load(self, adapter_name: str, tensors: Mapping[str, Any]) -> None:
-        views = self._views(adapter_name)
-        pending = []
-        for key, view in views.items():
-            if key not in tensors:
-                raise AdapterError(f"tensor {key!r} missing for saved module of adapter {adapter_name!r}")
-            value = np.asarray(tensors[key])
-            if tuple(value.shape) != tuple(view.shape):
-                raise AdapterError(f"tensor {key!r} has shape {tuple(value.shape)}, expected {tuple(view.shape)}")
-            pending.append((view, value))
-        for view, value in pending:
-            copy_into(view.tensor, view.to_native(value))
+    def adapter_tensors_of(self, adapter_name: str) -> list[AdapterTensor]:
+        """Every parameter of the adapter's copy, by its path in the layer, in canonical layout."""
+        return [
+            AdapterTensor(key, functools.partial(getattr, view, "tensor"), None, view.to_canonical, view.to_native)
+            for key, view in self._views(adapter_name).items()
+        ]
 
     def delete(self, adapter_name: str) -> None:
         self.modules_to_save.pop(adapter_name, None)

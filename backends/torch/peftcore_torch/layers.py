@@ -16,7 +16,7 @@ from typing import Any, ClassVar, Optional, TypeVar, cast
 import torch
 from torch import nn
 
-from peftcore.adapter_layer import AdapterLayerCore
+from peftcore.adapter_layer import AdapterLayerCore, AdapterTensor
 from peftcore_torch.tensors import TORCH_TENSORS
 
 T = TypeVar("T", bound="AdapterLayer")
@@ -88,14 +88,13 @@ class AdapterLayer(AdapterLayerCore, nn.Module):
         """The base layer's output size (an embedding's is its dimension)."""
         return base_features(self.base_layer)[1]
 
-    def write_adapter_tensor(self, attribute: str, adapter_name: str, value: Any) -> None:
-        store = self.adapter_store(attribute)
-        target = store[adapter_name]
-        if target.is_meta:  # built with low_cpu_mem_usage: the loaded tensor becomes the parameter
+    def write_adapter_tensor(self, entry: AdapterTensor, value: Any) -> None:
+        target = entry.get()
+        if target.is_meta and entry.put is not None:  # built with low_cpu_mem_usage: the loaded tensor becomes the parameter
             loaded = torch.as_tensor(value).to(device=self.base_weight().device, dtype=target.dtype, copy=True)
-            store[adapter_name] = nn.Parameter(loaded, requires_grad=target.requires_grad)
+            entry.put(nn.Parameter(loaded, requires_grad=target.requires_grad))
             return
-        super().write_adapter_tensor(attribute, adapter_name, value)
+        super().write_adapter_tensor(entry, value)
 
 
 _HALF_PRECISION = (torch.float16, torch.bfloat16)

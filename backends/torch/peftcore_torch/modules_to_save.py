@@ -9,11 +9,13 @@ row, the results copied into their rows.
 from __future__ import annotations
 
 import copy
-from typing import Any, ClassVar, Mapping, Optional
+import functools
+from typing import Any, ClassVar, Optional
 
 import torch
 from torch import nn
 
+from peftcore.adapter_layer import AdapterTensor
 from peftcore.errors import AdapterError, BackendError
 from peftcore.plan import SaveModule
 from peftcore_torch.layers import AdapterLayer
@@ -103,25 +105,19 @@ class ModulesToSaveWrapper(RoutesRows, AdapterLayer):
                 found[key] = (module, param_name)
         return found
 
-    def export(self, adapter_name: str) -> dict[str, torch.Tensor]:
-        out = {}
+    def adapter_tensors_of(self, adapter_name: str) -> list[AdapterTensor]:
+        """Every parameter of the adapter's copy, by its path in the module (a ``Conv1D``
+        weight transposed to canonical ``(out, in)``)."""
+        entries = []
         for key, (module, param_name) in self._named(adapter_name).items():
-            value = getattr(module, param_name).detach()
-            out[key] = value.T if (param_name == "weight" and is_conv1d(module)) else value
-        return out
-
-    def load(self, adapter_name: str, tensors: Mapping[str, Any]) -> None:
-        for key, (module, param_name) in self._named(adapter_name).items():
-            if key not in tensors:
-                raise AdapterError(f"tensor {key!r} missing for saved module of adapter {adapter_name!r}")
-            value = torch.as_tensor(tensors[key])
-            if param_name == "weight" and is_conv1d(module):
-                value = value.T
-            target = getattr(module, param_name)
-            if tuple(value.shape) != tuple(target.shape):
-                raise AdapterError(f"tensor {key!r} has shape {tuple(value.shape)}, expected {tuple(target.shape)}")
-            with torch.no_grad():
-                target.copy_(value.to(device=target.device, dtype=target.dtype))
+            flip = _transposed if param_name == "weight" and is_conv1d(module) else _same
+            entries.append(
+                AdapterTensor(
+                    key, functools.partial(getattr, module, param_name), functools.partial(setattr, module, param_name),
+                    flip, flip,
+                )
+            )
+        return entries
 
     def delete(self, adapter_name: str) -> None:
         if adapter_name in self.modules_to_save:
@@ -142,3 +138,11 @@ class ModulesToSaveWrapper(RoutesRows, AdapterLayer):
         """With ``merge``, the active adapter's trained copy; without, the original module."""
         running = [a for a in self.active_adapters if a in self.modules_to_save]
         return self.modules_to_save[running[0]] if merge and running else self.base_layer
+
+
+def _transposed(array: Any) -> Any:
+    return array.T
+
+
+def _same(array: Any) -> Any:
+    return array
