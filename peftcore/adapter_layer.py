@@ -238,8 +238,10 @@ class AdapterLayerCore(AdapterBookkeeping):
             entry.put(written)
 
     def weight_dtype(self) -> str:
-        """The base weight's dtype now, canonically named (``"float16"``), for ``safe_merge``."""
-        return self.primitives.dtype_name(self.base_weight())
+        """The base weight's dtype now, canonically named (``"float16"``), for ``safe_merge``
+        (empty when the base layer has no weight)."""
+        weight = self.base_weight()
+        return self.primitives.dtype_name(weight) if weight is not None else ""
 
     # -- merging --------------------------------------------------------------------------------
     def merge(self, adapter_names: list[str]) -> None:
