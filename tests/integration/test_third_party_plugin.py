@@ -96,16 +96,11 @@ def test_plugin_imports_and_plans_without_torch() -> None:
         "from peftcore import PeftRegistry\n"
         "from peftcore.graph import LayerNode, ModelGraph\n"
         "from peftcore_ia3 import plugin\n"
-        "from peftcore_ia3.config import IA3Scale
-"
-        "assert set(plugin.peftcore_op_builders(backend='torch')) == {IA3Scale}
-"
-        "assert set(plugin.peftcore_op_builders(backend='singa')) == {IA3Scale}
-"
-        "assert plugin.peftcore_op_builders(backend='jax') == {}
-"
-        "assert 'singa' not in sys.modules
-"
+        "from peftcore_ia3.config import IA3Scale\n"
+        "assert set(plugin.peftcore_op_builders(backend='torch')) == {IA3Scale}\n"
+        "assert set(plugin.peftcore_op_builders(backend='singa')) == {IA3Scale}\n"
+        "assert plugin.peftcore_op_builders(backend='jax') == {}\n"
+        "assert 'singa' not in sys.modules\n"
         "graph = ModelGraph(layers=(LayerNode('fc', 'linear', in_features=3, out_features=5),))\n"
         "plan = PeftRegistry.get('ia3')(target_modules=['fc'], feedforward_modules=[]).plan(graph)\n"
         "assert [op.op for op in plan.ops] == ['freeze_base', 'ia3_scale']\n"

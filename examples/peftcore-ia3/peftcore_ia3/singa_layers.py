@@ -2,8 +2,8 @@
 
 :class:`IA3SingaLinear` wraps SINGA's ``layer.Linear``, ``layer.Gemm`` or the transformer
 example's ``Linear3D`` and subclasses the backend's
-:class:`~peftcore_singa.layers.AdapterLayer` (export, import, delete, freezing, SINGA's
-``get_params``/``save_states`` and unloading come from it). Each adapter's vector
+:class:`~peftcore_singa.layers.AdapterLayer` (adding, export, import, delete, freezing, SINGA's
+``get_params``/``save_states`` and unloading come from it and the core's lifecycle). Each adapter's vector
 ``ia3_l`` is stored in the canonical layout, ``(out, 1)`` or ``(1, in)`` for a
 feed-forward input scale, and named ``<path>.ia3_l.<adapter>``. The forward is built
 from ``singa.autograd`` ops on a 2-D view of the input, so gradients reach the vectors.
@@ -25,7 +25,8 @@ from singa import autograd, layer  # noqa: E402
 
 from peftcore_ia3.config import IA3Scale  # noqa: E402
 from peftcore_singa.describe import is_linear_3d, linear_features, native_params  # noqa: E402
-from peftcore_singa.layers import AdapterLayer, copy_into, digest, to_numpy  # noqa: E402
+from peftcore_singa.layers import AdapterLayer  # noqa: E402
+from peftcore_singa.tensors import copy_into, to_numpy  # noqa: E402
 
 
 class IA3SingaLinear(AdapterLayer):
@@ -33,26 +34,20 @@ class IA3SingaLinear(AdapterLayer):
     adapters multiply together, as in HF PEFT."""
 
     adapter_tensor_names = ("ia3_l",)
+    other_param_names = ("is_feedforward",)
+    is_feedforward: dict[str, bool]
 
-    def __init__(self, base_layer: Any, path: str) -> None:
-        super().__init__(base_layer, path)
-        self.is_feedforward: dict[str, bool] = {}
+    def features(self) -> tuple[int, int]:
+        return linear_features(self.base_layer)
 
-    def add(self, adapter_name: str, op: IA3Scale) -> None:
-        if self.has_adapter(adapter_name):
-            raise ValueError(f"layer {op.path!r} already has an adapter named {adapter_name!r}")
-        self.check_op_fits(op, *linear_features(self.base_layer))
+    def new_adapter(self, adapter_name: str, op: IA3Scale) -> dict[str, Any]:
+        """Adapter ``adapter_name``'s vector as ``op`` describes (the core checks and stores it)."""
         vector = self.new_tensor(op.shape, f"ia3_l.{adapter_name}")
         if op.init == "random":
             vector.gaussian(1.0, 0.1)
         else:
             vector.set_value(1.0)
-        self.ia3_l[adapter_name] = vector
-        self.is_feedforward[adapter_name] = bool(op.is_feedforward)
-
-    def delete(self, adapter_name: str) -> None:
-        super().delete(adapter_name)
-        self.is_feedforward.pop(adapter_name, None)
+        return {"ia3_l": vector, "is_feedforward": bool(op.is_feedforward)}
 
     def _scale(self, names: Sequence[str], feedforward: bool) -> Optional[Any]:
         """The product of the named adapters' input (or output) scales, as a ``(1, n)`` row."""
@@ -85,16 +80,16 @@ class IA3SingaLinear(AdapterLayer):
         return result
 
     # -- merging: multiplicative, so the originals are kept and restored ----------------------
-    def merge(self, adapter_names: Sequence[str]) -> None:
+    def merge(self, adapter_names: list[str]) -> None:
         todo = [a for a in adapter_names if self.has_adapter(a) and a not in self.merged_adapters]
         if not todo:
             return
         views = native_params(self.base_layer)
         weight_view, bias_view = views["weight"], views.get("bias")
         weight = weight_view.tensor
-        if not self.merged_adapters:
-            self.__dict__["_unmerged_weight"] = weight.clone()
-            self.__dict__["_unmerged_bias"] = bias_view.tensor.clone() if bias_view is not None else None
+        if not self.merged_adapters:  # the originals, restored by unmerge
+            original_bias = self.primitives.clone(bias_view.tensor) if bias_view is not None else None
+            self.__dict__["_ia3_originals"] = (self.primitives.clone(weight), original_bias)
         canonical = weight_view.to_canonical(to_numpy(weight)).astype(np.float32)  # (out, in)
         bias = to_numpy(bias_view.tensor).astype(np.float32).reshape(-1) if bias_view is not None else None
         for name in todo:
@@ -108,15 +103,24 @@ class IA3SingaLinear(AdapterLayer):
         if bias_view is not None and bias is not None:
             copy_into(bias_view.tensor, bias_view.to_native(bias))
         self.merged_adapters.extend(todo)
-        self.__dict__["_merge_digest"] = digest(weight)
+        self.__dict__["_ia3_fingerprint"] = self.primitives.fingerprint(weight)
 
     def unmerge(self) -> None:
-        bias_view = native_params(self.base_layer).get("bias")
-        saved_bias = self.__dict__.get("_unmerged_bias")
-        if self.merged_adapters and bias_view is not None and saved_bias is not None:
-            bias_view.tensor.copy_data(saved_bias)
-        self.__dict__["_unmerged_bias"] = None
-        super().unmerge()
+        """Restore the originals; a weight changed while merged has the adapters' change
+        subtracted instead (with a warning), keeping the edit."""
+        originals = self.__dict__.get("_ia3_originals")
+        if self.merged_adapters and originals is not None:
+            views = native_params(self.base_layer)
+            weight, bias_view = views["weight"].tensor, views.get("bias")
+            if bias_view is not None and originals[1] is not None:
+                self.primitives.write(bias_view.tensor, originals[1])
+            if self.primitives.unchanged_since(weight, self.__dict__.get("_ia3_fingerprint")):
+                self.primitives.write(weight, originals[0])
+            else:
+                self.warn_changed_while_merged("weight")
+                self.primitives.add_into(weight, [self.delta_weight(name) for name in self.merged_adapters], -1)
+        self.__dict__["_ia3_originals"] = self.__dict__["_ia3_fingerprint"] = None
+        self.merged_adapters = []
 
     def delta_weight(self, adapter_name: str) -> np.ndarray:
         """What merging this adapter alone adds to the weight now, in its native layout
