@@ -332,7 +332,7 @@ def test_class6_a_state_dict_write_failing_part_way_is_put_back(monkeypatch: pyt
     state["base_model.model.bert.encoder.layer.0.attention.self.value.base_layer.bias"] = torch.ones(32)
     state["base_model.model.bert.encoder.layer.1.attention.self.value.base_layer.bias"] = torch.ones(32)
     before = snapshot(pm)
-    fail_on_call(monkeypatch, TorchRuntime, "write_tensor", 2)  # the second base entry
+    fail_on_call(monkeypatch, TorchRuntime, "write", 2)  # the second base entry
     with pytest.raises(FAULT, match="injected"):
         set_peft_model_state_dict(pm, state)
     monkeypatch.undo()
