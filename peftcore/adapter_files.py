@@ -25,22 +25,23 @@ from peftcore.hf_compat import (
     check_hf_save_arguments,
     embedding_matrices_to_save,
     split_embedding_layers,
-    write_model_card,
 )
 from peftcore.io import (
     WEIGHTS_NAME,
     AdapterFiles,
     LoadResult,
-    adapter_save_dirs,
+    adapter_file_contents,
+    adapter_subfolders,
     hf_key_of,
     match_tensors,
     read_adapter,
-    save_adapter,
     unexpected_tensor_keys,
 )
+from peftcore.model_card import CARD_NAME, MAX_CARD_BYTES, model_card_text
 from peftcore.model_lock import changes_model, reads_model
 from peftcore.plan import RewritePlan, check_plan_fits
 from peftcore.runtime import BackendRuntime
+from peftcore.save_dir import FileToWrite, SaveDirectory
 
 if TYPE_CHECKING:
     from peftcore.plugins import Backend
@@ -142,7 +143,12 @@ class AdapterFilesMixin:
         targets ``embed_tokens``/``lm_head``, see
         :func:`~peftcore.hf_compat.embedding_matrices_to_save`; loading copies them back
         into the base model), ``is_main_process`` (False writes nothing), and ``state_dict`` among ``kwargs`` (accepted and ignored, as the
-        tensors are read from the model; ``transformers.Trainer`` passes it)."""
+        tensors are read from the model; ``transformers.Trainer`` passes it).
+
+        Every file goes through :class:`~peftcore.save_dir.SaveDirectory`, all or
+        nothing: an existing card that cannot be merged (a link, a FIFO, more than
+        :data:`~peftcore.model_card.MAX_CARD_BYTES`) or a target that is a link or not a
+        regular file is an :class:`AdapterError` before any file is written."""
         if isinstance(safe_serialization, (list, tuple)):  # the old positional selected_adapters
             selected_adapters, safe_serialization = safe_serialization, True
         unknown = sorted(set(kwargs) - {"state_dict", "convert_pissa_to_lora", "path_initial_model_for_weight_conversion"})
@@ -156,14 +162,23 @@ class AdapterFilesMixin:
             raise AdapterError(f"adapters {self._merged} are merged; unmerge_adapter() before saving")
         if not is_main_process:
             return
-        targets = adapter_save_dirs(os.fspath(save_directory), names)  # every name checked before any write
-        for name in names:
-            tensors = self.export_adapter(name)
-            embeddings = embedding_matrices_to_save(self, name, save_embedding_layers)
-            saved = self.peft_config[name].as_saved(self.model_graph, self.plans[name])  # as HF PEFT writes it
-            save_adapter(targets[name], saved, self.plans[name], tensors, embeddings, auto_mapping=auto_mapping_of(self, saved))
-        if names:
-            write_model_card(os.fspath(save_directory), self)
+        subfolders = adapter_subfolders(names)  # every name checked before any write
+        if not names:
+            return
+        with SaveDirectory.open(save_directory) as folder:
+            # everything that can refuse the save is read and checked before any file is written
+            card = model_card_text(folder.read_bounded_text(CARD_NAME, MAX_CARD_BYTES, "model card"), self)
+            files: list[FileToWrite] = []
+            for name in names:
+                tensors = self.export_adapter(name)
+                embeddings = embedding_matrices_to_save(self, name, save_embedding_layers)
+                saved = self.peft_config[name].as_saved(self.model_graph, self.plans[name])  # as HF PEFT writes it
+                contents = adapter_file_contents(
+                    saved, self.plans[name], tensors, embeddings, auto_mapping=auto_mapping_of(self, saved)
+                )
+                files.extend((subfolders[name], file_name, content) for file_name, content in contents)
+            files.append((None, CARD_NAME, card.encode("utf-8")))
+            folder.write_files(files)  # all or nothing
 
     def push_to_hub(
         self,

@@ -34,16 +34,17 @@ from peftcore.io import (
     DEFAULT_ADAPTER,
     HF_PREFIX,
     WEIGHTS_NAME,
-    _write_files_atomically,
     check_adapter_name,
     match_tensors,
     read_adapter,
+    safetensors_bytes,
     save_adapter,
 )
 from peftcore.methods.common import effective_modules_to_save
 from peftcore.plan import RewritePlan, check_plan_fits
 from peftcore.plugins import get_plugin_manager
 from peftcore.runtime import CheckpointFormat
+from peftcore.save_dir import SaveDirectory
 from peftcore.targeting import TargetMatcher
 
 #: ``peft_type`` values Hugging Face PEFT knows. A method whose type is listed writes
@@ -245,25 +246,18 @@ def hf_config_dict(config: PeftConfig) -> dict:
 
 
 def save_hf_adapter(directory: Union[str, os.PathLike], adapter: Adapter) -> None:
-    """Write ``adapter`` as HF PEFT writes it: no peftcore metadata, HF config values."""
-    from safetensors.numpy import save_file
-
+    """Write ``adapter`` as HF PEFT writes it: no peftcore metadata, HF config values;
+    all or nothing, through :class:`~peftcore.save_dir.SaveDirectory`."""
     config_text = json.dumps(hf_config_dict(adapter.config), indent=2, sort_keys=True)
     tensors = {
         (spec.hf_name if spec.hf_root else HF_PREFIX + spec.hf_name): np.ascontiguousarray(adapter.tensors[name])
         for name, spec in adapter.plan.tensor_specs().items()
     }
-    directory = os.fspath(directory)
-    os.makedirs(directory, exist_ok=True)
-    _write_files_atomically(directory, [
-        (CONFIG_NAME, lambda tmp: _write_text(tmp, config_text)),
-        (WEIGHTS_NAME, lambda tmp: save_file(tensors, tmp, metadata={"format": "pt"})),
-    ])
-
-
-def _write_text(path: str, text: str) -> None:
-    with open(path, "w", encoding="utf-8") as handle:
-        handle.write(text)
+    with SaveDirectory.open(directory) as folder:
+        folder.write_files([
+            (None, CONFIG_NAME, config_text.encode("utf-8")),
+            (None, WEIGHTS_NAME, lambda: safetensors_bytes(tensors, {"format": "pt"})),
+        ])
 
 
 # -- the whole conversion -----------------------------------------------------------------

@@ -8,22 +8,20 @@ and the rewrite plan) is stored under the ``peftcore`` key of the safetensors he
 metadata, where HF PEFT does not look, with a copy of the config.
 
 Files are never pickled, and reading treats them as hostile (see
-:mod:`peftcore.safetensors_reader`). Saving writes both files in full under temporary
-names, then renames them into place, the weights file last: it carries the plan and
-the config it belongs to, so a save interrupted at any point leaves a directory that
-loads as the previous adapter or the new one, never a mix.
+:mod:`peftcore.safetensors_reader`). Saving goes through the one writer,
+:class:`peftcore.save_dir.SaveDirectory`: both files are written in full under temporary
+names, then renamed into place, the weights file last: it carries the plan and the
+config it belongs to, so a save interrupted at any point leaves a directory that loads
+as the previous adapter or the new one, never a mix.
 """
 
 from __future__ import annotations
 
 import json
 import os
-import secrets
-import shutil
-import stat
 import warnings
 from dataclasses import dataclass
-from typing import Any, Callable, Iterable, Mapping, NamedTuple, Optional, Sequence
+from typing import Any, Iterable, Mapping, NamedTuple, Optional, Sequence
 
 import numpy as np
 
@@ -35,6 +33,7 @@ from peftcore.model_ops import BASE_ROW
 from peftcore.plan import RewritePlan, TensorSpec
 from peftcore.safe_files import read_bounded
 from peftcore.safetensors_reader import read_safetensors
+from peftcore.save_dir import Content, SaveDirectory
 
 WEIGHTS_NAME = "adapter_model.safetensors"
 HF_PREFIX = "base_model.model."
@@ -84,20 +83,12 @@ def check_adapter_name(adapter_name: str) -> str:
     return adapter_name
 
 
-def adapter_save_dirs(root: str, adapter_names: Sequence[str]) -> dict[str, str]:
-    """Where each adapter is saved under ``root``, every name checked before anything is
-    written. A subfolder that exists as a symbolic link (or as anything but a folder) is
-    refused: an adapter is written only inside the save directory."""
-    root = os.fspath(root)
-    dirs = {name: adapter_subdir(root, name) for name in adapter_names}
-    for name, directory in dirs.items():
-        if name != DEFAULT_ADAPTER and os.path.lexists(directory):
-            if os.path.islink(directory) or not os.path.isdir(directory):
-                raise AdapterError(
-                    f"{directory}: the folder for adapter {name!r} is a symbolic link or not a folder; "
-                    "refusing to write outside the save directory"
-                )
-    return dirs
+def adapter_subfolders(adapter_names: Sequence[str]) -> dict[str, Optional[str]]:
+    """The subfolder each adapter is saved in (None: the save directory itself, for
+    ``default``), every name checked before anything is written. Whether a subfolder
+    may be written (a real folder, not a link) is checked by the writer
+    (:class:`peftcore.save_dir.SaveDirectory`), relative to the opened save directory."""
+    return {name: None if check_adapter_name(name) == DEFAULT_ADAPTER else name for name in adapter_names}
 
 
 def adapter_subdir(root: str, adapter_name: str) -> str:
@@ -114,11 +105,27 @@ def save_adapter(
     base_matrices: Optional[Mapping[str, np.ndarray]] = None,
     auto_mapping: Optional[Mapping[str, str]] = None,
 ) -> None:
-    """Write one adapter to ``directory`` (created if needed). ``base_matrices`` are base
-    model weights stored beside it under their HF keys (HF PEFT's saved embeddings).
-    ``auto_mapping`` is HF PEFT's record of the base model's class for an adapter without
-    a task type (``{"base_model_class": ..., "parent_library": ...}``); HF writes the key,
-    null, for the others."""
+    """Write one adapter to ``directory`` (created if needed), all or nothing, through
+    :class:`~peftcore.save_dir.SaveDirectory`. Arguments as :func:`adapter_file_contents`."""
+    files = adapter_file_contents(config, plan, tensors, base_matrices, auto_mapping)
+    with SaveDirectory.open(directory) as folder:
+        folder.write_files([(None, name, content) for name, content in files])
+
+
+def adapter_file_contents(
+    config: PeftConfig,
+    plan: RewritePlan,
+    tensors: Mapping[str, np.ndarray],
+    base_matrices: Optional[Mapping[str, np.ndarray]] = None,
+    auto_mapping: Optional[Mapping[str, str]] = None,
+) -> list[tuple[str, Content]]:
+    """The files of one adapter, in the order they are renamed into place: the config,
+    then the weights (the commit point; made only when written), every tensor checked
+    against ``plan`` first. ``base_matrices`` are base model weights stored beside it
+    under their HF keys (HF PEFT's saved embeddings). ``auto_mapping`` is HF PEFT's
+    record of the base model's class for an adapter without a task type
+    (``{"base_model_class": ..., "parent_library": ...}``); HF writes the key, null, for
+    the others."""
     specs = plan.tensor_specs()
     missing = sorted(set(specs) - set(tensors))
     extra = sorted(set(tensors) - set(specs))
@@ -141,16 +148,14 @@ def save_adapter(
         record["peftcore_config"] = own_fields
     metadata = {"format": "pt", METADATA_KEY: json.dumps(record)}
     text = json.dumps(config_dict, indent=2, sort_keys=True)
-    os.makedirs(directory, exist_ok=True)
-    from safetensors.numpy import save_file
+    return [(CONFIG_NAME, text.encode("utf-8")), (WEIGHTS_NAME, lambda: safetensors_bytes(hf_tensors, metadata))]
 
-    _write_files_atomically(
-        directory,
-        [
-            (CONFIG_NAME, lambda tmp: _write_text(tmp, text)),
-            (WEIGHTS_NAME, lambda tmp: save_file(hf_tensors, tmp, metadata=metadata)),  # the commit point
-        ],
-    )
+
+def safetensors_bytes(tensors: Mapping[str, np.ndarray], metadata: Mapping[str, str]) -> bytes:
+    """``tensors`` and ``metadata`` as the bytes of a ``.safetensors`` file."""
+    from safetensors.numpy import save
+
+    return save(dict(tensors), metadata=dict(metadata))
 
 
 def read_adapter(directory: str) -> AdapterFiles:
@@ -344,103 +349,3 @@ def _hf_key(spec: TensorSpec) -> str:
     """The key a tensor has in the file: under ``base_model.model.`` unless it is a
     top-level entry (prompt tuning's ``prompt_embeddings``)."""
     return spec.hf_name if spec.hf_root else HF_PREFIX + spec.hf_name
-
-
-def _write_text(path: str, text: str) -> None:
-    with open(path, "w", encoding="utf-8") as handle:
-        handle.write(text)
-
-
-def _write_files_atomically(directory: str, files: list[tuple[str, Callable[[str], Any]]]) -> None:
-    """Write each ``(name, write)`` of ``files`` in ``directory`` so that no reader (and
-    no crash) ever sees a partly written file.
-
-    Every file is first written in full through ``write(tmp_path)`` to a hidden
-    temporary name and flushed to disk; only then are they renamed over their targets,
-    in order, so the last one is the commit point. Temporary files are removed on any
-    error; a process killed outright leaves a ``.<name>.*.tmp`` file, which readers ignore.
-
-    If a rename fails (the process lives on), the files already renamed are put back as
-    they were (their old versions are kept as hard links until the end), so the directory
-    never pairs a new file with an old one. New files get the mode ``open()`` gives
-    (0666 less the umask): they are created with it, and the umask is never changed.
-    """
-    staged: list[str] = []
-    backups: dict[str, Optional[str]] = {}
-    try:
-        for name, write in files:
-            tmp, mode = _new_temp_file(directory, name)
-            staged.append(tmp)
-            write(tmp)
-            with open(tmp, "rb+") as handle:
-                os.fsync(handle.fileno())
-            os.chmod(tmp, mode)  # some writers (safetensors) make their file private (0600)
-        for name, _ in files:
-            target = os.path.join(directory, name)
-            backups[target] = None
-            if os.path.lexists(target):
-                backup = _new_temp_name(directory, name + ".old")
-                try:
-                    os.link(target, backup)
-                except OSError:  # a file system without hard links
-                    shutil.copyfile(target, backup)
-                backups[target] = backup
-        renamed: list[str] = []
-        try:
-            for (name, _), tmp in zip(files, staged):
-                target = os.path.join(directory, name)
-                os.replace(tmp, target)
-                renamed.append(target)
-        except BaseException:
-            for target in renamed:  # put the directory back as it was
-                previous = backups[target]
-                if previous is None:
-                    os.unlink(target)
-                else:
-                    os.replace(previous, target)
-                    backups[target] = None
-            raise
-    finally:
-        for leftover in [*staged, *(b for b in backups.values() if b)]:
-            if os.path.lexists(leftover):
-                os.unlink(leftover)
-    _fsync_directory(directory)
-
-
-def _new_temp_name(directory: str, name: str) -> str:
-    return os.path.join(directory, f".{name}.{secrets.token_hex(8)}.tmp")
-
-
-def _new_temp_file(directory: str, name: str) -> tuple[str, int]:
-    """Create an empty hidden temporary file for ``name`` in ``directory``, never
-    following a link; return its path and the mode it was created with, the one
-    ``open()`` gives a new file (the kernel applies the umask to 0666: nothing
-    process-wide is read or changed)."""
-    flags = os.O_CREAT | os.O_EXCL | os.O_WRONLY | getattr(os, "O_NOFOLLOW", 0) | getattr(os, "O_CLOEXEC", 0)
-    for _ in range(100):
-        tmp = _new_temp_name(directory, name)
-        try:
-            fd = os.open(tmp, flags, 0o666)
-        except FileExistsError:
-            continue
-        try:
-            mode = stat.S_IMODE(os.fstat(fd).st_mode)
-        finally:
-            os.close(fd)
-        return tmp, mode
-    raise AdapterError(f"{directory}: could not create a temporary file for {name}")
-
-
-
-def _fsync_directory(directory: str) -> None:
-    """Make the renames durable too (POSIX; a no-op where directories cannot be opened)."""
-    try:
-        fd = os.open(directory, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)
