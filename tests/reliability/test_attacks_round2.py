@@ -299,10 +299,10 @@ def test_case10_convert_to_hf_rolls_back_when_a_rename_fails(tmp_path: Any, monk
     before = {name: (out / name).read_bytes() for name in (CONFIG_NAME, WEIGHTS_NAME)}
     real_replace = os.replace
 
-    def failing_replace(src: Any, dst: Any) -> None:
+    def failing_replace(src: Any, dst: Any, **dir_fds: Any) -> None:
         if str(dst).endswith(WEIGHTS_NAME):
             raise OSError(28, "No space left on device")
-        real_replace(src, dst)
+        real_replace(src, dst, **dir_fds)
 
     monkeypatch.setattr(os, "replace", failing_replace)
     with pytest.raises(OSError):
@@ -367,10 +367,10 @@ def test_case14_bad_adapter_names_are_refused_before_anything_is_written(name: s
     with pytest.raises(AdapterError, match="adapter name"):
         pm.add_adapter(name, lora())
     assert list(pm.peft_config) == ["default"]
-    from peftcore.io import adapter_save_dirs
+    from peftcore.io import adapter_subfolders
 
     with pytest.raises(AdapterError, match="adapter name"):
-        adapter_save_dirs(str(tmp_path), ["default", name])
+        adapter_subfolders(["default", name])
     pm.save_pretrained(tmp_path / "fine")
     pm.peft_config[name] = pm.peft_config["default"]  # as if smuggled in: still nothing written
     pm.plans[name] = pm.plans["default"]
