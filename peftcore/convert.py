@@ -37,13 +37,13 @@ from peftcore.io import (
     check_adapter_name,
     match_tensors,
     read_adapter,
-    safetensors_bytes,
     save_adapter,
 )
 from peftcore.methods.common import effective_modules_to_save
 from peftcore.plan import RewritePlan, check_plan_fits
 from peftcore.plugins import get_plugin_manager
 from peftcore.runtime import CheckpointFormat
+from peftcore.safetensors_writer import safetensors_buffers
 from peftcore.save_dir import SaveDirectory
 from peftcore.targeting import TargetMatcher
 
@@ -256,7 +256,7 @@ def save_hf_adapter(directory: Union[str, os.PathLike], adapter: Adapter) -> Non
     with SaveDirectory.open(directory) as folder:
         folder.write_files([
             (None, CONFIG_NAME, config_text.encode("utf-8")),
-            (None, WEIGHTS_NAME, lambda: safetensors_bytes(tensors, {"format": "pt"})),
+            (None, WEIGHTS_NAME, lambda: safetensors_buffers(tensors, {"format": "pt"})),
         ])
 
 

@@ -33,6 +33,7 @@ from peftcore.model_ops import BASE_ROW
 from peftcore.plan import RewritePlan, TensorSpec
 from peftcore.safe_files import read_bounded
 from peftcore.safetensors_reader import read_safetensors
+from peftcore.safetensors_writer import safetensors_buffers
 from peftcore.save_dir import Content, SaveDirectory
 
 WEIGHTS_NAME = "adapter_model.safetensors"
@@ -148,14 +149,7 @@ def adapter_file_contents(
         record["peftcore_config"] = own_fields
     metadata = {"format": "pt", METADATA_KEY: json.dumps(record)}
     text = json.dumps(config_dict, indent=2, sort_keys=True)
-    return [(CONFIG_NAME, text.encode("utf-8")), (WEIGHTS_NAME, lambda: safetensors_bytes(hf_tensors, metadata))]
-
-
-def safetensors_bytes(tensors: Mapping[str, np.ndarray], metadata: Mapping[str, str]) -> bytes:
-    """``tensors`` and ``metadata`` as the bytes of a ``.safetensors`` file."""
-    from safetensors.numpy import save
-
-    return save(dict(tensors), metadata=dict(metadata))
+    return [(CONFIG_NAME, text.encode("utf-8")), (WEIGHTS_NAME, lambda: safetensors_buffers(hf_tensors, metadata))]
 
 
 def read_adapter(directory: str) -> AdapterFiles:

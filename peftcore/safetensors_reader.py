@@ -11,7 +11,8 @@ The format: an 8-byte little-endian header length ``N``, ``N`` bytes of JSON map
 each tensor name to ``{"dtype", "shape", "data_offsets": [begin, end]}`` (offsets
 relative to the data section that follows the header) plus an optional
 ``"__metadata__"`` object of strings, then the data section, which the tensors must
-cover exactly, without gaps or overlaps. Writing stays with the ``safetensors`` library.
+cover exactly, without gaps or overlaps. Files are written by
+:mod:`peftcore.safetensors_writer`.
 
 Tensors are read lazily: :func:`read_safetensors` checks the whole header and returns a
 mapping whose :meth:`SafetensorsTensors.spec` gives each tensor's dtype and shape from

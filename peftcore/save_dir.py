@@ -44,9 +44,10 @@ _O_DIRECTORY = getattr(os, "O_DIRECTORY", 0)
 _DIR_FLAGS = os.O_RDONLY | _O_DIRECTORY | _O_NOFOLLOW | _O_CLOEXEC
 _NEW_FILE_FLAGS = os.O_WRONLY | os.O_CREAT | os.O_EXCL | _O_NOFOLLOW | getattr(os, "O_NONBLOCK", 0) | _O_CLOEXEC
 
-#: What a file of a save holds: its bytes, or a function making them (called when the
-#: file is staged, so that only one large file is in memory at a time).
-Content = Union[bytes, Callable[[], bytes]]
+#: What a file of a save holds: its bytes, or a function giving them as consecutive
+#: buffers (called when the file is staged, so that large contents are made one file
+#: at a time and tensor memory can be written without a copy).
+Content = Union[bytes, Callable[[], Sequence[Union[bytes, memoryview]]]]
 
 #: One file of a save: (subfolder or None for the directory itself, file name, content).
 FileToWrite = tuple[Optional[str], str, Content]
@@ -167,7 +168,7 @@ class SaveDirectory:
                     if made:
                         created.append(sub)
                 folder = folders[sub]
-                tmp, identity = folder._stage(name, content() if callable(content) else content)
+                tmp, identity = folder._stage(name, content() if callable(content) else [content])
                 staged.append((folder, name, tmp, identity))
             _commit(staged)
         except BaseException:
@@ -198,8 +199,8 @@ class SaveDirectory:
         return _MaybeFolder(SaveDirectory(fd, self.shown(name)))
 
     # -- one file ----------------------------------------------------------------------
-    def _stage(self, name: str, data: bytes) -> tuple[str, tuple[int, int]]:
-        """Write ``data`` to a new temporary file for ``name``; its name and identity."""
+    def _stage(self, name: str, buffers: Sequence[Union[bytes, memoryview]]) -> tuple[str, tuple[int, int]]:
+        """Write ``buffers`` to a new temporary file for ``name``; its name and identity."""
         for _ in range(100):
             tmp = f".{name}.{secrets.token_hex(8)}.tmp"
             try:
@@ -210,9 +211,10 @@ class SaveDirectory:
         else:
             raise AdapterError(f"{self.shown(name)}: could not create a temporary file next to it")
         try:
-            view = memoryview(data)
-            while view:
-                view = view[os.write(fd, view) :]
+            for buffer in _coalesced(buffers):
+                view = memoryview(buffer)
+                while view:
+                    view = view[os.write(fd, view) :]
             os.fsync(fd)
             info = os.fstat(fd)
         except BaseException:
@@ -287,6 +289,23 @@ class SaveDirectory:
             os.fsync(self._fd)
         except OSError:
             pass
+
+
+def _coalesced(buffers: Sequence[Union[bytes, memoryview]], small: int = 1 << 16) -> list[Union[bytes, memoryview]]:
+    """``buffers`` with runs of small ones joined, so many small tensors cost few writes."""
+    joined: list[Union[bytes, memoryview]] = []
+    pending = bytearray()
+    for buffer in buffers:
+        if len(buffer) < small:
+            pending += buffer
+            continue
+        if pending:
+            joined.append(bytes(pending))
+            pending.clear()
+        joined.append(buffer)
+    if pending:
+        joined.append(bytes(pending))
+    return joined
 
 
 def _commit(staged: Sequence[tuple[SaveDirectory, str, str, tuple[int, int]]]) -> None:

@@ -160,16 +160,16 @@ def test_a_failed_save_leaves_the_previous_files_and_no_new_subfolder(
     pm = two_adapters()
     pm.save_pretrained(save, selected_adapters=["default"])
     before = {name: (save / name).read_bytes() for name in listing(save)}
-    real_bytes = peftcore.io.safetensors_bytes
+    real_bytes = peftcore.io.safetensors_buffers
     calls = []
 
-    def fails_for_the_second_adapter(*args: Any) -> bytes:
+    def fails_for_the_second_adapter(*args: Any) -> Any:
         calls.append(1)
         if len(calls) == 2:  # after b's folder was made and default's files were staged
             raise OSError(28, "No space left on device")
         return real_bytes(*args)
 
-    monkeypatch.setattr(peftcore.io, "safetensors_bytes", fails_for_the_second_adapter)
+    monkeypatch.setattr(peftcore.io, "safetensors_buffers", fails_for_the_second_adapter)
     with pytest.raises(OSError, match="No space"):
         pm.save_pretrained(save)
     assert len(calls) == 2
