@@ -100,6 +100,28 @@ def test_a_readme_fifo_is_refused_without_blocking(tmp_path: Path) -> None:
     assert listing(save) == [CARD] and stat.S_ISFIFO(os.lstat(save / CARD).st_mode)
 
 
+@pytest.mark.parametrize("where", [CARD, CONFIG_NAME, f"b/{WEIGHTS_NAME}"])
+def test_a_hard_link_to_an_outside_file_is_replaced_not_written_through(tmp_path: Path, where: str) -> None:
+    """A name sharing its inode with an outside file: the save renames a new file over
+    the name, so the outside file keeps its bytes and mode (an in-place write would not)."""
+    outside = outside_file(tmp_path)
+    save = tmp_path / "save"
+    (save / "b").mkdir(parents=True)
+    os.link(outside, save / where)
+    two_adapters().save_pretrained(save)
+    assert_untouched(outside)
+    assert os.stat(outside).st_nlink == 1 and (save / where).read_bytes() != SECRET
+
+
+def test_a_card_that_is_not_utf8_is_refused_before_anything_is_written(tmp_path: Path) -> None:
+    save = tmp_path / "save"
+    save.mkdir()
+    (save / CARD).write_bytes(b"\xff\xfe not text")
+    with pytest.raises(AdapterError, match=rf"{save / CARD}: the model card is not UTF-8 text"):
+        two_adapters().save_pretrained(save)
+    assert listing(save) == [CARD]
+
+
 @pytest.mark.parametrize("where", [CONFIG_NAME, WEIGHTS_NAME, f"b/{CONFIG_NAME}", f"b/{WEIGHTS_NAME}"])
 @pytest.mark.parametrize("kind", ["symlink", "fifo", "folder"])
 def test_an_adapter_file_name_that_is_not_a_regular_file_is_refused(tmp_path: Path, where: str, kind: str) -> None:
