@@ -94,8 +94,8 @@ def adapter_subfolders(adapter_names: Sequence[str]) -> dict[str, Optional[str]]
 
 def adapter_subdir(root: str, adapter_name: str) -> str:
     """Where adapter ``adapter_name`` lives under ``root`` (HF PEFT's layout)."""
-    check_adapter_name(adapter_name)
-    return os.fspath(root) if adapter_name == DEFAULT_ADAPTER else os.path.join(os.fspath(root), adapter_name)
+    subfolder = adapter_subfolders([adapter_name])[adapter_name]
+    return os.fspath(root) if subfolder is None else os.path.join(os.fspath(root), subfolder)
 
 
 def save_adapter(
