@@ -226,39 +226,43 @@ class SaveDirectory:
 
     def _backup(self, name: str) -> Optional[_Backup]:
         """Keep the current ``name`` (a regular file) under a hidden name; None when missing."""
-        mode = self.kind(name)
-        if mode is None:
+        try:
+            info = os.stat(name, dir_fd=self._fd, follow_symlinks=False)
+        except FileNotFoundError:
             return None
-        if not stat.S_ISREG(mode):
-            raise AdapterError(f"{self.shown(name)}: is {kind_of(mode)}, not a regular file; refusing to replace it")
+        if not stat.S_ISREG(info.st_mode):
+            raise AdapterError(
+                f"{self.shown(name)}: is {kind_of(info.st_mode)}, not a regular file; refusing to replace it"
+            )
         backup = f".{name}.old.{secrets.token_hex(8)}.tmp"
         try:
             os.link(name, backup, src_dir_fd=self._fd, dst_dir_fd=self._fd, follow_symlinks=False)
         except OSError as exc:
             if exc.errno not in (errno.EPERM, errno.EOPNOTSUPP, errno.EXDEV, errno.EMLINK):
                 raise
-            self._copy(name, backup)  # a file system without hard links
-        try:
-            info = os.stat(backup, dir_fd=self._fd, follow_symlinks=False)
-        except FileNotFoundError:
-            raise _swapped(self.shown(name), "lost its backup") from None
+            return _Backup(backup, self._copy(name, backup))  # a file system without hard links
         return _Backup(backup, (info.st_dev, info.st_ino))
 
-    def _copy(self, name: str, backup: str) -> None:
+    def _copy(self, name: str, backup: str) -> tuple[int, int]:
+        """Copy the regular file ``name`` to the new file ``backup``; the copy's identity."""
         source = os.open(name, os.O_RDONLY | _O_NOFOLLOW | getattr(os, "O_NONBLOCK", 0) | _O_CLOEXEC, dir_fd=self._fd)
         try:
-            if not stat.S_ISREG(os.fstat(source).st_mode):
+            mode = os.fstat(source).st_mode
+            if not stat.S_ISREG(mode):
                 raise AdapterError(f"{self.shown(name)}: is not a regular file; refusing to replace it")
             target = os.open(backup, _NEW_FILE_FLAGS, 0o600, dir_fd=self._fd)
             try:
+                os.fchmod(target, stat.S_IMODE(mode))  # put back, it must be what it was
                 while chunk := os.read(source, 1 << 20):
                     view = memoryview(chunk)
                     while view:
                         view = view[os.write(target, view) :]
+                info = os.fstat(target)
             finally:
                 os.close(target)
         finally:
             os.close(source)
+        return info.st_dev, info.st_ino
 
     def _check_landed(self, name: str, identity: tuple[int, int]) -> None:
         """Refuse a renamed ``name`` that is not the file that was written."""

@@ -198,6 +198,43 @@ def test_a_failed_save_leaves_the_previous_files_and_no_new_subfolder(
     assert {name: (save / name).read_bytes() for name in listing(save)} == before  # no b/, no temp file
 
 
+@pytest.mark.parametrize("hard_links", [True, False])
+def test_a_save_that_fails_at_a_rename_puts_every_file_back(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, hard_links: bool
+) -> None:
+    """All or nothing on disk: the last rename (the card) fails, so the adapter files
+    already renamed, in both folders, get their previous versions back, with their modes
+    (from hard links, or from copies where the file system has none)."""
+    save = tmp_path / "save"
+    old = two_adapters()
+    old.save_pretrained(save)
+    os.chmod(save / "b" / WEIGHTS_NAME, 0o640)
+    names = [CONFIG_NAME, WEIGHTS_NAME, CARD, f"b/{CONFIG_NAME}", f"b/{WEIGHTS_NAME}"]
+    before = {name: ((save / name).read_bytes(), os.stat(save / name).st_mode) for name in names}
+    new = peftcore.get_peft_model(base_model(), LoraConfig(r=4, target_modules=["0"], init_lora_weights=False))
+    new.add_adapter("b", LoraConfig(r=1, target_modules=["0"], init_lora_weights=False))
+    real_replace, real_link = os.replace, os.link
+
+    def card_rename_fails(src: Any, dst: Any, **dir_fds: Any) -> None:
+        if str(dst) == CARD and str(src).startswith(f".{CARD}."):
+            raise OSError(5, "Input/output error")
+        real_replace(src, dst, **dir_fds)
+
+    def no_hard_links(*args: Any, **kwargs: Any) -> None:
+        raise OSError(1, "Operation not permitted")
+
+    monkeypatch.setattr(os, "replace", card_rename_fails)
+    if not hard_links:
+        monkeypatch.setattr(os, "link", no_hard_links)
+    with pytest.raises(OSError, match="Input/output"):
+        new.save_pretrained(save)
+    monkeypatch.setattr(os, "replace", real_replace)
+    monkeypatch.setattr(os, "link", real_link)
+    assert {name: ((save / name).read_bytes(), os.stat(save / name).st_mode) for name in names} == before
+    assert listing(save) == sorted([CONFIG_NAME, WEIGHTS_NAME, CARD, "b"])  # no temporary file or backup left
+    assert listing(save / "b") == sorted([CONFIG_NAME, WEIGHTS_NAME])
+
+
 # -- 1. the temporary-file swap race, attacked by a real concurrent process -----------------
 def run_attacked(
     tmp_path: Path,
