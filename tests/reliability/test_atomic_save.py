@@ -122,7 +122,7 @@ def test_save_over_an_existing_adapter_replaces_both_files(tmp_path: Path) -> No
 
 
 def test_saved_files_get_the_usual_permissions(tmp_path: Path) -> None:
-    """Temporary files start private (0600); the renamed adapter files must not stay so."""
+    """Saved files get the mode any new file gets: 0666 less the umask."""
     save_previous(tmp_path)
     umask = os.umask(0o022)
     os.umask(umask)
