@@ -142,6 +142,24 @@ def test_an_adapter_file_name_that_is_not_a_regular_file_is_refused(tmp_path: Pa
     assert {p: sorted(os.listdir(save / p)) for p in (".", "b")} == before
 
 
+def test_the_cli_convert_refuses_a_link_at_its_output(tmp_path: Path) -> None:
+    """``peftcore convert --to hf --force`` (a real process): a link at the weights name
+    in DEST is an error on one line, exit status 2, and the outside file is unchanged."""
+    outside = outside_file(tmp_path)
+    source, out = tmp_path / "source", tmp_path / "hf"
+    two_adapters().save_pretrained(source)
+    out.mkdir()
+    os.symlink(outside, out / WEIGHTS_NAME)
+    done = subprocess.run(
+        [sys.executable, "-m", "peftcore", "convert", str(source), str(out), "--to", "hf", "--force"],
+        capture_output=True, text=True, env=child_env(ROOT), timeout=120,
+    )
+    assert done.returncode == 2, done.stdout + done.stderr
+    assert f"{out / WEIGHTS_NAME}: is a symbolic link" in done.stderr, done.stderr
+    assert_untouched(outside)
+    assert listing(out) == [WEIGHTS_NAME]
+
+
 def test_a_save_directory_that_is_a_link_is_refused(tmp_path: Path) -> None:
     real = tmp_path / "real"
     real.mkdir()
