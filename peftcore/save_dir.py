@@ -42,6 +42,7 @@ _O_NOFOLLOW = getattr(os, "O_NOFOLLOW", 0)
 _O_CLOEXEC = getattr(os, "O_CLOEXEC", 0)
 _O_DIRECTORY = getattr(os, "O_DIRECTORY", 0)
 _DIR_FLAGS = os.O_RDONLY | _O_DIRECTORY | _O_NOFOLLOW | _O_CLOEXEC
+_READ_FLAGS = os.O_RDONLY | _O_NOFOLLOW | getattr(os, "O_NONBLOCK", 0) | _O_CLOEXEC
 _NEW_FILE_FLAGS = os.O_WRONLY | os.O_CREAT | os.O_EXCL | _O_NOFOLLOW | getattr(os, "O_NONBLOCK", 0) | _O_CLOEXEC
 
 #: What a file of a save holds: its bytes, or a function giving them as consecutive
@@ -160,6 +161,7 @@ class SaveDirectory:
         folders: dict[Optional[str], SaveDirectory] = {None: self}
         created: list[str] = []
         staged: list[tuple[SaveDirectory, str, str, tuple[int, int]]] = []
+        held: list[int] = []  # each staged file stays open until the end: its inode number cannot be reused
         try:
             for sub, name, content in files:
                 if sub not in folders:
@@ -168,8 +170,9 @@ class SaveDirectory:
                     if made:
                         created.append(sub)
                 folder = folders[sub]
-                tmp, identity = folder._stage(name, content() if callable(content) else [content])
-                staged.append((folder, name, tmp, identity))
+                tmp, fd = folder._stage(name, content() if callable(content) else [content])
+                held.append(fd)
+                staged.append((folder, name, tmp, _identity(os.fstat(fd))))
             _commit(staged)
         except BaseException:
             for folder, _, tmp, _ in staged:
@@ -183,6 +186,9 @@ class SaveDirectory:
                 except OSError:
                     pass
             raise
+        finally:
+            for fd in held:
+                os.close(fd)
         for sub, folder in folders.items():
             folder._fsync()
             if sub is not None:
@@ -199,8 +205,9 @@ class SaveDirectory:
         return _MaybeFolder(SaveDirectory(fd, self.shown(name)))
 
     # -- one file ----------------------------------------------------------------------
-    def _stage(self, name: str, buffers: Sequence[Union[bytes, memoryview]]) -> tuple[str, tuple[int, int]]:
-        """Write ``buffers`` to a new temporary file for ``name``; its name and identity."""
+    def _stage(self, name: str, buffers: Sequence[Union[bytes, memoryview]]) -> tuple[str, int]:
+        """Write ``buffers`` to a new temporary file for ``name``; its name and its
+        descriptor (still open, for the caller to close)."""
         for _ in range(100):
             tmp = f".{name}.{secrets.token_hex(8)}.tmp"
             try:
@@ -216,58 +223,64 @@ class SaveDirectory:
                 while view:
                     view = view[os.write(fd, view) :]
             os.fsync(fd)
-            info = os.fstat(fd)
         except BaseException:
             os.close(fd)
             self._unlink_quietly(tmp)
             raise
-        os.close(fd)
-        return tmp, (info.st_dev, info.st_ino)
+        return tmp, fd
 
     def _backup(self, name: str) -> Optional[_Backup]:
-        """Keep the current ``name`` (a regular file) under a hidden name; None when missing."""
+        """Keep the current ``name`` (a regular file) under a hidden name, and open; None
+        when there is no ``name``."""
         try:
-            info = os.stat(name, dir_fd=self._fd, follow_symlinks=False)
+            original = os.open(name, _READ_FLAGS, dir_fd=self._fd)
         except FileNotFoundError:
             return None
-        if not stat.S_ISREG(info.st_mode):
-            raise AdapterError(
-                f"{self.shown(name)}: is {kind_of(info.st_mode)}, not a regular file; refusing to replace it"
-            )
-        backup = f".{name}.old.{secrets.token_hex(8)}.tmp"
-        try:
-            os.link(name, backup, src_dir_fd=self._fd, dst_dir_fd=self._fd, follow_symlinks=False)
         except OSError as exc:
-            if exc.errno not in (errno.EPERM, errno.EOPNOTSUPP, errno.EXDEV, errno.EMLINK):
-                raise
-            return _Backup(backup, self._copy(name, backup))  # a file system without hard links
-        return _Backup(backup, (info.st_dev, info.st_ino))
-
-    def _copy(self, name: str, backup: str) -> tuple[int, int]:
-        """Copy the regular file ``name`` to the new file ``backup``; the copy's identity."""
-        source = os.open(name, os.O_RDONLY | _O_NOFOLLOW | getattr(os, "O_NONBLOCK", 0) | _O_CLOEXEC, dir_fd=self._fd)
+            if exc.errno in (errno.ELOOP, errno.EMLINK):
+                raise AdapterError(f"{self.shown(name)}: is a symbolic link; refusing to replace it") from None
+            raise
         try:
-            mode = os.fstat(source).st_mode
-            if not stat.S_ISREG(mode):
-                raise AdapterError(f"{self.shown(name)}: is not a regular file; refusing to replace it")
-            target = os.open(backup, _NEW_FILE_FLAGS, 0o600, dir_fd=self._fd)
+            info = os.fstat(original)
+            if not stat.S_ISREG(info.st_mode):
+                raise AdapterError(
+                    f"{self.shown(name)}: is {kind_of(info.st_mode)}, not a regular file; refusing to replace it"
+                )
+            backup = f".{name}.old.{secrets.token_hex(8)}.tmp"
             try:
-                os.fchmod(target, stat.S_IMODE(mode))  # put back, it must be what it was
-                while chunk := os.read(source, 1 << 20):
-                    view = memoryview(chunk)
-                    while view:
-                        view = view[os.write(target, view) :]
-                info = os.fstat(target)
-            finally:
-                os.close(target)
-        finally:
-            os.close(source)
-        return info.st_dev, info.st_ino
+                os.link(name, backup, src_dir_fd=self._fd, dst_dir_fd=self._fd, follow_symlinks=False)
+            except OSError as exc:
+                if exc.errno not in (errno.EPERM, errno.EOPNOTSUPP, errno.EXDEV, errno.EMLINK):
+                    raise
+                copy = self._copy(original, backup)  # a file system without hard links
+                os.close(original)
+                original = copy
+                info = os.fstat(copy)
+        except BaseException:
+            os.close(original)
+            raise
+        return _Backup(backup, _identity(info), original)
+
+    def _copy(self, source: int, backup: str) -> int:
+        """Copy the open regular file ``source`` to the new file ``backup``, with its
+        mode; the copy's descriptor (open)."""
+        target = os.open(backup, _NEW_FILE_FLAGS, 0o600, dir_fd=self._fd)
+        try:
+            os.fchmod(target, stat.S_IMODE(os.fstat(source).st_mode))  # put back, it must be what it was
+            while chunk := os.read(source, 1 << 20):
+                view = memoryview(chunk)
+                while view:
+                    view = view[os.write(target, view) :]
+        except BaseException:
+            os.close(target)
+            self._unlink_quietly(backup)
+            raise
+        return target
 
     def _check_landed(self, name: str, identity: tuple[int, int]) -> None:
         """Refuse a renamed ``name`` that is not the file that was written."""
         info = os.stat(name, dir_fd=self._fd, follow_symlinks=False)
-        if (info.st_dev, info.st_ino) != identity or not stat.S_ISREG(info.st_mode):
+        if _identity(info) != identity or not stat.S_ISREG(info.st_mode):
             what = kind_of(info.st_mode) if not stat.S_ISREG(info.st_mode) else "another file"
             raise _swapped(self.shown(name), f"was replaced by something else ({what})")
 
@@ -278,7 +291,7 @@ class SaveDirectory:
             return
         os.replace(backup.name, name, src_dir_fd=self._fd, dst_dir_fd=self._fd)
         info = os.stat(name, dir_fd=self._fd, follow_symlinks=False)
-        if (info.st_dev, info.st_ino) != backup.identity:  # the backup was swapped too: leave nothing of it
+        if _identity(info) != backup.identity or not stat.S_ISREG(info.st_mode):  # swapped too: leave nothing
             self._unlink_quietly(name)
 
     def _unlink_quietly(self, name: str) -> None:
@@ -339,15 +352,23 @@ def _commit(staged: Sequence[tuple[SaveDirectory, str, str, tuple[int, int]]]) -
             raise
     finally:
         for folder, backup in backups:
-            if backup not in kept and backup is not None:
-                folder._unlink_quietly(backup.name)
+            if backup is not None:
+                os.close(backup.fd)
+                if backup not in kept:
+                    folder._unlink_quietly(backup.name)
 
 
 class _Backup(NamedTuple):
-    """An old version of a target, kept under a hidden name while files are renamed."""
+    """An old version of a target, kept under a hidden name (and open, so that its inode
+    number cannot be reused) while files are renamed."""
 
     name: str
     identity: tuple[int, int]
+    fd: int
+
+
+def _identity(info: os.stat_result) -> tuple[int, int]:
+    return info.st_dev, info.st_ino
 
 
 class _MaybeFolder:
