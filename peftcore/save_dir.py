@@ -285,14 +285,30 @@ class SaveDirectory:
             raise _swapped(self.shown(name), f"was replaced by something else ({what})")
 
     def _restore(self, name: str, backup: Optional[_Backup]) -> None:
-        """Put ``name`` back as it was before the save: its backup, or nothing."""
+        """Put ``name`` back as it was before the save: its backup, or nothing. Whatever
+        happens, ``name`` is left holding no link (nor anything but a regular file)."""
         if backup is None:
             self._unlink_quietly(name)
             return
-        os.replace(backup.name, name, src_dir_fd=self._fd, dst_dir_fd=self._fd)
-        info = os.stat(name, dir_fd=self._fd, follow_symlinks=False)
-        if _identity(info) != backup.identity or not stat.S_ISREG(info.st_mode):  # swapped too: leave nothing
+        try:
+            os.replace(backup.name, name, src_dir_fd=self._fd, dst_dir_fd=self._fd)
+        except OSError:
+            self._unlink_unless_regular(name)  # the backup is gone: at least no link stays
+            raise
+        info = self._unlink_unless_regular(name)
+        if info is not None and _identity(info) != backup.identity:  # the backup was swapped too
             self._unlink_quietly(name)
+
+    def _unlink_unless_regular(self, name: str) -> Optional[os.stat_result]:
+        """Remove ``name`` unless it is a regular file; its status when it stays."""
+        try:
+            info = os.stat(name, dir_fd=self._fd, follow_symlinks=False)
+        except FileNotFoundError:
+            return None
+        if not stat.S_ISREG(info.st_mode):
+            self._unlink_quietly(name)
+            return None
+        return info
 
     def _unlink_quietly(self, name: str) -> None:
         try:
