@@ -77,7 +77,7 @@ def listing(folder: Path) -> list[str]:
 
 
 # -- 1. the model card: a link or a FIFO at README.md ---------------------------------------
-def test_a_readme_symlink_to_an_outside_file_is_refused_and_nothing_is_written(tmp_path: Path) -> None:
+def test_class1_a_readme_symlink_to_an_outside_file_is_refused_and_nothing_is_written(tmp_path: Path) -> None:
     outside = outside_file(tmp_path)
     save = tmp_path / "save"
     save.mkdir()
@@ -88,7 +88,7 @@ def test_a_readme_symlink_to_an_outside_file_is_refused_and_nothing_is_written(t
     assert listing(save) == [CARD] and os.path.islink(save / CARD)
 
 
-def test_a_readme_fifo_is_refused_without_blocking(tmp_path: Path) -> None:
+def test_class1_a_readme_fifo_is_refused_without_blocking(tmp_path: Path) -> None:
     save = tmp_path / "save"
     save.mkdir()
     os.mkfifo(save / CARD)
@@ -101,7 +101,7 @@ def test_a_readme_fifo_is_refused_without_blocking(tmp_path: Path) -> None:
 
 
 @pytest.mark.parametrize("where", [CARD, CONFIG_NAME, f"b/{WEIGHTS_NAME}"])
-def test_a_hard_link_to_an_outside_file_is_replaced_not_written_through(tmp_path: Path, where: str) -> None:
+def test_class1_a_hard_link_to_an_outside_file_is_replaced_not_written_through(tmp_path: Path, where: str) -> None:
     """A name sharing its inode with an outside file: the save renames a new file over
     the name, so the outside file keeps its bytes and mode (an in-place write would not)."""
     outside = outside_file(tmp_path)
@@ -113,7 +113,7 @@ def test_a_hard_link_to_an_outside_file_is_replaced_not_written_through(tmp_path
     assert os.stat(outside).st_nlink == 1 and (save / where).read_bytes() != SECRET
 
 
-def test_a_card_that_is_not_utf8_is_refused_before_anything_is_written(tmp_path: Path) -> None:
+def test_class2_a_card_that_is_not_utf8_is_refused_before_anything_is_written(tmp_path: Path) -> None:
     save = tmp_path / "save"
     save.mkdir()
     (save / CARD).write_bytes(b"\xff\xfe not text")
@@ -124,7 +124,7 @@ def test_a_card_that_is_not_utf8_is_refused_before_anything_is_written(tmp_path:
 
 @pytest.mark.parametrize("where", [CONFIG_NAME, WEIGHTS_NAME, f"b/{CONFIG_NAME}", f"b/{WEIGHTS_NAME}"])
 @pytest.mark.parametrize("kind", ["symlink", "fifo", "folder"])
-def test_an_adapter_file_name_that_is_not_a_regular_file_is_refused(tmp_path: Path, where: str, kind: str) -> None:
+def test_class1_an_adapter_file_name_that_is_not_a_regular_file_is_refused(tmp_path: Path, where: str, kind: str) -> None:
     outside = outside_file(tmp_path)
     save = tmp_path / "save"
     (save / "b").mkdir(parents=True)
@@ -142,7 +142,7 @@ def test_an_adapter_file_name_that_is_not_a_regular_file_is_refused(tmp_path: Pa
     assert {p: sorted(os.listdir(save / p)) for p in (".", "b")} == before
 
 
-def test_the_cli_convert_refuses_a_link_at_its_output(tmp_path: Path) -> None:
+def test_class1_the_cli_convert_refuses_a_link_at_its_output(tmp_path: Path) -> None:
     """``peftcore convert --to hf --force`` (a real process): a link at the weights name
     in DEST is an error on one line, exit status 2, and the outside file is unchanged."""
     outside = outside_file(tmp_path)
@@ -160,7 +160,7 @@ def test_the_cli_convert_refuses_a_link_at_its_output(tmp_path: Path) -> None:
     assert listing(out) == [WEIGHTS_NAME]
 
 
-def test_a_save_directory_that_is_a_link_is_refused(tmp_path: Path) -> None:
+def test_class1_a_save_directory_that_is_a_link_is_refused(tmp_path: Path) -> None:
     real = tmp_path / "real"
     real.mkdir()
     os.symlink(real, tmp_path / "link")
@@ -170,7 +170,7 @@ def test_a_save_directory_that_is_a_link_is_refused(tmp_path: Path) -> None:
 
 
 # -- 1. subfolders: created and entered relative to the save directory ----------------------
-def test_a_subfolder_swapped_for_a_link_after_the_check_is_refused(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_class1_a_subfolder_swapped_for_a_link_after_the_check_is_refused(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """The attacker acts in the window that round 2 left open: right after the check."""
     elsewhere = tmp_path / "elsewhere"
     elsewhere.mkdir()
@@ -191,7 +191,7 @@ def test_a_subfolder_swapped_for_a_link_after_the_check_is_refused(tmp_path: Pat
     assert listing(save) == ["b"]  # default's files and the card were not written either
 
 
-def test_a_failed_save_leaves_the_previous_files_and_no_new_subfolder(
+def test_class1_a_failed_save_leaves_the_previous_files_and_no_new_subfolder(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     import peftcore.io
@@ -217,7 +217,7 @@ def test_a_failed_save_leaves_the_previous_files_and_no_new_subfolder(
 
 
 @pytest.mark.parametrize("hard_links", [True, False])
-def test_a_save_that_fails_at_a_rename_puts_every_file_back(
+def test_class1_a_save_that_fails_at_a_rename_puts_every_file_back(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch, hard_links: bool
 ) -> None:
     """All or nothing on disk: the last rename (the card) fails, so the adapter files
@@ -294,7 +294,7 @@ def run_attacked(
     return landed, refused, int(report.read_text())
 
 
-def test_swapping_temporary_files_for_links_never_writes_outside_save_pretrained(tmp_path: Path) -> None:
+def test_class1_swapping_temporary_files_for_links_never_writes_outside_save_pretrained(tmp_path: Path) -> None:
     outside = outside_file(tmp_path)
     save = tmp_path / "save"
     pm = two_adapters()
@@ -317,7 +317,7 @@ def test_swapping_temporary_files_for_links_never_writes_outside_save_pretrained
     assert landed + refused == SAVES
 
 
-def test_swapping_temporary_files_for_links_never_writes_outside_convert_to_hf(tmp_path: Path) -> None:
+def test_class1_swapping_temporary_files_for_links_never_writes_outside_convert_to_hf(tmp_path: Path) -> None:
     outside = outside_file(tmp_path)
     source, out = tmp_path / "source", tmp_path / "hf"
     two_adapters().save_pretrained(source)
@@ -336,7 +336,7 @@ def test_swapping_temporary_files_for_links_never_writes_outside_convert_to_hf(t
     assert landed + refused == SAVES
 
 
-def test_swapping_a_subfolder_for_a_link_never_writes_outside(tmp_path: Path) -> None:
+def test_class1_swapping_a_subfolder_for_a_link_never_writes_outside(tmp_path: Path) -> None:
     elsewhere = tmp_path / "elsewhere"
     elsewhere.mkdir()
     save = tmp_path / "save"
@@ -353,7 +353,7 @@ def test_swapping_a_subfolder_for_a_link_never_writes_outside(tmp_path: Path) ->
 
 
 # -- 2. every read is bounded -------------------------------------------------------------
-def test_a_sparse_4_gib_readme_is_refused_before_any_file_is_written(tmp_path: Path) -> None:
+def test_class2_a_sparse_4_gib_readme_is_refused_before_any_file_is_written(tmp_path: Path) -> None:
     save = tmp_path / "save"
     save.mkdir()
     card = save / CARD
@@ -367,7 +367,7 @@ def test_a_sparse_4_gib_readme_is_refused_before_any_file_is_written(tmp_path: P
 
 
 @pytest.mark.parametrize("name", [CONFIG_NAME, "--config", "--plan"])
-def test_a_sparse_4_gib_config_is_refused_before_it_is_read(tmp_path: Path, name: str) -> None:
+def test_class2_a_sparse_4_gib_config_is_refused_before_it_is_read(tmp_path: Path, name: str) -> None:
     saved = tmp_path / "adapter"
     two_adapters().save_pretrained(saved)
     path = saved / CONFIG_NAME if name == CONFIG_NAME else tmp_path / "given.json"
@@ -384,7 +384,7 @@ def test_a_sparse_4_gib_config_is_refused_before_it_is_read(tmp_path: Path, name
     assert "4294967296 bytes" in report and str(path) in report, report
 
 
-def test_a_config_linked_to_a_device_is_refused(tmp_path: Path) -> None:
+def test_class2_a_config_linked_to_a_device_is_refused(tmp_path: Path) -> None:
     saved = tmp_path / "adapter"
     two_adapters().save_pretrained(saved)
     (saved / CONFIG_NAME).unlink()
@@ -412,7 +412,7 @@ def _called(node: ast.Call) -> str:
     return ""
 
 
-def test_every_file_is_read_and_written_through_the_one_reader_and_writer() -> None:
+def test_class1_and_2_every_file_is_read_and_written_through_the_one_reader_and_writer() -> None:
     offenders = []
     for package in (
         "peftcore", "backends/torch/peftcore_torch", "backends/singa/peftcore_singa", "examples/peftcore-ia3/peftcore_ia3"
