@@ -23,6 +23,7 @@ from peftcore.graph import ModelGraph
 from peftcore.model_lock import changes_model, reading
 from peftcore.peft_model import PeftModel, deprecated_graph_alias
 from peftcore_torch.layers import AdapterLayer
+from peftcore_torch.row_routing import compiling, refuse_when_compiling
 from peftcore_torch.trainer_integration import enable_if_transformers_loaded
 
 #: HF PEFT's tuner-model (``LoraModel``) API that ``base_model`` passes to its PeftModel.
@@ -94,6 +95,12 @@ class _BoundForward:
         self.peft_model = peft_model
 
     def __call__(self, *args: Any, **kwargs: Any) -> Any:
+        if compiling():
+            # torch.compile traces this call into a graph: a lock cannot be taken inside one (a
+            # compiled model serves without the model lock) and rows cannot be routed per call
+            if kwargs.pop("adapter_names", None) is not None:
+                refuse_when_compiling()
+            return self.peft_model.run_base_model(*args, **kwargs)
         return self.peft_model.peft_forward(*args, **kwargs)
 
     @property

@@ -43,6 +43,22 @@ _CALL_ROUTING: contextvars.ContextVar[Optional[tuple["RowRouting", set[int]]]] =
 )
 
 
+#: ``torch.compiler.is_compiling`` (torch >= 2.3) or its older home; dynamo reads it as a constant
+compiling: Callable[[], bool] = getattr(getattr(torch, "compiler", None), "is_compiling", None) or (
+    torch._dynamo.is_compiling
+)
+
+
+def refuse_when_compiling() -> None:
+    """A mixed-adapter batch is routed per call, outside any graph: refuse one that
+    ``torch.compile`` is tracing."""
+    if compiling():
+        raise AdapterError(
+            "a mixed-adapter batch (adapter_names=...) cannot run inside torch.compile: its rows are routed "
+            "per call; call the uncompiled model for mixed batches, or one adapter at a time compiled"
+        )
+
+
 def route_layer(layer: nn.Module, routing: Optional["RowRouting"]) -> None:
     """Make ``layer`` route the rows of the current call by ``routing`` (None: end the
     call's routing). Only this thread's (or task's) context changes."""
@@ -58,7 +74,11 @@ def route_layer(layer: nn.Module, routing: Optional["RowRouting"]) -> None:
 
 
 def routing_for(layer: nn.Module) -> Optional["RowRouting"]:
-    """The routing ``layer`` follows in the current call, or None."""
+    """The routing ``layer`` follows in the current call, or None. Under ``torch.compile``
+    always None: a compiled graph cannot follow per-call routing, so the shell refuses a
+    mixed batch there (:func:`refuse_when_compiling`) and layers need not look."""
+    if compiling():
+        return None
     current = _CALL_ROUTING.get()
     if current is None or id(layer) not in current[1]:
         return None
@@ -75,6 +95,8 @@ class RoutesRows:
 
     def set_batch_adapters(self, routing: Optional[RowRouting]) -> None:
         """Route each row of the next forward passes to its own adapter (None: stop)."""
+        if routing is not None:
+            refuse_when_compiling()
         if routing is not None and not self.routes_rows():
             raise BackendError(f"{type(self).__name__} cannot run a batch whose rows use different adapters")
         route_layer(cast(nn.Module, self), routing)
