@@ -26,6 +26,7 @@ from peftcore.graph import LayerNode, ModelGraph
 from peftcore.hf_compat import get_peft_config, get_peft_model_state_dict, set_peft_model_state_dict
 from peftcore.hf_names import PromptLearningConfig, lazy_names, resolve
 from peftcore.hookspecs import BackendInfo, hookimpl
+from peftcore.hotswap import hotswap_adapter, prepare_model_for_compiled_hotswap
 from peftcore.methods import BitFitConfig, LoraConfig, PromptTuningConfig, ResidualPromptTuningConfig
 from peftcore.methods.p_tuning import PromptEncoderConfig
 from peftcore.methods.prefix_tuning import PrefixTuningConfig
@@ -89,6 +90,8 @@ __all__ = [
     "inject_adapter_in_model",
     "get_peft_model_state_dict",
     "hookimpl",
+    "hotswap_adapter",
+    "prepare_model_for_compiled_hotswap",
     "register_method",
     "register_op",
     "set_peft_model_state_dict",

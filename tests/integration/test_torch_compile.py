@@ -1,6 +1,7 @@
 """``torch.compile(peft_model, fullgraph=True)``: LoRA and prompt tuning trace into one graph
 each, with no graph break, for inference, for training and for cached one-token decoding, and
-compute what the eager model computes. Dynamo's ``eager`` backend is used: the claim is about
+compute what the eager model computes. ``hotswap_adapter`` then swaps another adapter's weights
+(same or lower rank, another scaling) into the compiled model without a recompilation. Dynamo's ``eager`` backend is used: the claim is about
 tracing, which is the same whatever compiler then runs the graph.
 
 A mixed-adapter batch is routed per call, outside any graph, so under compile it is refused
@@ -11,6 +12,7 @@ from __future__ import annotations
 import warnings
 from typing import Any
 
+import numpy as np
 import pytest
 
 torch = pytest.importorskip("torch")
@@ -94,3 +96,58 @@ def test_a_mixed_batch_under_compile_is_refused_plainly() -> None:
         compiled(model)(input_ids=ids, adapter_names=["default", "other"])
     with torch.no_grad():  # the eager model still routes rows
         model(input_ids=ids, adapter_names=["default", "other"])
+
+
+def _saved_lora(tmp_path: Any, name: str, r: int, alpha: float, seed: int) -> tuple:
+    """A LoRA adapter of rank ``r`` saved to ``tmp_path / name``, and the eager outputs it gives."""
+    torch.manual_seed(seed)
+    model = peftcore.get_peft_model(gpt2(), peftcore.LoraConfig(
+        r=r, lora_alpha=alpha, target_modules=["c_attn", "c_proj", "c_fc"], init_lora_weights=False,
+    )).eval()
+    model.save_pretrained(str(tmp_path / name))
+    return str(tmp_path / name), model
+
+
+def _compilations() -> int:
+    """Graphs dynamo has compiled since the counters were cleared."""
+    return int(torch._dynamo.utils.counters["stats"]["unique_graphs"])
+
+
+def test_hotswap_on_a_compiled_model_needs_no_recompilation(tmp_path: Any) -> None:
+    ids = torch.randint(0, 64, (2, 6), generator=torch.Generator().manual_seed(3))
+    first, _ = _saved_lora(tmp_path, "first", r=4, alpha=8, seed=1)
+    lower_rank, lower_model = _saved_lora(tmp_path, "lower_rank", r=2, alpha=16, seed=2)  # other rank and scaling
+    same_rank, same_model = _saved_lora(tmp_path, "same_rank", r=8, alpha=8, seed=3)
+    model = peftcore.PeftModel.from_pretrained(gpt2(), first).eval()
+    peftcore.prepare_model_for_compiled_hotswap(model, target_rank=8)
+    torch._dynamo.utils.counters.clear()
+    graph_model = compiled(model)
+    with torch.no_grad():
+        graph_model(input_ids=ids)
+        graphs = _compilations()
+        assert graphs >= 1
+        for path, reference in ((lower_rank, lower_model), (same_rank, same_model)):
+            peftcore.hotswap_adapter(graph_model, path, adapter_name="default")
+            assert_close_to_scale(graph_model(input_ids=ids).logits, reference(input_ids=ids).logits)
+        assert _compilations() == graphs, "hotswapping recompiled the model"
+
+
+def test_hotswap_refuses_what_it_cannot_swap_and_changes_nothing(tmp_path: Any) -> None:
+    first, first_model = _saved_lora(tmp_path, "first", r=2, alpha=4, seed=1)
+    higher, _ = _saved_lora(tmp_path, "higher", r=4, alpha=4, seed=2)
+    model = peftcore.PeftModel.from_pretrained(gpt2(), first).eval()
+    before = {k: v.copy() for k, v in model.export_adapter("default").items()}
+    with pytest.raises(peftcore.AdapterError, match="above the loaded rank 2.*target_rank=4"):
+        peftcore.hotswap_adapter(model, higher, adapter_name="default")
+    with pytest.raises(peftcore.AdapterError, match="no adapter named 'other'"):
+        peftcore.hotswap_adapter(model, first, adapter_name="other")
+    other_layers = tmp_path / "other_layers"
+    peftcore.get_peft_model(gpt2(), peftcore.LoraConfig(r=2, target_modules=["c_fc"])).save_pretrained(str(other_layers))
+    with pytest.raises(peftcore.AdapterError, match="adapt different layers"):
+        peftcore.hotswap_adapter(model, str(other_layers), adapter_name="default")
+    after = model.export_adapter("default")
+    assert all(np.array_equal(after[k], before[k]) for k in before)
+    with pytest.raises(peftcore.ConfigError, match="above target_rank=1"):
+        peftcore.prepare_model_for_compiled_hotswap(model, target_rank=1)
+    with pytest.raises(peftcore.AdapterError, match="before the model is compiled"):
+        peftcore.prepare_model_for_compiled_hotswap(compiled(model), target_rank=4)
