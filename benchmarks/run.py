@@ -10,7 +10,8 @@
 Measurements (one module each): ``train`` (LoRA training step vs HF PEFT vs the floor),
 ``inject`` (Llama-7B-shaped injection on meta), ``mixed`` (8-adapter mixed batch
 inference), ``merge`` (merge/unmerge drift, fp32 and bf16), ``memory`` (training-step
-peak memory), ``decode`` (unmerged greedy decoding, batch 1 and 8), ``singa`` (SINGA's
+peak memory), ``decode`` (unmerged greedy decoding, batch 1 and 8), ``many`` (a
+64-row mixed batch over 1 to 256 adapters, forward and generate), ``singa`` (SINGA's
 PEFT example, when available), ``singa_start`` (``get_peft_model`` on a SINGA model in a
 fresh interpreter, torch installed). Runs on CUDA when it is available (``--device`` to
 choose). On a CPU the default is one torch thread timed by
@@ -33,7 +34,7 @@ from typing import Any, Dict, List, Optional
 from harness import Clock, Result, Settings, load_average, machine, machine_text, markdown_table, progress
 
 HERE = os.path.dirname(os.path.abspath(__file__))
-MEASUREMENTS = ("train", "inject", "mixed", "merge", "memory", "decode", "singa", "singa_start")
+MEASUREMENTS = ("train", "inject", "mixed", "merge", "memory", "decode", "many", "singa", "singa_start")
 TORCH_TITLES = {
     "train": "1. LoRA training step",
     "inject": "2. inject LoRA, Llama-7B shape",
@@ -41,6 +42,7 @@ TORCH_TITLES = {
     "merge": "4. merge+unmerge x100",
     "memory": "5. peak memory of a training step",
     "decode": "6. unmerged greedy decoding",
+    "many": "7. mixed batch over many adapters",
 }
 
 
@@ -78,6 +80,10 @@ def _measure(name: str, settings: Settings, clock: Clock, args: argparse.Namespa
         import bench_mixed
 
         return [bench_mixed.run(settings, clock)]
+    if name == "many":
+        import bench_many
+
+        return bench_many.run(settings, clock)
     if name == "decode":
         import bench_decode
 

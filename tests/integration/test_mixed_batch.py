@@ -348,3 +348,28 @@ def test_a_backend_without_row_routing_says_so(monkeypatch: pytest.MonkeyPatch) 
     monkeypatch.setattr(type(peft_model.runtime), "row_routing", BackendRuntime.row_routing)
     with pytest.raises(BackendError, match="cannot run mixed-adapter batches"):
         peft_model(torch.zeros(2, 3, dtype=torch.long), adapter_names=["one", "two"])
+
+
+def test_256_distinct_adapters_in_one_batch_equal_each_row_alone() -> None:
+    """Many adapters (issue 27): 256 adapters, 64 rows naming 64 of them (and the base), in a
+    forward and in ``generate``, where a decoding step reuses the rows' stacked factors."""
+    names = [ADAPTERS[0]] + [f"a{i}" for i in range(1, 256)]  # the helpers end on adapter "one"
+    peft_model = peftcore.get_peft_model(gpt2(), lora(["c_attn", "c_fc"], r=2), adapter_name=names[0])
+    for name in names[1:]:
+        peft_model.add_adapter(name, lora(["c_attn", "c_fc"], r=2))
+    with torch.no_grad():  # larger factors, so that the adapters decode differently
+        for name, param in peft_model.named_parameters():
+            if "lora_B" in name:
+                param.mul_(20.0)
+    rows = [names[(37 * row) % 256] for row in range(63)] + ["__base__"]
+    tokens = torch.randint(1, VOCAB, (64, 4), generator=torch.Generator().manual_seed(11))
+    with torch.no_grad():
+        assert_close_to_scale(outputs(peft_model, tokens, adapter_names=rows), one_by_one(peft_model, tokens, rows))
+    kwargs = dict(max_new_tokens=4, do_sample=False, pad_token_id=0)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        mixed = peft_model.generate(tokens, adapter_names=rows, attention_mask=torch.ones_like(tokens), **kwargs)
+        alone = _generate_alone(peft_model, tokens[::9], rows[::9], attention_mask=torch.ones_like(tokens[:1]), **kwargs)
+    for expected, got in zip(alone, mixed[::9]):
+        assert torch.equal(got[: expected.shape[1]], expected[0])
+    assert len({tuple(row.tolist()) for row in mixed}) > 8, "the adapters must decode differently"

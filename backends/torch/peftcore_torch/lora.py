@@ -250,7 +250,7 @@ class LoraLinear(LoraLayer):
         in_place = self._plain_base and not has_hooks(self.base_layer)
         if in_place and self._can_stack_rows(x, result, groups):
             factors = {name: (self.lora_A.weight(name), self.lora_B.weight(name), self.scaling[name]) for name in groups}
-            return add_stacked_row_updates(result, x, routing, factors)
+            return add_stacked_row_updates(result, x, routing, factors, id(self))
         return add_row_updates(result, x, routing, groups, self.update, in_place)
 
     def _can_stack_rows(self, x: torch.Tensor, result: torch.Tensor, groups: dict[str, tuple[int, ...]]) -> bool:

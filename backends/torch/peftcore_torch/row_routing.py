@@ -119,6 +119,9 @@ class RowRouting:
                 self.rows[name] = tuple(row for row, other in enumerate(self.names) if other == name)
         self._indices: dict[tuple[tuple[int, ...], torch.device], torch.Tensor] = {}
         self._slots: dict[tuple[tuple[str, ...], torch.device], torch.Tensor] = {}
+        #: per layer, the rows' stacked factors: a call's adapters cannot change while it runs (the
+        #: model lock), so the decoding steps of one ``generate`` build them once, not once per token
+        self.stacked: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
 
     def __len__(self) -> int:
         return len(self.names)
@@ -180,26 +183,34 @@ def add_stacked_row_updates(
     x: torch.Tensor,
     routing: RowRouting,
     factors: dict[str, tuple[torch.Tensor, torch.Tensor, float]],
+    layer_key: Optional[int] = None,
 ) -> torch.Tensor:
     """Inference only: add every row's update into ``result`` with two batched products.
 
     The adapters' factors are stacked (ranks zero-padded to the largest, scaling folded
     into A, one all-zero slot for rows without an adapter) and picked per row, so ``x``
-    is read once and ``result`` updated once, however the rows interleave.
+    is read once and ``result`` updated once, however the rows interleave. With a
+    ``layer_key`` the rows' factors are kept on ``routing`` for the rest of the call.
     """
-    names = tuple(factors)
-    first_a, first_b, _ = factors[names[0]]
-    rank = max(a.shape[0] for a, _, _ in factors.values())
-    stacked_a = first_a.new_zeros(len(names) + 1, rank, first_a.shape[1])
-    stacked_b = first_b.new_zeros(len(names) + 1, first_b.shape[0], rank)
-    for slot, (a, b, scaling) in enumerate(factors.values()):
-        stacked_a[slot, : a.shape[0]] = a * scaling
-        stacked_b[slot, :, : b.shape[1]] = b
-    slots = routing.slots(names, x.device)
+    cached = routing.stacked.get(layer_key) if layer_key is not None else None
+    if cached is None:
+        names = tuple(factors)
+        first_a, first_b, _ = factors[names[0]]
+        rank = max(a.shape[0] for a, _, _ in factors.values())
+        stacked_a = first_a.new_zeros(len(names) + 1, rank, first_a.shape[1])
+        stacked_b = first_b.new_zeros(len(names) + 1, first_b.shape[0], rank)
+        for slot, (a, b, scaling) in enumerate(factors.values()):
+            stacked_a[slot, : a.shape[0]] = a * scaling
+            stacked_b[slot, :, : b.shape[1]] = b
+        slots = routing.slots(names, x.device)
+        cached = stacked_a[slots], stacked_b[slots].transpose(1, 2)
+        if layer_key is not None:
+            routing.stacked[layer_key] = cached
+    rows_a, rows_b_t = cached
     x3 = x.reshape(x.shape[0], -1, x.shape[-1])
-    hidden_t = torch.bmm(stacked_a[slots], x3.transpose(1, 2))  # (batch, r, tokens): BLAS's faster layout
+    hidden_t = torch.bmm(rows_a, x3.transpose(1, 2))  # (batch, r, tokens): BLAS's faster layout
     rows_out = result.view(result.shape[0], -1, result.shape[-1])
-    rows_out.baddbmm_(hidden_t.transpose(1, 2), stacked_b[slots].transpose(1, 2))
+    rows_out.baddbmm_(hidden_t.transpose(1, 2), rows_b_t)
     return result
 
 
