@@ -41,10 +41,8 @@ class AdapterLayer(AdapterLayerCore, nnx.Module):
         self.base_layer = base_layer
         self.path = path
         self.init_adapter_state()
-        for name in self.adapter_tensor_names:
-            setattr(self, name, nnx.Dict())
-        for name in self.other_param_names:
-            setattr(self, name, {})
+        for name in (*self.adapter_tensor_names, *self.other_param_names):
+            setattr(self, name, nnx.Dict())  # not a dict: nnx transforms must see dropout's RNG state
         self.rngs = nnx.Rngs(seed)  # adapter initialisation and dropout
 
     def base_tensor(self, role: str) -> Any:
@@ -68,6 +66,10 @@ class LoraLayer(AdapterLayer):
 
     adapter_tensor_names = ("lora_A", "lora_B")
     other_param_names = ("scaling", "r", "lora_dropout")
+    lora_A: nnx.Dict
+    lora_B: nnx.Dict
+    scaling: nnx.Dict
+    lora_dropout: nnx.Dict
 
     def features(self) -> tuple[int, int]:
         return tuple(int(d) for d in self.base_weight().shape)  # type: ignore[return-value]
@@ -118,6 +120,7 @@ class BiasAdapter(AdapterLayer):
     adapter_tensor_names = ("bitfit_bias",)
     canonical_names = {"bitfit_bias": "bias"}
     merge_role = "bias"
+    bitfit_bias: nnx.Dict
 
     def base_weight(self) -> Any:
         return self.base_tensor("weight")
@@ -146,7 +149,7 @@ class BiasAdapter(AdapterLayer):
         if running:
             original = self.original_bias()
             change = sum(self.bitfit_bias[n][...] - (original if original is not None else 0.0) for n in running)
-            result = result + change.astype(result.dtype)
+            result = result + jnp.asarray(change, result.dtype)
         return result
 
     def create_base_tensor(self, role: str) -> Any:
@@ -166,6 +169,8 @@ class PromptEmbedding(AdapterLayer):
 
     adapter_tensor_names = ("prompt_embeddings",)
     other_param_names = ("prompt_masks",)
+    prompt_embeddings: nnx.Dict
+    prompt_masks: nnx.Dict
 
     def new_adapter(self, adapter_name: str, op: AddPrompt) -> dict[str, Any]:
         table = self.base_layer.embedding[...]
@@ -176,8 +181,8 @@ class PromptEmbedding(AdapterLayer):
         else:
             ids = op.init_token_ids if op.init == "token_ids" else jax.random.randint(self.rngs.params(), (shape[0],), 0, op.num_embeddings)
             prompt = table[jnp.asarray(ids)]
-        mask = op.element_mask()
-        mask = jnp.asarray(mask, dtype=table.dtype) if mask is not None else None
+        kept = op.element_mask()
+        mask = jnp.asarray(kept, dtype=table.dtype) if kept is not None else None
         return {"prompt_embeddings": self.new_param(prompt if mask is None else prompt * mask), "prompt_masks": mask}
 
     def forward(self, ids: Any) -> Any:
