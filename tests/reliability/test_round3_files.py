@@ -415,7 +415,8 @@ def _called(node: ast.Call) -> str:
 def test_class1_and_2_every_file_is_read_and_written_through_the_one_reader_and_writer() -> None:
     offenders = []
     for package in (
-        "peftcore", "backends/torch/peftcore_torch", "backends/singa/peftcore_singa", "examples/peftcore-ia3/peftcore_ia3"
+        "peftcore", "backends/torch/peftcore_torch", "backends/singa/peftcore_singa", "examples/peftcore-ia3/peftcore_ia3",
+        "examples/peftcore-jax/peftcore_jax",
     ):
         for path in sorted((ROOT / package).rglob("*.py")):
             relative = path.relative_to(ROOT).as_posix()
