@@ -7,8 +7,6 @@ registered in-process when its distribution is not installed (its directory on
 
 from __future__ import annotations
 
-from typing import Any
-
 import pytest
 
 pytest.importorskip("jax", reason="jax is not installed: the JAX backend's conformance suite is skipped")
@@ -17,7 +15,6 @@ pytest.importorskip("peftcore_jax", reason="peftcore_jax is not importable: put 
 
 from peftcore.plugins import get_plugin_manager  # noqa: E402
 from peftcore.testing import ConformanceSuite  # noqa: E402
-from peftcore.testing.suite_prompt import PROMPT_CONFIGS  # noqa: E402
 
 
 @pytest.fixture(scope="module", autouse=True)
@@ -31,12 +28,3 @@ def jax_backend_registered() -> None:
 
 class TestJaxConformance(ConformanceSuite):
     backends = ["jax"]
-
-    @pytest.fixture(params=["prompt"])
-    def prompt_config(self, request: Any) -> Any:
-        """Plain prompt tuning only: residual prompt tuning is one of the backend's
-        declared limitations (the core refuses it; tested below)."""
-        return PROMPT_CONFIGS[request.param]()
-
-    def test_residual_prompt_bakes_to_the_same_outputs(self, peftcore_backend: Any, rng: Any, tmp_path: Any) -> None:
-        pytest.skip("the jax backend declares residual prompt tuning a limitation")

@@ -27,9 +27,12 @@ from peftcore.adapter_layer import AdapterLayerCore, wrap_layer
 from peftcore.errors import AdapterError, PlanError
 from peftcore.methods.bitfit import TrainBias
 from peftcore.methods.lora import AddLora
-from peftcore.methods.prompt_tuning import AddPrompt
+from peftcore.methods.prompt_tuning import RESIDUAL_TENSORS, AddPrompt
 from peftcore.runtime import OpBuilders
 from peftcore_jax.runtime import JAX_TENSORS, replace_layer
+
+_ACTIVATIONS = {"relu": jax.nn.relu, "tanh": jnp.tanh, "sigmoid": jax.nn.sigmoid, "identity": lambda x: x,
+                "gelu": lambda x: jax.nn.gelu(x, approximate=False)}
 
 
 class AdapterLayer(AdapterLayerCore, nnx.Module):
@@ -165,12 +168,18 @@ class BiasAdapter(AdapterLayer):
 
 class PromptEmbedding(AdapterLayer):
     """Prompt tuning on the input ``nnx.Embed``: the running adapters' virtual tokens go in
-    front of its ``(batch, seq, dim)`` output. An XPrompt-pruned prompt keeps its mask."""
+    front of its ``(batch, seq, dim)`` output. An XPrompt-pruned prompt keeps its mask;
+    residual prompt tuning passes the prompt through its MLP (one shared by all tokens,
+    or one per token), which :meth:`bake` folds into a plain prompt."""
 
-    adapter_tensor_names = ("prompt_embeddings",)
-    other_param_names = ("prompt_masks",)
+    adapter_tensor_names = ("prompt_embeddings", *RESIDUAL_TENSORS)
+    other_param_names = ("prompt_masks", "residual_activation", "residual_dropout")
     prompt_embeddings: nnx.Dict
     prompt_masks: nnx.Dict
+    residual_down_weight: nnx.Dict
+    residual_norm_weight: nnx.Dict
+    residual_activation: nnx.Dict
+    residual_dropout: nnx.Dict
 
     def new_adapter(self, adapter_name: str, op: AddPrompt) -> dict[str, Any]:
         table = self.base_layer.embedding[...]
@@ -183,20 +192,47 @@ class PromptEmbedding(AdapterLayer):
             prompt = table[jnp.asarray(ids)]
         kept = op.element_mask()
         mask = jnp.asarray(kept, dtype=table.dtype) if kept is not None else None
-        return {"prompt_embeddings": self.new_param(prompt if mask is None else prompt * mask), "prompt_masks": mask}
+        values: dict[str, Any] = {"prompt_embeddings": self.new_param(prompt if mask is None else prompt * mask), "prompt_masks": mask}
+        for name, tensor_shape in op.residual_shapes().items():
+            bound = op.residual_init_bound(name)
+            start = jax.random.uniform(self.rngs.params(), tensor_shape, minval=-bound, maxval=bound) if bound else jnp.zeros(tensor_shape)
+            values[name] = self.new_param(start)
+        if op.residual:
+            values.update(residual_activation=op.residual_activation, residual_dropout=nnx.Dropout(op.residual_dropout, rngs=self.rngs))
+        return values
+
+    def prompt(self, name: str, deterministic: Any = None) -> Any:
+        """The adapter's virtual tokens ``(n, dim)``; ``deterministic`` as nnx.Dropout's."""
+        prompt, mask = self.prompt_embeddings[name][...], self.prompt_masks.get(name)
+        if mask is not None:
+            return prompt * mask  # pruned entries stay zero and get no gradient
+        if name not in self.residual_down_weight:
+            return prompt
+        tensor = {t: getattr(self, t)[name][...] for t in RESIDUAL_TENSORS if name in getattr(self, t)}
+        per_token = {t: jnp.broadcast_to(v, (prompt.shape[0], *v.shape[1:])) for t, v in tensor.items()}
+        hidden = jnp.einsum("nd,nbd->nb", prompt, per_token["residual_down_weight"]) + per_token["residual_down_bias"]
+        hidden = self.residual_dropout[name](_ACTIVATIONS[self.residual_activation[name]](hidden), deterministic=deterministic)
+        out = jnp.einsum("nb,ndb->nd", hidden, per_token["residual_up_weight"]) + per_token["residual_up_bias"]
+        if "residual_norm_weight" in tensor:
+            normed = (out - out.mean(-1, keepdims=True)) / jnp.sqrt(out.var(-1, keepdims=True) + 1e-5)
+            out = normed * per_token["residual_norm_weight"] + per_token["residual_norm_bias"]
+        return prompt + out
 
     def forward(self, ids: Any) -> Any:
         embeds = self.base_layer(ids)
         running = self.adapters_to_run()
         if not running:
             return embeds
-        prompts = []
-        for name in running:
-            prompt, mask = self.prompt_embeddings[name][...], self.prompt_masks.get(name)
-            prompts.append(prompt if mask is None else prompt * mask)  # pruned entries get no gradient
-        joined = jnp.concatenate(prompts, axis=0).astype(embeds.dtype)
+        joined = jnp.concatenate([self.prompt(name) for name in running], axis=0).astype(embeds.dtype)
         batch = jnp.broadcast_to(joined, (embeds.shape[0], *joined.shape))
         return jnp.concatenate([batch, embeds], axis=1)
+
+    def bake(self, adapter_name: str) -> None:
+        """Store the residual MLP's output (no dropout) as the prompt and drop the MLP."""
+        if adapter_name in self.residual_down_weight:
+            self.primitives.write(self.prompt_embeddings[adapter_name], self.prompt(adapter_name, deterministic=True))
+            for name in (*RESIDUAL_TENSORS, "residual_activation", "residual_dropout"):
+                getattr(self, name).pop(adapter_name, None)
 
     def merge(self, adapter_names: Any) -> None:
         if any(self.has_adapter(a) for a in adapter_names):
@@ -208,27 +244,29 @@ class PromptEmbedding(AdapterLayer):
         return self.base_layer
 
 
+def _base(layers: dict, path: str) -> Any:
+    target = layers.get(path)
+    return target.base_layer if isinstance(target, AdapterLayerCore) else target
+
+
 def build_lora(model: Any, layers: dict, op: AddLora, adapter_name: str) -> None:
-    target = layers.get(op.path)
-    base = target.base_layer if isinstance(target, AdapterLayerCore) else target
+    base = _base(layers, op.path)
     if not isinstance(base, (nnx.Linear, nnx.Embed)):
         raise PlanError(f"jax backend puts LoRA on nnx.Linear and nnx.Embed; {op.path!r} is {type(base).__name__}")
     wrap_layer(replace_layer, model, layers, op.path, LoraLayer).add(adapter_name, op)
 
 
 def build_bitfit(model: Any, layers: dict, op: TrainBias, adapter_name: str) -> None:
-    target = layers.get(op.path)
-    base = target.base_layer if isinstance(target, AdapterLayerCore) else target
+    base = _base(layers, op.path)
     if not isinstance(base, nnx.Linear):
         raise PlanError(f"jax backend trains the bias of nnx.Linear layers; {op.path!r} is {type(base).__name__}")
     wrap_layer(replace_layer, model, layers, op.path, BiasAdapter).add(adapter_name, op)
 
 
 def build_prompt(model: Any, layers: dict, op: AddPrompt, adapter_name: str) -> None:
-    target = layers.get(op.path)
-    base = target.base_layer if isinstance(target, AdapterLayerCore) else target
-    if not isinstance(base, nnx.Embed) or op.num_transformer_submodules != 1 or op.residual or op.encoder:
-        raise PlanError(f"jax backend prompts one nnx.Embed with a plain or pruned prompt; cannot build {op.path!r}")
+    base = _base(layers, op.path)
+    if not isinstance(base, nnx.Embed) or op.num_transformer_submodules != 1 or op.encoder:
+        raise PlanError(f"jax backend prompts one nnx.Embed (no prompt encoder); cannot build {op.path!r}")
     wrap_layer(replace_layer, model, layers, op.path, PromptEmbedding).add(adapter_name, op)
 
 

@@ -32,18 +32,13 @@ FRAMEWORK = "JAX (Flax NNX)"
 LIMITATIONS = {
     "prefix_tuning": "the jax backend has no attention layers to give past key/values to",
     "p_tuning": "the jax backend builds no prompt encoder (MLP/LSTM)",
-    "residual_prompt_tuning": "the jax backend builds plain and pruned prompts, not residual MLPs",
     "unipelt": "the jax backend has no attention layers",
 }
 
 
-def is_trainable_param(variable: Any) -> bool:
-    return isinstance(variable, nnx.Param) and bool(variable.get_metadata().get("trainable", True))
-
-
 def TRAINABLE(path: Any, value: Any) -> bool:  # noqa: N802 - an nnx filter, named like nnx.Param
     """The nnx filter of the parameters peftcore leaves trainable."""
-    return is_trainable_param(value)
+    return isinstance(value, nnx.Param) and bool(value.get_metadata().get("trainable", True))
 
 
 class JaxTensors(TensorPrimitives):
@@ -63,14 +58,13 @@ class JaxTensors(TensorPrimitives):
         return str(jnp.dtype(t.dtype))
 
     def is_trainable(self, t: Any) -> bool:
-        return is_trainable_param(t)
+        return TRAINABLE((), t)
 
     def set_trainable(self, t: Any, trainable: bool) -> None:
         t.set_metadata("trainable", bool(trainable))
 
     def write(self, t: Any, value: Any) -> Any:
-        new = value.get_value() if isinstance(value, nnx.Variable) else value
-        new = jnp.asarray(new)
+        new = jnp.asarray(value.get_value() if isinstance(value, nnx.Variable) else value)
         if new.size != self.numel(t):
             raise AdapterError(f"cannot write {new.size} values into a tensor of shape {self.shape(t)}")
         t.set_value(new.reshape(self.shape(t)).astype(t.dtype))
