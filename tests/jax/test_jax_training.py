@@ -69,3 +69,20 @@ def test_jitted_training_moves_only_the_adapter(case: str) -> None:
     assert all(not np.array_equal(adapter_after[k], adapter_before[k]) for k in adapter_before)
     for param, before in zip(frozen, frozen_before):
         np.testing.assert_array_equal(np.asarray(param[...]), before)
+
+
+def test_layers_of_one_shape_start_from_different_lora_factors() -> None:
+    """Each adapter layer draws from its own RNG stream (keyed by its path): two
+    same-shaped layers (each block's q_proj, say) must not start identical."""
+
+    class TwoLayers(nnx.Module):
+        def __init__(self) -> None:
+            self.first = nnx.Linear(6, 6, rngs=nnx.Rngs(0))
+            self.second = nnx.Linear(6, 6, rngs=nnx.Rngs(1))
+
+        def __call__(self, x: Any) -> Any:
+            return self.second(self.first(x))
+
+    peft_model = get_peft_model(TwoLayers(), LoraConfig(target_modules=["first", "second"], r=2), backend="jax")
+    factors = peft_model.export_adapter("default")
+    assert not np.array_equal(factors["first.lora_A"], factors["second.lora_A"])

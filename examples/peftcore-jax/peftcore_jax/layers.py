@@ -16,6 +16,7 @@ in the same orientation; export and import transpose to the canonical ``(r, in)`
 from __future__ import annotations
 
 import math
+import zlib
 from typing import Any
 
 import jax
@@ -40,13 +41,15 @@ class AdapterLayer(AdapterLayerCore, nnx.Module):
 
     primitives = JAX_TENSORS
 
-    def __init__(self, base_layer: Any, path: str, seed: int = 0) -> None:
+    def __init__(self, base_layer: Any, path: str) -> None:
         self.base_layer = base_layer
         self.path = path
         self.init_adapter_state()
         for name in (*self.adapter_tensor_names, *self.other_param_names):
             setattr(self, name, nnx.Dict())  # not a dict: nnx transforms must see dropout's RNG state
-        self.rngs = nnx.Rngs(seed)  # adapter initialisation and dropout
+        # adapter initialisation and dropout: one stream per layer path, so layers of the
+        # same shape (each block's q_proj) start from different values and draw other masks
+        self.rngs = nnx.Rngs(zlib.crc32(path.encode()))
 
     def base_tensor(self, role: str) -> Any:
         attribute = ("embedding" if isinstance(self.base_layer, nnx.Embed) else "kernel") if role == "weight" else role
