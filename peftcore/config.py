@@ -12,8 +12,9 @@ import dataclasses
 import json
 import sys
 import warnings
-from typing import TYPE_CHECKING, Any, ClassVar, Mapping, Optional, TypeVar
+from typing import TYPE_CHECKING, Any, Callable, ClassVar, Mapping, Optional, TypeVar
 
+from peftcore import config_files
 from peftcore.errors import ConfigError, UnknownFieldError, did_you_mean
 from peftcore.task_type import TASK_TYPES
 
@@ -50,6 +51,8 @@ def config_class(cls: type[C]) -> type[C]:
     names = [f.name for f in dataclasses.fields(cls)]
 
     def __init__(self: Any, *args: Any, **kwargs: Any) -> None:
+        if "peft_type" in kwargs:  # HF's configs take it as a keyword; the class decides it
+            _check_peft_type_keyword(cls, kwargs.pop("peft_type"))
         unsupported: Mapping[str, Any] = getattr(cls, "hf_unsupported_fields", {})
         for key in [k for k in kwargs if k not in names and k in unsupported]:
             value = kwargs.pop(key)  # an HF PEFT field: fine while it leaves its feature off
@@ -67,6 +70,27 @@ def config_class(cls: type[C]) -> type[C]:
     __init__.__doc__ = dataclass_init.__doc__
     cls.__init__ = __init__  # type: ignore[method-assign]
     return cls
+
+
+def _check_peft_type_keyword(cls: type, given: Any) -> None:
+    expected = getattr(cls, "peft_type", "")
+    if expected and str(given) != str(expected):
+        warnings.warn(
+            f"{cls.__name__}(peft_type={given!r}) is ignored: a {cls.__name__} is always peft_type {str(expected)!r}",
+            UserWarning,
+            stacklevel=3,
+        )
+
+
+#: Builds the right config class from a saved dict by its ``peft_type``; set by
+#: :mod:`peftcore.registry` (which knows the methods) when it is imported.
+_config_from_dict: Optional[Callable[[dict], PeftConfig]] = None
+
+
+def set_config_source(build: Callable[[dict], PeftConfig]) -> None:
+    """Give :meth:`PeftConfig.from_pretrained` the registry's peft_type -> class lookup."""
+    global _config_from_dict
+    _config_from_dict = build
 
 
 @config_class
@@ -231,6 +255,57 @@ class PeftConfig:
         except ValueError as exc:  # JSONDecodeError too; numbers or nesting out of bounds
             raise ConfigError(f"config is not valid JSON: {exc}") from None
         return cls.from_dict(data)
+
+    # -- files (HF PEFT's config-only API) --------------------------------------------
+    def save_pretrained(self, save_directory: str, **kwargs: Any) -> None:
+        """Write this config as ``<save_directory>/adapter_config.json`` (HF PEFT's
+        ``PeftConfig.save_pretrained``); ``auto_mapping_dict=`` is stored as ``auto_mapping``."""
+        data = self.to_dict()
+        auto_mapping = kwargs.pop("auto_mapping_dict", None)
+        if kwargs:
+            raise ConfigError(f"save_pretrained got unexpected keyword(s) {sorted(kwargs)}")
+        if auto_mapping is not None:
+            data["auto_mapping"] = auto_mapping
+        config_files.write_config_dict(save_directory, data)
+
+    @classmethod
+    def from_pretrained(cls, pretrained_model_name_or_path: str, subfolder: Optional[str] = None, **kwargs: Any) -> PeftConfig:
+        """The config saved in a local directory (HF PEFT's ``PeftConfig.from_pretrained``).
+
+        As in HF PEFT, the class is the one the file's ``peft_type`` names (on any config
+        class, ``PeftConfig`` included); keywords other than HF's download options
+        (``revision``, ``cache_dir``..., which a local directory does not use) override
+        the saved fields. peftcore never downloads: the path must be a directory.
+        """
+        data = config_files.config_dict_in(pretrained_model_name_or_path, subfolder)
+        data.update({k: v for k, v in kwargs.items() if k not in config_files.HUB_KEYWORDS})
+        if "peft_type" not in data:
+            raise ConfigError(
+                f"{pretrained_model_name_or_path}: the config has no 'peft_type', so it is not a PEFT adapter config"
+            )
+        if cls.peft_type and data["peft_type"] == cls.peft_type:
+            return cls.from_dict(data)
+        if _config_from_dict is None:  # only before peftcore.registry is imported
+            raise ConfigError("no method registry to read a config with; import peftcore first")
+        return _config_from_dict(data)
+
+    @classmethod
+    def from_peft_type(cls, **kwargs: Any) -> PeftConfig:
+        """A config of the class that ``peft_type=`` names, built from the other keywords
+        (HF PEFT's ``PeftConfig.from_peft_type``)."""
+        if "peft_type" not in kwargs:
+            raise ConfigError("from_peft_type needs a peft_type= keyword")
+        if _config_from_dict is None:
+            raise ConfigError("no method registry to read a config with; import peftcore first")
+        return _config_from_dict({**kwargs, "peft_type": str(kwargs["peft_type"])})
+
+    @classmethod
+    def from_json_file(cls, path_json_file: str, **kwargs: Any) -> dict[str, Any]:
+        """The saved config's fields as a dict, as HF PEFT's ``from_json_file`` returns
+        them (a ``runtime_config`` entry, runtime-only, is dropped)."""
+        data = config_files.read_config_dict(path_json_file)
+        data.pop("runtime_config", None)
+        return data
 
     def replace(self: C, **changes: Any) -> C:
         """A copy with some fields changed (validated again)."""

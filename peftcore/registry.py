@@ -21,7 +21,7 @@ import os
 import threading
 from typing import Callable, Iterable, Optional, TypeVar
 
-from peftcore.config import PeftConfig
+from peftcore.config import PeftConfig, set_config_source
 from peftcore.errors import ConfigError, UnknownMethodError, did_you_mean
 from peftcore.methods import BUILTIN_METHODS
 from peftcore.peft_type import as_peft_type
@@ -158,3 +158,4 @@ for _config_cls in BUILTIN_METHODS:
 if hasattr(os, "register_at_fork"):  # a lock held by another thread at fork time stays held in the child
     os.register_at_fork(after_in_child=lambda: setattr(PeftRegistry, "_lock", threading.RLock()))
 register_method = PeftRegistry.register
+set_config_source(PeftRegistry.config_from_dict)

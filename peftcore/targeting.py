@@ -18,6 +18,7 @@ import re
 import warnings
 from typing import Any, Optional, Sequence, Union
 
+from peftcore.architectures import lora_default
 from peftcore.errors import ConfigError, PeftWarning, TargetNotFoundError, UnsupportedLayerError, caller_stacklevel
 from peftcore.graph import LayerNode, ModelGraph
 from peftcore.pattern_keys import component_suffixes
@@ -26,22 +27,6 @@ Targets = Union[str, Sequence[str], None]
 
 ALL_LINEAR = "all-linear"
 DEFAULT_LAYERS_PATTERNS = ("layers", "h", "block", "blocks", "layer")
-
-#: Targets used when a config leaves ``target_modules`` unset, by model type (as HF PEFT).
-DEFAULT_TARGETS: dict[str, list[str]] = {
-    "llama": ["q_proj", "v_proj"],
-    "mistral": ["q_proj", "v_proj"],
-    "qwen2": ["q_proj", "v_proj"],
-    "gemma": ["q_proj", "v_proj"],
-    "opt": ["q_proj", "v_proj"],
-    "gpt2": ["c_attn"],
-    "bert": ["query", "value"],
-    "roberta": ["query", "value"],
-    "distilbert": ["q_lin", "v_lin"],
-    "t5": ["q", "v"],
-    "gpt_neox": ["query_key_value"],
-}
-
 
 #: Bounds on a regular expression in a config (``target_modules``/``exclude_modules`` as
 #: a string, ``rank_pattern``/``alpha_pattern`` keys), which may come from a file: see
@@ -193,8 +178,8 @@ def layer_index(path: str, patterns: Union[str, Sequence[str], None]) -> Optiona
 def default_target_modules(graph: ModelGraph) -> Targets:
     """The ``target_modules`` a config that leaves them unset gets on this model (its
     model type's default, as HF PEFT), or None where there is none."""
-    default = DEFAULT_TARGETS.get(graph.model_type)
-    return list(default) if default is not None else None
+    default = lora_default(graph.model_type)
+    return list(default) if isinstance(default, list) else default
 
 
 def select_layers(

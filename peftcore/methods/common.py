@@ -6,7 +6,7 @@ import warnings
 from typing import Any, Mapping, Optional, Sequence
 
 from peftcore.config import check, check_type
-from peftcore.errors import PeftWarning, TargetNotFoundError, caller_stacklevel, closest
+from peftcore.errors import ConfigError, PeftWarning, TargetNotFoundError, caller_stacklevel, closest
 from peftcore.graph import LayerNode, ModelGraph
 from peftcore.pattern_keys import component_suffixes
 from peftcore.plan import SaveModule
@@ -28,13 +28,22 @@ def effective_modules_to_save(task_type: Optional[str], modules: Optional[Sequen
 
 
 def validate_virtual_tokens(owner: str, config: Any, optional_ints: Sequence[str]) -> None:
-    """The fields every prompt-learning config shares: ``num_virtual_tokens`` a positive int,
-    and each of ``optional_ints`` an int or None."""
+    """The fields every prompt-learning config shares: ``num_virtual_tokens`` a positive int
+    or None (as HF PEFT, a config may be built without it; planning then asks for it, see
+    :func:`planned_virtual_tokens`), and each of ``optional_ints`` an int or None."""
     count = config.num_virtual_tokens
-    check_type(owner, "num_virtual_tokens", count, (int,))
-    check(count is not None and count > 0, f"{owner}.num_virtual_tokens must be positive, got {count}")
+    check_type(owner, "num_virtual_tokens", count, (int,), allow_none=True)
+    check(count is None or count > 0, f"{owner}.num_virtual_tokens must be positive, got {count}")
     for field_name in optional_ints:
         check_type(owner, field_name, getattr(config, field_name), (int,), allow_none=True)
+
+
+def planned_virtual_tokens(owner: str, config: Any) -> int:
+    """``config.num_virtual_tokens`` for planning; a :class:`ConfigError` when it is unset."""
+    count = config.num_virtual_tokens
+    if count is None:
+        raise ConfigError(f"{owner}.num_virtual_tokens is not set; give the number of virtual tokens to train")
+    return int(count)
 
 
 def validate_modules_to_save(owner: str, modules: Optional[Sequence[str]]) -> None:

@@ -25,6 +25,7 @@ from peftcore.graph import ModelGraph
 from peftcore.methods.common import (
     effective_modules_to_save,
     modules_to_save_ops,
+    planned_virtual_tokens,
     saved_prompt_config,
     validate_modules_to_save,
     validate_virtual_tokens,
@@ -135,7 +136,7 @@ class PromptEncoderConfig(PeftConfig):
         op_type = AddPromptEncoder if encoder else AddPrompt
         prompt = op_type(
             path=node.path,
-            num_virtual_tokens=int(self.num_virtual_tokens or 0),
+            num_virtual_tokens=planned_virtual_tokens(type(self).__name__, self),
             token_dim=width,
             num_embeddings=int(node.num_embeddings or 0),
             num_transformer_submodules=prompt_config.transformer_submodules(),

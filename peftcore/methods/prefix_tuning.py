@@ -31,14 +31,16 @@ from __future__ import annotations
 
 import re
 from dataclasses import dataclass
-from typing import Any, ClassVar, Mapping, Optional, Sequence
+from typing import ClassVar, Optional, Sequence
 
+from peftcore.architectures import KEY_NAMES
 from peftcore.config import PeftConfig, check, check_type, config_class
 from peftcore.errors import ConfigError, PlanError, TargetNotFoundError
 from peftcore.graph import LayerNode, ModelGraph
 from peftcore.methods.common import (
     effective_modules_to_save,
     modules_to_save_ops,
+    planned_virtual_tokens,
     saved_prompt_config,
     validate_modules_to_save,
     validate_virtual_tokens,
@@ -71,6 +73,8 @@ class AddPrefixEncoder(PlanOp):
     ``key_split`` name each layer's key projection and how many tensors its output holds
     side by side (3 for GPT-2's fused ``c_attn``), checked on loading.
     ``projection_hidden > 0`` adds HF's MLP reparameterisation with that hidden size.
+    ``zero_init`` starts the table at zero (with a projection: its last layer), HF's
+    ``init_weights="zero"``.
     ``table_layers`` is how many layers the table holds (default: one per attention
     module) and ``key_entries`` the table entry (a ``width``-wide column block) holding
     each attention module's keys, its values being the next entry (default ``2 * i``).
@@ -86,6 +90,7 @@ class AddPrefixEncoder(PlanOp):
     projection_hidden: int = 0
     table_layers: int = 0
     key_entries: Sequence[int] = ()
+    zero_init: bool = False
 
     def __post_init__(self) -> None:
         super().__post_init__()
@@ -107,6 +112,8 @@ class AddPrefixEncoder(PlanOp):
         ):
             raise PlanError(f"{where}: key_entries must be a list of table entries")
         object.__setattr__(self, "key_entries", tuple(entries))
+        if not isinstance(self.zero_init, bool):
+            raise PlanError(f"{where}: zero_init must be a bool, got {self.zero_init!r}")
         if self.table_layers < 0:
             raise PlanError(f"{where}: table_layers must not be negative")
         if entries and len(entries) != len(self.attention_paths):
@@ -173,6 +180,8 @@ class PrefixTuningConfig(PeftConfig):
       block) for a model type without a built-in layout (BERT, GPT-2, Llama and its
       relatives have one).
 
+    - ``init_weights``: ``None`` (random, HF's default) or ``"zero"`` (the table, or with a
+      projection the MLP's last layer, starts at zero), as HF PEFT.
     - ``num_transformer_submodules``: HF's; 2 for ``task_type="SEQ_2_SEQ_LM"`` (the prefix
       then goes into the decoder's self-attention only, see the module docstring), else 1.
 
@@ -184,7 +193,6 @@ class PrefixTuningConfig(PeftConfig):
     method: ClassVar[str] = "prefix_tuning"
     peft_type: ClassVar[str] = PeftType.PREFIX_TUNING
     plan_ops: ClassVar[tuple] = ("freeze_base", "prefix_encoder", "modules_to_save")
-    hf_unsupported_fields: ClassVar[Mapping[str, Any]] = {"init_weights": None}
     peftcore_fields: ClassVar[tuple] = ("attention_module", "key_module")
 
     num_virtual_tokens: Optional[int] = None
@@ -194,6 +202,7 @@ class PrefixTuningConfig(PeftConfig):
     num_layers: Optional[int] = None
     encoder_hidden_size: Optional[int] = None
     prefix_projection: bool = False
+    init_weights: Optional[str] = None
     modules_to_save: Optional[list] = None
     attention_module: Optional[str] = None
     key_module: Optional[str] = None
@@ -213,6 +222,10 @@ class PrefixTuningConfig(PeftConfig):
             f"{self.task_type!r} has {submodules} (2 only for SEQ_2_SEQ_LM, whose decoder gets the prefix)",
         )
         check_type(name, "prefix_projection", self.prefix_projection, (bool,))
+        check(
+            self.init_weights in (None, "zero"),
+            f"{name}.init_weights must be None (random) or 'zero', got {self.init_weights!r}",
+        )
         for field_name in ("attention_module", "key_module"):
             check_type(name, field_name, getattr(self, field_name), (str,), allow_none=True)
         validate_modules_to_save(name, self.modules_to_save)
@@ -268,7 +281,7 @@ class PrefixTuningConfig(PeftConfig):
                 raise ConfigError(f"{owner}.{field_name}={given} but the model has {actual}")
         prefix = AddPrefixEncoder(
             path=attentions[0].path,
-            num_virtual_tokens=int(self.num_virtual_tokens or 0),
+            num_virtual_tokens=planned_virtual_tokens(owner, self),
             width=width,
             attention_paths=tuple(a.path for a in attentions),
             key_paths=tuple(k.path for k in keys),
@@ -277,6 +290,7 @@ class PrefixTuningConfig(PeftConfig):
             table_layers=table_layers if self.is_seq2seq else 0,
             # HF doubles the table to (self k, self v, cross k, cross v) per decoder layer
             key_entries=tuple(4 * i % (2 * table_layers) for i in range(len(attentions))) if self.is_seq2seq else (),
+            zero_init=self.init_weights == "zero",
         )
         ops: list[PlanOp] = [FreezeBase(), prefix]
         saved = effective_modules_to_save(self.task_type, self.modules_to_save)
@@ -284,8 +298,12 @@ class PrefixTuningConfig(PeftConfig):
         return RewritePlan(method=self.method, adapter_name=adapter_name, ops=tuple(ops))
 
     def layout(self, graph: ModelGraph) -> BlockLayout:
-        """Where the attention and its key projection sit in a block of this model."""
+        """Where the attention and its key projection sit in a block of this model: the
+        config's ``attention_module``/``key_module``, else the model type's known layout,
+        else one read off the model's first block (:func:`derive_layout`)."""
         default = (SEQ2SEQ_LAYOUTS if self.is_seq2seq else BLOCK_LAYOUTS).get(graph.model_type)
+        if default is None and (self.attention_module is None or self.key_module is None):
+            default = derive_layout(graph, self.blocks(graph)[0])
         attention = self.attention_module or (default.attention if default else None)
         key = self.key_module or (default.key if default else None)
         if attention is None or key is None:
@@ -322,6 +340,20 @@ SEQ2SEQ_LAYOUTS: dict[str, BlockLayout] = {
     "mt5": BlockLayout("layer.0.SelfAttention", (), "layer.0.SelfAttention.k", ""),
     "bart": BlockLayout("self_attn", (), "self_attn.k_proj", ""),
 }
+
+
+def derive_layout(graph: ModelGraph, block: str) -> Optional[BlockLayout]:
+    """The layout of a block whose model type has none built in: its key projection is
+    the first linear layer (in model order) with the earliest name of
+    :data:`~peftcore.architectures.KEY_NAMES`, and the attention is that layer's parent.
+    ``None`` when the block has no layer of those names."""
+    inside = [node for node in graph if node.path.startswith(block + ".") and node.kind == "linear"]
+    for name, split in KEY_NAMES:
+        for node in inside:
+            if node.name == name and "." in node.path[len(block) + 1 :]:
+                key = node.path[len(block) + 1 :]
+                return BlockLayout(attention=key.rsplit(".", 1)[0], lora=(), key=key, ffn_output="", key_split=split)
+    return None
 
 
 def _node(graph: ModelGraph, block: str, rel: str, field_name: str, owner: str) -> LayerNode:

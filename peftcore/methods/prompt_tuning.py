@@ -23,6 +23,7 @@ from peftcore.graph import LayerNode, ModelGraph
 from peftcore.methods.common import (
     effective_modules_to_save,
     modules_to_save_ops,
+    planned_virtual_tokens,
     saved_prompt_config,
     validate_modules_to_save,
     validate_virtual_tokens,
@@ -347,7 +348,7 @@ class PromptTuningConfig(PeftConfig):
         token_ids = self.init_token_ids(int(node.num_embeddings or 0)) if init == "token_ids" else ()
         prompt = AddPrompt(
             path=node.path,
-            num_virtual_tokens=int(self.num_virtual_tokens or 0),
+            num_virtual_tokens=planned_virtual_tokens(type(self).__name__, self),
             token_dim=int(node.embedding_dim or 0),
             num_embeddings=int(node.num_embeddings or 0),
             init=init,

@@ -40,6 +40,7 @@ set to ``None``, which torch skips in ``named_modules`` and ``state_dict``.
 
 from __future__ import annotations
 
+import inspect
 import sys
 from typing import Any, Optional
 
@@ -280,7 +281,16 @@ def _real_implementation(module: nn.Module) -> str:
 
 
 def is_transformers_attention(module: nn.Module) -> bool:
-    return type(module).__module__.startswith("transformers.") and hasattr(getattr(module, "config", None), "_attn_implementation")
+    """Whether ``module`` is a transformers attention that computes attention through
+    ``ALL_ATTENTION_FUNCTIONS`` (the one seam :func:`routed_attention` uses). Modules that
+    compute it themselves (GPT-Neo, DeBERTa) hold a ``config`` too, so its forward's code
+    is asked for the name: a prefix that such a module would ignore is refused instead."""
+    if not type(module).__module__.startswith("transformers."):
+        return False
+    if not hasattr(getattr(module, "config", None), "_attn_implementation"):
+        return False
+    code = getattr(inspect.unwrap(type(module).forward), "__code__", None)
+    return code is not None and "ALL_ATTENTION_FUNCTIONS" in code.co_names
 
 
 def build_prefix(model: nn.Module, modules: dict, op: AddPrefix, adapter_name: str) -> None:

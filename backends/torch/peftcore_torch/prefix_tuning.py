@@ -79,7 +79,10 @@ class PrefixEncoder(AdapterLayer):
         with torch.no_grad():
             if not h:
                 table = self.new_tensor(n, op.table_width)
-                nn.init.normal_(table)  # HF PEFT's table is a default nn.Embedding
+                if op.zero_init:
+                    table.zero_()
+                else:
+                    nn.init.normal_(table)  # HF PEFT's table is a default nn.Embedding
                 self.prompt_embeddings[adapter_name] = table
             else:
                 embedding = self.new_tensor(n, d)
@@ -90,6 +93,9 @@ class PrefixEncoder(AdapterLayer):
                     bound = 1.0 / cols**0.5  # nn.Linear's default initialisation
                     nn.init.kaiming_uniform_(weight, a=5**0.5)
                     bias.uniform_(-bound, bound)
+                    if op.zero_init and prefix == "proj_up":  # HF's "zero": the MLP's output starts at 0
+                        weight.zero_()
+                        bias.zero_()
                     getattr(self, f"{prefix}_weight")[adapter_name] = weight
                     getattr(self, f"{prefix}_bias")[adapter_name] = bias
         self.widths[adapter_name] = d

@@ -14,45 +14,14 @@ import re
 from dataclasses import dataclass
 from typing import Any, ClassVar, Optional, Sequence, Union
 
+from peftcore.architectures import ia3_defaults
 from peftcore.config import PeftConfig, check, check_type, config_class
 from peftcore.errors import ConfigError, PlanError
 from peftcore.graph import LayerNode, ModelGraph
-from peftcore.methods.common import modules_to_save_ops, validate_modules_to_save
+from peftcore.methods.common import effective_modules_to_save, modules_to_save_ops, validate_modules_to_save
 from peftcore.peft_type import PeftType
 from peftcore.plan import FreezeBase, PlanOp, RewritePlan, TensorSpec, register_op
 from peftcore.targeting import ALL_LINEAR, Targets, select_layers, validate_targets
-
-#: Layers (IA)^3 adapts when ``target_modules`` is None, by model type (HF PEFT's choice).
-DEFAULT_TARGETS: dict[str, list[str]] = {
-    "bert": ["key", "value", "output.dense"],
-    "roberta": ["key", "value", "output.dense"],
-    "deberta-v2": ["key_proj", "value_proj", "output.dense"],
-    "gpt2": ["c_attn", "mlp.c_proj"],
-    "gpt_neox": ["query_key_value", "dense_4h_to_h"],
-    "opt": ["q_proj", "k_proj", "fc2"],
-    "bart": ["q_proj", "v_proj", "fc2"],
-    "t5": ["k", "v", "wo"],
-    "llama": ["k_proj", "v_proj", "down_proj"],
-    "mistral": ["k_proj", "v_proj", "down_proj"],
-    "qwen2": ["q_proj", "v_proj", "down_proj"],
-    "gemma": ["q_proj", "v_proj", "down_proj"],
-}
-
-#: Feed-forward layers (input scaled) when ``feedforward_modules`` is None, by model type.
-DEFAULT_FEEDFORWARD: dict[str, list[str]] = {
-    "bert": ["output.dense"],
-    "roberta": ["output.dense"],
-    "deberta-v2": ["output.dense"],
-    "gpt2": ["mlp.c_proj"],
-    "gpt_neox": ["dense_4h_to_h"],
-    "opt": ["fc2"],
-    "bart": ["fc2"],
-    "t5": ["wo"],
-    "llama": ["down_proj"],
-    "mistral": ["down_proj"],
-    "qwen2": ["down_proj"],
-    "gemma": ["down_proj"],
-}
 
 _INITS = ("ones", "random")
 
@@ -113,10 +82,10 @@ class IA3Config(PeftConfig):
 
     - ``target_modules``: layers to adapt; a list (exact name or dotted suffix), a
       regex string (full match) or ``"all-linear"``. ``None`` uses a per-model-type
-      default (:data:`DEFAULT_TARGETS`).
+      default (:func:`peftcore.architectures.ia3_defaults`).
     - ``feedforward_modules``: which targeted layers get their *input* scaled. A list
       entry matches a layer path that ends with it (HF PEFT's rule), a string is a full
-      regex. ``None`` uses a per-model-type default (:data:`DEFAULT_FEEDFORWARD`); pass
+      regex. ``None`` uses a per-model-type default (:func:`peftcore.architectures.ia3_defaults`); pass
       ``[]`` when no layer is feed-forward. When both fields are lists, every
       feed-forward entry must also be a target entry.
     - ``exclude_modules``: layers never adapted (same syntax as ``target_modules``).
@@ -164,25 +133,25 @@ class IA3Config(PeftConfig):
         written out, as HF PEFT saves them."""
         changes: dict[str, Any] = {"inference_mode": True}
         if graph is not None:
-            for field_name, defaults in (("target_modules", DEFAULT_TARGETS), ("feedforward_modules", DEFAULT_FEEDFORWARD)):
-                if getattr(self, field_name) is None and graph.model_type in defaults:
-                    changes[field_name] = sorted(set(defaults[graph.model_type]))
+            for field_name, default in zip(("target_modules", "feedforward_modules"), ia3_defaults(graph.model_type)):
+                if getattr(self, field_name) is None and default is not None:
+                    changes[field_name] = sorted(set(default))
         return self.replace(**changes)
 
     # -- planning -------------------------------------------------------------------
     def resolved_targets(self, graph: ModelGraph) -> Targets:
         """``target_modules``, or the model type's default when it is None."""
-        return self._resolve("target_modules", self.target_modules, DEFAULT_TARGETS, graph)
+        return self._resolve("target_modules", self.target_modules, ia3_defaults(graph.model_type)[0], graph)
 
     def resolved_feedforward(self, graph: ModelGraph) -> Targets:
         """``feedforward_modules``, or the model type's default when it is None."""
-        return self._resolve("feedforward_modules", self.feedforward_modules, DEFAULT_FEEDFORWARD, graph)
+        return self._resolve("feedforward_modules", self.feedforward_modules, ia3_defaults(graph.model_type)[1], graph)
 
-    def _resolve(self, field_name: str, value: Targets, defaults: dict[str, list[str]], graph: ModelGraph) -> Targets:
+    def _resolve(self, field_name: str, value: Targets, default: Optional[list[str]], graph: ModelGraph) -> Targets:
         if value is not None:
             return value
-        if graph.model_type in defaults:
-            return list(defaults[graph.model_type])
+        if default is not None:
+            return default
         hint = " (use [] if no layer is feed-forward)" if field_name == "feedforward_modules" else ""
         raise ConfigError(
             f"{type(self).__name__}.{field_name} is not set and there is no (IA)^3 default for model type "
@@ -202,7 +171,8 @@ class IA3Config(PeftConfig):
         )
         ops: list[PlanOp] = [FreezeBase()]
         ops.extend(self._scale_op(node, is_feedforward(node.path, feedforward)) for node in layers)
-        ops.extend(modules_to_save_ops(graph, self.modules_to_save, owner))
+        # as HF PEFT: a task's new head (SEQ_CLS's classifier) is trained in full and saved
+        ops.extend(modules_to_save_ops(graph, effective_modules_to_save(self.task_type, self.modules_to_save), owner))
         return RewritePlan(method=self.method, adapter_name=adapter_name, ops=tuple(ops))
 
     def _scale_op(self, node: LayerNode, feedforward: bool) -> IA3Scale:
