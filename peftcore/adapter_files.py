@@ -35,6 +35,7 @@ from peftcore.io import (
     hf_key_of,
     match_tensors,
     read_adapter,
+    stale_weights_name,
     unexpected_tensor_keys,
 )
 from peftcore.model_card import CARD_NAME, MAX_CARD_BYTES, model_card_text
@@ -137,8 +138,9 @@ class AdapterFilesMixin:
         """Save adapters: ``default`` at the top of the directory, others in a subfolder
         each, and a model card (``README.md``), as HF PEFT does.
 
-        HF PEFT's arguments: ``safe_serialization`` (peftcore always writes safetensors;
-        False warns), ``save_embedding_layers`` (the base model's embedding matrices are
+        HF PEFT's arguments: ``safe_serialization`` (False writes torch's
+        ``adapter_model.bin`` as HF PEFT does, a plain state dict without peftcore's plan,
+        so it reloads from its config as an HF adapter does; needs torch), ``save_embedding_layers`` (the base model's embedding matrices are
         stored beside the adapter, as HF PEFT stores them: ``"auto"`` when the config
         targets ``embed_tokens``/``lm_head``, see
         :func:`~peftcore.hf_compat.embedding_matrices_to_save`; loading copies them back
@@ -174,11 +176,14 @@ class AdapterFilesMixin:
                 embeddings = embedding_matrices_to_save(self, name, save_embedding_layers)
                 saved = self.peft_config[name].as_saved(self.model_graph, self.plans[name])  # as HF PEFT writes it
                 contents = adapter_file_contents(
-                    saved, self.plans[name], tensors, embeddings, auto_mapping=auto_mapping_of(self, saved)
+                    saved, self.plans[name], tensors, embeddings, auto_mapping=auto_mapping_of(self, saved),
+                    safe_serialization=safe_serialization,
                 )
                 files.extend((subfolders[name], file_name, content) for file_name, content in contents)
             files.append((None, CARD_NAME, card.encode("utf-8")))
             folder.write_files(files)  # all or nothing
+            for name in names:  # the other weights format's old file would disagree with the new one
+                folder.remove_regular(stale_weights_name(safe_serialization), subfolders[name])
 
     def push_to_hub(
         self,
@@ -272,7 +277,7 @@ class AdapterFilesMixin:
         """``files``' tensors for ``plan``, checked (canonical names), the embedding
         matrices saved beside them, and the file keys a non-strict load skips."""
         assert self.model_graph is not None
-        weights_path = os.path.join(files.directory, WEIGHTS_NAME)
+        weights_path = files.weights_path or os.path.join(files.directory, WEIGHTS_NAME)
         adapter_tensors, embeddings = split_embedding_layers(files.tensors, self.model_graph, plan, weights_path)
         dtypes = self._layer_dtypes()
         tensors = match_tensors(plan, adapter_tensors, weights_path, strict, allow_non_finite=allow_non_finite, dtypes=dtypes)

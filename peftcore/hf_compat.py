@@ -322,12 +322,8 @@ def _strip_adapter_name(key: str, adapter_name: str) -> str:
 
 def check_hf_save_arguments(safe_serialization: bool, save_embedding_layers: Union[str, bool]) -> None:
     """Validate ``save_pretrained``'s HF arguments (see :meth:`PeftModel.save_pretrained`)."""
-    if safe_serialization is not True:
-        warnings.warn(
-            "safe_serialization=False: peftcore never pickles; the adapter is saved as adapter_model.safetensors",
-            UserWarning,
-            stacklevel=3,
-        )
+    if not isinstance(safe_serialization, bool):
+        raise ConfigError(f"safe_serialization must be True or False, got {safe_serialization!r}")
     if save_embedding_layers not in ("auto", True, False):
         raise ConfigError(f"save_embedding_layers must be 'auto', True or False, got {save_embedding_layers!r}")
 

@@ -35,6 +35,7 @@ from peftcore.safe_files import read_bounded
 from peftcore.safetensors_reader import read_safetensors
 from peftcore.safetensors_writer import safetensors_buffers
 from peftcore.save_dir import Content, SaveDirectory
+from peftcore.torch_weights import BIN_WEIGHTS_NAME, bin_bytes, bin_path, read_bin
 
 WEIGHTS_NAME = "adapter_model.safetensors"
 HF_PREFIX = "base_model.model."
@@ -57,6 +58,8 @@ class AdapterFiles:
     config: PeftConfig
     plan: Optional[RewritePlan]
     tensors: Mapping[str, np.ndarray]
+    #: the weights file the tensors came from (safetensors, or torch's ``.bin``)
+    weights_path: str = ""
 
 
 def check_adapter_name(adapter_name: str) -> str:
@@ -105,12 +108,21 @@ def save_adapter(
     tensors: Mapping[str, np.ndarray],
     base_matrices: Optional[Mapping[str, np.ndarray]] = None,
     auto_mapping: Optional[Mapping[str, str]] = None,
+    safe_serialization: bool = True,
 ) -> None:
     """Write one adapter to ``directory`` (created if needed), all or nothing, through
-    :class:`~peftcore.save_dir.SaveDirectory`. Arguments as :func:`adapter_file_contents`."""
-    files = adapter_file_contents(config, plan, tensors, base_matrices, auto_mapping)
+    :class:`~peftcore.save_dir.SaveDirectory`. Arguments as :func:`adapter_file_contents`;
+    the other weights format's old file is removed after, so the directory never holds two
+    weights files that disagree."""
+    files = adapter_file_contents(config, plan, tensors, base_matrices, auto_mapping, safe_serialization)
     with SaveDirectory.open(directory) as folder:
         folder.write_files([(None, name, content) for name, content in files])
+        folder.remove_regular(stale_weights_name(safe_serialization))
+
+
+def stale_weights_name(safe_serialization: bool) -> str:
+    """The weights file of the format not written (removed after a save)."""
+    return BIN_WEIGHTS_NAME if safe_serialization else WEIGHTS_NAME
 
 
 def adapter_file_contents(
@@ -119,6 +131,7 @@ def adapter_file_contents(
     tensors: Mapping[str, np.ndarray],
     base_matrices: Optional[Mapping[str, np.ndarray]] = None,
     auto_mapping: Optional[Mapping[str, str]] = None,
+    safe_serialization: bool = True,
 ) -> list[tuple[str, Content]]:
     """The files of one adapter, in the order they are renamed into place: the config,
     then the weights (the commit point; made only when written), every tensor checked
@@ -126,7 +139,8 @@ def adapter_file_contents(
     under their HF keys (HF PEFT's saved embeddings). ``auto_mapping`` is HF PEFT's
     record of the base model's class for an adapter without a task type
     (``{"base_model_class": ..., "parent_library": ...}``); HF writes the key, null, for
-    the others."""
+    the others. ``safe_serialization=False`` gives torch's ``adapter_model.bin`` (HF
+    PEFT's keys, no peftcore plan) instead of safetensors."""
     specs = plan.tensor_specs()
     missing = sorted(set(specs) - set(tensors))
     extra = sorted(set(tensors) - set(specs))
@@ -149,6 +163,8 @@ def adapter_file_contents(
         record["peftcore_config"] = own_fields
     metadata = {"format": "pt", METADATA_KEY: json.dumps(record)}
     text = json.dumps(config_dict, indent=2, sort_keys=True)
+    if not safe_serialization:
+        return [(CONFIG_NAME, text.encode("utf-8")), (BIN_WEIGHTS_NAME, lambda: [bin_bytes(hf_tensors)])]
     return [(CONFIG_NAME, text.encode("utf-8")), (WEIGHTS_NAME, lambda: safetensors_buffers(hf_tensors, metadata))]
 
 
@@ -169,7 +185,9 @@ def read_adapter(directory: str) -> AdapterFiles:
 
     weights_path = os.path.join(directory, WEIGHTS_NAME)
     if not os.path.isfile(weights_path):
-        raise AdapterError(f"{weights_path}: file is missing")
+        if os.path.isfile(bin_path(directory)):  # an older adapter, or HF's safe_serialization=False
+            return AdapterFiles(directory, config, None, read_bin(bin_path(directory)), bin_path(directory))
+        raise AdapterError(f"{weights_path}: file is missing (and there is no {BIN_WEIGHTS_NAME} either)")
     tensors, metadata = read_safetensors(weights_path)
     plan = None
     if METADATA_KEY in metadata:
@@ -186,7 +204,7 @@ def read_adapter(directory: str) -> AdapterFiles:
             config = _parse_config({**data, **own_fields}, f"{weights_path}: config in '{METADATA_KEY}' metadata")
     if plan is not None:
         check_plan_matches_config(plan, config, weights_path)
-    return AdapterFiles(directory, config, plan, tensors)
+    return AdapterFiles(directory, config, plan, tensors, weights_path)
 
 
 def check_plan_matches_config(plan: RewritePlan, config: PeftConfig, where: str) -> None:

@@ -194,6 +194,21 @@ class SaveDirectory:
             if sub is not None:
                 folder.close()
 
+    def remove_regular(self, name: str, sub: Optional[str] = None) -> None:
+        """Remove ``name`` (in subfolder ``sub``) when it is a regular file; anything else
+        there (nothing, a link, a folder) is left alone."""
+        if sub is not None:
+            with self.subfolder_if_present(sub) as folder:
+                if folder is not None:
+                    folder.remove_regular(name)
+            return
+        try:
+            info = os.stat(name, dir_fd=self._fd, follow_symlinks=False)
+        except FileNotFoundError:
+            return
+        if stat.S_ISREG(info.st_mode):
+            os.unlink(name, dir_fd=self._fd)
+
     def subfolder_if_present(self, name: str) -> _MaybeFolder:
         """The existing subfolder ``name`` (entered without following a link), or None."""
         if self.kind(name) is None:
