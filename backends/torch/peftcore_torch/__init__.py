@@ -23,7 +23,8 @@ _AUTO = (
 
 def __getattr__(name: str) -> Any:
     """HF PEFT's ``AutoPeftModel*`` classes (:mod:`peftcore_torch.auto`), its base-state
-    functions (:mod:`peftcore_torch.base_state`) and :func:`enable_trainer_integration`,
+    functions (:mod:`peftcore_torch.base_state`), ``prepare_model_for_kbit_training``
+    (:mod:`peftcore_torch.training_prep`) and :func:`enable_trainer_integration`,
     imported on first use."""
     if name in _AUTO:
         from peftcore_torch import auto
@@ -33,6 +34,10 @@ def __getattr__(name: str) -> Any:
         from peftcore_torch import base_state
 
         return getattr(base_state, name)
+    if name in ("prepare_model_for_kbit_training", "prepare_model_for_gradient_checkpointing"):
+        from peftcore_torch import training_prep
+
+        return getattr(training_prep, name)
     if name == "enable_trainer_integration":
         from peftcore_torch.trainer_integration import enable_trainer_integration
 

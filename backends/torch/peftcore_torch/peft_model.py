@@ -22,6 +22,7 @@ from peftcore.errors import AdapterError
 from peftcore.graph import ModelGraph
 from peftcore.model_lock import changes_model, reading
 from peftcore.peft_model import PeftModel, deprecated_graph_alias
+from peftcore_torch import training_prep
 from peftcore_torch.layers import AdapterLayer
 from peftcore_torch.row_routing import compiling, refuse_when_compiling
 from peftcore_torch.trainer_integration import enable_if_transformers_loaded
@@ -139,6 +140,13 @@ class TorchPeftModel(PeftModel, nn.Module):
         self.init_peft_state(backend_name, graph)
         # let transformers.Trainer save and resume it as an adapter (see trainer_integration)
         enable_if_transformers_loaded()
+        if getattr(model, "is_gradient_checkpointing", True):  # HF PEFT's condition and default
+            self.prepare_model_for_gradient_checkpointing(model)
+
+    def prepare_model_for_gradient_checkpointing(self, model: nn.Module) -> nn.Module:
+        """HF PEFT's: make ``model``'s input embeddings' output require gradients unless it
+        is quantised (see :mod:`peftcore_torch.training_prep`); returns the model."""
+        return training_prep.prepare_model_for_gradient_checkpointing(model)
 
     def get_base_model(self) -> nn.Module:
         """The adapted model (HF PEFT's ``get_base_model()``)."""
