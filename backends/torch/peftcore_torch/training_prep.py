@@ -30,7 +30,7 @@ def _quantisation(model: nn.Module) -> tuple[bool, bool]:
     return kbit or keep_type, keep_type
 
 
-def inputs_require_grad(model: nn.Module) -> None:
+def inputs_require_grad(model: Any) -> None:
     """Make the input embeddings' output require gradients (transformers'
     ``enable_input_require_grads`` where the model has it, else a forward hook)."""
     if hasattr(model, "enable_input_require_grads"):
