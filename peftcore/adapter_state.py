@@ -9,7 +9,7 @@ once and the torch and SINGA layers (and third-party ones) inherit them.
 
 from __future__ import annotations
 
-from typing import Any, ClassVar, Mapping
+from typing import Any, ClassVar, Mapping, Sequence, Union
 
 from peftcore.errors import AdapterError
 
@@ -26,6 +26,9 @@ class AdapterBookkeeping:
 
     adapter_tensor_names: ClassVar[tuple] = ()
     canonical_names: ClassVar[Mapping[str, str]] = {}
+    #: the layer runs one adapter at a time (a ``modules_to_save`` copy): two active
+    #: adapters that both hold one are refused, as HF PEFT refuses them
+    single_active: ClassVar[bool] = False
 
     def init_adapter_state(self) -> None:
         self.active_adapters: list[str] = []
@@ -47,6 +50,22 @@ class AdapterBookkeeping:
         """Turn this layer's adapters on (``True``) or off (``False``), as HF PEFT's layer
         method does; the model-level switch is ``enable_adapter_layers``."""
         self.disabled = not enabled
+
+    def set_adapter(self, adapter_names: Union[str, Sequence[str]]) -> None:
+        """Make ``adapter_names`` this layer's active adapters; their tensors train and
+        the layer's other adapters' do not (HF PEFT's layer method; the model-level
+        ``set_adapter`` sets every layer)."""
+        names = [adapter_names] if isinstance(adapter_names, str) else list(adapter_names)
+        present = self.adapter_names()
+        if self.single_active and sum(name in present for name in names) > 1:
+            raise AdapterError(
+                f"Only one adapter can be set at a time for ModulesToSaveWrapper; {type(self).__name__} holds "
+                f"{[n for n in names if n in present]}"
+            )
+        layer: Any = self  # a backend's adapter layer, which has set_trainable (runtime.AdapterLayer)
+        for name in present:
+            layer.set_trainable(name, name in names)
+        self.active_adapters = names
 
     def _all_available_adapter_names(self) -> list[str]:
         """HF PEFT's name for :meth:`adapter_names`."""

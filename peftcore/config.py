@@ -117,6 +117,9 @@ class PeftConfig:
     #: the start every adapter tensor name of this method has (``"lora_"``): HF PEFT's
     #: tuner ``prefix``; empty where the method's tensors share none
     tensor_prefix: ClassVar[str] = ""
+    #: HF PEFT's attribute: the method adds virtual tokens (prompt, prefix or P-tuning)
+    #: rather than changing layers, so it has no unload or per-adapter requires_grad
+    is_prompt_learning: ClassVar[bool] = False
 
     task_type: Optional[str] = None
     inference_mode: bool = False

@@ -52,6 +52,16 @@ class AdapterError(PeftCoreError, ValueError):
     """An adapter (in memory or on disk) is missing, malformed or does not fit the model."""
 
 
+class MethodOperationError(PeftCoreError, TypeError):
+    """An operation the adapter's method does not have (``set_requires_grad`` on a prompt,
+    as HF PEFT: a ``TypeError``)."""
+
+
+class PromptLearningUnloadError(PeftCoreError, AttributeError):
+    """``unload()`` of a prompt-learning adapter, which HF PEFT's models lack (an
+    ``AttributeError`` there, so here too)."""
+
+
 class PeftWarning(UserWarning):
     """A warning about a PEFT model or adapter (Hugging Face PEFT's name); peftcore's own
     warnings about adapter state derive from it."""

@@ -112,12 +112,20 @@ class HFCompatMixin:
             pm._require(name)
             if not isinstance(pm.peft_config[name], LoraConfig):
                 raise ValueError(f"add_weighted_adapter combines LoRA adapters; {name!r} is not one")
-            others = sorted({op.op for op in pm.plans[name].ops} - {"lora", "freeze_base"})
+            others = sorted({op.op for op in pm.plans[name].ops} - {"lora", "freeze_base", "modules_to_save"})
             if others:
                 raise ValueError(
-                    f"adapter {name!r} has {', '.join(others)} op(s) (e.g. modules_to_save); only plain LoRA "
-                    "adapters can be combined"
+                    f"adapter {name!r} has {', '.join(others)} op(s); only LoRA adapters (with modules_to_save) "
+                    "can be combined"
                 )
+        # as HF PEFT: a module several of them train in full has no weighted combination
+        saved = [op.path for name in adapters for op in pm.plans[name].ops if op.op == "modules_to_save"]
+        shared = sorted({path for path in saved if saved.count(path) > 1})
+        if shared:
+            raise ValueError(
+                f"Cannot add weighted adapters if they target the same module with modules_to_save, but found "
+                f"{len(shared)} such instance(s): {', '.join(shared)}."
+            )
         if adapter_name in pm.peft_config:
             raise AdapterError(f"Adapter with name '{adapter_name}' already exists; delete it first or pick another name.")
         ops = {name: {op.path: op for op in pm.plans[name].ops if isinstance(op, AddLora)} for name in adapters}
@@ -177,10 +185,11 @@ class HFCompatMixin:
             alpha_pattern={key: r for key, r in rank_pattern.items()},
             inference_mode=True,
         )
+        # the first adapter's modules_to_save come along, starting from the base module as in HF PEFT
         pm.add_adapter(adapter_name, config)
         try:
-            dtypes = pm.export_adapter(adapter_name)
-            pm.import_adapter(adapter_name, {k: v.astype(dtypes[k].dtype) for k, v in combined.items()})
+            initial = pm.export_adapter(adapter_name)
+            pm.import_adapter(adapter_name, {**initial, **{k: v.astype(initial[k].dtype) for k, v in combined.items()}})
         except BaseException:
             pm.delete_adapter(adapter_name)
             raise

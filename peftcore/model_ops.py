@@ -165,7 +165,9 @@ def for_each_layer(runtime: BackendRuntime, model: Any, operation: str, action: 
 
 def set_active(runtime: BackendRuntime, model: Any, adapter_names: Sequence[str]) -> None:
     def activate(layer: Any) -> None:
-        layer.active_adapters = list(adapter_names)
+        # a layer that runs one adapter at a time lists only the one it holds (HF PEFT's wrapper)
+        single = getattr(type(layer), "single_active", False)
+        layer.active_adapters = [n for n in adapter_names if n in layer.adapter_names()] if single else list(adapter_names)
 
     for_each_layer(runtime, model, "set_adapter", activate)
 

@@ -32,6 +32,7 @@ from peftcore.errors import AdapterError, BackendError, did_you_mean
 from peftcore.finite import count_non_finite
 from peftcore.graph import ModelGraph
 from peftcore.hf_compat import HFCompatMixin
+from peftcore.hf_model_api import HFModelApiMixin
 from peftcore.io import DEFAULT_ADAPTER, check_adapter_name, read_adapter
 from peftcore.merge_checks import check_safe_to_merge
 from peftcore.methods.common import effective_modules_to_save, warn_untrained_head
@@ -44,7 +45,7 @@ from peftcore.runtime import BackendRuntime, TaskPeftModelClasses
 __all__ = ["BASE_ROW", "HandlePeftModel", "PeftModel", "deprecated_graph_alias", "wrap_model"]
 
 
-class PeftModel(AdapterFilesMixin, HFCompatMixin):
+class PeftModel(AdapterFilesMixin, HFCompatMixin, HFModelApiMixin):
     """A model with adapters, native to its framework (mixin; see the module docstring).
 
     Calling it runs the model with its active adapters. The adapted native model is
@@ -288,6 +289,7 @@ class PeftModel(AdapterFilesMixin, HFCompatMixin):
         names = [adapter_name] if isinstance(adapter_name, str) else list(adapter_name)
         for name in names:
             self._require(name)
+        self._refuse_shared_modules_to_save(names)
         self._unmerge_unless_active(names, "set_adapter")
         for name in self.peft_config:
             trainable = name in names and not inference_mode and not self.peft_config[name].inference_mode
@@ -449,11 +451,14 @@ class PeftModel(AdapterFilesMixin, HFCompatMixin):
         return list(self._merged)
 
     @changes_model
-    def merge_and_unload(self, safe_merge: bool = False) -> Any:
-        """Fold the active adapters into the base weights and return the plain model.
+    def merge_and_unload(self, safe_merge: bool = False, adapter_names: Optional[Sequence[str]] = None) -> Any:
+        """Fold the active adapters (or ``adapter_names``, HF PEFT's argument) into the
+        base weights and return the plain model.
 
         ``safe_merge`` checks the adapters first, as :meth:`merge_adapter` does.
         """
+        if adapter_names is not None:
+            self.set_adapter(list(adapter_names))  # the adapters to fold in; every adapter goes anyway
         if safe_merge:
             self._check_safe_to_merge(self.active_adapters)
         self.unmerge_adapter()
@@ -468,8 +473,11 @@ class PeftModel(AdapterFilesMixin, HFCompatMixin):
         check_safe_to_merge(exported, self.model_graph, model_ops.layer_dtypes(self.runtime, self.get_base_model()))
 
     @changes_model
-    def unload(self) -> Any:
-        """Remove every adapter without merging and return the plain model."""
+    def unload(self, prompt_learning: bool = False) -> Any:
+        """Remove every adapter without merging and return the plain model. As in HF
+        PEFT, a model with prompt-learning adapters has no ``unload`` (an
+        ``AttributeError``) unless ``prompt_learning=True`` (peftcore's)."""
+        self._refuse_prompt_learning_unload(prompt_learning)
         self.unmerge_adapter()
         return self._unload(merge=False)
 
@@ -614,7 +622,7 @@ class PeftModel(AdapterFilesMixin, HFCompatMixin):
         if fixed:
             raise AdapterError(
                 f"adapter {adapter_name!r} cannot be merged into the base weights: its {', '.join(fixed)} op(s) "
-                "change the model's inputs or computation, not its weights (use unload() to remove it)"
+                "change the model's inputs or computation, not its weights (use unload(prompt_learning=True) to remove it)"
             )
 
     def _require(self, adapter_name: str) -> None:

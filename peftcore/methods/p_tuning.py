@@ -68,6 +68,7 @@ class PromptEncoderConfig(PeftConfig):
     - ``embedding_layer`` (peftcore's): the embedding to prompt, by default the input one.
     """
 
+    is_prompt_learning: ClassVar[bool] = True
     method: ClassVar[str] = "p_tuning"
     peft_type: ClassVar[str] = PeftType.P_TUNING
     plan_ops: ClassVar[tuple] = ("freeze_base", "prompt_encoder", "modules_to_save")

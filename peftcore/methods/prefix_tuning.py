@@ -190,6 +190,7 @@ class PrefixTuningConfig(PeftConfig):
     sequence-to-sequence models).
     """
 
+    is_prompt_learning: ClassVar[bool] = True
     method: ClassVar[str] = "prefix_tuning"
     peft_type: ClassVar[str] = PeftType.PREFIX_TUNING
     plan_ops: ClassVar[tuple] = ("freeze_base", "prefix_encoder", "modules_to_save")

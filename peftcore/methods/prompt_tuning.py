@@ -278,6 +278,7 @@ class PromptTuningConfig(PeftConfig):
       num_virtual_tokens`` rows (HF's layout), the second block unused.
     """
 
+    is_prompt_learning: ClassVar[bool] = True
     method: ClassVar[str] = "prompt_tuning"
     peft_type: ClassVar[str] = PeftType.PROMPT_TUNING
     plan_ops: ClassVar[tuple] = ("freeze_base", "prompt_embedding", "modules_to_save")

@@ -30,6 +30,7 @@ class ModulesToSaveWrapper(RoutesRows, AdapterLayer):
     copies are ``modules_to_save[<adapter>]``, so state-dict keys are HF's."""
 
     base_layer_attribute: ClassVar[str] = "original_module"
+    single_active: ClassVar[bool] = True
     original_module: nn.Module
 
     def __init__(self, base_layer: nn.Module) -> None:

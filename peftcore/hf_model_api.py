@@ -1,0 +1,54 @@
+"""More of HF PEFT's PeftModel API on the core's state machine: ``set_requires_grad``
+and the rule that prompt-learning adapters have no ``unload`` (a mixin of
+:class:`peftcore.PeftModel`)."""
+
+from __future__ import annotations
+
+from typing import Any, Sequence, Union
+
+from peftcore.errors import AdapterError, MethodOperationError, PromptLearningUnloadError
+
+
+class HFModelApiMixin:
+    """``set_requires_grad``, and the checks of ``set_adapter`` and ``unload`` (see the module docstring)."""
+
+    def set_requires_grad(self, adapter_names: Union[str, Sequence[str]], requires_grad: bool = True) -> None:
+        """Switch gradients of the adapters ``adapter_names`` on (or off), their
+        ``modules_to_save`` copies included, whether or not they are active (HF PEFT's
+        method). Prompt-learning adapters refuse, as in HF PEFT (a ``TypeError``)."""
+        pm: Any = self
+        active = pm.active_peft_config
+        if active.is_prompt_learning:
+            raise MethodOperationError(
+                f"Setting `requires_grad` is not supported for prompt learning methods like {active.peft_type}."
+            )
+        names = [adapter_names] if isinstance(adapter_names, str) else list(adapter_names)
+        for name in names:
+            pm._require(name)
+        for name in names:
+            pm._set_trainable(name, bool(requires_grad))
+
+    def _refuse_shared_modules_to_save(self, names: Sequence[str]) -> None:
+        """Several active adapters cannot each run their own copy of one module (the
+        module computes one thing), so HF PEFT refuses them; so does peftcore."""
+        pm: Any = self
+        saved = [op.path for name in names for op in pm.plans[name].ops if op.op == "modules_to_save"]
+        shared = sorted({path for path in saved if saved.count(path) > 1})
+        if shared:
+            raise AdapterError(
+                f"Only one adapter can be set at a time for ModulesToSaveWrapper: adapters {list(names)} each "
+                f"train their own copy of {', '.join(repr(p) for p in shared)}"
+            )
+
+    def _refuse_prompt_learning_unload(self, prompt_learning: bool) -> None:
+        """HF PEFT's prompt-learning models have no ``unload`` (an ``AttributeError``);
+        peftcore can remove a prompt anyway when asked with ``prompt_learning=True``."""
+        pm: Any = self
+        prompts = [name for name, config in pm.peft_config.items() if config.is_prompt_learning]
+        if prompts and not prompt_learning:
+            kind = pm.peft_config[prompts[0]].peft_type
+            raise PromptLearningUnloadError(
+                f"unload() is not available for prompt-learning adapters ({prompts[0]!r} is {kind}), as in HF PEFT: "
+                "the prompt is not part of the model's layers. To remove it anyway and get the plain model "
+                "back, call unload(prompt_learning=True)"
+            )
