@@ -1,44 +1,67 @@
-"""Which of Hugging Face PEFT's ``tests/test_custom_models.py`` cases measure peftcore.
+"""Which of Hugging Face PEFT's test cases measure peftcore: those of the methods it claims.
 
-The cases kept are those of the methods peftcore claims with HF's meaning: LoRA on
-``nn.Linear``, ``nn.Embedding`` and transformers' ``Conv1D`` layers, and (IA)^3 through the
-example plugin ``peftcore-ia3``. Concretely, a collected test is kept when
+Files measured (:data:`FILES`): ``test_custom_models.py`` (LoRA on ``nn.Linear``,
+``nn.Embedding`` and transformers' ``Conv1D`` layers, and (IA)^3 through the example plugin
+``peftcore-ia3``, on :data:`CLAIMED_MODELS`), and the model-level files
+``test_decoder_models.py``, ``test_encoder_decoder_models.py``,
+``test_feature_extraction_models.py``, ``test_seq_classifier.py`` and ``test_config.py``
+(LoRA, (IA)^3, prompt tuning, prefix tuning and P-tuning).
 
-- it is parametrised with a config class (``config_cls``) named ``LoraConfig`` or
-  ``IA3Config``, on one of :data:`CLAIMED_MODELS`, and its config keywords use none of
-  :data:`VARIANT_KEYS` nor :data:`VARIANT_INITS` (LoRA variants peftcore does not have:
-  DoRA, VeLoRA, MiCA...); or
-- it is not parametrised with a config class, and its source names no config class but
-  ``LoraConfig``/``IA3Config``, none of :data:`VARIANT_KEYS`, and no layer type peftcore
+Each case is selected by its **own** config, never by text elsewhere in its test:
+
+- a case parametrised with configs (config classes, config instances, or keyword dicts
+  beside a config class) is kept when every config is of a claimed method, no keyword
+  switches a LoRA variant on (:data:`VARIANT_KEYS` set to a value that is not
+  ``None``/``False``/empty, or an ``init_lora_weights`` of :data:`VARIANT_INITS`), its
+  ``model_id`` (if any) is a claimed model, and the test's body (decorators and skip
+  guards excluded) does not itself switch a variant on for every case;
+- a case without config parameters is kept when its body (decorators excluded) names
+  only claimed config classes, switches no variant on, and names no layer type peftcore
   does not claim (:data:`UNCLAIMED_SOURCE_WORDS`).
 
-The rule reads only names, so it selects the same cases whichever ``peft`` (HF's own or
-the peftcore shim) the test module imported.
+The rule reads names, keyword dicts and source text only, so it selects the same cases
+whichever ``peft`` (HF's own or the peftcore shim) the test module imported; the runner
+also hands the baseline run's selection to the peftcore run (see ``plugin.py``).
 """
 
 from __future__ import annotations
 
+import ast
 import inspect
 import re
-from typing import Any
+import textwrap
+from typing import Any, Optional
 
-#: Model ids of HF's test models whose targeted layers are Linear, Embedding or Conv1D.
+#: Model ids of ``test_custom_models.py`` whose targeted layers are Linear, Embedding or Conv1D.
 CLAIMED_MODELS = frozenset({
     "MLP", "EmbConv1D", "MLP2", "MLP_LayerNorm",
 })
 
-#: LoRA config keywords of variants peftcore does not implement.
+#: Config classes claimed, by measured file.
+LORA_IA3 = frozenset({"LoraConfig", "IA3Config"})
+PROMPT_METHODS = frozenset({"PromptTuningConfig", "PrefixTuningConfig", "PromptEncoderConfig"})
+FILES: dict[str, frozenset] = {
+    "test_custom_models.py": LORA_IA3,
+    "test_decoder_models.py": LORA_IA3 | PROMPT_METHODS,
+    "test_encoder_decoder_models.py": LORA_IA3 | PROMPT_METHODS,
+    "test_feature_extraction_models.py": LORA_IA3 | PROMPT_METHODS,
+    "test_seq_classifier.py": LORA_IA3 | PROMPT_METHODS,
+    "test_config.py": LORA_IA3 | PROMPT_METHODS,
+}
+
+#: LoRA config keywords of variants peftcore does not implement (``runtime_config`` is not
+#: one: it is a runtime knob every HF ``LoraConfig`` carries).
 VARIANT_KEYS = (
     "use_dora", "velora_config", "lora_bias", "use_bdlora", "target_parameters", "kasa_config",
     "trainable_token_indices", "monteclora_config", "alora_invocation_tokens", "use_qalora", "arrow_config",
     "corda_config", "eva_config", "loftq_config", "layer_replication", "use_kasa", "lora_ga_config",
-    "runtime_config", "megatron_config", "ensure_weight_tying",
+    "megatron_config", "ensure_weight_tying",
 )
 
 #: ``init_lora_weights`` values that switch on a LoRA variant (a different forward), not an init.
 VARIANT_INITS = frozenset({"mica"})
 
-#: Words (lower case) whose presence in a test's source shows it is about something
+#: Words (lower case) whose presence in a test's body shows it is about something
 #: peftcore does not claim.
 UNCLAIMED_SOURCE_WORDS = (
     "conv2d", "conv3d", "nn.conv1d", "multiheadattention", "modelmha", "gru(", "lstm",
@@ -46,52 +69,99 @@ UNCLAIMED_SOURCE_WORDS = (
 )
 
 CONFIG_NAME = re.compile(r"\b([A-Z][A-Za-z0-9]*Config)\b")
-CLAIMED_CONFIGS = frozenset({"LoraConfig", "IA3Config"})
 #: Config names in test sources that are not PEFT methods.
-NEUTRAL_CONFIGS = frozenset({"PeftConfig", "AutoConfig", "LlamaConfig", "GPT2Config", "BertConfig", "PretrainedConfig"})
+NEUTRAL_CONFIGS = frozenset({
+    "PeftConfig", "AutoConfig", "LlamaConfig", "GPT2Config", "BertConfig", "PretrainedConfig", "PreTrainedConfig",
+    "PromptLearningConfig", "GenerationConfig", "BitsAndBytesConfig",
+})
+#: A variant keyword switched on in source: ``use_dora=True`` or ``"use_dora": True``.
+VARIANT_ON = re.compile(
+    r"""["']?\b(%s)\b["']?\s*[:=](?!=)\s*(?=\S)(?!None\b|False\b|\[\]|\{\}|\(\))""" % "|".join(VARIANT_KEYS)
+)
+
+
+def _is_on(value: Any) -> bool:
+    return value not in (None, False) and not (isinstance(value, (list, tuple, dict, set, str)) and len(value) == 0)
 
 
 def _config_names_and_variants(params: dict[str, Any]) -> tuple[set[str], bool]:
     """Config class names the parameters hold (classes or instances), and whether any
-    parameter asks for a LoRA variant (a keyword dict naming one, or an instance with one set)."""
+    parameter switches a LoRA variant on (a keyword dict, or an instance with one set)."""
     names: set[str] = set()
     variant = False
     for value in params.values():
         values = list(value) if isinstance(value, (list, tuple)) else [value]
         for one in values:
             name = one.__name__ if isinstance(one, type) else type(one).__name__
-            if name.endswith("Config"):
+            if name.endswith("Config") and name not in NEUTRAL_CONFIGS:
                 names.add(name)
                 if not isinstance(one, type):
-                    variant |= any(getattr(one, key, None) not in (None, False, [], {}, ()) for key in VARIANT_KEYS)
-                if not isinstance(one, type):
+                    variant |= any(_is_on(getattr(one, key, None)) for key in VARIANT_KEYS)
                     variant |= str(getattr(one, "init_lora_weights", "")).lower() in VARIANT_INITS
             if isinstance(one, dict):
-                variant |= any(key in one for key in VARIANT_KEYS)
+                variant |= any(_is_on(one.get(key)) for key in VARIANT_KEYS)
                 variant |= str(one.get("init_lora_weights", "")).lower() in VARIANT_INITS
-    return names - NEUTRAL_CONFIGS, variant
+    return names, variant
+
+
+def body_source(function: Any) -> Optional[str]:
+    """The source of ``function``'s body, without its decorators and signature (``None``
+    when there is no source)."""
+    try:
+        source = textwrap.dedent(inspect.getsource(function))
+    except (OSError, TypeError):
+        return None
+    tree = ast.parse(source)
+    definition = tree.body[0]
+    if not isinstance(definition, (ast.FunctionDef, ast.AsyncFunctionDef)) or not definition.body:
+        return source
+    lines = source.splitlines()
+    return "\n".join(lines[definition.body[0].lineno - 1 :])
+
+
+def _without_skip_guards(source: str) -> str:
+    """``source`` less the ``if ...: pytest.skip(...)`` guards (they name other methods)."""
+    kept: list[str] = []
+    skipping_indent: Optional[int] = None
+    lines = source.splitlines()
+    for index, line in enumerate(lines):
+        indent = len(line) - len(line.lstrip())
+        if skipping_indent is not None:
+            if line.strip() and indent <= skipping_indent:
+                skipping_indent = None
+            else:
+                continue
+        following = lines[index + 1].strip() if index + 1 < len(lines) else ""
+        if line.lstrip().startswith(("if ", "elif ")) and ("pytest.skip" in line or following.startswith("pytest.skip")):
+            skipping_indent = indent
+            continue
+        kept.append(line)
+    return "\n".join(kept)
 
 
 def kept(item: Any) -> bool:
-    """Whether a collected pytest item of ``test_custom_models.py`` is one of the measured cases."""
+    """Whether a collected pytest item is one of the measured cases."""
+    filename = str(getattr(getattr(item, "fspath", None), "basename", "") or "test_custom_models.py")
+    claimed = FILES.get(filename)
+    if claimed is None:
+        return False
     callspec = getattr(item, "callspec", None)
     params: dict[str, Any] = dict(callspec.params) if callspec is not None else {}
-    if "model_id" in params and params["model_id"] not in CLAIMED_MODELS:
+    if filename == "test_custom_models.py" and "model_id" in params and params["model_id"] not in CLAIMED_MODELS:
         return False
     configs, variant = _config_names_and_variants(params)
-    if variant or not configs <= CLAIMED_CONFIGS:
+    if variant:
         return False
-    if "config_cls" in params and "model_id" in params:
-        return bool(configs)
-    function = getattr(item, "function", None)
-    try:
-        source = inspect.getsource(function) if function is not None else ""
-    except (OSError, TypeError):
+    source = body_source(getattr(item, "function", None))
+    body = _without_skip_guards(source) if source is not None else ""
+    if configs:  # selected by its own config
+        return configs <= claimed and not VARIANT_ON.search(body)
+    if source is None:
         return False
-    configs |= set(CONFIG_NAME.findall(source)) - NEUTRAL_CONFIGS
+    named = set(CONFIG_NAME.findall(body)) - NEUTRAL_CONFIGS
     return (
-        bool(configs)
-        and configs <= CLAIMED_CONFIGS
-        and not any(key in source for key in VARIANT_KEYS)
-        and not any(word in source.lower() for word in UNCLAIMED_SOURCE_WORDS)
+        bool(named)
+        and named <= claimed
+        and not VARIANT_ON.search(body)
+        and not any(word in body.lower() for word in UNCLAIMED_SOURCE_WORDS)
     )

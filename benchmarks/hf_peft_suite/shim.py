@@ -44,6 +44,9 @@ NAMES: dict[str, dict[str, str]] = {
         "AutoPeftModel": "peftcore_torch:AutoPeftModel",
         "AutoPeftModelForCausalLM": "peftcore_torch:AutoPeftModelForCausalLM",
         "AutoPeftModelForSequenceClassification": "peftcore_torch:AutoPeftModelForSequenceClassification",
+        "PromptTuningInit": "peftcore:PromptTuningInit",
+        "prepare_model_for_kbit_training": "peftcore_torch:prepare_model_for_kbit_training",
+        "PromptLearningConfig": "benchmarks.hf_peft_suite.shim:PromptLearningConfig",
     },
     "peft.tuners": {},
     "peft.tuners.lora": {
@@ -66,6 +69,7 @@ NAMES: dict[str, dict[str, str]] = {
         "BaseTuner": "peftcore_torch.peft_model:TunerModel",
     },
     "peft.tuners._buffer_dict": {},
+    "peft.utils.other": {"ModulesToSaveWrapper": "peftcore_torch.modules_to_save:ModulesToSaveWrapper"},
     "peft.utils": {
         "ModulesToSaveWrapper": "peftcore_torch.modules_to_save:ModulesToSaveWrapper",
         "AuxiliaryTrainingWrapper": "peftcore_torch.modules_to_save:ModulesToSaveWrapper",
@@ -97,9 +101,20 @@ def _is_transformers_ge_v5() -> bool:
 
 #: Stand-ins for HF's test-machine helpers.
 HELPERS: dict[str, dict[str, Any]] = {
+    "peft.utils.other": {"ModulesToSaveWrapper": "peftcore_torch.modules_to_save:ModulesToSaveWrapper"},
     "peft.utils": {"infer_device": _infer_device},
     "peft.import_utils": {"is_transformers_ge_v5": _is_transformers_ge_v5},
 }
+
+
+class _PromptLearningKind(type):
+    def __instancecheck__(cls, instance: Any) -> bool:
+        return bool(getattr(instance, "is_prompt_learning", False))
+
+
+class PromptLearningConfig(metaclass=_PromptLearningKind):
+    """HF's base class of the prompt-learning configs, for ``isinstance`` checks: peftcore's
+    configs say it with their ``is_prompt_learning`` attribute instead of a base class."""
 
 
 def placeholder(module: str, name: str) -> Any:

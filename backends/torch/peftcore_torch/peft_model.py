@@ -140,7 +140,7 @@ class TorchPeftModel(PeftModel, nn.Module):
         self.init_peft_state(backend_name, graph)
         # let transformers.Trainer save and resume it as an adapter (see trainer_integration)
         enable_if_transformers_loaded()
-        if getattr(model, "is_gradient_checkpointing", True):  # HF PEFT's condition and default
+        if training_prep.checkpointing_on(model):
             self.prepare_model_for_gradient_checkpointing(model)
 
     def prepare_model_for_gradient_checkpointing(self, model: nn.Module) -> nn.Module:

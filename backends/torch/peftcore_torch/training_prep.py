@@ -66,6 +66,10 @@ def prepare_model_for_kbit_training(
     if quantised and use_gradient_checkpointing:
         if checkpointing_kwargs.get("use_reentrant", True):  # non-reentrant checkpointing needs no grad inputs
             inputs_require_grad(model)
+        if hasattr(type(model), "activation_checkpointing_enable"):  # transformers' newer name, no deprecation
+            transformers_model: Any = model
+            transformers_model.activation_checkpointing_enable(activation_checkpointing_kwargs=checkpointing_kwargs)
+            return model
         enable: Any = model.gradient_checkpointing_enable
         if "gradient_checkpointing_kwargs" in inspect.signature(enable).parameters:
             enable(gradient_checkpointing_kwargs=checkpointing_kwargs)
@@ -79,6 +83,16 @@ def prepare_model_for_kbit_training(
                 )
             enable()
     return model
+
+
+def checkpointing_on(model: nn.Module) -> bool:
+    """Whether ``model`` checkpoints activations: transformers' ``is_activation_checkpointing``
+    (its newer name, read first so the deprecated one warns nothing), else
+    ``is_gradient_checkpointing``, else True (HF PEFT's default for a model that does not say)."""
+    for name in ("is_activation_checkpointing", "is_gradient_checkpointing"):
+        if hasattr(type(model), name) or name in vars(model):
+            return bool(getattr(model, name))
+    return True
 
 
 def prepare_model_for_gradient_checkpointing(model: nn.Module) -> nn.Module:
