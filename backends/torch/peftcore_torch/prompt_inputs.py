@@ -35,9 +35,16 @@ CACHE_NAMES = ("cache", "past_key_values")
 
 
 def find_cache(container: Any) -> Any:
-    """The key/value cache in a call's arguments or a model output, under either name."""
+    """The key/value cache in a call's arguments or a model output, under either name.
+
+    The entries are read as stored (``dict.get``, the instance's own attributes): on
+    transformers 5.x a model output answers the old name ``past_key_values`` through a
+    property that logs a deprecation, which asking must not trigger."""
     for name in CACHE_NAMES:
-        value = container.get(name) if isinstance(container, dict) else getattr(container, name, None)
+        if isinstance(container, dict):
+            value = dict.get(container, name)
+        else:
+            value = vars(container).get(name) if hasattr(container, "__dict__") else getattr(container, name, None)
         if value is not None:
             return value
     return None
