@@ -21,7 +21,7 @@ AdamW (batch 16), with ``task_type="SEQ_CLS"`` so the classifier head is trained
 A table of trainable parameters, held-out accuracy before training (new adapter and
 head, untrained) and after, and training time is printed; ``--out DIR`` saves each adapter to ``DIR/<method>``. Run it with::
 
-    python examples/minilm_methods.py                      # all methods, about 1-3 min on 2 CPU cores
+    python examples/minilm_methods.py                      # all methods, about 6 min on 2 CPU cores (a progress bar on a terminal)
     python examples/minilm_methods.py --methods lora bitfit --epochs 8 --out /tmp/minilm-adapters
     python examples/minilm_methods.py --quick              # a few steps each, for a smoke test
 """

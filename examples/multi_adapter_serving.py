@@ -46,7 +46,7 @@ def train_adapter(peft_model: peftcore.PeftModel, name: str, shift: int, steps: 
     generator = torch.Generator().manual_seed(shift)
     peft_model.train()
     loss = torch.tensor(0.0)
-    for _ in tqdm(range(steps), desc=f"training {name}", leave=False):
+    for _ in tqdm(range(steps), desc=f"training {name}", leave=False, disable=None):
         ids = skill_batch(shift, 16, 12, generator)
         loss = peft_model(input_ids=ids, labels=ids).loss
         optimiser.zero_grad()

@@ -50,7 +50,7 @@ def seq2seq_loss(model: object, batch: dict) -> torch.Tensor:
 def train(model: torch.nn.Module, batches: list, lr: float, desc: str) -> None:
     optimiser = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=lr)
     model.train()
-    for batch in tqdm(batches, desc=desc, leave=False):
+    for batch in tqdm(batches, desc=desc, leave=False, disable=None):
         loss = seq2seq_loss(model, batch)
         optimiser.zero_grad()
         loss.backward()

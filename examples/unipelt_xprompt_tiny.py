@@ -32,7 +32,7 @@ SHIFT = 3
 def train(peft_model: peftcore.PeftModel, batches: list, loss_fn, lr: float, desc: str) -> None:
     optimiser = torch.optim.AdamW([p for p in peft_model.parameters() if p.requires_grad], lr=lr)
     peft_model.train()
-    for batch in tqdm(batches, desc=desc, leave=False):
+    for batch in tqdm(batches, desc=desc, leave=False, disable=None):
         loss = loss_fn(peft_model, batch)
         optimiser.zero_grad()
         loss.backward()
@@ -109,7 +109,7 @@ def pretrained_llama(steps: int, generator: torch.Generator) -> LlamaForCausalLM
     model = LlamaForCausalLM(config)
     optimiser = torch.optim.AdamW(model.parameters(), lr=3e-3)
     model.train()
-    for _ in tqdm(range(steps), desc="pretraining the base", leave=False):
+    for _ in tqdm(range(steps), desc="pretraining the base", leave=False, disable=None):
         ids = torch.cat([shift_batch(generator, k, 8, task_token=True) for k in SHIFTS])
         loss = lm_loss(model, ids)
         optimiser.zero_grad()

@@ -34,7 +34,7 @@ def _train(model: Any, parameters: list, x: Any, y: Any, epochs: int, lr: float,
     losses: list[float] = []
     batches = [(i, min(i + 64, len(x))) for i in range(0, len(x), 64)]
     model.train()
-    with tqdm(total=epochs * len(batches), desc=label, unit="step", leave=False, disable=None) as progress:
+    with tqdm(total=epochs * len(batches), desc=label, unit="step", disable=None) as progress:  # a terminal only; the bar stays
         for _ in range(epochs):
             order = torch.randperm(len(x), generator=generator)
             for start, stop in batches:
