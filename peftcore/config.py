@@ -15,7 +15,7 @@ import warnings
 from typing import TYPE_CHECKING, Any, Callable, ClassVar, Mapping, Optional, TypeVar
 
 from peftcore import config_files
-from peftcore.errors import ConfigError, UnknownFieldError, did_you_mean
+from peftcore.errors import ConfigError, MissingFieldError, UnknownFieldError, did_you_mean
 from peftcore.task_type import TASK_TYPES
 
 if sys.version_info >= (3, 11):
@@ -137,9 +137,10 @@ class PeftConfig:
             raise ConfigError(f"task_type must be a string or None, got {self.task_type!r}")
         if self.task_type is not None:
             if self.task_type not in TASK_TYPES:
-                raise ConfigError(
-                    f"invalid task_type {self.task_type!r}{did_you_mean(str(self.task_type), TASK_TYPES)}; "
-                    f"must be one of {', '.join(TASK_TYPES)} (peftcore.TaskType) or None"
+                hint = did_you_mean(str(self.task_type), TASK_TYPES).lstrip("; ")
+                raise ConfigError(  # HF PEFT's wording, so code matching its message keeps working
+                    f"Invalid task type: {self.task_type!r}. Must be one of the following task types: "
+                    f"{', '.join(TASK_TYPES)}. {hint[:1].upper() + hint[1:] if hint else ''}".rstrip()
                 )
             self.task_type = str(TASK_TYPES[TASK_TYPES.index(self.task_type)])  # a TaskType member -> its string
         if not isinstance(self.inference_mode, bool):
@@ -283,8 +284,9 @@ class PeftConfig:
         data = config_files.config_dict_in(pretrained_model_name_or_path, subfolder)
         data.update({k: v for k, v in kwargs.items() if k not in config_files.HUB_KEYWORDS})
         if "peft_type" not in data:
-            raise ConfigError(
-                f"{pretrained_model_name_or_path}: the config has no 'peft_type', so it is not a PEFT adapter config"
+            raise MissingFieldError(
+                f"The {cls.__name__} config that is trying to be loaded is missing required keys: {{'peft_type'}}. "
+                f"({pretrained_model_name_or_path} holds no PEFT adapter config)"
             )
         if cls.peft_type and data["peft_type"] == cls.peft_type:
             return cls.from_dict(data)

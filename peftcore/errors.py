@@ -25,6 +25,11 @@ class UnknownFieldError(ConfigError, TypeError):
     dataclass constructor would raise)."""
 
 
+class MissingFieldError(ConfigError, TypeError):
+    """A saved config lacks a field every config must have (``peft_type``); a ``TypeError``
+    too, as HF PEFT raises."""
+
+
 class UnknownMethodError(PeftCoreError, KeyError):
     """No PEFT method is registered under the requested name."""
 

@@ -123,13 +123,29 @@ def _redirect(owner: Any, name: str = "from_pretrained") -> None:
     original = bound.__func__
 
     def from_pretrained(cls: Any, path: Any = None, *args: Any, **kwargs: Any) -> Any:
-        if isinstance(path, str) and path in _INSTALLED:
-            path = _INSTALLED[path]
-            for key in _HUB_KEYWORDS:
-                kwargs.pop(key, None)
-        return original(cls, path, *args, **kwargs)
+        if not (isinstance(path, str) and path in _INSTALLED):
+            return original(cls, path, *args, **kwargs)
+        for key in _HUB_KEYWORDS:
+            kwargs.pop(key, None)
+        loaded = original(cls, _INSTALLED[path], *args, **kwargs)
+        _name_as_hub(loaded, path)
+        return loaded
 
     setattr(owner, name, classmethod(from_pretrained))
+
+
+def _name_as_hub(loaded: Any, model_id: str) -> None:
+    """Give a loaded model, config or tokenizer the name a hub load gives it (the id,
+    not the local folder), as HF's tests compare saved configs with it."""
+    config = getattr(loaded, "config", None)
+    for holder in (config, loaded):
+        if holder is not None and hasattr(holder, "_name_or_path"):
+            holder._name_or_path = model_id
+    if hasattr(loaded, "name_or_path") and not hasattr(loaded, "config"):
+        try:
+            loaded.name_or_path = model_id
+        except AttributeError:  # a read-only property: nothing to rename
+            pass
 
 
 def install(folders: dict[str, str]) -> None:

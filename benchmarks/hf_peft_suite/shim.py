@@ -111,9 +111,12 @@ class _PromptLearningKind(type):
     def __instancecheck__(cls, instance: Any) -> bool:
         return bool(getattr(instance, "is_prompt_learning", False))
 
+    def __subclasscheck__(cls, subclass: Any) -> bool:
+        return bool(getattr(subclass, "is_prompt_learning", False))
+
 
 class PromptLearningConfig(metaclass=_PromptLearningKind):
-    """HF's base class of the prompt-learning configs, for ``isinstance`` checks: peftcore's
+    """HF's base class of the prompt-learning configs, for ``isinstance``/``issubclass`` checks: peftcore's
     configs say it with their ``is_prompt_learning`` attribute instead of a base class."""
 
 
