@@ -32,16 +32,28 @@ class CallSpec:
     params: dict
 
 
+class PromptTuningConfig(LoraConfig):
+    pass
+
+
+@dataclass
+class Path_:
+    basename: str
+
+
 @dataclass
 class Item:
     """What the selection rule reads of a collected pytest item."""
 
     params: Optional[dict] = None
     function: Optional[Callable[..., Any]] = None
+    file: str = "test_custom_models.py"
     callspec: Optional[CallSpec] = field(init=False)
+    fspath: Path_ = field(init=False)
 
     def __post_init__(self) -> None:
         self.callspec = CallSpec(self.params) if self.params is not None else None
+        self.fspath = Path_(self.file)
 
 
 def case(model_id: str, config_cls: type, **kwargs: Any) -> Item:
@@ -78,6 +90,44 @@ def test_unparametrised_tests_are_read_from_their_source() -> None:
     assert not select_cases.kept(Item({"config0": LoraConfig(use_dora=True)}, lora_on_linears))
 
 
+def test_a_case_is_selected_by_its_own_config_not_by_its_skip_guards() -> None:
+    def guarded(config_cls: Any) -> None:
+        if config_cls == VeraConfig:
+            pytest.skip("another method's guard names it")
+        config_cls(target_modules=["lin0"])
+
+    def switches_dora_on(config_cls: Any) -> None:
+        config_cls(target_modules=["lin0"], use_dora=True)
+
+    assert select_cases.kept(Item({"config_cls": LoraConfig}, guarded))
+    assert not select_cases.kept(Item({"config_cls": VeraConfig}, guarded))
+    assert not select_cases.kept(Item({"config_cls": LoraConfig}, switches_dora_on))
+    # HF's LoraConfig carries a runtime_config: a runtime knob, not a variant
+    assert select_cases.kept(Item({"config": LoraConfig(runtime_config=object(), use_dora=False)}, guarded))
+    assert select_cases.kept(Item({"config_cls": LoraConfig, "config_kwargs": {"target_parameters": None}}, guarded))
+    assert not select_cases.kept(Item({"config_cls": LoraConfig, "config_kwargs": {"alora_invocation_tokens": [1]}}, guarded))
+
+
+def test_model_level_files_claim_the_prompt_methods_too() -> None:
+    def body(config_cls: Any) -> None:
+        config_cls()
+
+    decoder = dict(model_id="peft-internal-testing/tiny-random-OPTForCausalLM")
+    assert select_cases.kept(Item({**decoder, "config_cls": PromptTuningConfig, "config_kwargs": {}}, body, "test_decoder_models.py"))
+    assert not select_cases.kept(Item({**decoder, "config_cls": VeraConfig, "config_kwargs": {}}, body, "test_decoder_models.py"))
+    assert not select_cases.kept(Item({"config_cls": PromptTuningConfig}, body))  # not in test_custom_models' claim
+    assert not select_cases.kept(Item({"config_cls": LoraConfig}, body, "test_other.py"))  # a file not measured
+
+
+def test_junit_names_become_the_plugins_case_ids() -> None:
+    from benchmarks.hf_peft_suite.run import case_name
+
+    assert case_name("tests.test_decoder_models.TestDecoderModels", "test_x[a-b]") == (
+        "test_decoder_models.py::TestDecoderModels::test_x[a-b]"
+    )
+    assert case_name("tests.test_custom_models", "test_y") == "test_custom_models.py::test_y"
+
+
 def test_the_peft_module_maps_hf_names_onto_peftcore() -> None:
     pytest.importorskip("torch")
     pytest.importorskip("peftcore_ia3")
@@ -107,3 +157,26 @@ def test_the_peft_module_maps_hf_names_onto_peftcore() -> None:
     )
     assert done.returncode == 0, done.stderr[-2000:]
     assert done.stdout.strip() == "mapped"
+
+
+def test_local_models_stand_in_for_hub_ids(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A hub id loads the tiny local build (same class, seeded weights, a tokenizer), named
+    as a hub load names it; nothing is downloaded."""
+    transformers = pytest.importorskip("transformers")
+    pytest.importorskip("tokenizers")
+    from benchmarks.hf_peft_suite import local_models
+
+    model_id = "peft-internal-testing/tiny-random-OPTForCausalLM"
+    recipes = local_models._recipes()
+    monkeypatch.setattr(local_models, "_recipes", lambda: {model_id: recipes[model_id]})
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    folders = local_models.prepare(tmp_path)
+    assert local_models.prepare(tmp_path) == folders  # built once, then reused
+    local_models.install(folders)
+    model = transformers.AutoModelForCausalLM.from_pretrained(model_id, revision="v2.0")
+    again = transformers.OPTForCausalLM.from_pretrained(model_id)
+    assert type(model).__name__ == "OPTForCausalLM" and model.config._name_or_path == model_id
+    assert all(a.equal(b) for a, b in zip(model.state_dict().values(), again.state_dict().values()))
+    tokenizer = transformers.AutoTokenizer.from_pretrained(model_id)
+    assert tokenizer("this is a test prompt")["input_ids"] == tokenizer("this is a test prompt")["input_ids"]
+    assert len(set(tokenizer("this is a test prompt")["input_ids"])) == 5  # words of its vocabulary
