@@ -87,7 +87,8 @@ class HFCompatMixin:
         density: Optional[float] = None,
         majority_sign_method: str = "total",
     ) -> None:
-        """Add ``adapter_name``, a weighted combination of LoRA ``adapters`` (HF PEFT's method).
+        """Add ``adapter_name``, a weighted combination of LoRA ``adapters`` (HF PEFT's method;
+        for (IA)^3 adapters each vector is the weighted sum of theirs, as in HF PEFT).
 
         ``combination_type``: ``"linear"`` (same rank; A and B are each the sum of
         ``sqrt(|weight * scaling|)`` times the adapters' A and B, A taking the weight's sign), ``"cat"`` (ranks add up:
@@ -97,6 +98,16 @@ class HFCompatMixin:
         at that quantile). The new adapter has ``lora_alpha = r`` (scaling 1), as in HF.
         """
         pm: Any = self
+        adapters, weights = list(adapters), [float(w) for w in weights]
+        for name in adapters:
+            pm._require(name)
+        if adapters and all(pm.peft_config[name].method == "ia3" for name in adapters):
+            if adapter_name in pm.peft_config:
+                raise AdapterError(f"Adapter with name '{adapter_name}' already exists; delete it first or pick another name.")
+            if len(adapters) != len(weights):
+                raise ValueError("adapters and weights must be lists of the same length")
+            pm._add_weighted_scales(adapters, weights, adapter_name)  # (IA)^3: vectors combine linearly
+            return
         if combination_type not in COMBINATIONS:
             raise ValueError(
                 f"combination_type {combination_type!r} is not supported by peftcore; use one of {COMBINATIONS}"

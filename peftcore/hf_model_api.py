@@ -4,7 +4,10 @@ and the rule that prompt-learning adapters have no ``unload`` (a mixin of
 
 from __future__ import annotations
 
+import dataclasses
 from typing import Any, Sequence, Union
+
+import numpy as np
 
 from peftcore.errors import AdapterError, MethodOperationError, PromptLearningUnloadError
 
@@ -27,6 +30,40 @@ class HFModelApiMixin:
             pm._require(name)
         for name in names:
             pm._set_trainable(name, bool(requires_grad))
+
+    def _add_weighted_scales(self, adapters: Sequence[str], weights: Sequence[float], adapter_name: str) -> None:
+        """HF PEFT's ``add_weighted_adapter`` for (IA)^3: a new adapter over the layers any
+        of ``adapters`` scales, each vector the weighted sum of theirs (a layer an adapter
+        does not scale adds nothing), feed-forward where theirs are; frozen, as in HF."""
+        pm: Any = self
+        scaled: dict[str, Any] = {}
+        for name in adapters:
+            for op in pm.plans[name].ops:
+                if op.op == "ia3_scale":
+                    if op.path in scaled and scaled[op.path].is_feedforward != op.is_feedforward:
+                        raise AdapterError(f"adapters disagree on whether {op.path!r} is a feed-forward layer")
+                    scaled.setdefault(op.path, op)
+        paths = sorted(scaled)
+        config = dataclasses.replace(
+            pm.peft_config[adapters[0]],
+            target_modules=paths,
+            feedforward_modules=[path for path in paths if scaled[path].is_feedforward],
+            exclude_modules=None,
+            inference_mode=True,
+        )
+        tensors = {name: pm.export_adapter(name) for name in adapters}
+        pm.add_adapter(adapter_name, config)
+        try:
+            initial = pm.export_adapter(adapter_name)
+            combined = {}
+            for path in paths:
+                key = f"{path}.ia3_l"
+                parts = [float(w) * np.asarray(tensors[n][key], dtype=np.float64) for n, w in zip(adapters, weights) if key in tensors[n]]
+                combined[key] = np.sum(parts, axis=0).astype(initial[key].dtype)
+            pm.import_adapter(adapter_name, {**initial, **combined})
+        except BaseException:
+            pm.delete_adapter(adapter_name)
+            raise
 
     def _refuse_shared_modules_to_save(self, names: Sequence[str]) -> None:
         """Several active adapters cannot each run their own copy of one module (the

@@ -178,3 +178,28 @@ def test_add_weighted_adapter_with_modules_to_save_as_hf(tmp_path):
     assert any("lm_head" in key for key in combined["peftcore"])
     for key, value in combined["peft"].items():
         torch.testing.assert_close(combined["peftcore"][key], value, rtol=1e-5, atol=1e-6)
+
+
+def test_add_weighted_ia3_adapters_as_hf(tmp_path):
+    """(IA)^3 vectors combine as HF PEFT combines them: the weighted sum, over the layers
+    any of the adapters scales (here one adapter scales more layers than the other)."""
+    torch.manual_seed(0)
+    hf = _quiet(peft.get_peft_model, llama_lm(), peft.IA3Config(
+        target_modules=["k_proj", "down_proj"], feedforward_modules=["down_proj"], init_ia3_weights=False))
+    hf.add_adapter("b", peft.IA3Config(target_modules=["k_proj"], feedforward_modules=[], init_ia3_weights=False))
+    hf.save_pretrained(str(tmp_path))
+    ours = peftcore.PeftModel.from_pretrained(llama_lm(), str(tmp_path))
+    ours.load_adapter(str(tmp_path / "b"), "b")
+    for model in (hf, ours):
+        _quiet(model.add_weighted_adapter, ["default", "b"], [0.5, 1.5], "mix")
+    expected = peft.get_peft_model_state_dict(hf, adapter_name="mix")
+    got = peftcore.get_peft_model_state_dict(ours, adapter_name="mix")
+    assert got.keys() == expected.keys() and any("down_proj" in key for key in got)
+    for key, value in expected.items():
+        torch.testing.assert_close(got[key], value, rtol=1e-6, atol=0.0)
+    ids = random_ids(2, 5)
+    hf.set_adapter("mix")
+    ours.set_adapter("mix")
+    expected_logits = _logits(hf, ids)
+    got_logits = _logits(ours, ids)
+    assert float((got_logits - expected_logits).abs().max()) <= 1e-4 * float(expected_logits.abs().max())
