@@ -141,7 +141,7 @@ def _name_as_hub(loaded: Any, model_id: str) -> None:
     for holder in (config, loaded):
         if holder is not None and hasattr(holder, "_name_or_path"):
             holder._name_or_path = model_id
-    if hasattr(loaded, "name_or_path") and not hasattr(loaded, "config"):
+    if hasattr(loaded, "name_or_path"):  # a model's (an attribute of its own) or a tokenizer's
         try:
             loaded.name_or_path = model_id
         except AttributeError:  # a read-only property: nothing to rename
