@@ -203,3 +203,20 @@ def test_add_weighted_ia3_adapters_as_hf(tmp_path):
     expected_logits = _logits(hf, ids)
     got_logits = _logits(ours, ids)
     assert float((got_logits - expected_logits).abs().max()) <= 1e-4 * float(expected_logits.abs().max())
+
+
+@pytest.mark.parametrize("config", ["PromptTuningConfig", "PrefixTuningConfig", "PromptEncoderConfig"])
+def test_prompt_encoder_holds_the_trained_prompt_tensors(config):
+    """HF PEFT's ``model.prompt_encoder``: each prompt adapter's trained tensors (the same
+    parameter objects the model trains), and every one gets a gradient, as HF's tests ask."""
+    hf = _quiet(peft.get_peft_model, llama_lm(), getattr(peft, config)(num_virtual_tokens=3, task_type="CAUSAL_LM"))
+    ours = peftcore.get_peft_model(llama_lm(), getattr(peftcore, config)(num_virtual_tokens=3, task_type="CAUSAL_LM"))
+    ids = random_ids(2, 4)
+    for model in (hf, ours):
+        _quiet(model, input_ids=ids)[0].sum().backward()
+        assert all(p.grad is not None for p in model.prompt_encoder.parameters())
+    trained = {id(p) for p in ours.parameters() if p.requires_grad}
+    assert {id(p) for p in ours.prompt_encoder["default"].parameters()} == trained
+    assert sum(p.numel() for p in ours.prompt_encoder.parameters()) >= 3 * 32
+    with pytest.raises(AttributeError):
+        peftcore.get_peft_model(llama_lm(), peftcore.LoraConfig(r=2, target_modules=["q_proj"])).prompt_encoder

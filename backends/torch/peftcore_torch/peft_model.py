@@ -73,6 +73,24 @@ class TunerModel(nn.Module):
     def forward(self, *args: Any, **kwargs: Any) -> Any:
         return self.model(*args, **kwargs)
 
+    @property
+    def prompt_encoder(self) -> nn.ModuleDict:
+        """HF PEFT's ``prompt_encoder``: for each prompt-learning adapter, its trained
+        tensors (the prompt table, a prefix table, an encoder's weights). A view: the
+        tensors live in the adapted layers, so this holds the same parameter objects."""
+        views = nn.ModuleDict()
+        for adapter, config in self.peft_config.items():
+            if not config.is_prompt_learning:
+                continue
+            mine = {
+                name: parameter for name, parameter in self.named_parameters()
+                if "modules_to_save" not in name and (name.endswith(f".{adapter}") or f".{adapter}." in name)
+            }
+            views[adapter] = nn.ParameterDict({name.replace(".", "__"): p for name, p in mine.items()})
+        if not len(views):
+            raise AttributeError("prompt_encoder: this model has no prompt-learning adapter")
+        return views
+
     def __getattr__(self, name: str) -> Any:
         try:
             return super().__getattr__(name)
