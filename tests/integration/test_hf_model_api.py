@@ -219,4 +219,4 @@ def test_prompt_encoder_holds_the_trained_prompt_tensors(config):
     assert {id(p) for p in ours.prompt_encoder["default"].parameters()} == trained
     assert sum(p.numel() for p in ours.prompt_encoder.parameters()) >= 3 * 32
     with pytest.raises(AttributeError):
-        peftcore.get_peft_model(llama_lm(), peftcore.LoraConfig(r=2, target_modules=["q_proj"])).prompt_encoder
+        _ = peftcore.get_peft_model(llama_lm(), peftcore.LoraConfig(r=2, target_modules=["q_proj"])).prompt_encoder
