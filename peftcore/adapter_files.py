@@ -18,7 +18,7 @@ from typing import TYPE_CHECKING, Any, Mapping, Optional, Protocol, Sequence, Un
 from peftcore import model_ops
 from peftcore.all_or_nothing import restoring_base_weights, restoring_tensors
 from peftcore.config import PeftConfig
-from peftcore.errors import AdapterError
+from peftcore.errors import AdapterError, PeftCoreError
 from peftcore.finite import check_adapter_gains, check_embedding_matrices, check_plan_scalars
 from peftcore.graph import ModelGraph
 from peftcore.hf_compat import (
@@ -376,8 +376,20 @@ def device_of_map(device_map: Any) -> Any:
 
 def plan_of_files(files: AdapterFiles, config: PeftConfig, graph: ModelGraph, adapter_name: str) -> RewritePlan:
     """The plan saved with an adapter, renamed to ``adapter_name``; an adapter without one
-    (HF PEFT's) is planned from ``config`` for loading."""
-    return files.plan.with_adapter_name(adapter_name) if files.plan else config.loading_plan(graph, adapter_name)
+    (HF PEFT's, or a ``.bin``) is planned from ``config`` for loading, unless its tensors
+    are exactly those of the training plan (a P-tuning encoder or prefix projection
+    saved beside the table, as peftcore saves them)."""
+    if files.plan:
+        return files.plan.with_adapter_name(adapter_name)
+    loading = config.loading_plan(graph, adapter_name)
+    if unexpected_tensor_keys(loading, files.tensors.keys()):
+        try:
+            training = config.plan(graph, adapter_name)
+        except PeftCoreError:  # e.g. a TEXT init without its tokenizer: the file's tensors decide
+            return loading
+        if not unexpected_tensor_keys(training, files.tensors.keys()):
+            return training
+    return loading
 
 
 def adapter_dir(model_id: Union[str, os.PathLike], kwargs: Mapping[str, Any]) -> str:

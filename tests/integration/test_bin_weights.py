@@ -88,3 +88,23 @@ def test_hostile_bin_files_are_refused_by_name(tmp_path, capsys):
         with pytest.raises(AdapterError, match=messages[name]):
             peftcore.PeftModel.from_pretrained(llama_lm(), str(directory))
     assert "unpickled!" not in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("config", [
+    lambda: peftcore.PromptEncoderConfig(num_virtual_tokens=3, task_type="CAUSAL_LM"),
+    lambda: peftcore.PrefixTuningConfig(num_virtual_tokens=3, task_type="CAUSAL_LM", prefix_projection=True),
+], ids=["p_tuning-encoder", "prefix-projection"])
+def test_a_bin_with_a_training_reparameterisation_reloads_it(config, tmp_path):
+    """A .bin holds no plan: its tensors say which to rebuild (the encoder saved beside the
+    table means the training plan, so training can go on)."""
+    model = peftcore.get_peft_model(llama_lm(), config())
+    generator = torch.Generator().manual_seed(2)
+    with torch.no_grad():
+        for parameter in model.parameters():
+            if parameter.requires_grad:
+                parameter.add_(torch.randn(parameter.shape, generator=generator) * 0.1)
+    expected = _logits(model)
+    model.save_pretrained(str(tmp_path), safe_serialization=False)
+    loaded = peftcore.PeftModel.from_pretrained(llama_lm(), str(tmp_path), is_trainable=True)
+    assert_close_to_scale(_logits(loaded), expected)
+    assert loaded.get_nb_trainable_parameters()[0] == model.get_nb_trainable_parameters()[0]
