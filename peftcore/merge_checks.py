@@ -42,7 +42,10 @@ def check_safe_to_merge(
         for key, array in tensors.items():
             bad = int(np.size(array) - np.count_nonzero(np.isfinite(array)))
             if bad:
-                raise AdapterError(f"adapter {name!r}: tensor {key!r} has {bad} NaN/Inf value(s); refusing to merge it")
+                raise AdapterError(  # HF PEFT's opening words, which its users' code matches
+                    f"NaNs detected in the merged weights. The adapter {name} seems to be broken: tensor {key!r} has "
+                    f"{bad} NaN/Inf value(s); refusing to merge it"
+                )
         for op in plan.ops:
             if op.merge_target is None:
                 continue

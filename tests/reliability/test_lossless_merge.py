@@ -154,7 +154,7 @@ def poisoned(tmp_path: Path, layer: str, tensor: str, value: float, dtype: Any =
 def test_safe_merge_refuses_non_finite_adapters_before_touching_weights(tmp_path: Path, value: float, merge: str) -> None:
     peft_model = poisoned(tmp_path, "fc2", "lora_B", value)
     before = snapshot(peft_model.model)
-    with pytest.raises(AdapterError, match=r"adapter 'default': tensor 'fc2.lora_B' has 1 NaN/Inf value"):
+    with pytest.raises(AdapterError, match=r"The adapter default seems to be broken: tensor 'fc2.lora_B' has 1 NaN/Inf value"):
         getattr(peft_model, merge)(safe_merge=True)
     assert_bit_identical(snapshot(peft_model.model), before)
     assert peft_model.merged_adapters == [] and list(peft_model.peft_config) == ["default"]
