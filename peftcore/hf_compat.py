@@ -135,7 +135,7 @@ class HFCompatMixin:
         if shared:
             raise ValueError(
                 f"Cannot add weighted adapters if they target the same module with modules_to_save, but found "
-                f"{len(shared)} such instance(s): {', '.join(shared)}."
+                f"{len(shared)} such instance(s). Shared: {', '.join(shared)}"
             )
         if adapter_name in pm.peft_config:
             raise AdapterError(f"Adapter with name '{adapter_name}' already exists; delete it first or pick another name.")
