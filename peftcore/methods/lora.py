@@ -19,7 +19,7 @@ from peftcore.methods.common import (
 from peftcore.pattern_keys import MAX_REGEX_KEYS, PatternKeys, literal_form
 from peftcore.peft_type import PeftType
 from peftcore.plan import FreezeBase, PlanOp, RewritePlan, TensorSpec, register_op
-from peftcore.targeting import Targets, check_regex, default_target_modules, select_layers, validate_targets
+from peftcore.targeting import ALL_LINEAR, Targets, check_regex, default_target_modules, select_layers, validate_targets
 
 #: ``init_lora_weights`` values and the op ``init`` they become.
 _INITS = {True: "kaiming", "kaiming": "kaiming", "gaussian": "gaussian", False: "random"}
@@ -217,6 +217,19 @@ class LoraConfig(PeftConfig):
         self.exclude_modules = validate_targets(name, "exclude_modules", self.exclude_modules)
         validate_layers_to_transform(name, self.layers_to_transform)
         validate_layers_pattern(name, self.layers_pattern)
+        # HF PEFT's rules (and its words): a regex names the layers itself, and a pattern
+        # without indices would be silently ignored
+        regex = isinstance(self.target_modules, str) and self.target_modules != ALL_LINEAR
+        for field_name in ("layers_to_transform", "layers_pattern"):
+            check(
+                not (regex and getattr(self, field_name) is not None),
+                f"`{field_name}` cannot be used when `target_modules` is a str. ({name}: put the layer indices "
+                "into the regular expression instead)",
+            )
+        check(
+            self.layers_pattern is None or self.layers_to_transform is not None,
+            f"When `layers_pattern` is specified, `layers_to_transform` must also be specified. ({name})",
+        )
         for field_name in ("rank_pattern", "alpha_pattern"):
             pattern = getattr(self, field_name)
             if pattern is None:

@@ -115,3 +115,16 @@ def test_prefix_init_weights_zero_as_hf(projection, tmp_path):
     assert peftcore.PrefixTuningConfig(init_weights="zero").to_dict()["init_weights"] == "zero"
     with pytest.raises(ConfigError, match="init_weights"):
         peftcore.PrefixTuningConfig(init_weights="ones")
+
+
+@pytest.mark.parametrize("keywords, message", [
+    ({"target_modules": ".*q_proj", "layers_to_transform": [0]}, "`layers_to_transform` cannot be used when `target_modules` is a str"),
+    ({"target_modules": ".*q_proj", "layers_pattern": ["layers"]}, "`layers_pattern` cannot be used when `target_modules` is a str"),
+    ({"target_modules": ["q_proj"], "layers_pattern": "layers"}, "When `layers_pattern` is specified, `layers_to_transform` must also"),
+])
+def test_lora_layer_indexing_rules_as_hf(keywords, message):
+    for library in (peft, peftcore):
+        with pytest.raises(ValueError, match=message):
+            library.LoraConfig(**keywords)
+    assert peftcore.LoraConfig(target_modules=["q_proj"], layers_pattern="layers", layers_to_transform=[0]).layers_to_transform == [0]
+    assert peftcore.LoraConfig(target_modules="all-linear", layers_to_transform=[0]).layers_to_transform == [0]  # peftcore's

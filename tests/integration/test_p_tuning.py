@@ -47,7 +47,7 @@ def _losses(model, batch, steps=5):
 def test_p_tuning_trains(build, task, kind):
     model = peftcore.get_peft_model(build(), _config(kind, task=task))
     names = [n for n, p in model.named_parameters() if p.requires_grad]
-    assert any("prompt_encoders.default.mlp_head" in n for n in names)
+    assert any("prompt_encoder.default.mlp_head" in n for n in names)
     assert any("lstm_head" in n for n in names) == (kind == "LSTM")
     losses = _losses(model, _batch(build))
     assert losses[-1] < losses[0]
@@ -78,7 +78,7 @@ def test_own_round_trip_keeps_the_encoder(kind, tmp_path):
         expected = model(input_ids=batch["input_ids"]).logits
     model.save_pretrained(str(tmp_path))
     loaded = peftcore.PeftModel.from_pretrained(llama_lm(), str(tmp_path), is_trainable=True)
-    assert any("prompt_encoders.default" in n for n, p in loaded.named_parameters() if p.requires_grad)
+    assert any("prompt_encoder.default" in n for n, p in loaded.named_parameters() if p.requires_grad)
     with torch.no_grad():
         torch.testing.assert_close(loaded(input_ids=batch["input_ids"]).logits, expected)
 

@@ -92,8 +92,8 @@ class PromptEmbedding(AdapterLayer):
         self.prompt_lengths: dict[str, int] = {}
         #: adapters whose task type has the model ignore token type ids (HF PEFT's rule)
         self.drop_token_types: set[str] = set()
-        #: P-tuning's prompt encoders, by adapter (their output is the prompt)
-        self.prompt_encoders = nn.ModuleDict()
+        #: P-tuning's prompt encoders, by adapter (their output is the prompt); HF PEFT's name
+        self.prompt_encoder = nn.ModuleDict()
         #: set by the model's input hook: the first ``pending_prefix`` ids are placeholders
         self.pending_prefix = 0
         self.input_hook: Optional[Any] = None
@@ -110,7 +110,7 @@ class PromptEmbedding(AdapterLayer):
             self.prompt_lengths[adapter_name] = op.num_virtual_tokens
         if op.encoder:
             weight = self.base_weight()
-            self.prompt_encoders[adapter_name] = PromptEncoder(op).to(device=weight.device, dtype=weight.dtype)
+            self.prompt_encoder[adapter_name] = PromptEncoder(op).to(device=weight.device, dtype=weight.dtype)
             return
         prompt = self.new_tensor(rows, op.token_dim)
         with torch.no_grad():
@@ -152,16 +152,16 @@ class PromptEmbedding(AdapterLayer):
         self.prompt_masks.pop(adapter_name, None)
         self.prompt_lengths.pop(adapter_name, None)
         self.drop_token_types.discard(adapter_name)
-        if adapter_name in self.prompt_encoders:
-            del self.prompt_encoders[adapter_name]
+        if adapter_name in self.prompt_encoder:
+            del self.prompt_encoder[adapter_name]
         if adapter_name in self.residual_dropout:
             del self.residual_dropout[adapter_name]
 
     # -- computing prompts ------------------------------------------------------------------
     def prompt(self, adapter_name: str) -> torch.Tensor:
         """The adapter's virtual token vectors, ``(num_virtual_tokens, dim)``."""
-        if adapter_name in self.prompt_encoders:
-            prompt = self.prompt_encoders[adapter_name]()
+        if adapter_name in self.prompt_encoder:
+            prompt = self.prompt_encoder[adapter_name]()
         else:
             prompt = self.prompt_embeddings[adapter_name]
         if adapter_name in self.prompt_lengths:
@@ -188,7 +188,7 @@ class PromptEmbedding(AdapterLayer):
         return sum(self.prompt_lengths.get(a, self._rows(a)) for a in self.adapters_to_run())
 
     def _rows(self, adapter_name: str) -> int:
-        encoder = self.prompt_encoders[adapter_name] if adapter_name in self.prompt_encoders else None
+        encoder = self.prompt_encoder[adapter_name] if adapter_name in self.prompt_encoder else None
         if isinstance(encoder, PromptEncoder):
             return int(encoder.embedding.weight.shape[0])
         return int(self.prompt_embeddings[adapter_name].shape[0])
@@ -196,12 +196,12 @@ class PromptEmbedding(AdapterLayer):
     # -- P-tuning's encoders in the generic adapter state ------------------------------------
     def adapter_names(self) -> list[str]:
         own = list(self.prompt_embeddings.keys())
-        return own + [name for name in self.prompt_encoders.keys() if name not in own]
+        return own + [name for name in self.prompt_encoder.keys() if name not in own]
 
     def export(self, adapter_name: str) -> dict[str, torch.Tensor]:
         tensors = super().export(adapter_name)
-        if adapter_name in self.prompt_encoders:
-            encoder = self.prompt_encoders[adapter_name]
+        if adapter_name in self.prompt_encoder:
+            encoder = self.prompt_encoder[adapter_name]
             tensors.update({f"encoder.{k}": v.detach() for k, v in encoder.state_dict().items()})
             was_training = encoder.training
             encoder.eval()
@@ -214,9 +214,9 @@ class PromptEmbedding(AdapterLayer):
 
     def load(self, adapter_name: str, tensors: Mapping[str, Any]) -> None:
         super().load(adapter_name, tensors)
-        if adapter_name not in self.prompt_encoders:
+        if adapter_name not in self.prompt_encoder:
             return
-        state = self.prompt_encoders[adapter_name].state_dict()
+        state = self.prompt_encoder[adapter_name].state_dict()
         for name, target in state.items():
             key = f"encoder.{name}"
             if key not in tensors:
@@ -229,8 +229,8 @@ class PromptEmbedding(AdapterLayer):
 
     def set_trainable(self, adapter_name: str, trainable: bool) -> None:
         super().set_trainable(adapter_name, trainable)
-        if adapter_name in self.prompt_encoders:
-            self.prompt_encoders[adapter_name].requires_grad_(trainable)
+        if adapter_name in self.prompt_encoder:
+            self.prompt_encoder[adapter_name].requires_grad_(trainable)
 
     def prompt_batch(self, batch: int, dtype: torch.dtype) -> torch.Tensor:
         """The running adapters' prompts, concatenated, for a batch: ``(batch, n, dim)``."""
