@@ -9,12 +9,14 @@ as a value). The rest run here, each in a fresh namespace in a temporary directo
 from __future__ import annotations
 
 import ast
-import contextlib
-import io
 import re
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
+
+from tests.subprocess_env import child_env
 
 ROOT = Path(__file__).resolve().parents[2]
 DOCUMENTS = [ROOT / "README.md", *sorted((ROOT / "docs").glob("*.md"))]
@@ -55,17 +57,17 @@ def test_snippet(where, code, fragment, tmp_path, monkeypatch):
 
 
 def test_cli_docs_list_the_methods_the_torch_backend_builds():
-    """docs/cli.md's sample ``peftcore backends`` output names what the command prints."""
+    """docs/cli.md's sample ``peftcore backends`` output names what the command prints
+    (run in a fresh interpreter: other tests register methods of their own in this one)."""
     pytest.importorskip("torch")
-    from peftcore.cli import main
 
     def methods(line: str) -> list[str]:
         return [name.strip() for name in line.split("  ")[-1].split(",")]
 
     text = (ROOT / "docs" / "cli.md").read_text(encoding="utf-8")
     sample = next(line for line in text.splitlines() if line.startswith("torch ") and "PyTorch" in line)
-    out = io.StringIO()
-    with contextlib.redirect_stdout(out):
-        main(["backends"])
-    printed = next(line for line in out.getvalue().splitlines() if line.startswith("torch "))
+    done = subprocess.run([sys.executable, "-m", "peftcore", "backends"], cwd=ROOT, env=child_env(ROOT),
+                          capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-2000:]
+    printed = next(line for line in done.stdout.splitlines() if line.startswith("torch "))
     assert methods(sample) == methods(printed) and len(methods(printed)) >= 8
