@@ -82,6 +82,10 @@ def _check_peft_type_keyword(cls: type, given: Any) -> None:
         )
 
 
+#: Where a config saved alone (:meth:`PeftConfig.save_pretrained`) keeps peftcore's own
+#: fields (an adapter keeps them with its weights), away from HF PEFT's keys.
+OWN_CONFIG_KEY = "peftcore_config"
+
 #: Builds the right config class from a saved dict by its ``peft_type``; set by
 #: :mod:`peftcore.registry` (which knows the methods) when it is imported.
 _config_from_dict: Optional[Callable[[dict], PeftConfig]] = None
@@ -264,7 +268,10 @@ class PeftConfig:
     def save_pretrained(self, save_directory: str, **kwargs: Any) -> None:
         """Write this config as ``<save_directory>/adapter_config.json`` (HF PEFT's
         ``PeftConfig.save_pretrained``); ``auto_mapping_dict=`` is stored as ``auto_mapping``."""
-        data = self.to_dict()
+        data, own = self.hf_dict()  # HF PEFT's keys; peftcore's own, where set, under their own key
+        own = {key: value for key, value in own.items() if value is not None}
+        if own:
+            data[OWN_CONFIG_KEY] = own
         auto_mapping = kwargs.pop("auto_mapping_dict", None)
         if kwargs:
             raise ConfigError(f"save_pretrained got unexpected keyword(s) {sorted(kwargs)}")
@@ -282,6 +289,10 @@ class PeftConfig:
         the saved fields. peftcore never downloads: the path must be a directory.
         """
         data = config_files.config_dict_in(pretrained_model_name_or_path, subfolder)
+        own = data.pop(OWN_CONFIG_KEY, {})
+        if not isinstance(own, dict):
+            raise ConfigError(f"{pretrained_model_name_or_path}: '{OWN_CONFIG_KEY}' must be an object, got {own!r}")
+        data.update(own)
         data.update({k: v for k, v in kwargs.items() if k not in config_files.HUB_KEYWORDS})
         if "peft_type" not in data:
             raise MissingFieldError(

@@ -43,11 +43,11 @@ def test_config_save_pretrained_round_trips_and_hf_reads_it(name, tmp_path):
         peftcore.LoraConfig(r=4, target_modules=["q_proj"])
     )
     config.save_pretrained(str(tmp_path))
-    assert json.loads((tmp_path / "adapter_config.json").read_text()) == config.to_dict()
+    assert json.loads((tmp_path / "adapter_config.json").read_text()) == config.hf_dict()[0]
     assert getattr(peftcore, name).from_pretrained(str(tmp_path)).to_dict() == config.to_dict()
     loaded = peftcore.PeftConfig.from_pretrained(str(tmp_path))
     assert type(loaded) is getattr(peftcore, name) and loaded.to_dict() == config.to_dict()
-    assert getattr(peftcore, name).from_json_file(str(tmp_path / "adapter_config.json")) == config.to_dict()
+    assert getattr(peftcore, name).from_json_file(str(tmp_path / "adapter_config.json")) == config.hf_dict()[0]
     hf = peft.PeftConfig.from_pretrained(str(tmp_path))
     assert type(hf).__name__ == name
     shared = {key: value for key, value in config.to_dict().items() if hasattr(hf, key)}  # HF's own fields
@@ -128,3 +128,14 @@ def test_lora_layer_indexing_rules_as_hf(keywords, message):
             library.LoraConfig(**keywords)
     assert peftcore.LoraConfig(target_modules=["q_proj"], layers_pattern="layers", layers_to_transform=[0]).layers_to_transform == [0]
     assert peftcore.LoraConfig(target_modules="all-linear", layers_to_transform=[0]).layers_to_transform == [0]  # peftcore's
+
+
+def test_peftcore_fields_of_a_config_saved_alone_stay_out_of_hf_keys(tmp_path):
+    config = peftcore.PrefixTuningConfig(num_virtual_tokens=3, attention_module="attn", key_module="attn.k_proj")
+    config.save_pretrained(str(tmp_path))
+    saved = json.loads((tmp_path / "adapter_config.json").read_text())
+    assert "attention_module" not in saved and saved["peftcore_config"] == {"attention_module": "attn", "key_module": "attn.k_proj"}
+    assert peftcore.PeftConfig.from_pretrained(str(tmp_path)).to_dict() == config.to_dict()
+    plain = tmp_path / "plain"
+    peftcore.PrefixTuningConfig(num_virtual_tokens=3).save_pretrained(str(plain))
+    assert "peftcore_config" not in json.loads((plain / "adapter_config.json").read_text())
