@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import json
 import os
-import tempfile
 from typing import Any, Optional
 
 from peftcore import strict_json
@@ -29,23 +28,17 @@ HUB_KEYWORDS = frozenset({
 
 
 def write_config_dict(directory: str, data: dict[str, Any]) -> str:
-    """Write ``data`` as ``<directory>/adapter_config.json`` (created if needed); its path."""
+    """Write ``data`` as ``<directory>/adapter_config.json`` (created if needed), through
+    the one writer (:class:`peftcore.save_dir.SaveDirectory`); its path."""
+    from peftcore.save_dir import SaveDirectory
+
     directory = os.fspath(directory)
     if os.path.isfile(directory):
         raise ConfigError(f"{directory!r} is a file; save_pretrained needs a directory")
-    os.makedirs(directory, exist_ok=True)
     text = json.dumps(data, indent=2, sort_keys=True)
-    target = os.path.join(directory, CONFIG_FILE)
-    handle, temporary = tempfile.mkstemp(prefix=".adapter_config.", dir=directory)
-    try:
-        with os.fdopen(handle, "w", encoding="utf-8") as stream:
-            stream.write(text)
-        os.replace(temporary, target)
-    except BaseException:
-        if os.path.exists(temporary):
-            os.unlink(temporary)
-        raise
-    return target
+    with SaveDirectory.open(directory) as folder:
+        folder.write_files([(None, CONFIG_FILE, text.encode("utf-8"))])
+    return os.path.join(directory, CONFIG_FILE)
 
 
 def read_config_dict(path: str) -> dict[str, Any]:

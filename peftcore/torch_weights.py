@@ -8,7 +8,9 @@ nothing but tensors and plain containers (safe as of torch 2.6, required here); 
 result must be a flat ``{name: dense tensor}`` dict, bounded like a safetensors file
 (:mod:`peftcore.safetensors_reader`), and each tensor becomes a numpy array, so the
 same name, shape and finiteness checks then apply (:func:`peftcore.io.match_tensors`).
-Nothing but this one file name is ever unpickled.
+Nothing but this one file name is ever unpickled. The file is read by the one reader
+(:func:`peftcore.safe_files.read_bounded`) and written by the one writer
+(:class:`peftcore.save_dir.SaveDirectory`, from :func:`bin_bytes`); this module opens no file.
 """
 
 from __future__ import annotations
@@ -20,12 +22,14 @@ from typing import Any, Mapping
 import numpy as np
 
 from peftcore.errors import AdapterError
-from peftcore.safe_files import open_regular
+from peftcore.safe_files import read_bounded
 from peftcore.safetensors_reader import MAX_DIMS, MAX_TENSORS
 
 BIN_WEIGHTS_NAME = "adapter_model.bin"
 #: The first torch whose ``weights_only`` unpickler is the default and the supported safe path.
 MIN_TORCH = (2, 6)
+#: Largest ``adapter_model.bin`` read (it is read whole into memory before unpickling).
+MAX_BIN_BYTES = 16 * 1024**3
 _FLOATS = ("float16", "bfloat16", "float32", "float64")
 
 
@@ -55,11 +59,11 @@ def read_bin(path: str) -> dict[str, np.ndarray]:
     """The tensors of torch weights file ``path`` as numpy arrays (bfloat16 widened
     exactly to float32); anything but a flat dict of dense tensors is an :class:`AdapterError`."""
     torch = _torch(f"reading {path}")
-    with open_regular(path, "adapter weights") as handle:  # a regular file only: never a FIFO
-        try:
-            loaded = torch.load(handle, map_location="cpu", weights_only=True)
-        except Exception as exc:  # the unpickler's refusals are plain exceptions of many kinds
-            raise AdapterError(f"{path}: not a torch weights file that loads safely: {type(exc).__name__}: {exc}") from None
+    raw = read_bounded(path, MAX_BIN_BYTES, "adapter weights")  # the one reader: a regular file, bounded
+    try:
+        loaded = torch.load(io.BytesIO(raw), map_location="cpu", weights_only=True)
+    except Exception as exc:  # the unpickler's refusals are plain exceptions of many kinds
+        raise AdapterError(f"{path}: not a torch weights file that loads safely: {type(exc).__name__}: {exc}") from None
     if not isinstance(loaded, dict):
         raise AdapterError(f"{path}: holds a {type(loaded).__name__}, expected a dict of tensors")
     if len(loaded) > MAX_TENSORS:

@@ -56,6 +56,15 @@ class AdapterLayer(AdapterLayerCore, nn.Module):
     def base_weight(self) -> torch.Tensor:
         return cast(torch.Tensor, self.base_layer.weight)
 
+    def weight_dtype(self) -> str:
+        """The base weight's dtype now (``"float16"``); for a base module without a
+        ``weight`` of its own (a classification head of several layers, prefix tuning's
+        parameter-free holder) its first parameter's, or ``""`` when it has none."""
+        weight = getattr(self.base_layer, "weight", None)
+        if not isinstance(weight, torch.Tensor):
+            weight = next(self.base_layer.parameters(), None)
+        return str(weight.dtype).replace("torch.", "") if weight is not None else ""
+
     def new_tensor(self, *shape: int) -> nn.Parameter:
         """An uninitialised parameter on the base weight's device and dtype."""
         weight = self.base_weight()
