@@ -73,6 +73,7 @@ _TORCH_MODULES: dict[str, tuple[str, ...]] = {
     "peftcore_torch.base_state": ("get_base_model_state_dict", "load_peft_weights", "set_base_model_state_dict"),
     "peftcore_torch.hf_utils": ("cast_mixed_precision_params", "shift_tokens_right"),
     "peftcore_torch.prompt_modules": ("PrefixEncoder", "PromptEmbedding", "PromptEncoder"),
+    "peftcore_torch.training_prep": ("prepare_model_for_kbit_training",),
 }
 
 #: HF name -> the torch backend module that defines it.
@@ -146,7 +147,6 @@ _MISSING: dict[str, tuple[str, ...]] = {
     "VeRA": ("VeraConfig", "VeraModel"),
     "WaveFT": ("WaveFTConfig", "WaveFTModel"),
     "X-LoRA": ("XLoraConfig", "XLoraModel"),
-    "quantised (k-bit) base models": ("prepare_model_for_kbit_training",),
     "HF's per-method tuner classes (peftcore has one tuner shell for every method: a PeftModel's "
     "base_model)": ("IA3Model", "LoraModel", "PEFT_TYPE_TO_TUNER_MAPPING"),
     "prefix tuning on Bloom's legacy (pre-Cache) key/value layout": (
