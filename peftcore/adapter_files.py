@@ -38,6 +38,7 @@ from peftcore.io import (
     stale_weights_name,
     unexpected_tensor_keys,
 )
+from peftcore.lora_conversion import convert_to_plain_lora
 from peftcore.model_card import CARD_NAME, MAX_CARD_BYTES, model_card_text
 from peftcore.model_lock import changes_model, reads_model
 from peftcore.plan import RewritePlan, check_plan_fits
@@ -145,7 +146,11 @@ class AdapterFilesMixin:
         targets ``embed_tokens``/``lm_head``, see
         :func:`~peftcore.hf_compat.embedding_matrices_to_save`; loading copies them back
         into the base model), ``is_main_process`` (False writes nothing), and ``state_dict`` among ``kwargs`` (accepted and ignored, as the
-        tensors are read from the model; ``transformers.Trainer`` passes it).
+        tensors are read from the model; ``transformers.Trainer`` passes it), and
+        ``path_initial_model_for_weight_conversion`` (the directory a PiSSA/OLoRA adapter
+        was saved to before training: the adapter is saved as the plain LoRA of twice the
+        rank that gives the trained model on the *original* base weights, see
+        :mod:`peftcore.lora_conversion`; ``convert_pissa_to_lora`` is HF's older name).
 
         Every file goes through :class:`~peftcore.save_dir.SaveDirectory`, all or
         nothing: an existing card that cannot be merged (a link, a FIFO, more than
@@ -157,6 +162,7 @@ class AdapterFilesMixin:
         if unknown:
             raise TypeError(f"save_pretrained() got unexpected keyword argument(s) {', '.join(map(repr, unknown))}")
         check_hf_save_arguments(safe_serialization, save_embedding_layers)
+        initial_dir = kwargs.get("path_initial_model_for_weight_conversion", kwargs.get("convert_pissa_to_lora"))
         names = list(selected_adapters) if selected_adapters is not None else list(self.peft_config)
         for name in names:
             self._require(name)
@@ -173,10 +179,13 @@ class AdapterFilesMixin:
             files: list[FileToWrite] = []
             for name in names:
                 tensors = self.export_adapter(name)
+                config, plan = self.peft_config[name], self.plans[name]
+                if initial_dir is not None:  # PiSSA/OLoRA saved as the plain LoRA of its change
+                    config, plan, tensors = convert_to_plain_lora(self.model_graph, name, config, plan, tensors, initial_dir)
                 embeddings = embedding_matrices_to_save(self, name, save_embedding_layers)
-                saved = self.peft_config[name].as_saved(self.model_graph, self.plans[name])  # as HF PEFT writes it
+                saved = config.as_saved(self.model_graph, plan)  # as HF PEFT writes it
                 contents = adapter_file_contents(
-                    saved, self.plans[name], tensors, embeddings, auto_mapping=auto_mapping_of(self, saved),
+                    saved, plan, tensors, embeddings, auto_mapping=auto_mapping_of(self, saved),
                     safe_serialization=safe_serialization,
                 )
                 files.extend((subfolders[name], file_name, content) for file_name, content in contents)

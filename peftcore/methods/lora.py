@@ -16,6 +16,7 @@ from peftcore.methods.common import (
     validate_layers_to_transform,
     validate_modules_to_save,
 )
+from peftcore.methods.lora_init import is_weight_init
 from peftcore.pattern_keys import MAX_REGEX_KEYS, PatternKeys, literal_form
 from peftcore.peft_type import PeftType
 from peftcore.plan import FreezeBase, PlanOp, RewritePlan, TensorSpec, register_op
@@ -23,6 +24,22 @@ from peftcore.targeting import ALL_LINEAR, Targets, check_regex, default_target_
 
 #: ``init_lora_weights`` values and the op ``init`` they become.
 _INITS = {True: "kaiming", "kaiming": "kaiming", "gaussian": "gaussian", False: "random"}
+
+
+def op_init(init_lora_weights: Union[bool, str], layer_kind: str) -> str:
+    """The op ``init`` of ``init_lora_weights`` on a layer of ``layer_kind``: PiSSA, OLoRA
+    and orthogonal (:mod:`peftcore.methods.lora_init`) are for linear layers; an embedding
+    gets the default init with them, as in HF PEFT."""
+    if isinstance(init_lora_weights, str) and is_weight_init(init_lora_weights):
+        return init_lora_weights if layer_kind == "linear" else "kaiming"
+    return _INITS[init_lora_weights]
+
+
+def valid_init(init_lora_weights: Any) -> bool:
+    """Whether ``init_lora_weights`` is a value LoRA takes."""
+    if isinstance(init_lora_weights, str) and is_weight_init(init_lora_weights):
+        return True
+    return isinstance(init_lora_weights, (bool, str)) and init_lora_weights in _INITS
 
 
 @register_op
@@ -53,7 +70,7 @@ class AddLora(PlanOp):
         super().__post_init__()
         if self.layer_kind not in ("linear", "embedding"):
             raise PlanError(f"lora op on {self.path!r}: layer_kind must be 'linear' or 'embedding', got {self.layer_kind!r}")
-        if self.init not in ("kaiming", "gaussian", "random"):
+        if self.init not in ("kaiming", "gaussian", "random") and not (self.layer_kind == "linear" and is_weight_init(self.init)):
             raise PlanError(f"lora op on {self.path!r}: unknown init {self.init!r}")
         if min(self.r, self.in_features, self.out_features) <= 0 or not 0.0 <= self.dropout < 1.0:
             raise PlanError(f"lora op on {self.path!r}: r, in_features and out_features must be positive, dropout in [0, 1)")
@@ -209,9 +226,10 @@ class LoraConfig(PeftConfig):
         check(0.0 <= self.lora_dropout < 1.0, f"{name}.lora_dropout must be in [0, 1), got {self.lora_dropout}")
         check_type(name, "use_rslora", self.use_rslora, (bool,))
         check_type(name, "fan_in_fan_out", self.fan_in_fan_out, (bool,))
-        if self.init_lora_weights not in _INITS or not isinstance(self.init_lora_weights, (bool, str)):
+        if not valid_init(self.init_lora_weights):
             raise ConfigError(
-                f"{name}.init_lora_weights must be True, False or 'gaussian', got {self.init_lora_weights!r}"
+                f"{name}.init_lora_weights must be True, False, 'gaussian', 'pissa', 'pissa_niter_<K>', 'olora' "
+                f"or 'orthogonal', got {self.init_lora_weights!r}"
             )
         self.target_modules = validate_targets(name, "target_modules", self.target_modules)
         self.exclude_modules = validate_targets(name, "exclude_modules", self.exclude_modules)
@@ -386,7 +404,7 @@ class LoraConfig(PeftConfig):
             lora_alpha=float(alpha),
             scaling=self.scaling(r, alpha),
             dropout=float(self.lora_dropout),
-            init=_INITS[self.init_lora_weights],
+            init=op_init(self.init_lora_weights, node.kind),
         )
 
 

@@ -29,6 +29,7 @@ apply_shims()
 from singa import autograd, layer, singa_wrap, tensor  # noqa: E402
 
 from peftcore.methods.lora import AddLora  # noqa: E402
+from peftcore.methods.lora_init import BaseWeightInit  # noqa: E402
 from peftcore_singa.describe import is_linear_3d, linear_features  # noqa: E402
 from peftcore_singa.layers import AdapterLayer  # noqa: E402
 from peftcore_singa.tensors import to_numpy  # noqa: E402
@@ -76,7 +77,7 @@ def lora_dropout(x: Any, p: float) -> Any:
     return autograd.mul(x, mask)
 
 
-class LoraLayer(AdapterLayer):
+class LoraLayer(BaseWeightInit, AdapterLayer):
     adapter_tensor_names = ("lora_A", "lora_B")
     other_param_names = ("scaling", "r", "dropout")
     scaling: dict[str, float]
@@ -137,6 +138,14 @@ class LoraLinear(LoraLayer):
         if isinstance(base, layer.Gemm):
             delta = (delta.T if base.transB else delta) / float(base.alpha)
         return delta
+
+    def canonical_base_weight(self) -> np.ndarray:
+        """The weight as ``(out, in)``, a Gemm's ``alpha`` folded in (``delta_weight``'s inverse)."""
+        base = self.base_layer
+        weight = to_numpy(base.W).astype(np.float64)
+        if isinstance(base, layer.Gemm):
+            return (weight if base.transB else weight.T) * float(base.alpha)
+        return weight.T
 
     def forward(self, x: Any) -> Any:
         base = self.base_layer

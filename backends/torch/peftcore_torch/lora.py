@@ -22,12 +22,14 @@ from __future__ import annotations
 import math
 from typing import Any, ClassVar, Iterator, MutableMapping, Optional, cast
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from peftcore.errors import AdapterError
 from peftcore.methods.lora import AddLora
+from peftcore.methods.lora_init import BaseWeightInit
 from peftcore_torch.layers import AdapterLayer
 from peftcore_torch.lora_kernels import can_fuse, folding_pays, fused_lora_linear, has_hooks, merged_weight
 from peftcore_torch.row_routing import (
@@ -105,7 +107,7 @@ class FactorDict(nn.ModuleDict):
         return FactorWeights(self)
 
 
-class LoraLayer(RoutesRows, AdapterLayer):
+class LoraLayer(BaseWeightInit, RoutesRows, AdapterLayer):
     """What every LoRA layer shares (HF PEFT's ``LoraLayer``): per-adapter factors
     ``lora_A``/``lora_B``, dropout, ``scaling`` and rank ``r``."""
 
@@ -202,6 +204,14 @@ class LoraLinear(LoraLayer):
     def delta_weight(self, adapter_name: str) -> torch.Tensor:
         delta = self.canonical_delta(adapter_name)
         return delta.T if self.fan_in_fan_out else delta
+
+    def canonical_base_weight(self) -> np.ndarray:
+        weight = self.primitives.to_numpy(self.base_weight())
+        return weight.T if self.fan_in_fan_out else weight
+
+    def init_normal(self, shape: tuple[int, ...]) -> np.ndarray:
+        """torch's RNG, so ``torch.manual_seed`` fixes the orthogonal init."""
+        return torch.randn(shape, dtype=torch.float64).numpy()
 
     def update(self, adapter_name: str, x: torch.Tensor) -> torch.Tensor:
         """The adapter's change to the output for input ``x``: ``s * dropout(x) A^T B^T``."""
