@@ -3,7 +3,8 @@
 :class:`HFCompatMixin` is a base of :class:`peftcore.peft_model.PeftModel`; it adds the
 methods HF PEFT users call that are spelled differently in peftcore or that peftcore
 builds from its own primitives: ``disable_adapter_layers``/``enable_adapter_layers``,
-``add_weighted_adapter`` (LoRA: ``linear``, ``cat``, ``svd``), and the checks of
+``add_weighted_adapter`` (LoRA: ``linear``, ``cat``, ``svd``, and TIES, DARE and magnitude
+pruning with their ``_svd`` forms, see :mod:`peftcore.task_merging`), and the checks of
 ``save_pretrained``'s HF arguments (its model card is :mod:`peftcore.model_card`).
 :func:`get_peft_model_state_dict` and :func:`set_peft_model_state_dict` are HF's
 module-level functions.
@@ -27,6 +28,7 @@ from peftcore.finite import check_adapter_gains, check_values, count_non_finite
 from peftcore.io import DEFAULT_ADAPTER, HF_PREFIX, hf_key_of, match_tensors
 from peftcore.methods.lora import AddLora, LoraConfig
 from peftcore.model_lock import changes_model, reads_model
+from peftcore.task_merging import PRUNING_COMBINATIONS, SIGN_METHODS, combine, numpy_keep_mask
 
 __all__ = [
     "HFCompatMixin",
@@ -37,7 +39,7 @@ __all__ = [
     "split_embedding_layers",
 ]
 
-COMBINATIONS = ("linear", "cat", "svd")
+COMBINATIONS = ("linear", "cat", "svd") + PRUNING_COMBINATIONS + tuple(f"{kind}_svd" for kind in PRUNING_COMBINATIONS)
 
 
 class IncompatibleKeys(NamedTuple):
@@ -96,6 +98,12 @@ class HFCompatMixin:
         exactly the weighted sum) or ``"svd"`` (the weighted sum of the deltas, truncated
         to ``svd_rank``, default the largest rank, by an SVD; ``svd_clamp`` clips values
         at that quantile). The new adapter has ``lora_alpha = r`` (scaling 1), as in HF.
+        ``"ties"``, ``"dare_linear"``, ``"dare_ties"`` and ``"magnitude_prune"`` (same rank)
+        prune and combine the A and the B factors as ``"linear"`` weights them, keeping a
+        ``density`` fraction (see :mod:`peftcore.task_merging`; ``majority_sign_method``
+        ``"total"`` or ``"frequency"`` elects TIES's signs); their ``_svd`` forms do so on
+        the deltas and factor the result as ``"svd"`` does. With one adapter they are
+        ``"linear"``, as in HF. DARE's random masks come from :meth:`_keep_mask`.
         """
         pm: Any = self
         adapters, weights = list(adapters), [float(w) for w in weights]
@@ -112,9 +120,14 @@ class HFCompatMixin:
             raise ValueError(
                 f"combination_type {combination_type!r} is not supported by peftcore; use one of {COMBINATIONS}"
             )
-        if density is not None:
-            raise ValueError("density applies to the TIES/DARE combinations, which peftcore does not implement")
+        pruning = combination_type.removesuffix("_svd") in PRUNING_COMBINATIONS
+        if pruning and (density is None or not 0.0 <= float(density) <= 1.0):
+            raise ValueError(f"combination_type {combination_type!r} needs a density in [0, 1], got {density!r}")
+        if majority_sign_method not in SIGN_METHODS:
+            raise ValueError(f"majority_sign_method must be one of {SIGN_METHODS}, got {majority_sign_method!r}")
         adapters, weights = list(adapters), [float(w) for w in weights]
+        if pruning and len(adapters) == 1:
+            combination_type = "linear"  # HF PEFT: one adapter is only ever combined linearly
         if not adapters or len(adapters) != len(weights):
             raise ValueError("adapters and weights must be non-empty lists of the same length")
         if not all(np.isfinite(weights)):
@@ -141,11 +154,14 @@ class HFCompatMixin:
             raise AdapterError(f"Adapter with name '{adapter_name}' already exists; delete it first or pick another name.")
         ops = {name: {op.path: op for op in pm.plans[name].ops if isinstance(op, AddLora)} for name in adapters}
         tensors = {name: pm.export_adapter(name) for name in adapters}
-        paths = sorted({path for per in ops.values() for path in per})
+        paths = list(dict.fromkeys(path for per in ops.values() for path in per))  # model order, as HF draws DARE's masks
         ranks = {op.r for per in ops.values() for op in per.values()}
-        if combination_type == "linear" and len(ranks) > 1:
-            raise ValueError("combination_type='linear' needs all adapters to have the same rank; use 'cat' or 'svd'")
-        if combination_type == "linear":
+        factored = combination_type == "linear" or combination_type in PRUNING_COMBINATIONS
+        if factored and len(ranks) > 1:
+            raise ValueError(
+                f"combination_type={combination_type!r} needs all adapters to have the same rank; use 'cat' or an '_svd' form"
+            )
+        if factored:
             new_rank = ranks.pop()
         elif combination_type == "cat":
             new_rank = sum(max((o.r for o in per.values()), default=0) for per in ops.values())
@@ -157,16 +173,21 @@ class HFCompatMixin:
             parts = [(ops[n][path], tensors[n], w) for n, w in zip(adapters, weights) if path in ops[n]]
             a_list = [np.asarray(t[f"{path}.lora_A"], dtype=np.float64) for _, t, _ in parts]
             b_list = [np.asarray(t[f"{path}.lora_B"], dtype=np.float64) for _, t, _ in parts]
-            if combination_type == "linear":
+            if factored:
                 # a negative weight flips A only, so each adapter's own delta is scaled by its weight
                 scales = [w * op.scaling for op, _, w in parts]
-                a = sum(np.sign(c) * np.sqrt(abs(c)) * x for c, x in zip(scales, a_list))
-                b = sum(np.sqrt(abs(c)) * x for c, x in zip(scales, b_list))
+                a_weights = [(1.0 if c >= 0 else -1.0) * np.sqrt(abs(c)) for c in scales]
+                b_weights = [np.sqrt(abs(c)) for c in scales]
+                kind = combination_type
+                a = combine(kind, a_list, a_weights, float(density or 1.0), majority_sign_method, pm._keep_mask)
+                b = combine(kind, b_list, b_weights, float(density or 1.0), majority_sign_method, pm._keep_mask)
             elif combination_type == "cat":
                 a = np.concatenate([w * op.scaling * x for (op, _, w), x in zip(parts, a_list)], axis=0)
                 b = np.concatenate(b_list, axis=1)
             else:
-                delta = sum(w * op.scaling * (bx @ ax) for (op, _, w), ax, bx in zip(parts, a_list, b_list))
+                deltas = [op.scaling * (bx @ ax) for (op, _, _), ax, bx in zip(parts, a_list, b_list)]
+                kind = combination_type.removesuffix("_svd") if pruning else "linear"
+                delta = combine(kind, deltas, [w for _, _, w in parts], float(density or 1.0), majority_sign_method, pm._keep_mask)
                 b, a = _svd_factors(np.asarray(delta), new_rank, svd_clamp, svd_full_matrices)
             layer_ranks[path] = int(a.shape[0])
             combined[f"{path}.lora_A"], combined[f"{path}.lora_B"] = a, b
@@ -204,6 +225,12 @@ class HFCompatMixin:
         except BaseException:
             pm.delete_adapter(adapter_name)
             raise
+
+
+    def _keep_mask(self, shape: tuple[int, ...], density: float) -> np.ndarray:
+        """DARE's Bernoulli(``density``) keep-mask of ``shape`` (numpy's RNG here; a
+        backend shell may draw it on its framework's RNG)."""
+        return numpy_keep_mask(shape, density)
 
 
 def _exact(path: str) -> str:

@@ -20,7 +20,7 @@ def test_unknown_field_is_named_with_suggestion() -> None:
         ({"r": True}, "r must be int"),
         ({"lora_alpha": 0}, "lora_alpha must be positive"),
         ({"lora_dropout": 1.0}, r"lora_dropout must be in \[0, 1\)"),
-        ({"init_lora_weights": "pissa"}, "init_lora_weights"),
+        ({"init_lora_weights": "pissa_niter_"}, "init_lora_weights"),
         ({"target_modules": 3}, "target_modules must be"),
         ({"target_modules": "("}, "not a valid regular expression"),
         ({"layers_to_transform": ["0"]}, "layers_to_transform"),

@@ -171,8 +171,10 @@ def test_add_weighted_adapter_matches_hf(combination: str, weights: tuple) -> No
     assert torch.isfinite(out(ours)).all()  # a negative weight once gave NaN factors (sqrt of a negative)
     if combination == "cat":  # exactly the weighted sum of the deltas
         ours.set_adapter("default")
-        with pytest.raises(ValueError, match="ties"):
+        with pytest.raises(ValueError, match="'ties' needs a density"):  # TIES prunes: HF needs a density too
             ours.add_weighted_adapter(["default", "b"], [1.0, 1.0], "t", combination_type="ties")
+        with pytest.raises(ValueError, match="not supported"):
+            ours.add_weighted_adapter(["default", "b"], [1.0, 1.0], "t", combination_type="median")
 
 
 def test_auto_peft_model_classes(tmp_path: Any) -> None:

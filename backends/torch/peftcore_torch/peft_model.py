@@ -239,6 +239,11 @@ class TorchPeftModel(PeftModel, nn.Module):
             weights[path] = self.runtime.to_numpy(weight)
         return weights
 
+    def _keep_mask(self, shape: tuple[int, ...], density: float) -> Any:
+        """DARE's keep-mask on torch's RNG, drawn as HF PEFT draws it (one ``bernoulli``
+        per tensor, in model order), so ``torch.manual_seed`` gives HF's masks."""
+        return torch.bernoulli(torch.full(shape, float(density))).numpy()
+
     def _from_numpy(self, array: Any) -> torch.Tensor:
         """A canonical numpy tensor as a torch tensor (``get_peft_model_state_dict``)."""
         return torch.from_numpy(np.array(array, copy=True))
