@@ -93,6 +93,12 @@ class LoraLayer(BaseWeightInit, AdapterLayer):
     def canonical_export(self, name: str, array: np.ndarray) -> np.ndarray:
         return array.T
 
+    def init_normal(self, shape: tuple[int, ...]) -> np.ndarray:
+        """SINGA's RNG (``Tensor.gaussian``, as the other inits use) for the orthogonal init."""
+        values = tensor.Tensor(tuple(int(d) for d in shape), self.base_weight().device)
+        values.gaussian(0.0, 1.0)
+        return to_numpy(values).astype(np.float64)
+
     def native_import(self, name: str, array: np.ndarray) -> np.ndarray:
         return array.T
 

@@ -122,6 +122,12 @@ class SingaPeftModel(PeftModel, singa_model.Model):
         self.sequential = bool(model.__dict__.get("sequential", False))
         self.init_peft_state(backend_name, graph)
 
+    def _keep_mask(self, shape: tuple[int, ...], density: float) -> np.ndarray:
+        """DARE's keep-mask on SINGA's RNG (``Tensor.bernoulli``)."""
+        mask = tensor.Tensor(tuple(int(d) for d in shape))
+        mask.bernoulli(float(density))
+        return np.asarray(tensor.to_numpy(mask), dtype=np.float64)
+
     # -- the model ----------------------------------------------------------------------------
     def get_base_model(self) -> Any:
         """Your model, with its adapter layers in place."""
