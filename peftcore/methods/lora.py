@@ -52,7 +52,10 @@ class AddLora(PlanOp):
     ``init`` is ``"kaiming"`` (A kaiming-uniform, B zero), ``"gaussian"`` (A normal
     with std 1/r, B zero) or ``"random"`` (both random: the output changes at once,
     for tests). For an embedding, ``"kaiming"`` and ``"gaussian"`` both make A zero
-    and B unit normal, as HF PEFT and the original LoRA code initialise embeddings.
+    and B unit normal, as HF PEFT and the original LoRA code initialise embeddings. A
+    linear layer also takes ``"pissa"``, ``"pissa_niter_K"``, ``"olora"`` and
+    ``"orthogonal"`` (:mod:`peftcore.methods.lora_init`; PiSSA and OLoRA also change
+    the base weight).
     """
 
     op: ClassVar[str] = "lora"
@@ -159,8 +162,10 @@ class LoraConfig(PeftConfig):
     - ``exclude_modules``, ``layers_to_transform``, ``layers_pattern``: narrow the targets.
     - ``rank_pattern`` / ``alpha_pattern``: per-layer overrides, keyed by a name or
       regex matched against the end of the layer path.
-    - ``init_lora_weights``: ``True`` (A kaiming-uniform, B zero), ``"gaussian"``, or
-      ``False`` (B random too, so the adapter changes the output at once; for tests).
+    - ``init_lora_weights``: ``True`` (A kaiming-uniform, B zero), ``"gaussian"``,
+      ``False`` (B random too, so the adapter changes the output at once; for tests),
+      ``"pissa"``/``"pissa_niter_K"``/``"olora"`` (from the base weight, which keeps the
+      rest) or ``"orthogonal"`` (see :mod:`peftcore.methods.lora_init`).
     - ``bias``: ``"none"`` (HF PEFT's default), ``"all"`` (train every bias of the model
       in place) or ``"lora_only"`` (the biases of the LoRA layers), as in HF PEFT: those
       biases are the base model's own, so disabling or deleting the adapter keeps them
