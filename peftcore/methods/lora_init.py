@@ -124,6 +124,11 @@ def initialise_from_base(layer: Any, adapter_name: str, op: Any, normal: NormalS
     unmerge would). A float weight is required, as HF PEFT requires it."""
     weight = None
     if changes_base(op.init):
+        if getattr(layer, "merged_adapters", None):
+            raise AdapterError(
+                f"layer {op.path!r}: adapters {layer.merged_adapters} are merged into the base weight; unmerge them "
+                f"before adding an adapter with init_lora_weights={op.init!r}, which splits that weight"
+            )
         raw = np.asarray(layer.canonical_base_weight())
         if not np.issubdtype(raw.dtype, np.floating):
             raise AdapterError(f"layer {op.path!r}: init_lora_weights={op.init!r} needs a float base weight, it is {raw.dtype}")

@@ -111,6 +111,17 @@ def test_bad_inits_are_refused() -> None:
         _ours(llama_lm(), "orthogonal", r=3)
 
 
+def test_pissa_is_refused_over_a_merged_adapter() -> None:
+    base, ids = llama_lm(), random_ids(2, 8)
+    model = _ours(base, False)
+    model.merge_adapter()
+    merged = _logits(model, ids)
+    with pytest.raises(AdapterError, match="unmerge them"):
+        model.add_adapter("p", peftcore.LoraConfig(r=4, init_lora_weights="pissa", target_modules=TARGETS))
+    assert "p" not in model.peft_config
+    assert_close_to_scale(_logits(model, ids), merged)
+
+
 def _train(model: Any, steps: int = 4) -> None:
     ids = random_ids(2, 8, seed=5)
     losses = train_steps(model, {"input_ids": ids, "labels": ids}, steps, lr=1e-2, dropout=False)
