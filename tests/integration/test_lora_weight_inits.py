@@ -166,3 +166,14 @@ def test_conversion_refuses_a_missing_initial_adapter(tmp_path: Path) -> None:
     with pytest.raises(AdapterError, match="does not exist"):
         model.save_pretrained(tmp_path / "out", path_initial_model_for_weight_conversion=str(tmp_path / "nowhere"))
     assert not (tmp_path / "out" / "adapter_model.safetensors").exists()
+
+
+@pytest.mark.parametrize("init", ["pissa", "olora"])
+def test_hf_peft_adapter_loads_on_the_original_base(tmp_path: Path, init: str) -> None:
+    base, ids = llama_lm(), random_ids(2, 8)
+    theirs = _hf(base, init)
+    _train(theirs)
+    trained = _logits(theirs, ids)
+    theirs.save_pretrained(tmp_path)
+    ours = peftcore.PeftModel.from_pretrained(copy.deepcopy(base), str(tmp_path))
+    assert_close_to_scale(_logits(ours, ids), trained, rtol=1e-5)
