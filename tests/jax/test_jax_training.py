@@ -86,3 +86,33 @@ def test_layers_of_one_shape_start_from_different_lora_factors() -> None:
     peft_model = get_peft_model(TwoLayers(), LoraConfig(target_modules=["first", "second"], r=2), backend="jax")
     factors = peft_model.export_adapter("default")
     assert not np.array_equal(factors["first.lora_A"], factors["second.lora_A"])
+
+
+@pytest.mark.parametrize("init", ["pissa", "olora", "orthogonal"])
+def test_weight_based_inits_keep_the_output(init: str) -> None:
+    """The core's PiSSA/OLoRA/orthogonal inits on JAX: arrays are immutable, so the
+    residual base kernel is a new array stored back in the layer."""
+    from peftcore.testing.numerics import assert_close_to_scale
+
+    model = nnx.Linear(6, 5, rngs=nnx.Rngs(3))
+
+    class Net(nnx.Module):
+        def __init__(self) -> None:
+            self.proj = model
+
+        def __call__(self, x: Any) -> Any:
+            return self.proj(x)
+
+    net = Net()
+    x = jnp.asarray(np.random.default_rng(0).standard_normal((4, 6)), dtype=jnp.float32)
+    before = np.asarray(net(x))
+    kernel = np.asarray(model.kernel[...]).copy()
+    peft_model = get_peft_model(net, LoraConfig(target_modules=["proj"], r=2, lora_alpha=2, init_lora_weights=init), backend="jax")
+    assert_close_to_scale(np.asarray(net(x)), before)
+    factors = peft_model.export_adapter("default")
+    product = factors["proj.lora_B"] @ factors["proj.lora_A"]
+    if init == "orthogonal":
+        assert np.abs(product).max() <= 1e-5 * np.abs(factors["proj.lora_A"]).max()
+    else:  # the base kept the rest: kernel - scaling * (B @ A)^T, scaling 1 here
+        assert_close_to_scale(np.asarray(net.proj.base_layer.kernel[...]), kernel - 1.0 * product.T)
+        assert np.abs(product).max() > 0

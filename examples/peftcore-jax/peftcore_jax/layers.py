@@ -28,6 +28,7 @@ from peftcore.adapter_layer import AdapterLayerCore, wrap_layer
 from peftcore.errors import AdapterError, PlanError
 from peftcore.methods.bitfit import TrainBias
 from peftcore.methods.lora import AddLora
+from peftcore.methods.lora_init import BaseWeightInit
 from peftcore.methods.prompt_tuning import RESIDUAL_TENSORS, AddPrompt
 from peftcore.runtime import OpBuilders
 from peftcore_jax.runtime import JAX_TENSORS, replace_layer
@@ -66,9 +67,10 @@ class AdapterLayer(AdapterLayerCore, nnx.Module):
         raise NotImplementedError
 
 
-class LoraLayer(AdapterLayer):
+class LoraLayer(BaseWeightInit, AdapterLayer):
     """LoRA on an ``nnx.Linear`` (``x @ A @ B * scaling`` added) or an ``nnx.Embed`` (rows
-    of A looked up, then projected by B; no dropout, as in HF PEFT)."""
+    of A looked up, then projected by B; no dropout, as in HF PEFT). PiSSA, OLoRA and the
+    orthogonal init are the core's (:class:`~peftcore.methods.lora_init.BaseWeightInit`)."""
 
     adapter_tensor_names = ("lora_A", "lora_B")
     other_param_names = ("scaling", "r", "lora_dropout")
@@ -102,6 +104,13 @@ class LoraLayer(AdapterLayer):
 
     def native_import(self, name: str, array: Any) -> Any:
         return array.T
+
+    def canonical_base_weight(self) -> np.ndarray:
+        return self.primitives.to_numpy(self.base_weight()).T  # the kernel is (in, out)
+
+    def init_normal(self, shape: tuple[int, ...]) -> np.ndarray:
+        """The layer's own RNG stream, for the orthogonal init."""
+        return np.asarray(jax.random.normal(self.rngs.params(), shape), dtype=np.float64)
 
     def delta_weight(self, adapter_name: str) -> Any:
         a, b = (self.primitives.to_numpy(store[adapter_name]).astype(np.float64) for store in (self.lora_A, self.lora_B))
