@@ -125,7 +125,6 @@ class HFCompatMixin:
             raise ValueError(f"combination_type {combination_type!r} needs a density in [0, 1], got {density!r}")
         if majority_sign_method not in SIGN_METHODS:
             raise ValueError(f"majority_sign_method must be one of {SIGN_METHODS}, got {majority_sign_method!r}")
-        adapters, weights = list(adapters), [float(w) for w in weights]
         if pruning and len(adapters) == 1:
             combination_type = "linear"  # HF PEFT: one adapter is only ever combined linearly
         if not adapters or len(adapters) != len(weights):
