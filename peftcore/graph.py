@@ -38,6 +38,10 @@ def kind_of(layer: Any, extra_kinds: Mapping[Any, str], native: Sequence[tuple[s
     return "other"
 
 
+#: The fields only a convolution's node fills.
+_CONV_FIELDS = ("kernel_size", "stride", "padding", "dilation", "groups", "padding_mode")
+
+
 @dataclass(frozen=True)
 class LayerNode:
     """One named layer of a model, as a backend describes it.
@@ -45,6 +49,11 @@ class LayerNode:
     ``path`` is the dotted name the framework gives the layer (torch's module path,
     SINGA's ``_layers`` path). ``params`` maps each directly owned parameter's short
     name (``weight``, ``bias``) to its canonical shape.
+
+    A ``conv`` layer gives its channels as ``in_features``/``out_features`` and its
+    geometry: ``kernel_size``, ``stride`` and ``dilation`` (one size per spatial axis),
+    ``padding`` (one size per axis, a start and an end per axis, or ``"same"``/``"valid"``),
+    ``groups`` and ``padding_mode`` (torch's names: ``"zeros"``, ``"reflect"``, ...).
     """
 
     path: str
@@ -57,11 +66,21 @@ class LayerNode:
     has_bias: bool = False
     dtype: str = "float32"
     params: Mapping[str, tuple] = field(default_factory=dict)
+    kernel_size: Optional[tuple] = None
+    stride: Optional[tuple] = None
+    padding: Any = None
+    dilation: Optional[tuple] = None
+    groups: Optional[int] = None
+    padding_mode: Optional[str] = None
 
     def __post_init__(self) -> None:
         if self.kind not in LAYER_KINDS:
             raise PlanError(f"layer {self.path!r} has unknown kind {self.kind!r}; expected one of {LAYER_KINDS}")
         object.__setattr__(self, "params", {k: tuple(int(d) for d in v) for k, v in self.params.items()})
+        for name in ("kernel_size", "stride", "padding", "dilation"):  # JSON gives lists
+            value = getattr(self, name)
+            if isinstance(value, list):
+                object.__setattr__(self, name, tuple(value))
 
     @property
     def name(self) -> str:
@@ -82,6 +101,11 @@ class LayerNode:
     def to_dict(self) -> dict[str, Any]:
         data = asdict(self)
         data["params"] = {k: list(v) for k, v in self.params.items()}
+        for name in _CONV_FIELDS:  # only a conv layer's are written
+            if data[name] is None:
+                del data[name]
+            elif isinstance(data[name], tuple):
+                data[name] = list(data[name])
         return data
 
     @classmethod

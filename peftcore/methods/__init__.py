@@ -8,6 +8,7 @@ from __future__ import annotations
 
 from peftcore.methods.bitfit import BitFitConfig
 from peftcore.methods.lora import LoraConfig
+from peftcore.methods.lora_conv import AddLoraConv
 from peftcore.methods.p_tuning import PromptEncoderConfig
 from peftcore.methods.prefix_tuning import PrefixTuningConfig
 from peftcore.methods.prompt_tuning import PromptTuningConfig, ResidualPromptTuningConfig
@@ -25,6 +26,7 @@ BUILTIN_METHODS = (
 )
 
 __all__ = [
+    "AddLoraConv",
     "BUILTIN_METHODS",
     "BitFitConfig",
     "LoraConfig",

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
-from typing import Any, ClassVar, Mapping, Optional, Sequence, Union
+from typing import Any, ClassVar, Mapping, Optional, Sequence, Union, cast
 
 from peftcore.config import PeftConfig, check, check_type, config_class
 from peftcore.errors import ConfigError, PlanError
@@ -19,8 +19,11 @@ from peftcore.methods.common import (
 from peftcore.methods.lora_init import is_weight_init
 from peftcore.pattern_keys import MAX_REGEX_KEYS, PatternKeys, literal_form
 from peftcore.peft_type import PeftType
-from peftcore.plan import FreezeBase, PlanOp, RewritePlan, TensorSpec, register_op
+from peftcore.plan import FreezeBase, PlanOp, RewritePlan, TensorSpec, op_types, register_op
 from peftcore.targeting import ALL_LINEAR, Targets, check_regex, default_target_modules, select_layers, validate_targets
+
+#: The op name of LoRA on a convolution (:class:`peftcore.methods.lora_conv.AddLoraConv`).
+CONV_LORA_OP = "lora_conv"
 
 #: ``init_lora_weights`` values and the op ``init`` they become.
 _INITS = {True: "kaiming", "kaiming": "kaiming", "gaussian": "gaussian", False: "random"}
@@ -178,7 +181,7 @@ class LoraConfig(PeftConfig):
     method: ClassVar[str] = "lora"
     peft_type: ClassVar[str] = PeftType.LORA
     tensor_prefix: ClassVar[str] = "lora_"
-    plan_ops: ClassVar[tuple] = ("freeze_base", "lora", "base_bias", "modules_to_save")
+    plan_ops: ClassVar[tuple] = ("freeze_base", "lora", CONV_LORA_OP, "base_bias", "modules_to_save")
     hf_unsupported_fields: ClassVar[Mapping[str, Any]] = {
         "use_dora": False,
         "megatron_config": None,
@@ -357,7 +360,7 @@ class LoraConfig(PeftConfig):
             graph,
             self.target_modules,
             owner=type(self).__name__,
-            supported_kinds=("linear", "embedding"),
+            supported_kinds=("linear", "embedding", "conv"),
             exclude_modules=self.exclude_modules,
             layers_to_transform=self.layers_to_transform,
             layers_pattern=self.layers_pattern,
@@ -396,6 +399,12 @@ class LoraConfig(PeftConfig):
             )
 
     def _lora_op(self, node: LayerNode, r: int, alpha: float) -> AddLora:
+        if node.kind == "conv":  # its op is peftcore.methods.lora_conv's (which imports this module)
+            conv_op = cast(Any, op_types()[CONV_LORA_OP])
+            return cast(AddLora, conv_op.for_layer(
+                node, r=r, lora_alpha=float(alpha), scaling=self.scaling(r, alpha), dropout=float(self.lora_dropout),
+                init=op_init(self.init_lora_weights, node.kind),
+            ))
         if node.kind == "embedding":
             in_features, out_features = node.num_embeddings, node.embedding_dim
         else:

@@ -79,6 +79,8 @@ def describe_module(path: str, module: nn.Module, extra_kinds: dict) -> LayerNod
         fields = {"in_features": int(in_features), "out_features": int(out_features)}
     elif kind == "embedding":
         fields = {"num_embeddings": int(wrapped.num_embeddings), "embedding_dim": int(wrapped.embedding_dim)}
+    elif kind == "conv" and isinstance(wrapped, nn.modules.conv._ConvNd):
+        fields = conv_geometry(wrapped)
     if kind == "other" and any(True for _ in wrapped.children()):
         kind = "container"
     dtype = str(weight.dtype).replace("torch.", "") if weight is not None and hasattr(weight, "dtype") else ""
@@ -91,6 +93,21 @@ def describe_module(path: str, module: nn.Module, extra_kinds: dict) -> LayerNod
         params=params,
         **fields,
     )
+
+
+def conv_geometry(conv: nn.modules.conv._ConvNd) -> dict[str, Any]:
+    """A torch convolution's channels and geometry, as :class:`~peftcore.graph.LayerNode` fields."""
+    padding = conv.padding if isinstance(conv.padding, str) else tuple(int(p) for p in conv.padding)
+    return {
+        "in_features": int(conv.in_channels),
+        "out_features": int(conv.out_channels),
+        "kernel_size": tuple(int(k) for k in conv.kernel_size),
+        "stride": tuple(int(v) for v in conv.stride),
+        "padding": padding,
+        "dilation": tuple(int(v) for v in conv.dilation),
+        "groups": int(conv.groups),
+        "padding_mode": str(conv.padding_mode),
+    }
 
 
 def _kind(module: nn.Module, extra_kinds: dict) -> str:
