@@ -22,8 +22,8 @@ from torch import nn
 
 from peftcore.errors import AdapterError, PlanError
 from peftcore.methods.lora_conv import AddLoraConv, grouped_merge_refusal
-from peftcore_torch.lora import FactorDict, LoraLayer, _initialise, _runs_as_identity
 from peftcore_torch.layers import AdapterLayer
+from peftcore_torch.lora import FactorDict, LoraLayer, _initialise, _runs_as_identity
 from peftcore_torch.row_routing import add_row_updates
 from peftcore_torch.walk import wrap_layer
 
@@ -43,7 +43,9 @@ class ConvFactorDict(FactorDict):
         nn.ModuleDict.__setitem__(self, key, self._make(value) if isinstance(value, nn.Parameter) else value)
 
     def weight(self, key: str) -> torch.Tensor:
-        return cast(torch.Tensor, cast(nn.Module, self._modules[key]).weight)
+        module = self._modules[key]
+        assert module is not None
+        return cast(torch.Tensor, module.weight)
 
 
 class LoraConv(LoraLayer):
