@@ -274,26 +274,24 @@ def test_lora_on_a_sonnx_imported_mlp(sonnx: Any) -> None:
         assert_close_to_scale(_eval(peft_model, x), expected)
 
 
-def test_lora_on_conv2d_is_refused_by_kind_with_the_reason_listed(sg: Any) -> None:
-    """SINGA's Conv2d takes no LoRA yet; the error names the layer and its kind, and
-    ``peftcore backends`` lists the reason."""
+def test_lora_on_conv2d_builds_with_hf_peft_shapes(sg: Any) -> None:
+    """SINGA's Conv2d takes LoRA (tests/integration/test_singa_lora_conv.py has the rest):
+    the plan's op is the convolution form, with HF PEFT's tensor shapes."""
     from singa import layer, model
-
-    from peftcore.errors import UnsupportedLayerError
-    from peftcore_singa.limitations import LIMITATIONS
 
     class Conv(model.Model):
         def __init__(self) -> None:
             super().__init__()
-            self.conv1, self.flatten, self.fc = layer.Conv2d(1, 2, 3, padding=1), layer.Flatten(), layer.Linear(3)
+            self.conv1, self.flatten, self.fc = layer.Conv2d(2, 3, padding=1), layer.Flatten(), layer.Linear(3)
 
         def forward(self, x: Any) -> Any:
             return self.fc(self.flatten(self.conv1(x)))
 
     x = np.zeros((2, 1, 4, 4), np.float32)
-    with pytest.raises(UnsupportedLayerError, match=r"'conv1' \(Conv2d\)"):
-        get_peft_model(Conv(), LoraConfig(r=2, target_modules=["conv1"]), example_inputs=x)
-    assert "Conv2d" in LIMITATIONS["lora"]
+    peft_model = get_peft_model(Conv(), LoraConfig(r=2, target_modules=["conv1"]), example_inputs=x)
+    (op,) = [op for op in peft_model.plans["default"].ops if op.path == "conv1"]
+    assert (op.op, op.kernel_size, op.padding) == ("lora_conv", (3, 3), (1, 1))
+    assert {k: v.shape for k, v in op.tensor_specs().items()} == {"lora_A": (2, 1, 3, 3), "lora_B": (2, 2, 1, 1)}
 
 
 def test_lora_trained_on_a_torch_onnx_export_moves_back_to_the_torch_model(sonnx: Any, tmp_path: Any) -> None:

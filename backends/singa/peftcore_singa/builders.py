@@ -20,6 +20,7 @@ from peftcore.adapter_layer import layer_builder  # noqa: E402
 from peftcore.errors import PlanError  # noqa: E402
 from peftcore.methods.bitfit import TrainBias  # noqa: E402
 from peftcore.methods.lora import AddLora  # noqa: E402
+from peftcore.methods.lora_conv import AddLoraConv  # noqa: E402
 from peftcore.methods.p_tuning import AddPromptEncoder  # noqa: E402
 from peftcore.methods.prompt_tuning import AddPrompt  # noqa: E402
 from peftcore.plan import SaveModule  # noqa: E402
@@ -28,6 +29,7 @@ from peftcore_singa.bitfit import BiasAdapter, base_bias  # noqa: E402
 from peftcore_singa.describe import is_linear  # noqa: E402
 from peftcore_singa.layers import AdapterLayer  # noqa: E402
 from peftcore_singa.lora import LoraEmbedding, LoraLinear  # noqa: E402
+from peftcore_singa.lora_conv import build_lora_conv  # noqa: E402
 from peftcore_singa.modules_to_save import ModulesToSaveWrapper  # noqa: E402
 from peftcore_singa.prompt import PromptEmbedding  # noqa: E402
 from peftcore_singa.walk import replace_layer, wrap_layer  # noqa: E402
@@ -81,6 +83,7 @@ def build_prompt(model: Any, layers: dict, op: AddPrompt, adapter_name: str) -> 
 
 BUILDERS: OpBuilders = {
     AddLora: build_lora,
+    AddLoraConv: build_lora_conv,
     SaveModule: layer_builder(replace_layer, ModulesToSaveWrapper),
     TrainBias: build_bitfit,
     AddPrompt: build_prompt,

@@ -257,7 +257,7 @@ def describe_layer(path: str, node: Any, extra_kinds: dict) -> LayerNode:
     base = node.base_layer if isinstance(node, AdapterLayer) else node
     kind = layer_kind(base, extra_kinds)
     type_name = type(base).__name__
-    if kind in ("linear", "embedding") and not base._initialized:
+    if kind in ("linear", "embedding", "conv") and not base._initialized:
         kind, type_name = "other", f"{type_name} (uninitialised: no forward has reached it)"
     views = native_params(base)
     fields: dict[str, Any] = {}
@@ -266,6 +266,8 @@ def describe_layer(path: str, node: Any, extra_kinds: dict) -> LayerNode:
         fields = {"in_features": in_f, "out_features": out_f}
     elif kind == "embedding":
         fields = {"num_embeddings": int(base.W.shape[0]), "embedding_dim": int(base.W.shape[1])}
+    elif kind == "conv" and isinstance(base, layer.Conv2d):
+        fields = conv_geometry(base)
     if kind == "other" and children(base):
         kind = "container"
     weight = views.get("weight") or next(iter(views.values()), None)
@@ -278,6 +280,28 @@ def describe_layer(path: str, node: Any, extra_kinds: dict) -> LayerNode:
         params={name: view.shape for name, view in views.items()},
         **fields,
     )
+
+
+def conv_geometry(conv: Any) -> dict[str, Any]:
+    """An initialised ``layer.Conv2d``'s channels and geometry, as
+    :class:`~peftcore.graph.LayerNode` fields (torch's names). Uneven padding (SINGA's
+    ``odd_padding``, from a 4-value padding or a ``SAME_*`` pad mode) is given as a
+    start and an end per axis."""
+    pad_h, pad_w = (int(p) for p in conv.padding)
+    odd = tuple(int(p) for p in conv.odd_padding)
+    padding: tuple = (pad_h, pad_w)
+    if any(odd):
+        padding = (pad_h + odd[0], pad_h + odd[1], pad_w + odd[2], pad_w + odd[3])
+    return {
+        "in_features": int(conv.in_channels),
+        "out_features": int(conv.nb_kernels),
+        "kernel_size": tuple(int(k) for k in conv.kernel_size),
+        "stride": tuple(int(s) for s in conv.stride),
+        "padding": padding,
+        "dilation": (1, 1),  # SINGA's Conv2d takes no other
+        "groups": int(conv.group),
+        "padding_mode": "zeros",
+    }
 
 
 def layer_kind(node: Any, extra_kinds: dict) -> str:

@@ -32,10 +32,6 @@ LIMITATIONS: dict[str, str] = {
         f"{_NO_ATTENTION}, so there are no attention keys and values to put the prefix in front of; "
         "use the torch backend"
     ),
-    "lora": (
-        "LoRA takes Linear, Gemm, Linear3D and Embedding layers; Conv2d takes none yet: the core's LoRA op has "
-        "no convolution form on main (the LoRA-variants work defines it), so a conv target is refused by kind"
-    ),
     "unipelt": (
         f"{_NO_ATTENTION}, and UniPELT's prefix part (one of its three gated parts) prefixes attention keys "
         "and values; use the torch backend"

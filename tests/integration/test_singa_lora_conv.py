@@ -1,0 +1,216 @@
+"""LoRA on SINGA's ``layer.Conv2d`` (a CNN in the shape of SINGA's ``examples/cnn``,
+written here), with the canonical tensors of torch's and Hugging Face PEFT's conv LoRA:
+outputs equal a torch twin's with the same adapter, adapters move torch -> SINGA -> torch,
+merge/unmerge is exact, training lowers the loss and changes only the adapter.
+
+Everything skips, with the reason, where ``import singa`` fails (the torch parts also
+where torch is not installed next to SINGA).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+import pytest
+
+from peftcore import LoraConfig, PeftModel, get_peft_model
+from peftcore.errors import BackendError
+from peftcore.testing.numerics import FLOAT32_RTOL, assert_close_to_scale
+
+BATCH, SIDE = 4, 8
+
+
+def _singa_cnn(stride: int = 2, padding: Any = 1) -> Any:
+    from singa import autograd, layer, model
+
+    class CNN(model.Model):
+        """conv -> relu -> conv (adapted) -> relu -> flatten -> linear, as examples/cnn's."""
+
+        def __init__(self) -> None:
+            super().__init__()
+            self.conv1 = layer.Conv2d(4, 3, padding=1)
+            self.conv2 = layer.Conv2d(6, 3, stride=stride, padding=padding)
+            self.flatten = layer.Flatten()
+            self.fc = layer.Linear(5)
+
+        def forward(self, x: Any) -> Any:
+            hidden = autograd.relu(self.conv2(autograd.relu(self.conv1(x))))
+            return self.fc(self.flatten(hidden))
+
+        def set_optimizer(self, optimizer: Any) -> None:
+            self.optimizer = optimizer
+
+        def train_one_batch(self, x: Any, y: Any) -> Any:
+            out = self.forward(x)
+            loss = autograd.mse_loss(out, y)
+            self.optimizer(loss)
+            return out, loss
+
+    return CNN()
+
+
+def _weights(rng: np.random.Generator, flat: int) -> dict[str, np.ndarray]:
+    """Canonical (torch-layout) weights of the CNN."""
+    shapes = {"conv1.weight": (4, 2, 3, 3), "conv1.bias": (4,), "conv2.weight": (6, 4, 3, 3), "conv2.bias": (6,),
+              "fc.weight": (5, flat), "fc.bias": (5,)}
+    return {k: (rng.standard_normal(s) * 0.3).astype(np.float32) for k, s in shapes.items()}
+
+
+def _flat(stride: int, padding: int) -> int:
+    side = (SIDE + 2 * padding - 3) // stride + 1
+    return 6 * side * side
+
+
+def _built_singa(weights: dict[str, np.ndarray], x: np.ndarray, stride: int = 2, padding: int = 1) -> Any:
+    from singa import tensor
+
+    net = _singa_cnn(stride, padding)
+    net.compile([tensor.from_numpy(x)], is_train=False, use_graph=False)
+    for name in ("conv1", "conv2"):
+        getattr(net, name).W.copy_from_numpy(weights[f"{name}.weight"])
+        getattr(net, name).b.copy_from_numpy(weights[f"{name}.bias"])
+    net.fc.W.copy_from_numpy(np.ascontiguousarray(weights["fc.weight"].T))
+    net.fc.b.copy_from_numpy(weights["fc.bias"])
+    return net
+
+
+def _torch_twin(weights: dict[str, np.ndarray], stride: int = 2, padding: int = 1) -> Any:
+    import torch
+
+    net = torch.nn.Sequential()
+    net.add_module("conv1", torch.nn.Conv2d(2, 4, 3, padding=1))
+    net.add_module("relu1", torch.nn.ReLU())
+    net.add_module("conv2", torch.nn.Conv2d(4, 6, 3, stride=stride, padding=padding))
+    net.add_module("relu2", torch.nn.ReLU())
+    net.add_module("flatten", torch.nn.Flatten())
+    net.add_module("fc", torch.nn.Linear(_flat(stride, padding), 5))
+    net.load_state_dict({k: torch.from_numpy(v) for k, v in weights.items()})
+    return net.eval()
+
+
+def _singa_out(net: Any, x: np.ndarray) -> np.ndarray:
+    from singa import tensor
+
+    net.eval()
+    return tensor.to_numpy(net.forward(tensor.from_numpy(x))).astype(np.float64)
+
+
+def _torch_out(net: Any, x: np.ndarray) -> np.ndarray:
+    import torch
+
+    with torch.no_grad():
+        return net(torch.from_numpy(x)).double().numpy()
+
+
+def _setup(seed: int = 0, stride: int = 2, padding: int = 1) -> tuple:
+    rng = np.random.default_rng(seed)
+    weights = _weights(rng, _flat(stride, padding))
+    x = rng.standard_normal((BATCH, 2, SIDE, SIDE)).astype(np.float32)
+    return rng, weights, x
+
+
+CONFIG = {"target_modules": ["conv1", "conv2"], "r": 4, "lora_alpha": 8}
+
+
+@pytest.mark.parametrize(("stride", "padding"), [(1, 0), (2, 1)])
+def test_singa_conv_lora_matches_the_torch_twin(sg: Any, stride: int, padding: int) -> None:
+    pytest.importorskip("torch", reason="torch is not installed next to SINGA in this interpreter")
+    rng, weights, x = _setup(1, stride, padding)
+    singa_peft = get_peft_model(_built_singa(weights, x, stride, padding), LoraConfig(**CONFIG), example_inputs=x)
+    torch_peft = get_peft_model(_torch_twin(weights, stride, padding), LoraConfig(**CONFIG))
+    specs = singa_peft.plans["default"].tensor_specs()
+    assert specs["conv2.lora_A"].shape == (4, 4, 3, 3) and specs["conv2.lora_B"].shape == (6, 4, 1, 1)
+    assert specs == torch_peft.plans["default"].tensor_specs()
+    tensors = {k: (rng.standard_normal(s.shape) * 0.2).astype(np.float32) for k, s in specs.items()}
+    singa_peft.import_adapter("default", tensors)
+    torch_peft.import_adapter("default", tensors)
+    expected = _torch_out(torch_peft.model, x)
+    assert np.abs(expected - _torch_out(_torch_twin(weights, stride, padding), x)).max() > 1e-3
+    assert_close_to_scale(_singa_out(singa_peft.model, x), expected, FLOAT32_RTOL)
+
+
+def test_merge_unmerge_is_exact(sg: Any) -> None:
+    from singa import tensor
+
+    rng, weights, x = _setup(2)
+    net = _built_singa(weights, x)
+    peft_model = get_peft_model(net, LoraConfig(**CONFIG, init_lora_weights=False), example_inputs=x)
+    original = tensor.to_numpy(net.conv2.base_layer.W).copy()
+    unmerged = _singa_out(net, x)
+    for _ in range(3):
+        peft_model.merge_adapter()
+        assert_close_to_scale(_singa_out(net, x), unmerged, FLOAT32_RTOL)
+        peft_model.unmerge_adapter()
+    np.testing.assert_array_equal(tensor.to_numpy(net.conv2.base_layer.W), original)
+    np.testing.assert_array_equal(_singa_out(net, x), unmerged)
+    merged = peft_model.merge_and_unload()
+    assert type(merged.conv2).__name__ == "Conv2d"
+    assert_close_to_scale(_singa_out(merged, x), unmerged, FLOAT32_RTOL)
+
+
+def test_training_lowers_the_loss_and_changes_only_the_adapter(sg: Any) -> None:
+    from singa import opt, tensor
+
+    rng, weights, x = _setup(3)
+    net = _built_singa(weights, x)
+    get_peft_model(net, LoraConfig(**CONFIG, lora_dropout=0.1), example_inputs=x)
+    before = {name: tensor.to_numpy(t).copy() for name, t in net.get_params().items()}
+    y = rng.standard_normal((BATCH, 5)).astype(np.float32)
+    net.set_optimizer(opt.SGD(lr=0.05))
+    tx, ty = tensor.from_numpy(x), tensor.from_numpy(y)
+    net.compile([tx], is_train=True, use_graph=False)
+    net.train()
+    losses = [float(tensor.to_numpy(net(tx, ty)[1]).item()) for _ in range(20)]
+    assert losses[-1] < 0.9 * losses[0]
+    after = {name: tensor.to_numpy(t) for name, t in net.get_params().items()}
+    changed = {name for name in before if not np.array_equal(before[name], after[name])}
+    assert changed == {f"conv{i}.lora_{ab}.default" for i in (1, 2) for ab in "AB"}
+
+
+def test_adapters_move_torch_to_singa_and_back(sg: Any, tmp_path: Any) -> None:
+    torch = pytest.importorskip("torch", reason="torch is not installed next to SINGA in this interpreter")
+    from singa import opt, tensor
+
+    rng, weights, x = _setup(4)
+    y = rng.standard_normal((BATCH, 5)).astype(np.float32)
+    torch_model = _torch_twin(weights)
+    torch_peft = get_peft_model(torch_model, LoraConfig(**CONFIG))
+    optimizer = torch.optim.SGD([p for p in torch_model.parameters() if p.requires_grad], lr=0.05)
+    for _ in range(3):
+        optimizer.zero_grad()
+        torch.nn.functional.mse_loss(torch_model(torch.from_numpy(x)), torch.from_numpy(y)).backward()
+        optimizer.step()
+    torch_peft.save_pretrained(str(tmp_path / "from_torch"))
+    in_singa = PeftModel.from_pretrained(_built_singa(weights, x), str(tmp_path / "from_torch"), example_inputs=x,
+                                         is_trainable=True)
+    assert_close_to_scale(_singa_out(in_singa.model, x), _torch_out(torch_model, x), FLOAT32_RTOL)
+
+    net = in_singa.model
+    net.set_optimizer(opt.SGD(lr=0.05))
+    tx, ty = tensor.from_numpy(x), tensor.from_numpy(y)
+    net.compile([tx], is_train=True, use_graph=False)
+    net.train()
+    for _ in range(3):
+        net(tx, ty)
+    in_singa.save_pretrained(str(tmp_path / "from_singa"))
+    back = PeftModel.from_pretrained(_torch_twin(weights), str(tmp_path / "from_singa"))
+    assert_close_to_scale(_torch_out(back.model, x), _singa_out(net, x), FLOAT32_RTOL)
+    assert np.abs(_torch_out(back.model, x) - _torch_out(torch_model, x)).max() > 1e-4  # SINGA trained it further
+
+
+def test_another_batch_size_is_refused_before_singa_aborts(sg: Any) -> None:
+    from singa import tensor
+
+    _, weights, x = _setup(5)
+    net = _built_singa(weights, x)
+    get_peft_model(net, LoraConfig(**CONFIG), example_inputs=x)
+    net.eval()
+    with pytest.raises(BackendError, match=r"'conv1'.*batch 4"):
+        net.forward(tensor.from_numpy(np.concatenate([x, x[:1]])))
+
+
+def test_lora_is_no_longer_listed_as_a_singa_limitation(sg: Any) -> None:
+    from peftcore_singa.limitations import LIMITATIONS
+
+    assert "lora" not in LIMITATIONS
