@@ -28,10 +28,11 @@ from peftcore.adapter_layer import AdapterLayerCore, wrap_layer
 from peftcore.errors import AdapterError, PlanError
 from peftcore.methods.bitfit import TrainBias
 from peftcore.methods.lora import AddLora
+from peftcore.methods.lora_conv import AddLoraConv
 from peftcore.methods.lora_init import BaseWeightInit
 from peftcore.methods.prompt_tuning import RESIDUAL_TENSORS, AddPrompt
 from peftcore.runtime import OpBuilders
-from peftcore_jax.runtime import JAX_TENSORS, replace_layer
+from peftcore_jax.runtime import CONV_LORA_LIMITATION, JAX_TENSORS, replace_layer
 
 _ACTIVATIONS = {"relu": jax.nn.relu, "tanh": jnp.tanh, "sigmoid": jax.nn.sigmoid, "identity": lambda x: x,
                 "gelu": lambda x: jax.nn.gelu(x, approximate=False)}
@@ -282,4 +283,11 @@ def build_prompt(model: Any, layers: dict, op: AddPrompt, adapter_name: str) -> 
     wrap_layer(replace_layer, model, layers, op.path, PromptEmbedding).add(adapter_name, op)
 
 
-BUILDERS: OpBuilders = {AddLora: build_lora, TrainBias: build_bitfit, AddPrompt: build_prompt}
+def refuse_lora_conv(model: Any, layers: dict, op: AddLoraConv, adapter_name: str) -> None:
+    """LoRA on an ``nnx.Conv`` is a limitation of this backend: refused with its reason."""
+    raise PlanError(f"jax backend cannot put LoRA on {op.path!r}: {CONV_LORA_LIMITATION}")
+
+
+BUILDERS: OpBuilders = {
+    AddLora: build_lora, AddLoraConv: refuse_lora_conv, TrainBias: build_bitfit, AddPrompt: build_prompt,
+}

@@ -34,6 +34,13 @@ LIMITATIONS = {
     "p_tuning": "the jax backend builds no prompt encoder (MLP/LSTM)",
     "unipelt": "the jax backend has no attention layers",
 }
+#: Why LoRA on an ``nnx.Conv`` is refused (at build time: ``LIMITATIONS`` is by method, and
+#: LoRA on ``nnx.Linear``/``nnx.Embed`` is built).
+CONV_LORA_LIMITATION = (
+    "LoRA on convolutions (nnx.Conv) is not built by this example backend: nnx.Conv's kernel is "
+    "(*kernel_size, in / groups, out) with padding forms and input dilation torch lacks, which need a LoRA "
+    "layer of their own; LoRA on nnx.Linear and nnx.Embed is built"
+)
 
 
 def TRAINABLE(path: Any, value: Any) -> bool:  # noqa: N802 - an nnx filter, named like nnx.Param
@@ -137,8 +144,29 @@ def describe_layer(path: str, layer: Any) -> LayerNode:
         vocab, dim = (int(d) for d in base.embedding.shape)
         return LayerNode(path, "embedding", "Embed", num_embeddings=vocab, embedding_dim=dim,
                          dtype=JAX_TENSORS.dtype_name(base.embedding), params={"weight": (vocab, dim)})
+    if isinstance(base, nnx.Conv):
+        return LayerNode(path, "conv", "Conv", **_conv_geometry(base))
     kind = "container" if next(children(base), None) is not None else "other"
     return LayerNode(path, kind, type(base).__name__)
+
+
+def _conv_geometry(conv: Any) -> dict[str, Any]:
+    """An ``nnx.Conv``'s channels and geometry in the IR's (torch's) terms."""
+    axes = len(conv.kernel_size)
+
+    def sizes(value: Any) -> tuple:
+        return tuple(int(v) for v in value) if isinstance(value, (list, tuple)) else (int(value or 1),) * axes
+
+    padding = conv.padding
+    if isinstance(padding, str):
+        padding = padding.lower()
+    elif isinstance(padding, (list, tuple)):  # per axis: a size or a (start, end) pair
+        padding = tuple(int(v) for item in padding for v in (item if isinstance(item, (list, tuple)) else (item,)))
+    else:
+        padding = sizes(padding)
+    return {"in_features": int(conv.in_features), "out_features": int(conv.out_features),
+            "kernel_size": sizes(conv.kernel_size), "stride": sizes(conv.strides), "padding": padding,
+            "dilation": sizes(conv.kernel_dilation), "groups": int(conv.feature_group_count)}
 
 
 class JaxRuntime(JaxTensors, BackendRuntime):
