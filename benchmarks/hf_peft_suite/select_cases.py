@@ -2,7 +2,8 @@
 
 Files measured (:data:`FILES`): ``test_custom_models.py`` (LoRA on ``nn.Linear``,
 ``nn.Embedding`` and transformers' ``Conv1D`` layers, and (IA)^3 through the example plugin
-``peftcore-ia3``, on :data:`CLAIMED_MODELS`), and the model-level files
+``peftcore-ia3``, on :data:`CLAIMED_MODELS`; plain LoRA on torch's convolutions on
+:data:`LORA_CONV_MODELS`), and the model-level files
 ``test_decoder_models.py``, ``test_encoder_decoder_models.py``,
 ``test_feature_extraction_models.py``, ``test_seq_classifier.py`` and ``test_config.py``
 (LoRA, (IA)^3, prompt tuning, prefix tuning and P-tuning).
@@ -36,6 +37,9 @@ from typing import Any, Optional
 CLAIMED_MODELS = frozenset({
     "MLP", "EmbConv1D", "MLP2", "MLP_LayerNorm",
 })
+#: Model ids whose targeted layers are torch convolutions: claimed for plain LoRA only
+#: (LoRA on convolutions; (IA)^3's plugin has no conv layer).
+LORA_CONV_MODELS = frozenset({"Conv1d", "Conv2d", "Conv2dGroups", "Conv2dGroups2", "Conv3d"})
 
 #: Config classes claimed, by measured file.
 LORA_IA3 = frozenset({"LoraConfig", "IA3Config"})
@@ -147,9 +151,13 @@ def kept(item: Any) -> bool:
         return False
     callspec = getattr(item, "callspec", None)
     params: dict[str, Any] = dict(callspec.params) if callspec is not None else {}
-    if filename == "test_custom_models.py" and "model_id" in params and params["model_id"] not in CLAIMED_MODELS:
-        return False
     configs, variant = _config_names_and_variants(params)
+    if filename == "test_custom_models.py" and "model_id" in params:
+        model_id = params["model_id"]
+        if model_id in LORA_CONV_MODELS and configs - {"LoraConfig"}:
+            return False
+        if model_id not in CLAIMED_MODELS | LORA_CONV_MODELS:
+            return False
     if variant:
         return False
     source = body_source(getattr(item, "function", None))

@@ -27,6 +27,10 @@ class VeraConfig(LoraConfig):
     pass
 
 
+class IA3Config(LoraConfig):
+    pass
+
+
 @dataclass
 class CallSpec:
     params: dict
@@ -63,7 +67,10 @@ def case(model_id: str, config_cls: type, **kwargs: Any) -> Item:
 def test_parametrised_cases_keep_claimed_methods_layers_and_no_variants() -> None:
     assert select_cases.kept(case("MLP", LoraConfig, target_modules=["lin0"]))
     assert select_cases.kept(case("EmbConv1D", LoraConfig, target_modules=["emb"]))
-    assert not select_cases.kept(case("Conv2d", LoraConfig, target_modules=["conv2d"]))  # a layer type not claimed
+    assert select_cases.kept(case("Conv2d", LoraConfig, target_modules=["conv2d"]))  # LoRA on convolutions
+    assert not select_cases.kept(case("Conv2d", LoraConfig, target_modules=["conv2d"], use_dora=True))
+    assert not select_cases.kept(case("Conv2d", IA3Config, target_modules=["conv2d"]))  # conv claimed for LoRA only
+    assert not select_cases.kept(case("Conv2d1x1", LoraConfig, target_modules=["conv2d"]))  # not a claimed model
     assert not select_cases.kept(case("MLP", VeraConfig, target_modules=["lin0"]))  # a method not claimed
     assert not select_cases.kept(case("MLP", LoraConfig, target_modules=["lin0"], use_dora=True))  # a LoRA variant
     assert not select_cases.kept(case("MLP", LoraConfig, init_lora_weights="mica"))
