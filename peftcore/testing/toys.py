@@ -21,14 +21,19 @@ from peftcore.plan import RewritePlan
 @dataclass(frozen=True)
 class ToyStep:
     """One step. ``kind`` is ``linear`` (in_dim -> out_dim), ``embedding`` (vocab in_dim,
-    width out_dim), ``relu``, ``tanh`` or ``mean`` (average over axis 1). ``name`` is the
-    layer path (dotted for nested layers); activation steps have no parameters."""
+    width out_dim), ``conv`` (a 2-D convolution, in_dim -> out_dim channels, square
+    ``kernel``, ``stride``, zero ``padding``), ``relu``, ``tanh``, ``mean`` (average over
+    axis 1) or ``flatten`` (all but the first axis into one). ``name`` is the layer path
+    (dotted for nested layers); the other steps have no parameters."""
 
     kind: str
     name: str = ""
     in_dim: int = 0
     out_dim: int = 0
     bias: bool = True
+    kernel: int = 0
+    stride: int = 1
+    padding: int = 0
 
 
 @dataclass(frozen=True)
@@ -43,7 +48,7 @@ class ToySpec:
 
     @property
     def layers(self) -> list[ToyStep]:
-        return [s for s in self.steps if s.kind in ("linear", "embedding")]
+        return [s for s in self.steps if s.kind in ("linear", "embedding", "conv")]
 
     def weight_shapes(self) -> dict[str, tuple]:
         """Canonical shapes of every parameter, keyed ``<layer>.weight`` / ``<layer>.bias``."""
@@ -51,6 +56,10 @@ class ToySpec:
         for step in self.layers:
             if step.kind == "embedding":
                 shapes[f"{step.name}.weight"] = (step.in_dim, step.out_dim)
+            elif step.kind == "conv":
+                shapes[f"{step.name}.weight"] = (step.out_dim, step.in_dim, step.kernel, step.kernel)
+                if step.bias:
+                    shapes[f"{step.name}.bias"] = (step.out_dim,)
             else:
                 shapes[f"{step.name}.weight"] = (step.out_dim, step.in_dim)
                 if step.bias:
@@ -93,6 +102,21 @@ TOKEN_MODEL = ToySpec(
 )
 
 TOY_SPECS = (MLP, TOKEN_MODEL)
+
+#: A small CNN for LoRA on convolutions (its own suite, :mod:`peftcore.testing.suite_conv`):
+#: 8x8 images, a padded conv, a strided one, then a linear head on the flattened maps.
+CNN = ToySpec(
+    name="cnn",
+    steps=(
+        ToyStep("conv", "conv1", 2, 4, kernel=3, padding=1),
+        ToyStep("relu"),
+        ToyStep("conv", "block.conv2", 4, 6, kernel=3, stride=2, padding=1),
+        ToyStep("relu"),
+        ToyStep("flatten"),
+        ToyStep("linear", "head", 6 * 4 * 4, 5),
+    ),
+    input_shape=(3, 2, 8, 8),
+)
 
 
 def lora_deltas(plan: RewritePlan, tensors: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
@@ -214,7 +238,7 @@ def reference_forward(
     all_effects = [AdapterEffects(deltas=d) for d in deltas or ()] + list(effects or ())
     x = inputs if spec.input_kind == "tokens" else inputs.astype(np.float64)
     for step in spec.steps:
-        if step.kind in ("linear", "embedding"):
+        if step.kind in ("linear", "embedding", "conv"):
             weight = weights[f"{step.name}.weight"].astype(np.float64)
             for effect in all_effects:
                 if step.name in effect.deltas:  # canonical weight layout, as the weight
@@ -225,23 +249,44 @@ def reference_forward(
                 if prompts:
                     prefix = np.concatenate(prompts, axis=0)
                     x = np.concatenate([np.broadcast_to(prefix, (x.shape[0],) + prefix.shape), x], axis=1)
+            elif step.kind == "conv":
+                x = conv2d_reference(x, weight, step.stride, step.padding)
             else:
                 x = x @ weight.T
-            x = x + _bias(step, weights, all_effects)
+            bias = _bias(step, weights, all_effects)
+            x = x + (np.reshape(bias, (-1, 1, 1)) if step.kind == "conv" and np.ndim(bias) else bias)
         elif step.kind == "relu":
             x = np.maximum(x, 0.0)
         elif step.kind == "tanh":
             x = np.tanh(x)
         elif step.kind == "mean":
             x = x.mean(axis=1)
+        elif step.kind == "flatten":
+            x = x.reshape(x.shape[0], -1)
         else:
             raise ValueError(f"unknown toy step kind {step.kind!r}")
     return np.asarray(x)
 
 
+def conv2d_reference(x: np.ndarray, weight: np.ndarray, stride: int, padding: int) -> np.ndarray:
+    """A 2-D convolution (cross-correlation, as torch's) of ``x`` ``(N, C, H, W)`` with
+    ``weight`` ``(out, C, k, k)``, zero padding on every side."""
+    kernel = weight.shape[-1]
+    padded = np.pad(x, ((0, 0), (0, 0), (padding, padding), (padding, padding)))
+    out_h = (padded.shape[2] - kernel) // stride + 1
+    out_w = (padded.shape[3] - kernel) // stride + 1
+    out = np.zeros((x.shape[0], weight.shape[0], out_h, out_w))
+    for i in range(kernel):
+        for j in range(kernel):
+            window = padded[:, :, i : i + stride * out_h : stride, j : j + stride * out_w : stride]
+            out += np.einsum("nchw,oc->nohw", window, weight[:, :, i, j])
+    return out
+
+
 def _bias(step: ToyStep, weights: Mapping[str, np.ndarray], effects: Sequence[AdapterEffects]) -> Any:
     """The layer's bias: the base one plus each BitFit adapter's change to it."""
-    base = weights[f"{step.name}.bias"].astype(np.float64) if step.kind == "linear" and step.bias else 0.0
+    has_bias = step.kind in ("linear", "conv") and step.bias
+    base = weights[f"{step.name}.bias"].astype(np.float64) if has_bias else 0.0
     total = base
     for effect in effects:
         if step.name in effect.biases:

@@ -54,12 +54,13 @@ class ToyModel(model.Model):
         self.graph_mode = False
         self.order: list[tuple[str, str]] = []
         for step in spec.steps:
-            if step.kind in ("linear", "embedding"):
-                node = (
-                    layer.Linear(step.out_dim, bias=step.bias)
-                    if step.kind == "linear"
-                    else layer.Embedding(step.in_dim, step.out_dim)
-                )
+            if step.kind in ("linear", "embedding", "conv"):
+                if step.kind == "conv":
+                    node = layer.Conv2d(step.out_dim, step.kernel, stride=step.stride, padding=step.padding, bias=step.bias)
+                elif step.kind == "linear":
+                    node = layer.Linear(step.out_dim, bias=step.bias)
+                else:
+                    node = layer.Embedding(step.in_dim, step.out_dim)
                 parent: Any = self
                 *outer, leaf = step.name.split(".")
                 for name in outer:
@@ -67,7 +68,7 @@ class ToyModel(model.Model):
                         setattr(parent, name, Container())
                     parent = parent._layers[name]
                 setattr(parent, leaf, node)
-            elif step.kind not in _ACTIVATIONS:
+            elif step.kind not in _ACTIVATIONS and step.kind != "flatten":
                 raise PeftCoreError(f"unknown toy step kind {step.kind!r}")
             self.order.append((step.kind, step.name))
 
@@ -81,6 +82,8 @@ class ToyModel(model.Model):
         for kind, path in self.order:
             if kind in _ACTIVATIONS:
                 x = _ACTIVATIONS[kind](x)
+            elif kind == "flatten":
+                x = autograd.flatten(x, 1)
             elif kind == "linear" and len(x.shape) != 2:
                 lead = [int(d) for d in x.shape[:-1]]
                 y = self.layer_at(path)(autograd.reshape(x, [-1, int(x.shape[-1])]))
@@ -112,7 +115,7 @@ def build_toy(spec: ToySpec, weights: Mapping[str, np.ndarray]) -> ToyModel:
         node = toy.layer_at(step.name)
         weight = np.asarray(weights[f"{step.name}.weight"])
         copy_into(node.W, weight.T if step.kind == "linear" else weight)
-        if step.kind == "linear" and step.bias:
+        if step.kind in ("linear", "conv") and step.bias:
             copy_into(node.b, np.asarray(weights[f"{step.name}.bias"]))
     return toy
 

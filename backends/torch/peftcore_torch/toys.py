@@ -29,6 +29,10 @@ class ToyModel(nn.Module):
                 module: nn.Module = nn.Linear(step.in_dim, step.out_dim, bias=step.bias)
             elif step.kind == "embedding":
                 module = nn.Embedding(step.in_dim, step.out_dim)
+            elif step.kind == "conv":
+                module = nn.Conv2d(step.in_dim, step.out_dim, step.kernel, step.stride, step.padding, bias=step.bias)
+            elif step.kind == "flatten":
+                module = nn.Flatten()
             elif step.kind == "mean":
                 module = _Mean()
             else:
