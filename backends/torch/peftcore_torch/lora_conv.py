@@ -73,6 +73,16 @@ class LoraConv(LoraLayer):
     def features(self) -> tuple[int, int]:
         return int(self.base_layer.in_channels), int(self.base_layer.out_channels)
 
+    @property
+    def in_features(self) -> int:
+        """The base layer's input channels (HF PEFT's layer attribute)."""
+        return int(self.base_layer.in_channels)
+
+    @property
+    def out_features(self) -> int:
+        """The base layer's output channels."""
+        return int(self.base_layer.out_channels)
+
     def new_adapter(self, adapter_name: str, op: AddLoraConv) -> dict[str, Any]:  # type: ignore[override]
         base = self.base_layer
         if tuple(base.kernel_size) != tuple(op.kernel_size) or int(base.groups) != op.groups:
