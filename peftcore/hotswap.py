@@ -60,14 +60,21 @@ def _lora_ops(plan: RewritePlan, where: str) -> dict[str, AddLora]:
     others = [op for op in plan.ops if not isinstance(op, (AddLora, FreezeBase))]
     if others:
         raise AdapterError(f"{where}: hotswapping covers LoRA adapters only; the plan also has {others[0].op!r} ops")
+    grouped = [op.path for op in plan.ops if isinstance(op, AddLora) and getattr(op, "groups", 1) > 1]
+    if grouped:
+        raise AdapterError(
+            f"{where}: hotswapping covers LoRA on ungrouped layers; {grouped[0]!r} is a convolution with groups > 1, "
+            "whose B factor is split by group"
+        )
     return {op.path: op for op in plan.ops if isinstance(op, AddLora)}
 
 
 def _padded(a: np.ndarray, b: np.ndarray, rank: int, b_factor: float) -> tuple[np.ndarray, np.ndarray]:
-    """A ``(r, in)`` and B ``(out, r)`` as rank ``rank`` factors with zeros beyond r, B times ``b_factor``."""
+    """A ``(r, in, ...)`` and B ``(out, r, ...)`` (a convolution's factors have kernel axes) as
+    rank ``rank`` factors with zeros beyond r, B times ``b_factor``."""
     r = a.shape[0]
-    padded_a = np.zeros((rank, a.shape[1]), dtype=a.dtype)
-    padded_b = np.zeros((b.shape[0], rank), dtype=b.dtype)
+    padded_a = np.zeros((rank, *a.shape[1:]), dtype=a.dtype)
+    padded_b = np.zeros((b.shape[0], rank, *b.shape[2:]), dtype=b.dtype)
     padded_a[:r] = a
     padded_b[:, :r] = b * b_factor if b_factor != 1.0 else b
     return padded_a, padded_b

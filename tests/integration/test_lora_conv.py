@@ -269,3 +269,25 @@ def test_the_saved_plan_round_trips_the_geometry(tmp_path: Path) -> None:
     delta = op.delta({"lora_A": exported["body.lora_A"], "lora_B": exported["body.lora_B"]})
     layer = ours.get_base_model().body
     assert_close_to_scale(delta, layer.delta_weight("default"), FLOAT32_RTOL)
+
+
+def test_hotswap_pads_and_swaps_conv_adapters(tmp_path: Path) -> None:
+    """``prepare_model_for_compiled_hotswap`` pads a conv adapter's rank (outputs unchanged),
+    and ``hotswap_adapter`` then swaps in another conv adapter's weights in place."""
+    other = peftcore.get_peft_model(cnn(2, "stride_padding"), peftcore.LoraConfig(**lora(r=2, lora_alpha=4)))
+    other.save_pretrained(tmp_path / "other")
+    x = inputs(2)
+    expected = quiet_forward(other, x)
+    model = peftcore.get_peft_model(cnn(2, "stride_padding"), peftcore.LoraConfig(**lora(r=4, lora_alpha=8)))
+    before = quiet_forward(model, x)
+    peftcore.prepare_model_for_compiled_hotswap(model, target_rank=8)
+    assert model.get_base_model().body.lora_A.weight("default").shape == (8, 4, 3, 3)
+    assert_close_to_scale(quiet_forward(model, x), before, FLOAT32_RTOL)
+    peftcore.hotswap_adapter(model, str(tmp_path / "other"), adapter_name="default")
+    assert_close_to_scale(quiet_forward(model, x), expected, FLOAT32_RTOL)
+
+
+def test_hotswap_refuses_a_grouped_conv_adapter() -> None:
+    model = peftcore.get_peft_model(cnn(2, "groups"), peftcore.LoraConfig(**lora(target_modules=["body"])))
+    with pytest.raises(AdapterError, match="'body'.*groups > 1"):
+        peftcore.prepare_model_for_compiled_hotswap(model, target_rank=8)
