@@ -153,7 +153,8 @@ def _lora_node(path: str, parts: Mapping[str, np.ndarray], source: str) -> Layer
     if a.ndim != 2 or b.ndim != 2 or a.shape[0] != b.shape[1]:
         raise AdapterError(
             f"{source}: layer {path!r} has LoRA A of shape {a.shape} and B of shape {b.shape}; "
-            "expected A (r, in) and B (out, r) (convolution LoRA is not supported)"
+            "expected A (r, in) and B (out, r); a convolution's LoRA (A and B of 3 to 5 dims) is planned only "
+            "against its model, which gives the layer's stride and padding (pass --model, or graph= in Python)"
         )
     in_f, out_f = int(a.shape[1]), int(b.shape[0])
     if kind == "embedding":
