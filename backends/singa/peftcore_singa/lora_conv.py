@@ -6,7 +6,10 @@ factors are stored canonically: A ``(r, in, kh, kw)`` is the weight of a convolu
 the input channels to ``r`` with the base layer's kernel, stride and padding (its uneven
 ``odd_padding`` too); B ``(out, r / group, 1, 1)`` the weight of a ``1x1`` convolution
 grouped as the base layer. Both run through ``autograd.conv2d`` with handles of their
-own, made for the input shape as SINGA's ``Conv2d`` makes its handle.
+own, made for the input shape as SINGA's ``Conv2d`` makes its handle (graph recording off),
+and with a frozen zero bias kept on the layer: for a bias-free handle SINGA's conv op
+makes a temporary zero bias in its forward, which a recorded training graph reads after
+Python has freed it (a segmentation fault in graph mode).
 
 SINGA's CPU convolution handle is fixed to the input shape of the layer's first call:
 a later batch of another size gives an output of the first batch's size, and another
@@ -17,8 +20,9 @@ checks the batch size and channels against the base layer's handle first and rai
 
 from __future__ import annotations
 
+import contextlib
 import math
-from typing import Any
+from typing import Any, Iterator
 
 import numpy as np
 
@@ -92,9 +96,32 @@ class LoraConv2d(LoraLayer):
         a, b = self.lora_A[adapter_name], self.lora_B[adapter_name]
         self.device_check(x, a, b)
         dropped = lora_dropout(x, self.dropout[adapter_name])
-        hidden = autograd.conv2d(self._handle_a(x, int(a.shape[0])), dropped, a, None, base.odd_padding)
-        hidden = autograd.mul(hidden, constant(self.scaling[adapter_name], hidden))
-        return autograd.conv2d(self._handle_b(hidden), hidden, b, None)
+        rank, out_channels = int(a.shape[0]), int(b.shape[0])
+        hidden = autograd.conv2d(self._handle_a(x, rank), dropped, a, self._zeros(rank, x), base.odd_padding)
+        hidden = autograd.mul(hidden, self._scale(self.scaling[adapter_name], hidden))
+        return autograd.conv2d(self._handle_b(hidden), hidden, b, self._zeros(out_channels, x))
+
+    def _zeros(self, size: int, like: Any) -> Any:
+        """A frozen zero bias of ``size``: SINGA's conv op makes a temporary one for a
+        bias-free handle, which a recorded graph would read after it is freed (a crash in
+        graph mode), so the factors' convolutions take this one, kept here."""
+        key = ("zeros", size, like.device.id(), like.dtype)
+        handles = self.__dict__["_handles"]
+        if key not in handles:
+            with _no_graph(like.device):
+                zeros = tensor.Tensor((size,), like.device, like.dtype, requires_grad=False, stores_grad=False)
+                zeros.set_value(0.0)
+                handles[key] = zeros
+        return handles[key]
+
+    def _scale(self, scaling: float, like: Any) -> Any:
+        """The ``(1,)`` scaling tensor, made once per value and device, outside any recorded graph."""
+        key = ("scale", float(scaling), like.device.id(), like.dtype)
+        handles = self.__dict__["_handles"]
+        if key not in handles:
+            with _no_graph(like.device):
+                handles[key] = constant(scaling, like)
+        return handles[key]
 
     def _check_input(self, x: Any) -> None:
         handle = getattr(self.base_layer, "handle", None)
@@ -127,12 +154,25 @@ class LoraConv2d(LoraLayer):
     def _handle(self, key: tuple, like: Any, shape: list, kernel: tuple, stride: tuple, padding: tuple,
                 in_channels: int, out_channels: int, group: int) -> Any:
         handles = self.__dict__["_handles"]
-        if key not in handles:
-            sample = tensor.Tensor(tuple(shape), like.device, like.dtype, requires_grad=False, stores_grad=False)
-            args = (sample.data, list(kernel), list(stride), list(padding), in_channels, out_channels, False, group)
-            on_cpu = like.device.id() == -1
-            handles[key] = singa_wrap.ConvHandle(*args) if on_cpu else singa_wrap.CudnnConvHandle(*args)
+        if key not in handles:  # as SINGA's Conv2d makes its handle: with graph recording off
+            with _no_graph(like.device):
+                sample = tensor.Tensor(tuple(shape), like.device, like.dtype, requires_grad=False, stores_grad=False)
+                args = (sample.data, list(kernel), list(stride), list(padding), in_channels, out_channels, True, group)
+                on_cpu = like.device.id() == -1
+                handles[key] = singa_wrap.ConvHandle(*args) if on_cpu else singa_wrap.CudnnConvHandle(*args)
         return handles[key]
+
+
+@contextlib.contextmanager
+def _no_graph(device: Any) -> Iterator[None]:
+    """Graph recording off on ``device`` for the block: what is made there (handles,
+    constants) is made once, not recorded into a training graph and replayed."""
+    previous = device.graph_enabled()
+    device.EnableGraph(False)
+    try:
+        yield
+    finally:
+        device.EnableGraph(previous)
 
 
 def _initialise(a: Any, b: Any, op: AddLoraConv) -> None:
