@@ -291,3 +291,22 @@ def test_hotswap_refuses_a_grouped_conv_adapter() -> None:
     model = peftcore.get_peft_model(cnn(2, "groups"), peftcore.LoraConfig(**lora(target_modules=["body"])))
     with pytest.raises(AdapterError, match="'body'.*groups > 1"):
         peftcore.prepare_model_for_compiled_hotswap(model, target_rank=8)
+
+
+def test_reflect_padding_matches_hf_merged_weights(tmp_path: Path) -> None:
+    """HF PEFT 0.21.2 pads A with zeros whatever the layer's ``padding_mode``, so its
+    unmerged and merged outputs differ on a ``reflect`` conv; here A pads as the layer
+    does, so the unmerged output equals the merged one, which HF's merge gives too."""
+    torch.manual_seed(0)
+    base = SmallCNN(2, kernel_size=3, padding=1, padding_mode="reflect").eval()
+    ours = peftcore.get_peft_model(copy.deepcopy(base), peftcore.LoraConfig(**lora()))
+    assert ours.get_base_model().body.lora_A["default"].padding_mode == "reflect"
+    x = inputs(2)
+    unmerged = quiet_forward(ours, x)
+    ours.save_pretrained(tmp_path)
+    theirs = peft.PeftModel.from_pretrained(copy.deepcopy(base), str(tmp_path))
+    with torch.no_grad():
+        hf_merged = theirs.merge_and_unload()
+    assert_close_to_scale(quiet_forward(hf_merged, x), unmerged, FLOAT32_RTOL)
+    ours.merge_adapter()
+    assert_close_to_scale(quiet_forward(ours, x), unmerged, FLOAT32_RTOL)
