@@ -218,3 +218,26 @@ def test_lora_is_no_longer_listed_as_a_singa_limitation(sg: Any) -> None:
     from peftcore_singa.limitations import LIMITATIONS
 
     assert "lora" not in LIMITATIONS
+
+
+def test_save_states_round_trips_and_converts_to_a_torch_adapter(sg: Any, tmp_path: Any) -> None:
+    """SINGA's own checkpoint holds the conv factors under ``<layer>.lora_A.<adapter>`` in
+    canonical layout: ``load_states`` restores them, and ``peftcore convert`` of the zip
+    gives an HF-layout adapter a torch twin loads with the same outputs."""
+    pytest.importorskip("torch", reason="torch is not installed next to SINGA in this interpreter")
+    from peftcore.convert import convert
+
+    rng, weights, x = _setup(6)
+    net = _built_singa(weights, x)
+    peft_model = get_peft_model(net, LoraConfig(**CONFIG, init_lora_weights=False), example_inputs=x)
+    expected = _singa_out(net, x)
+    assert {"conv2.lora_A.default", "conv2.lora_B.default"} <= set(net.get_states())
+    net.save_states(str(tmp_path / "states.zip"))
+    fresh = _built_singa(weights, x)
+    get_peft_model(fresh, LoraConfig(**CONFIG), example_inputs=x)
+    fresh.load_states(str(tmp_path / "states.zip"))
+    np.testing.assert_array_equal(_singa_out(fresh, x), expected)
+    convert(tmp_path / "states.zip", tmp_path / "hf", to="hf", config=peft_model.peft_config["default"],
+            graph=peft_model.model_graph)
+    in_torch = PeftModel.from_pretrained(_torch_twin(weights), str(tmp_path / "hf"))
+    assert_close_to_scale(_torch_out(in_torch.model, x), expected, FLOAT32_RTOL)
