@@ -20,6 +20,9 @@ plan op / canonical tensor      name in the checkpoint                   stored 
 ==============================  =======================================  ================
 ``lora`` ``lora_A`` (r, in)     ``<path>.lora_A.<adapter>``              ``(in, r)``: A.T
 ``lora`` ``lora_B`` (out, r)    ``<path>.lora_B.<adapter>``              ``(r, out)``: B.T
+``lora_conv`` (a Conv2d's)      ``<path>.lora_A.<adapter>`` (B           as is: SINGA's
+                                likewise)                                conv layout is
+                                                                         canonical
 ``bitfit_bias`` ``bias``        ``<path>.bitfit_bias.<adapter>``         as is
 ``modules_to_save`` parameter   ``<path>.modules_to_save.<adapter>``     SINGA's layout
                                 ``[.<sublayer>].<attr>``
