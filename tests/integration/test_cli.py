@@ -156,8 +156,8 @@ def test_backends_notes_say_why_a_method_is_missing_or_limited() -> None:
 
 
 def test_methods_declare_their_ops() -> None:
-    assert PeftRegistry.ops_of("lora") == ("freeze_base", "lora", "base_bias", "modules_to_save")
-    assert PeftRegistry.missing_ops(["freeze_base"])["lora"] == ["base_bias", "lora", "modules_to_save"]
+    assert PeftRegistry.ops_of("lora") == ("freeze_base", "lora", "lora_conv", "base_bias", "modules_to_save")
+    assert PeftRegistry.missing_ops(["freeze_base"])["lora"] == ["base_bias", "lora", "lora_conv", "modules_to_save"]
     assert PeftRegistry.missing_ops(PeftRegistry.ops_of("lora"))["lora"] == []
     # other tests register throwaway methods in this process; check the shipped ones
     for method in ("lora", "bitfit", "prompt_tuning", "residual_prompt_tuning", "unipelt", "ia3"):
