@@ -161,7 +161,8 @@ class LoraConfig(PeftConfig):
     - ``r``: rank of the update; ``lora_alpha``: scale numerator (scaling = alpha / r,
       or alpha / sqrt(r) with ``use_rslora``).
     - ``target_modules``: list (exact name or dotted suffix), regex string, or
-      ``"all-linear"``; ``None`` uses a per-model-type default.
+      ``"all-linear"``; ``None`` uses a per-model-type default. A named convolution gets
+      LoRA's conv form (:mod:`peftcore.methods.lora_conv`); ``"all-linear"`` takes none.
     - ``exclude_modules``, ``layers_to_transform``, ``layers_pattern``: narrow the targets.
     - ``rank_pattern`` / ``alpha_pattern``: per-layer overrides, keyed by a name or
       regex matched against the end of the layer path.

@@ -310,3 +310,15 @@ def test_reflect_padding_matches_hf_merged_weights(tmp_path: Path) -> None:
     assert_close_to_scale(quiet_forward(hf_merged, x), unmerged, FLOAT32_RTOL)
     ours.merge_adapter()
     assert_close_to_scale(quiet_forward(ours, x), unmerged, FLOAT32_RTOL)
+
+
+def test_same_padding_is_described_in_sizes_so_its_adapter_fits_explicit_padding(tmp_path: Path) -> None:
+    same = peftcore.get_peft_model(cnn(2, "same"), peftcore.LoraConfig(**lora()))
+    op = next(op for op in same.plans["default"].ops if op.path == "body")
+    assert op.padding == (1, 1)
+    same.save_pretrained(tmp_path)
+    torch.manual_seed(0)
+    explicit = SmallCNN(2, kernel_size=3, padding=1).eval()
+    loaded = peftcore.PeftModel.from_pretrained(explicit, tmp_path)
+    x = inputs(2)
+    assert_close_to_scale(quiet_forward(loaded, x), quiet_forward(same, x), FLOAT32_RTOL)

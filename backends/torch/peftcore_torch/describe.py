@@ -97,17 +97,30 @@ def describe_module(path: str, module: nn.Module, extra_kinds: dict) -> LayerNod
 
 def conv_geometry(conv: nn.modules.conv._ConvNd) -> dict[str, Any]:
     """A torch convolution's channels and geometry, as :class:`~peftcore.graph.LayerNode` fields."""
-    padding = conv.padding if isinstance(conv.padding, str) else tuple(int(p) for p in conv.padding)
     return {
         "in_features": int(conv.in_channels),
         "out_features": int(conv.out_channels),
         "kernel_size": tuple(int(k) for k in conv.kernel_size),
         "stride": tuple(int(v) for v in conv.stride),
-        "padding": padding,
+        "padding": _explicit_padding(conv),
         "dilation": tuple(int(v) for v in conv.dilation),
         "groups": int(conv.groups),
         "padding_mode": str(conv.padding_mode),
     }
+
+
+def _explicit_padding(conv: nn.modules.conv._ConvNd) -> tuple:
+    """The padding in sizes: one per axis, or a start and an end per axis where torch's
+    ``"same"`` pads unevenly (as torch computes it), so an adapter for a ``"same"`` conv
+    fits the same conv written with sizes (SINGA's, or torch's own)."""
+    if not isinstance(conv.padding, str):
+        return tuple(int(p) for p in conv.padding)
+    if conv.padding == "valid":
+        return (0,) * len(conv.kernel_size)
+    totals = [int(d) * (int(k) - 1) for d, k in zip(conv.dilation, conv.kernel_size)]
+    if all(total % 2 == 0 for total in totals):
+        return tuple(total // 2 for total in totals)
+    return tuple(v for total in totals for v in (total // 2, total - total // 2))
 
 
 def _kind(module: nn.Module, extra_kinds: dict) -> str:
