@@ -21,7 +21,7 @@ from peftcore.testing.numerics import FLOAT32_RTOL, assert_close_to_scale
 BATCH, SIDE = 4, 8
 
 
-def _singa_cnn(stride: int = 2, padding: Any = 1) -> Any:
+def _singa_cnn(stride: int = 2, padding: Any = 1, fused_relu: bool = False) -> Any:
     from singa import autograd, layer, model
 
     class CNN(model.Model):
@@ -29,8 +29,8 @@ def _singa_cnn(stride: int = 2, padding: Any = 1) -> Any:
 
         def __init__(self) -> None:
             super().__init__()
-            self.conv1 = layer.Conv2d(4, 3, padding=1)
-            self.conv2 = layer.Conv2d(6, 3, stride=stride, padding=padding)
+            self.conv1 = layer.Conv2d(4, 3, padding=1, activation="RELU" if fused_relu else "NOTSET")
+            self.conv2 = layer.Conv2d(6, 3, stride=stride, padding=padding, activation="RELU" if fused_relu else "NOTSET")
             self.flatten = layer.Flatten()
             self.fc = layer.Linear(5)
 
@@ -62,10 +62,11 @@ def _flat(stride: int, padding: int) -> int:
     return 6 * side * side
 
 
-def _built_singa(weights: dict[str, np.ndarray], x: np.ndarray, stride: int = 2, padding: int = 1) -> Any:
+def _built_singa(weights: dict[str, np.ndarray], x: np.ndarray, stride: int = 2, padding: int = 1,
+                 fused_relu: bool = False) -> Any:
     from singa import tensor
 
-    net = _singa_cnn(stride, padding)
+    net = _singa_cnn(stride, padding, fused_relu)
     net.compile([tensor.from_numpy(x)], is_train=False, use_graph=False)
     for name in ("conv1", "conv2"):
         getattr(net, name).W.copy_from_numpy(weights[f"{name}.weight"])
@@ -130,11 +131,14 @@ def test_singa_conv_lora_matches_the_torch_twin(sg: Any, stride: int, padding: i
     assert_close_to_scale(_singa_out(singa_peft.model, x), expected, FLOAT32_RTOL)
 
 
-def test_merge_unmerge_is_exact(sg: Any) -> None:
+@pytest.mark.parametrize("fused_relu", [False, True])
+def test_merge_unmerge_is_exact(sg: Any, fused_relu: bool) -> None:
+    """Also on convs built with ``activation="RELU"`` (examples/cnn's): the adapters'
+    change goes before the conv's own ReLU, as merged."""
     from singa import tensor
 
     rng, weights, x = _setup(2)
-    net = _built_singa(weights, x)
+    net = _built_singa(weights, x, fused_relu=fused_relu)
     peft_model = get_peft_model(net, LoraConfig(**CONFIG, init_lora_weights=False), example_inputs=x)
     original = tensor.to_numpy(net.conv2.base_layer.W).copy()
     unmerged = _singa_out(net, x)

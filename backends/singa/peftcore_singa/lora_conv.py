@@ -11,6 +11,10 @@ and with a frozen zero bias kept on the layer: for a bias-free handle SINGA's co
 makes a temporary zero bias in its forward, which a recorded training graph reads after
 Python has freed it (a segmentation fault in graph mode).
 
+A ``Conv2d`` built with ``activation="RELU"`` applies the ReLU inside its forward; the
+wrapper runs the convolution alone, adds the adapters' change and then applies the ReLU,
+so the output is what the merged layer gives.
+
 SINGA's CPU convolution handle is fixed to the input shape of the layer's first call:
 a later batch of another size gives an output of the first batch's size, and another
 image size aborts the process. The base layer has this limit already; the wrapper
@@ -83,12 +87,19 @@ class LoraConv2d(LoraLayer):
 
     def forward(self, x: Any) -> Any:
         running = self.adapters_to_run()
-        if running:
-            self._check_input(x)
-        result = self.base_layer(x)
+        base = self.base_layer
+        if not running:
+            return base(x)
+        self._check_input(x)
+        fused_relu = getattr(base, "activation", "NOTSET") == "RELU"
+        if fused_relu:  # the conv's own ReLU comes after the adapters' change, as after a merge
+            base.device_check(x, base.W, *([base.b] if base.b is not None else []))
+            result = autograd.conv2d(base.handle, x, base.W, base.b, base.odd_padding)
+        else:
+            result = base(x)
         for name in running:
             result = autograd.add(result, self.lora_update(name, x))
-        return result
+        return autograd.relu(result) if fused_relu else result
 
     def lora_update(self, adapter_name: str, x: Any) -> Any:
         """``scaling * B(A(dropout(x)))``: two convolutions, the scaling on A's ``r`` channels."""
