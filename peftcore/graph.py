@@ -54,6 +54,10 @@ class LayerNode:
     geometry: ``kernel_size``, ``stride`` and ``dilation`` (one size per spatial axis),
     ``padding`` (one size per axis, a start and an end per axis, or ``"same"``/``"valid"``),
     ``groups`` and ``padding_mode`` (torch's names: ``"zeros"``, ``"reflect"``, ...).
+
+    ``transposed`` marks a module whose stacked (3-D) expert weights are stored
+    ``(experts, in, out)`` rather than ``(experts, out, in)`` (transformers'
+    ``is_transposed`` experts: GPT-OSS's).
     """
 
     path: str
@@ -72,6 +76,7 @@ class LayerNode:
     dilation: Optional[tuple] = None
     groups: Optional[int] = None
     padding_mode: Optional[str] = None
+    transposed: bool = False
 
     def __post_init__(self) -> None:
         if self.kind not in LAYER_KINDS:

@@ -17,6 +17,7 @@ from peftcore.methods.common import (
     validate_modules_to_save,
 )
 from peftcore.methods.lora_init import is_weight_init
+from peftcore.methods.lora_params import AddParamLora, param_lora_ops, validate_target_parameters
 from peftcore.pattern_keys import MAX_REGEX_KEYS, PatternKeys, literal_form
 from peftcore.peft_type import PeftType
 from peftcore.plan import FreezeBase, PlanOp, RewritePlan, TensorSpec, op_types, register_op
@@ -177,6 +178,11 @@ class LoraConfig(PeftConfig):
     - ``modules_to_save``: modules trained in full (a copy per adapter) and saved; as in
       HF PEFT, ``task_type="SEQ_CLS"`` / ``"TOKEN_CLS"`` adds the ``classifier`` / ``score``
       head and ``"QUESTION_ANS"`` the ``qa_outputs`` head.
+    - ``target_parameters``: parameters (not layers) to put LoRA on, by full name or
+      dotted suffix (``["experts.gate_up_proj", "experts.down_proj"]``: a mixture-of-experts
+      block's stacked expert weights get a rank-``r`` delta per expert); see
+      :mod:`peftcore.methods.lora_params`. As in HF PEFT, without ``target_modules`` only
+      these parameters are adapted, and ``lora_dropout`` must be 0.
     """
 
     method: ClassVar[str] = "lora"
@@ -194,7 +200,6 @@ class LoraConfig(PeftConfig):
         "velora_config": None,
         "layer_replication": None,
         "lora_bias": False,
-        "target_parameters": None,
         "trainable_token_indices": None,
         "alora_invocation_tokens": None,
         "use_qalora": False,
@@ -222,6 +227,7 @@ class LoraConfig(PeftConfig):
     alpha_pattern: dict = dataclasses.field(default_factory=dict)
     modules_to_save: Optional[list] = None
     bias: str = "none"
+    target_parameters: Optional[list] = None
 
     def validate(self) -> None:
         super().validate()
@@ -277,6 +283,7 @@ class LoraConfig(PeftConfig):
                 check_type(name, f"{field_name}[{key!r}]", value, (int,) if field_name == "rank_pattern" else (int, float))
                 check(value > 0, f"{name}.{field_name}[{key!r}] must be positive, got {value}")
         validate_modules_to_save(name, self.modules_to_save)
+        validate_target_parameters(self)
 
     # -- planning -------------------------------------------------------------------
     def rank_and_alpha(self, path: str) -> tuple[int, float]:
@@ -324,7 +331,7 @@ class LoraConfig(PeftConfig):
         """Also the default ``target_modules`` of the model type and the task's heads in
         ``modules_to_save``, as HF PEFT writes them."""
         changes: dict[str, Any] = {"inference_mode": True}
-        if self.target_modules is None and graph is not None:
+        if self.target_modules is None and graph is not None and not self.target_parameters:
             default = default_target_modules(graph)
             if default is not None:
                 changes["target_modules"] = default if isinstance(default, str) else sorted(set(default))
@@ -343,11 +350,12 @@ class LoraConfig(PeftConfig):
         gives that layer: a reader of the config alone (HF PEFT) would compute those."""
         if plan.method != "lora":
             return None
-        lora_ops = [op for op in plan.ops if isinstance(op, AddLora)]
+        lora_ops: list[Any] = [op for op in plan.ops if isinstance(op, (AddLora, AddParamLora))]
         # every layer's settings at once: linear in keys plus layers, bounded (see peftcore.pattern_keys)
-        settings = self.layer_settings([op.path for op in lora_ops])
-        for op in lora_ops:
-            r, alpha = settings[op.path] if op.path in settings else self.rank_and_alpha(op.path)
+        keys = [f"{op.path}.{op.parameter_name}" if isinstance(op, AddParamLora) else op.path for op in lora_ops]
+        settings = self.layer_settings(keys)
+        for key, op in zip(keys, lora_ops):
+            r, alpha = settings[key]
             expected = float(self.scaling(r, alpha))
             if op.r != r or not _close(op.lora_alpha, float(alpha)) or not _close(op.scaling, expected):
                 return (
@@ -357,7 +365,9 @@ class LoraConfig(PeftConfig):
         return None
 
     def plan(self, graph: ModelGraph, adapter_name: str = "default") -> RewritePlan:
-        layers = select_layers(
+        param_ops = self._param_ops(graph)
+        # HF PEFT: with target_parameters and no target_modules, only the named parameters
+        layers = [] if param_ops and not self.target_modules else select_layers(
             graph,
             self.target_modules,
             owner=type(self).__name__,
@@ -369,11 +379,19 @@ class LoraConfig(PeftConfig):
         ops: list[PlanOp] = [FreezeBase()]
         settings = self.layer_settings([node.path for node in layers])
         ops.extend(self._lora_op(node, *settings[node.path]) for node in layers)
+        ops.extend(param_ops)
         saved = effective_modules_to_save(self.task_type, self.modules_to_save)
         saved_ops = modules_to_save_ops(graph, saved, type(self).__name__)
         ops.extend(self._bias_ops(graph, [node.path for node in layers], [op.path for op in saved_ops]))
         ops.extend(saved_ops)
         return RewritePlan(method=self.method, adapter_name=adapter_name, ops=tuple(ops))
+
+    def _param_ops(self, graph: ModelGraph) -> list[AddParamLora]:
+        """The ops of ``target_parameters`` (none when it is unset)."""
+        if not self.target_parameters:
+            return []
+        init = op_init(self.init_lora_weights, "parameter")
+        return param_lora_ops(graph, self.target_parameters, self.layer_settings, self.scaling, init, type(self).__name__)
 
     def _bias_ops(self, graph: ModelGraph, lora_paths: list[str], saved_paths: list[str]) -> list[TrainBaseBias]:
         """The biases ``bias`` trains in place: every layer's (``"all"``) or the LoRA

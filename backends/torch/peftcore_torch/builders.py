@@ -15,6 +15,7 @@ from peftcore.errors import PlanError
 from peftcore.methods.bitfit import TrainBias
 from peftcore.methods.lora import AddLora
 from peftcore.methods.lora_conv import AddLoraConv
+from peftcore.methods.lora_params import AddParamLora
 from peftcore.methods.p_tuning import AddPromptEncoder
 from peftcore.methods.prefix_tuning import AddPrefixEncoder
 from peftcore.methods.prompt_tuning import AddPrompt
@@ -26,6 +27,7 @@ from peftcore_torch.layers import AdapterLayer
 from peftcore_torch.lora import LoraEmbedding, LoraLinear
 from peftcore_torch.lora_conv import build_lora_conv
 from peftcore_torch.modules_to_save import ModulesToSaveWrapper
+from peftcore_torch.param_lora import build_param_lora
 from peftcore_torch.prefix import build_prefix
 from peftcore_torch.prefix_tuning import build_prefix_encoder
 from peftcore_torch.prompt import PromptEmbedding
@@ -71,6 +73,7 @@ def build_prompt(model: nn.Module, layers: dict, op: AddPrompt, adapter_name: st
 BUILDERS: OpBuilders = {
     AddLora: build_lora,
     AddLoraConv: build_lora_conv,
+    AddParamLora: build_param_lora,
     SaveModule: layer_builder(replace_module, ModulesToSaveWrapper),
     TrainBias: layer_builder(replace_module, BiasAdapter),
     AddPrompt: build_prompt,

@@ -14,7 +14,7 @@ from torch import nn
 
 from peftcore.graph import LayerNode, ModelGraph, kind_of
 from peftcore_torch.layers import AdapterLayer
-from peftcore_torch.walk import is_conv1d, walk
+from peftcore_torch.walk import innermost_base, is_conv1d, walk
 
 #: torch's own module classes by IR kind, in the order they are tried.
 _NATIVE_KINDS = (
@@ -65,7 +65,7 @@ def _size_settings(config: Any) -> dict[str, int]:
 
 def describe_module(path: str, module: nn.Module, extra_kinds: dict) -> LayerNode:
     # any module kind (a plugin's too): its attributes are read by name
-    wrapped: Any = module.base_layer if isinstance(module, AdapterLayer) else module
+    wrapped: Any = innermost_base(module)
     kind = _kind(wrapped, extra_kinds)
     params = {name: tuple(p.shape) for name, p in wrapped.named_parameters(recurse=False)}
     weight = getattr(wrapped, "weight", None)
@@ -91,6 +91,7 @@ def describe_module(path: str, module: nn.Module, extra_kinds: dict) -> LayerNod
         has_bias=getattr(wrapped, "bias", None) is not None,
         dtype=dtype,
         params=params,
+        transposed=any(len(shape) == 3 for shape in params.values()) and bool(getattr(wrapped, "is_transposed", False)),
         **fields,
     )
 

@@ -46,7 +46,7 @@ class TorchRuntime(TorchTensors, BackendRuntime):
         return task_peft_model_class(task_type)
 
     def layers(self, model: Any) -> Iterable[tuple[str, Any]]:
-        return walk(model)
+        return walk(model, nested=True)
 
     def replace_layer(self, model: Any, layers: dict, path: str, new: Any) -> None:
         replace_module(model, layers, path, new)

@@ -25,14 +25,36 @@ def is_conv1d(module: nn.Module) -> bool:
     return type(module).__name__ == "Conv1D" and hasattr(module, "nf") and isinstance(weight, Tensor) and weight.dim() == 2
 
 
-def walk(model: nn.Module, prefix: str = "") -> Iterator[tuple[str, nn.Module]]:
+def walk(model: nn.Module, prefix: str = "", nested: bool = False) -> Iterator[tuple[str, nn.Module]]:
     """``named_modules`` that yields an adapter layer in place of its base layer and does
-    not descend into it."""
+    not descend into it. With ``nested``, an adapter layer that wraps another (LoRA on
+    several parameters of one module, :mod:`peftcore_torch.param_lora`) also yields the
+    inner one at ``<path>.base_layer``, innermost first, so unwrapping in this order
+    puts each base back in the right place."""
     for name, child in model.named_children():
         path = f"{prefix}.{name}" if prefix else name
-        yield path, child
-        if not isinstance(child, AdapterLayer):
-            yield from walk(child, path)
+        if isinstance(child, AdapterLayer):
+            if nested:
+                yield from _inner_adapter_layers(child, path)
+            yield path, child
+        else:
+            yield path, child
+            yield from walk(child, path, nested)
+
+
+def _inner_adapter_layers(layer: AdapterLayer, path: str) -> Iterator[tuple[str, nn.Module]]:
+    inner = getattr(layer, layer.base_layer_attribute, None)
+    if isinstance(inner, AdapterLayer):
+        inner_path = f"{path}.{layer.base_layer_attribute}"
+        yield from _inner_adapter_layers(inner, inner_path)
+        yield inner_path, inner
+
+
+def innermost_base(module: nn.Module) -> nn.Module:
+    """The module under every adapter layer wrapped around ``module``."""
+    while isinstance(module, AdapterLayer):
+        module = getattr(module, module.base_layer_attribute)
+    return module
 
 
 def replace_module(model: nn.Module, layers: dict[str, nn.Module], path: str, new: nn.Module) -> None:
