@@ -58,6 +58,8 @@ class LayerNode:
     ``transposed`` marks a module whose stacked (3-D) expert weights are stored
     ``(experts, in, out)`` rather than ``(experts, out, in)`` (transformers'
     ``is_transposed`` experts: GPT-OSS's).
+    ``shares_weight_with`` is the path of an earlier layer whose ``weight`` this layer's
+    is (an output head tied to the input embedding), or empty.
     """
 
     path: str
@@ -77,6 +79,7 @@ class LayerNode:
     groups: Optional[int] = None
     padding_mode: Optional[str] = None
     transposed: bool = False
+    shares_weight_with: str = ""
 
     def __post_init__(self) -> None:
         if self.kind not in LAYER_KINDS:
@@ -111,6 +114,9 @@ class LayerNode:
                 del data[name]
             elif isinstance(data[name], tuple):
                 data[name] = list(data[name])
+        for optional in ("transposed", "shares_weight_with"):  # written only when set
+            if not data[optional]:
+                del data[optional]
         return data
 
     @classmethod

@@ -18,6 +18,7 @@ from peftcore.methods.common import (
 )
 from peftcore.methods.lora_init import is_weight_init
 from peftcore.methods.lora_params import AddParamLora, param_lora_ops, validate_target_parameters
+from peftcore.methods.trainable_tokens import trainable_token_ops, validate_trainable_token_indices
 from peftcore.pattern_keys import MAX_REGEX_KEYS, PatternKeys, literal_form
 from peftcore.peft_type import PeftType
 from peftcore.plan import FreezeBase, PlanOp, RewritePlan, TensorSpec, op_types, register_op
@@ -183,11 +184,17 @@ class LoraConfig(PeftConfig):
       block's stacked expert weights get a rank-``r`` delta per expert); see
       :mod:`peftcore.methods.lora_params`. As in HF PEFT, without ``target_modules`` only
       these parameters are adapted, and ``lora_dropout`` must be 0.
+    - ``trainable_token_indices``: rows of the input embedding to train alone (a list of
+      token ids), or a dict of module name -> token ids; a head tied to the embedding
+      uses the same rows. See :mod:`peftcore.methods.trainable_tokens`.
     """
 
     method: ClassVar[str] = "lora"
     peft_type: ClassVar[str] = PeftType.LORA
     tensor_prefix: ClassVar[str] = "lora_"
+    # the ops of target_parameters and trainable_token_indices ("param_lora",
+    # "trainable_tokens") are left out: a backend without them still builds plain LoRA,
+    # and refuses those fields (its limitations say why) before anything is built
     plan_ops: ClassVar[tuple] = ("freeze_base", "lora", CONV_LORA_OP, "base_bias", "modules_to_save")
     hf_unsupported_fields: ClassVar[Mapping[str, Any]] = {
         "use_dora": False,
@@ -200,7 +207,6 @@ class LoraConfig(PeftConfig):
         "velora_config": None,
         "layer_replication": None,
         "lora_bias": False,
-        "trainable_token_indices": None,
         "alora_invocation_tokens": None,
         "use_qalora": False,
         "qalora_group_size": 16,
@@ -228,6 +234,7 @@ class LoraConfig(PeftConfig):
     modules_to_save: Optional[list] = None
     bias: str = "none"
     target_parameters: Optional[list] = None
+    trainable_token_indices: Union[list, dict, None] = None
 
     def validate(self) -> None:
         super().validate()
@@ -284,6 +291,7 @@ class LoraConfig(PeftConfig):
                 check(value > 0, f"{name}.{field_name}[{key!r}] must be positive, got {value}")
         validate_modules_to_save(name, self.modules_to_save)
         validate_target_parameters(self)
+        validate_trainable_token_indices(name, self.trainable_token_indices)
 
     # -- planning -------------------------------------------------------------------
     def rank_and_alpha(self, path: str) -> tuple[int, float]:
@@ -383,6 +391,8 @@ class LoraConfig(PeftConfig):
         saved = effective_modules_to_save(self.task_type, self.modules_to_save)
         saved_ops = modules_to_save_ops(graph, saved, type(self).__name__)
         ops.extend(self._bias_ops(graph, [node.path for node in layers], [op.path for op in saved_ops]))
+        if self.trainable_token_indices is not None:
+            ops.extend(trainable_token_ops(graph, self.trainable_token_indices, type(self).__name__, modules_to_save=saved))
         ops.extend(saved_ops)
         return RewritePlan(method=self.method, adapter_name=adapter_name, ops=tuple(ops))
 

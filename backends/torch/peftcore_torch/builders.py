@@ -16,6 +16,7 @@ from peftcore.methods.bitfit import TrainBias
 from peftcore.methods.lora import AddLora
 from peftcore.methods.lora_conv import AddLoraConv
 from peftcore.methods.lora_params import AddParamLora
+from peftcore.methods.trainable_tokens import TrainTokens
 from peftcore.methods.p_tuning import AddPromptEncoder
 from peftcore.methods.prefix_tuning import AddPrefixEncoder
 from peftcore.methods.prompt_tuning import AddPrompt
@@ -28,6 +29,7 @@ from peftcore_torch.lora import LoraEmbedding, LoraLinear
 from peftcore_torch.lora_conv import build_lora_conv
 from peftcore_torch.modules_to_save import ModulesToSaveWrapper
 from peftcore_torch.param_lora import build_param_lora
+from peftcore_torch.trainable_tokens import build_trainable_tokens
 from peftcore_torch.prefix import build_prefix
 from peftcore_torch.prefix_tuning import build_prefix_encoder
 from peftcore_torch.prompt import PromptEmbedding
@@ -74,6 +76,7 @@ BUILDERS: OpBuilders = {
     AddLora: build_lora,
     AddLoraConv: build_lora_conv,
     AddParamLora: build_param_lora,
+    TrainTokens: build_trainable_tokens,
     SaveModule: layer_builder(replace_module, ModulesToSaveWrapper),
     TrainBias: layer_builder(replace_module, BiasAdapter),
     AddPrompt: build_prompt,

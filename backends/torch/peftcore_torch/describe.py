@@ -8,6 +8,7 @@ reported ``(out, in)``.
 
 from __future__ import annotations
 
+import dataclasses
 from typing import Any, Optional
 
 from torch import nn
@@ -29,6 +30,7 @@ def describe_model(model: nn.Module, extra_kinds: Optional[dict] = None) -> Mode
     """Build the ModelGraph of ``model``; ``extra_kinds`` maps extra classes to IR kinds."""
     extra_kinds = extra_kinds or {}
     layers = [describe_module(path, module, extra_kinds) for path, module in walk(model)]
+    layers = _mark_shared_weights(model, layers)
     return ModelGraph(
         layers=tuple(layers),
         backend="torch",
@@ -122,6 +124,20 @@ def _explicit_padding(conv: nn.modules.conv._ConvNd) -> tuple:
     if all(total % 2 == 0 for total in totals):
         return tuple(total // 2 for total in totals)
     return tuple(v for total in totals for v in (total // 2, total - total // 2))
+
+
+def _mark_shared_weights(model: nn.Module, layers: list[LayerNode]) -> list[LayerNode]:
+    """Each layer whose ``weight`` is an earlier layer's (tied embeddings) names it."""
+    first: dict[int, str] = {}
+    marked = []
+    for node, (_, module) in zip(layers, walk(model)):
+        weight = getattr(innermost_base(module), "weight", None)
+        if isinstance(weight, nn.Parameter):
+            owner = first.setdefault(id(weight), node.path)
+            if owner != node.path:
+                node = dataclasses.replace(node, shares_weight_with=owner)
+        marked.append(node)
+    return marked
 
 
 def _kind(module: nn.Module, extra_kinds: dict) -> str:
