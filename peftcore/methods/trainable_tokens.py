@@ -181,7 +181,7 @@ def trainable_token_ops(
             chosen[node.path] = (node, list(rows))
     embedding = graph.input_embedding
     ops: list[TrainTokens] = []
-    for path, (node, rows) in chosen.items():
+    for node, rows in chosen.values():
         source = node.shares_weight_with
         tied = bool(source) and source == embedding and source in chosen and chosen[source][1] == rows
         if not tied:

@@ -16,10 +16,10 @@ from peftcore.methods.bitfit import TrainBias
 from peftcore.methods.lora import AddLora
 from peftcore.methods.lora_conv import AddLoraConv
 from peftcore.methods.lora_params import AddParamLora
-from peftcore.methods.trainable_tokens import TrainTokens
 from peftcore.methods.p_tuning import AddPromptEncoder
 from peftcore.methods.prefix_tuning import AddPrefixEncoder
 from peftcore.methods.prompt_tuning import AddPrompt
+from peftcore.methods.trainable_tokens import TrainTokens
 from peftcore.methods.unipelt_ops import AddBottleneckAdapter, AddGate, AddPrefix
 from peftcore.plan import SaveModule
 from peftcore.runtime import OpBuilders
@@ -29,11 +29,11 @@ from peftcore_torch.lora import LoraEmbedding, LoraLinear
 from peftcore_torch.lora_conv import build_lora_conv
 from peftcore_torch.modules_to_save import ModulesToSaveWrapper
 from peftcore_torch.param_lora import build_param_lora
-from peftcore_torch.trainable_tokens import build_trainable_tokens
 from peftcore_torch.prefix import build_prefix
 from peftcore_torch.prefix_tuning import build_prefix_encoder
 from peftcore_torch.prompt import PromptEmbedding
 from peftcore_torch.prompt_inputs import EncoderPromptHook, PromptInputHook, is_encoder_decoder, takes_token_inputs
+from peftcore_torch.trainable_tokens import build_trainable_tokens
 from peftcore_torch.unipelt import build_bottleneck_adapter, build_gate
 from peftcore_torch.walk import is_conv1d, replace_module, wrap_layer
 
