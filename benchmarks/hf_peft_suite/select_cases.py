@@ -33,9 +33,10 @@ import re
 import textwrap
 from typing import Any, Optional
 
-#: Model ids of ``test_custom_models.py`` whose targeted layers are Linear, Embedding or Conv1D.
+#: Model ids of ``test_custom_models.py`` whose targeted layers are Linear, Embedding or Conv1D
+#: (``MlpUsingParameters``: bare 2-D parameters, LoRA's ``target_parameters``).
 CLAIMED_MODELS = frozenset({
-    "MLP", "EmbConv1D", "MLP2", "MLP_LayerNorm",
+    "MLP", "EmbConv1D", "MLP2", "MLP_LayerNorm", "MlpUsingParameters",
 })
 #: Model ids whose targeted layers are torch convolutions: claimed for plain LoRA only
 #: (LoRA on convolutions; (IA)^3's plugin has no conv layer).
@@ -56,8 +57,7 @@ FILES: dict[str, frozenset] = {
 #: LoRA config keywords of variants peftcore does not implement (``runtime_config`` is not
 #: one: it is a runtime knob every HF ``LoraConfig`` carries).
 VARIANT_KEYS = (
-    "use_dora", "velora_config", "lora_bias", "use_bdlora", "target_parameters", "kasa_config",
-    "trainable_token_indices", "monteclora_config", "alora_invocation_tokens", "use_qalora", "arrow_config",
+    "use_dora", "velora_config", "lora_bias", "use_bdlora", "kasa_config", "monteclora_config", "alora_invocation_tokens", "use_qalora", "arrow_config",
     "corda_config", "eva_config", "loftq_config", "layer_replication", "use_kasa", "lora_ga_config",
     "megatron_config", "ensure_weight_tying",
 )

@@ -74,6 +74,9 @@ def test_parametrised_cases_keep_claimed_methods_layers_and_no_variants() -> Non
     assert not select_cases.kept(case("MLP", VeraConfig, target_modules=["lin0"]))  # a method not claimed
     assert not select_cases.kept(case("MLP", LoraConfig, target_modules=["lin0"], use_dora=True))  # a LoRA variant
     assert not select_cases.kept(case("MLP", LoraConfig, init_lora_weights="mica"))
+    # LoRA on bare parameters and trainable tokens are built (issue 25, items 5 and 6)
+    assert select_cases.kept(case("MlpUsingParameters", LoraConfig, target_parameters=["lin0.weight"]))
+    assert select_cases.kept(case("EmbConv1D", LoraConfig, trainable_token_indices={"emb": [0, 10]}))
 
 
 def test_unparametrised_tests_are_read_from_their_source() -> None:
