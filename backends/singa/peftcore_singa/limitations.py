@@ -20,6 +20,13 @@ _ONE_SUBMODULE = (
     "encoder-decoder layout (num_transformer_submodules=2, task_type SEQ_2_SEQ_LM) is refused"
 )
 
+_TORCH_ONLY_LORA_FIELDS = (
+    "LoRA's target_parameters and trainable_token_indices are refused (no builder for their param_lora and "
+    "trainable_tokens ops): LoRA on a bare parameter swaps weight + delta into the owning module for its "
+    "forward, and trainable tokens look tokens up in a table with rows replaced; SINGA's layers read their "
+    "parameters inside their own operators, and neither is written for them yet; use the torch backend"
+)
+
 #: Methods the SINGA backend cannot build, or builds only in some forms, by registry name,
 #: with the reason (``peftcore backends`` prints both kinds). The core refuses a method
 #: listed here whose ops the backend lacks builders for, with this reason, before
@@ -32,6 +39,8 @@ LIMITATIONS: dict[str, str] = {
         f"{_NO_ATTENTION}, so there are no attention keys and values to put the prefix in front of; "
         "use the torch backend"
     ),
+    # LoRA itself is built (Linear, Gemm, Linear3D, Embedding, Conv2d): only these two fields are not
+    "lora": _TORCH_ONLY_LORA_FIELDS,
     "unipelt": (
         f"{_NO_ATTENTION}, and UniPELT's prefix part (one of its three gated parts) prefixes attention keys "
         "and values; use the torch backend"

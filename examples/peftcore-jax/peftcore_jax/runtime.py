@@ -33,6 +33,10 @@ LIMITATIONS = {
     "prefix_tuning": "the jax backend has no attention layers to give past key/values to",
     "p_tuning": "the jax backend builds no prompt encoder (MLP/LSTM)",
     "unipelt": "the jax backend has no attention layers",
+    "lora": (
+        "target_parameters and trainable_token_indices are not built (no param_lora or trainable_tokens "
+        "builder): this example backend's LoRA wraps nnx.Linear and nnx.Embed only"
+    ),
 }
 #: Why LoRA on an ``nnx.Conv`` is refused (at build time: ``LIMITATIONS`` is by method, and
 #: LoRA on ``nnx.Linear``/``nnx.Embed`` is built).
