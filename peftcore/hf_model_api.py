@@ -67,7 +67,9 @@ class HFModelApiMixin:
 
     def _refuse_shared_modules_to_save(self, names: Sequence[str]) -> None:
         """Several active adapters cannot each run their own copy of one module (the
-        module computes one thing), so HF PEFT refuses them; so does peftcore."""
+        module computes one thing), so HF PEFT refuses them; so does peftcore. Adapters
+        that train the same rows of one table (trainable tokens) are refused likewise;
+        disjoint rows run together."""
         pm: Any = self
         saved = [op.path for name in names for op in pm.plans[name].ops if op.op == "modules_to_save"]
         shared = sorted({path for path in saved if saved.count(path) > 1})
@@ -76,6 +78,17 @@ class HFModelApiMixin:
                 f"Only one adapter can be set at a time for ModulesToSaveWrapper: adapters {list(names)} each "
                 f"train their own copy of {', '.join(repr(p) for p in shared)}"
             )
+        rows: dict[str, set] = {}
+        for name in names:
+            for op in pm.plans[name].ops:
+                if op.op == "trainable_tokens" and not op.tied_to:
+                    if rows.setdefault(op.path, set()) & set(op.token_indices):
+                        raise AdapterError(
+                            f"Only one adapter can be set at a time for TrainableTokensWrapper when their rows "
+                            f"overlap: adapters {list(names)} train rows {sorted(rows[op.path] & set(op.token_indices))} "
+                            f"of {op.path!r}"
+                        )
+                    rows[op.path] |= set(op.token_indices)
 
     def _refuse_prompt_learning_unload(self, prompt_learning: bool) -> None:
         """HF PEFT's prompt-learning models have no ``unload`` (an ``AttributeError``);

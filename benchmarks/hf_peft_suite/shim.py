@@ -69,9 +69,13 @@ NAMES: dict[str, dict[str, str]] = {
         "BaseTuner": "peftcore_torch.peft_model:TunerModel",
     },
     "peft.tuners._buffer_dict": {},
-    "peft.utils.other": {"ModulesToSaveWrapper": "peftcore_torch.modules_to_save:ModulesToSaveWrapper"},
+    "peft.utils.other": {
+        "ModulesToSaveWrapper": "peftcore_torch.modules_to_save:ModulesToSaveWrapper",
+        "TrainableTokensWrapper": "peftcore_torch.trainable_tokens:TrainableTokens",
+    },
     "peft.utils": {
         "ModulesToSaveWrapper": "peftcore_torch.modules_to_save:ModulesToSaveWrapper",
+        "TrainableTokensWrapper": "peftcore_torch.trainable_tokens:TrainableTokens",
         "AuxiliaryTrainingWrapper": "peftcore_torch.modules_to_save:ModulesToSaveWrapper",
         "_get_submodules": "peftcore_torch:get_submodules",
         "get_peft_model_state_dict": "peftcore:get_peft_model_state_dict",

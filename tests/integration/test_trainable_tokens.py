@@ -60,7 +60,7 @@ def _ours(base: Any, rows: Any = ROWS, **extra: Any) -> Any:
 
 def _perturb_rows(model: Any, seed: int = 3) -> None:
     """Move the adapter's rows away from the table's, as training would."""
-    delta = model.base_model.model.model.embed_tokens.trainable_tokens_delta["default"]
+    delta = model.base_model.model.model.embed_tokens.token_adapter.trainable_tokens_delta["default"]
     with torch.no_grad():
         delta.add_(torch.randn(delta.shape, generator=torch.Generator().manual_seed(seed)))
 
@@ -108,7 +108,7 @@ def test_training_changes_only_the_chosen_rows(tied: bool) -> None:
     assert moved == ROWS
     trainable = {n for n, p in model.named_parameters() if p.requires_grad}
     assert {n for n in trainable if "embed" in n or "lm_head" in n} == {
-        "base_model.model.model.embed_tokens.trainable_tokens_delta.default"
+        "base_model.model.model.embed_tokens.token_adapter.trainable_tokens_delta.default"
     }
 
 
@@ -122,7 +122,7 @@ def test_merge_equals_unmerged_and_unmerge_is_exact(tied: bool) -> None:
     model.merge_adapter()
     # the merge adds (rows - table) to the table: the rows come back within float32 rounding
     merged_rows = model.base_model.model.model.embed_tokens.base_layer.weight[ROWS]
-    rows = model.base_model.model.model.embed_tokens.trainable_tokens_delta["default"]
+    rows = model.base_model.model.model.embed_tokens.token_adapter.trainable_tokens_delta["default"]
     assert_close_to_scale(merged_rows.detach().numpy(), rows.detach().numpy(), FLOAT32_RTOL)
     assert_close_to_scale(_logits(model, ids), unmerged, FLOAT32_RTOL)
     model.unmerge_adapter()
@@ -141,7 +141,7 @@ def test_new_special_tokens_are_trained_alone(tmp_path: Any) -> None:
     table = base.model.embed_tokens.weight.detach().clone()
     losses = train_steps(model, {"input_ids": ids, "labels": ids}, steps=6, lr=5e-2, dropout=False)
     assert losses[-1] < losses[0]
-    rows = model.base_model.model.model.embed_tokens.trainable_tokens_delta["default"]
+    rows = model.base_model.model.model.embed_tokens.token_adapter.trainable_tokens_delta["default"]
     assert not torch.equal(rows, table[new])
     model.save_pretrained(str(tmp_path))
     theirs = peft.PeftModel.from_pretrained(copy.deepcopy(base), str(tmp_path))

@@ -11,7 +11,7 @@ minus the table's, and unmerge restores the saved table bit for bit.
 
 from __future__ import annotations
 
-from typing import Any, ClassVar, Optional, cast
+from typing import Any, ClassVar, Iterator, Optional, cast
 
 import torch
 import torch.nn.functional as F
@@ -23,19 +23,88 @@ from peftcore_torch.layers import AdapterLayer
 from peftcore_torch.walk import replace_module, wrap_layer
 
 
-class TrainableTokens(AdapterLayer):
-    """Rows ``token_indices[name]`` of the wrapped table, trained as ``trainable_tokens_delta[name]``."""
+class BufferDict(nn.Module):
+    """Adapter name -> a frozen tensor, kept as (non-persistent) buffers so it follows
+    the module's device and dtype moves."""
 
-    adapter_tensor_names: ClassVar[tuple] = ("trainable_tokens_delta",)
-    other_param_names: ClassVar[tuple] = ("token_indices",)
+    def __setitem__(self, key: str, value: torch.Tensor) -> None:
+        self.register_buffer(key, value, persistent=False)
 
-    def __init__(self, base_layer: nn.Module) -> None:
-        super().__init__(base_layer)
-        self.trainable_tokens_delta = nn.ParameterDict()
-        self.token_indices: dict[str, list[int]] = {}
+    def __getitem__(self, key: str) -> torch.Tensor:
+        return cast(torch.Tensor, self._buffers[key])
+
+    def __delitem__(self, key: str) -> None:
+        del self._buffers[key]
+
+    def __contains__(self, key: object) -> bool:
+        return key in self._buffers
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self._buffers)
+
+    def __len__(self) -> int:
+        return len(self._buffers)
+
+    def keys(self) -> list[str]:
+        return list(self._buffers)
+
+
+class TokenRows(nn.Module):
+    """HF PEFT's ``token_adapter``: the wrapped table (``base_layer``), the adapters' rows
+    and the table's rows they started from, so names read as HF's
+    (``emb.token_adapter.trainable_tokens_delta.default``)."""
+
+    def __init__(self, base_layer: nn.Module, shared: Optional[TokenRows] = None) -> None:
+        super().__init__()
+        self.base_layer = base_layer
+        self.trainable_tokens_delta: nn.ParameterDict = shared.trainable_tokens_delta if shared else nn.ParameterDict()
+        self.trainable_tokens_original: BufferDict = shared.trainable_tokens_original if shared else BufferDict()
 
     def _get_name(self) -> str:
         return "TrainableTokensLayer"
+
+
+class TrainableTokens(AdapterLayer):
+    """Rows ``token_indices[name]`` of the wrapped table, trained as
+    ``token_adapter.trainable_tokens_delta[name]``. As in HF PEFT, one adapter at a time
+    is active here: the active list holds only adapters this layer has."""
+
+    adapter_tensor_names: ClassVar[tuple] = ("trainable_tokens_delta",)
+    other_param_names: ClassVar[tuple] = ("token_indices", "trainable_tokens_original")
+    #: the model-level switch lists only the adapters this layer holds (HF's wrapper)
+    single_active: ClassVar[bool] = True
+
+    def __init__(self, base_layer: nn.Module) -> None:
+        nn.Module.__init__(self)  # the table sits under token_adapter, not on this module
+        self.token_adapter = TokenRows(base_layer)
+        self.token_indices: dict[str, list[int]] = {}
+        self.init_adapter_state()
+
+    @property
+    def base_layer(self) -> nn.Module:  # type: ignore[override]
+        return self.token_adapter.base_layer
+
+    def _get_name(self) -> str:
+        return "TrainableTokensWrapper"
+
+    @property
+    def trainable_tokens_original(self) -> BufferDict:
+        """Each adapter's rows of the table as they were when it was added (HF's buffer)."""
+        return self.token_adapter.trainable_tokens_original
+
+    def adapter_store(self, attribute: str) -> Any:
+        if attribute == "trainable_tokens_delta":
+            return self.token_adapter.trainable_tokens_delta
+        return getattr(self, attribute)
+
+    def set_adapter(self, adapter_names: Any) -> None:
+        """Activate the named adapters this layer holds: the layer-level call, which may
+        name several with disjoint rows (the model-level one allows one, as HF PEFT)."""
+        names = [adapter_names] if isinstance(adapter_names, str) else list(adapter_names)
+        layer: Any = self
+        for name in self.adapter_names():
+            layer.set_trainable(name, name in names)
+        self.active_adapters = [name for name in names if self.has_adapter(name)]
 
     def features(self) -> tuple[int, int]:
         rows, dim = self.base_weight().shape
@@ -50,7 +119,12 @@ class TrainableTokens(AdapterLayer):
                 rows = weight.index_select(0, index).clone()
             else:
                 rows = torch.randn((len(op.token_indices), weight.shape[1]), dtype=weight.dtype, device=weight.device)
-        return {"trainable_tokens_delta": nn.Parameter(rows), "token_indices": list(op.token_indices)}
+        original = weight.detach().index_select(0, index).clone()
+        return {
+            "trainable_tokens_delta": nn.Parameter(rows),
+            "token_indices": list(op.token_indices),
+            "trainable_tokens_original": original,
+        }
 
     def check_table(self, op: TrainTokens) -> None:
         if self.features() != (op.num_embeddings, op.embedding_dim):
@@ -64,7 +138,7 @@ class TrainableTokens(AdapterLayer):
         weight = self.base_weight()
         index = self._index(adapter_name, weight.device)
         change = torch.zeros(weight.shape, dtype=torch.float32, device=weight.device)
-        rows = self.trainable_tokens_delta[adapter_name].detach().float()
+        rows = self.token_adapter.trainable_tokens_delta[adapter_name].detach().float()
         change.index_copy_(0, index, rows - weight.detach().index_select(0, index).float())
         return change
 
@@ -94,7 +168,7 @@ class TrainableTokens(AdapterLayer):
         self.check_disjoint(running)
         table = self.base_weight()
         for name in running:
-            rows = self.trainable_tokens_delta[name]
+            rows = self.token_adapter.trainable_tokens_delta[name]
             table = table.index_copy(0, self._index(name, table.device), rows.to(table.dtype))
         return table
 
@@ -103,53 +177,44 @@ class TrainableTokens(AdapterLayer):
         return lookup(self.base_layer, x, self.table(running) if running else None, args, kwargs)
 
 
-class TiedTokens(AdapterLayer):
-    """A layer whose weight is the input embedding's (a tied output head): it runs with
-    the embedding layer's rows (``source``) and holds none of its own. The source's merge
-    writes the shared table, so this layer merges nothing itself."""
+class TiedTokens(TrainableTokens):
+    """A layer whose weight is the input embedding's (a tied output head). As in HF PEFT
+    its ``token_adapter`` shares the embedding layer's (``source``) rows and indices, so
+    it holds none of its own: they are exported, loaded and trained there. The source's
+    merge writes the shared table, so this layer merges nothing itself."""
 
-    adapter_tensor_names: ClassVar[tuple] = ("trainable_tokens_delta",)
+    other_param_names: ClassVar[tuple] = ()  # the indices are the source's dict
 
-    def __init__(self, base_layer: nn.Module) -> None:
-        super().__init__(base_layer)
-        self._source: list[TrainableTokens] = []  # a list: not a submodule (it is registered where it sits)
-
-    def _get_name(self) -> str:
-        return "TrainableTokensLayer"
+    def __init__(self, base_layer: nn.Module, source: TrainableTokens) -> None:
+        nn.Module.__init__(self)
+        self.token_adapter = TokenRows(base_layer, shared=source.token_adapter)
+        self._source = [source]  # a list: not registered as a submodule here
+        self.token_indices = source.token_indices
+        self.init_adapter_state()
 
     @property
     def source(self) -> TrainableTokens:
-        if not self._source:
-            raise AdapterError("this tied trainable-tokens layer is not tied to an embedding layer")
         return self._source[0]
 
-    def adapter_store(self, attribute: str) -> Any:
-        return self.source.adapter_store(attribute) if self._source else {}
-
     def tensor_names(self, adapter_name: str) -> list[str]:
-        return []  # the rows are the source's: exported, loaded and trained there
+        return []
 
     def forget_adapter(self, adapter_name: str) -> None:
         self.active_adapters = [a for a in self.active_adapters if a != adapter_name]
 
-    def features(self) -> tuple[int, int]:
-        rows, dim = self.base_weight().shape
-        return int(rows), int(dim)
-
     def add(self, adapter_name: str, op: Any) -> None:
-        source = self.source
-        if not source.has_adapter(adapter_name) or source.token_indices[adapter_name] != list(op.token_indices):
+        if self.source.token_indices.get(adapter_name) != list(op.token_indices):
             raise PlanError(f"layer {op.path!r} is tied to {op.tied_to!r}, which has no adapter {adapter_name!r} with these rows")
 
     def merge(self, adapter_names: list[str]) -> None:
-        return None  # the source merges the shared table
+        return None
 
     def unmerge(self) -> None:
         return None
 
     def forward(self, x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
-        running = [] if self.disabled else self.source.adapters_to_run()
-        return lookup(self.base_layer, x, self.source.table(running) if running else None, args, kwargs)
+        running = [a for a in self.adapters_to_run() if a not in self.source.merged_adapters]
+        return lookup(self.base_layer, x, self.table(running) if running else None, args, kwargs)
 
 
 def lookup(base: nn.Module, x: torch.Tensor, table: Optional[torch.Tensor], args: tuple, kwargs: dict) -> torch.Tensor:
@@ -182,7 +247,6 @@ def build_trainable_tokens(model: nn.Module, layers: dict, op: TrainTokens, adap
     if current is None or isinstance(current, AdapterLayer):
         kind = type(current).__name__ if current is not None else "missing"
         raise PlanError(f"layer {op.path!r} ({kind}) cannot be tied to the trainable tokens of {op.tied_to!r}")
-    tied = TiedTokens(current)
-    tied._source.append(source)
+    tied = TiedTokens(current, source)
     replace_module(model, layers, op.path, tied)
     tied.add(adapter_name, op)
