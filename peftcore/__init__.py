@@ -30,6 +30,7 @@ from peftcore.hotswap import hotswap_adapter, prepare_model_for_compiled_hotswap
 from peftcore.methods import BitFitConfig, LoraConfig, PromptTuningConfig, ResidualPromptTuningConfig
 from peftcore.methods.p_tuning import PromptEncoderConfig
 from peftcore.methods.prefix_tuning import PrefixTuningConfig
+from peftcore.methods.trainable_tokens_config import TrainableTokensConfig
 from peftcore.methods.unipelt import UniPELTConfig, gate_values
 from peftcore.peft_type import PeftType, PromptEncoderReparameterizationType, PromptTuningInit
 from peftcore.plan import PlanOp, RewritePlan, register_op
@@ -77,6 +78,7 @@ __all__ = [
     "RewritePlan",
     "TargetNotFoundError",
     "TaskType",
+    "TrainableTokensConfig",
     "UnknownFieldError",
     "UnknownMethodError",
     "UnsupportedLayerError",

@@ -140,7 +140,6 @@ _MISSING: dict[str, tuple[str, ...]] = {
     "SHiRA": ("ShiraConfig", "ShiraModel"),
     "SuperTuning": ("SupertuningConfig", "SupertuningModel"),
     "TinyLoRA": ("TinyLoraConfig", "TinyLoraModel"),
-    "trainable tokens": ("TrainableTokensConfig", "TrainableTokensModel"),
     "UniLoRA": ("UniLoraConfig", "UniLoraModel"),
     "VB-LoRA": ("VBLoRAConfig", "VBLoRAModel"),
     "VeLoRA": ("VeloraConfig",),
@@ -148,7 +147,7 @@ _MISSING: dict[str, tuple[str, ...]] = {
     "WaveFT": ("WaveFTConfig", "WaveFTModel"),
     "X-LoRA": ("XLoraConfig", "XLoraModel"),
     "HF's per-method tuner classes (peftcore has one tuner shell for every method: a PeftModel's "
-    "base_model)": ("IA3Model", "LoraModel", "PEFT_TYPE_TO_TUNER_MAPPING"),
+    "base_model)": ("IA3Model", "LoraModel", "PEFT_TYPE_TO_TUNER_MAPPING", "TrainableTokensModel"),
     "prefix tuning on Bloom's legacy (pre-Cache) key/value layout": (
         "TRANSFORMERS_MODELS_TO_PREFIX_TUNING_POSTPROCESS_MAPPING",
         "bloom_model_postprocess_past_key_value",

@@ -32,6 +32,7 @@ class PeftType(StrValueEnum):
     BITFIT = "BITFIT"
     RESIDUAL_PROMPT_TUNING = "RESIDUAL_PROMPT_TUNING"
     UNIPELT = "UNIPELT"
+    TRAINABLE_TOKENS = "TRAINABLE_TOKENS"
 
 
 class PromptTuningInit(StrValueEnum):

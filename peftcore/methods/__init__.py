@@ -12,6 +12,7 @@ from peftcore.methods.lora_conv import AddLoraConv
 from peftcore.methods.p_tuning import PromptEncoderConfig
 from peftcore.methods.prefix_tuning import PrefixTuningConfig
 from peftcore.methods.prompt_tuning import PromptTuningConfig, ResidualPromptTuningConfig
+from peftcore.methods.trainable_tokens_config import TrainableTokensConfig
 from peftcore.methods.unipelt import UniPELTConfig
 
 #: The built-in config classes; each names its method in its ``method`` class attribute.
@@ -23,6 +24,7 @@ BUILTIN_METHODS = (
     UniPELTConfig,
     PrefixTuningConfig,
     PromptEncoderConfig,
+    TrainableTokensConfig,
 )
 
 __all__ = [
@@ -34,5 +36,6 @@ __all__ = [
     "PromptEncoderConfig",
     "PromptTuningConfig",
     "ResidualPromptTuningConfig",
+    "TrainableTokensConfig",
     "UniPELTConfig",
 ]

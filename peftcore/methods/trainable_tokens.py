@@ -38,8 +38,10 @@ class TrainTokens(PlanOp):
     """Train rows ``token_indices`` of the table of the layer at ``path``: an embedding
     (``num_embeddings`` rows of ``embedding_dim``) or a linear output head whose weight
     is ``(vocabulary, dim)``. ``init`` True starts the rows at the table's values (a
-    no-op until trained), False at random. With ``tied_to`` the op owns no tensor and
-    reads the rows of the op on that path (a head tied to the input embedding)."""
+    no-op until trained), False at random. With ``tied_to`` the op reads the rows of the
+    op on that path (a head tied to the input embedding) and owns no tensor; HF PEFT's
+    ``TrainableTokensConfig`` files still store the shared rows under the head's key too
+    (``tied_saved``)."""
 
     op: ClassVar[str] = "trainable_tokens"
     layer_kind: str = "embedding"
@@ -48,6 +50,7 @@ class TrainTokens(PlanOp):
     embedding_dim: int = 0
     init: bool = True
     tied_to: str = ""
+    tied_saved: bool = False
     hf_prefix: str = LORA_KEY_PREFIX
 
     def __post_init__(self) -> None:
@@ -73,7 +76,7 @@ class TrainTokens(PlanOp):
         return None if self.tied_to else "weight"
 
     def tensor_specs(self) -> dict[str, TensorSpec]:
-        if self.tied_to:
+        if self.tied_to and not self.tied_saved:
             return {}
         shape = (len(self.token_indices), self.embedding_dim)
         return {"trainable_tokens_delta": TensorSpec(shape, f"{self.hf_prefix}trainable_tokens_delta")}
@@ -103,6 +106,7 @@ class TrainTokens(PlanOp):
 
 
 def _table_op(node: LayerNode, indices: Sequence[int], init: bool, tied_to: str, hf_prefix: str, owner: str) -> TrainTokens:
+    """The op of one table (:func:`trainable_token_ops`); LoRA's files keep a tied head's rows once."""
     shape = node.params.get("weight")
     if node.kind not in ("embedding", "linear") or shape is None or len(shape) != 2:
         raise ConfigError(
@@ -111,7 +115,8 @@ def _table_op(node: LayerNode, indices: Sequence[int], init: bool, tied_to: str,
     try:
         return TrainTokens(
             path=node.path, layer_kind=node.kind, token_indices=tuple(indices), num_embeddings=int(shape[0]),
-            embedding_dim=int(shape[1]), init=init, tied_to=tied_to, hf_prefix=hf_prefix,
+            embedding_dim=int(shape[1]), init=init, tied_to=tied_to, tied_saved=bool(tied_to) and hf_prefix != LORA_KEY_PREFIX,
+            hf_prefix=hf_prefix,
         )
     except PlanError as error:
         raise ConfigError(f"{owner}: {error}") from None
@@ -150,6 +155,7 @@ def trainable_token_ops(
     graph: ModelGraph,
     indices: Union[Sequence[int], Mapping[str, Sequence[int]]],
     owner: str,
+    *,
     init: bool = True,
     hf_prefix: str = LORA_KEY_PREFIX,
     modules_to_save: Optional[Sequence[str]] = None,

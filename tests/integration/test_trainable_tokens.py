@@ -181,3 +181,24 @@ def test_bad_indices_are_refused(rows: Any, words: str) -> None:
 def test_an_embedding_in_modules_to_save_is_refused() -> None:
     with pytest.raises(ConfigError, match="modules_to_save"):
         _ours(llama(tied=False), rows={"embed_tokens": [1]}, modules_to_save=["embed_tokens"])
+
+
+@pytest.mark.parametrize("tied", [False, True])
+def test_the_trainable_tokens_method_moves_both_ways(tied: bool, tmp_path: Any) -> None:
+    """HF PEFT's ``TrainableTokensConfig``: keys without ``token_adapter.``, a tied head's
+    rows saved under its own key too, as HF PEFT writes them."""
+    base, ids = llama(tied), _ids()
+    ours = peftcore.get_peft_model(copy.deepcopy(base), peftcore.TrainableTokensConfig(token_indices=ROWS))
+    assert_close_to_scale(_logits(ours, ids), _logits(base, ids), FLOAT32_RTOL)  # unchanged until trained
+    losses = train_steps(ours, {"input_ids": ids, "labels": ids}, steps=4, lr=5e-2, dropout=False)
+    assert losses[-1] < losses[0]
+    ours.save_pretrained(str(tmp_path / "ours"))
+    keys = set(load_file(str(tmp_path / "ours" / "adapter_model.safetensors")))
+    expected = {"base_model.model.model.embed_tokens.trainable_tokens_delta"}
+    assert keys == (expected | {"base_model.model.lm_head.trainable_tokens_delta"} if tied else expected)
+    theirs = peft.PeftModel.from_pretrained(copy.deepcopy(base), str(tmp_path / "ours"))
+    np.testing.assert_array_equal(_logits(theirs, ids), _logits(ours, ids))
+    theirs.save_pretrained(str(tmp_path / "theirs"))
+    back = peftcore.PeftModel.from_pretrained(copy.deepcopy(base), str(tmp_path / "theirs"))
+    np.testing.assert_array_equal(_logits(back, ids), _logits(theirs, ids))
+    assert back.peft_config["default"].target_modules == "model.embed_tokens"

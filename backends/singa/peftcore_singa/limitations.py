@@ -41,6 +41,10 @@ LIMITATIONS: dict[str, str] = {
     ),
     # LoRA itself is built (Linear, Gemm, Linear3D, Embedding, Conv2d): only these two fields are not
     "lora": _TORCH_ONLY_LORA_FIELDS,
+    "trainable_tokens": (
+        "no builder for the trainable_tokens op: looking tokens up in a table with rows replaced is not "
+        "written for SINGA's Embedding yet; use the torch backend"
+    ),
     "unipelt": (
         f"{_NO_ATTENTION}, and UniPELT's prefix part (one of its three gated parts) prefixes attention keys "
         "and values; use the torch backend"

@@ -190,6 +190,7 @@ class TiedTokens(TrainableTokens):
         self.token_adapter = TokenRows(base_layer, shared=source.token_adapter)
         self._source = [source]  # a list: not registered as a submodule here
         self.token_indices = source.token_indices
+        self.saved_adapters: set[str] = set()
         self.init_adapter_state()
 
     @property
@@ -197,14 +198,19 @@ class TiedTokens(TrainableTokens):
         return self._source[0]
 
     def tensor_names(self, adapter_name: str) -> list[str]:
-        return []
+        """The shared rows, for an adapter whose file stores them under this layer too
+        (HF's ``TrainableTokensConfig``); none otherwise."""
+        return list(self.adapter_tensor_names) if adapter_name in self.saved_adapters else []
 
     def forget_adapter(self, adapter_name: str) -> None:
+        self.saved_adapters.discard(adapter_name)
         self.active_adapters = [a for a in self.active_adapters if a != adapter_name]
 
     def add(self, adapter_name: str, op: Any) -> None:
         if self.source.token_indices.get(adapter_name) != list(op.token_indices):
             raise PlanError(f"layer {op.path!r} is tied to {op.tied_to!r}, which has no adapter {adapter_name!r} with these rows")
+        if op.tied_saved:
+            self.saved_adapters.add(adapter_name)
 
     def merge(self, adapter_names: list[str]) -> None:
         return None

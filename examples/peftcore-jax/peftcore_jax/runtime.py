@@ -33,6 +33,7 @@ LIMITATIONS = {
     "prefix_tuning": "the jax backend has no attention layers to give past key/values to",
     "p_tuning": "the jax backend builds no prompt encoder (MLP/LSTM)",
     "unipelt": "the jax backend has no attention layers",
+    "trainable_tokens": "no trainable_tokens builder: this example backend's nnx.Embed takes LoRA and prompts only",
     "lora": (
         "target_parameters and trainable_token_indices are not built (no param_lora or trainable_tokens "
         "builder): this example backend's LoRA wraps nnx.Linear and nnx.Embed only"
