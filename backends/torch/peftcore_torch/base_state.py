@@ -51,16 +51,30 @@ def _original_keys(model: nn.Module) -> dict[str, str]:
         if not _inside(tensor, module.base_layer)
     }
     keys: dict[str, str] = {}
+    hops: dict[int, list[str]] = {}
     for key, value in model.state_dict(keep_vars=True).items():
         if id(value) in adapter_tensors:
             continue
-        parts, module, original = key.split("."), model, []
-        for part in parts[:-1]:
-            if not (isinstance(module, AdapterLayer) and part == module.base_layer_attribute):
-                original.append(part)
-            module = getattr(module, part)
+        parts, module, original, index = key.split("."), model, [], 0
+        while index < len(parts) - 1:
+            if isinstance(module, AdapterLayer):
+                hop = hops.setdefault(id(module), _base_hop(module))
+                if parts[index : index + len(hop)] == hop:  # the adapter layer's own path to its base layer
+                    module, index = module.base_layer, index + len(hop)
+                    continue
+            original.append(parts[index])
+            module, index = getattr(module, parts[index]), index + 1
         keys[key] = ".".join([*original, parts[-1]])
     return keys
+
+
+def _base_hop(layer: AdapterLayer) -> list[str]:
+    """The module names from ``layer`` to its base layer (``["base_layer"]``; trainable
+    tokens keep it at ``token_adapter.base_layer``, as HF PEFT does)."""
+    for name, module in layer.named_modules():
+        if name and module is layer.base_layer:
+            return name.split(".")
+    return [layer.base_layer_attribute]
 
 
 def _inside(tensor: torch.Tensor, module: nn.Module) -> bool:

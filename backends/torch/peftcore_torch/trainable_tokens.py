@@ -88,6 +88,11 @@ class TrainableTokens(AdapterLayer):
         return "TrainableTokensWrapper"
 
     @property
+    def trainable_tokens_delta(self) -> nn.ParameterDict:
+        """Each adapter's rows (kept in ``token_adapter``, named here as on HF's layer)."""
+        return self.token_adapter.trainable_tokens_delta
+
+    @property
     def trainable_tokens_original(self) -> BufferDict:
         """Each adapter's rows of the table as they were when it was added (HF's buffer)."""
         return self.token_adapter.trainable_tokens_original
