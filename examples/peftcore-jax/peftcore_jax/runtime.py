@@ -28,16 +28,15 @@ from peftcore.runtime import BackendInfo, BackendRuntime, OpBuilders
 
 NAME = "jax"
 FRAMEWORK = "JAX (Flax NNX)"
-#: Methods this backend does not build, and why (the core refuses them up front).
+#: Methods this backend does not build, and why (the core refuses them up front). LoRA's
+#: target_parameters and trainable_token_indices are not listed under "lora" (that would
+#: refuse all of LoRA, whose base_bias op this backend lacks too): their ops (param_lora,
+#: trainable_tokens) have no builder here, which refuses them before anything is built.
 LIMITATIONS = {
     "prefix_tuning": "the jax backend has no attention layers to give past key/values to",
     "p_tuning": "the jax backend builds no prompt encoder (MLP/LSTM)",
     "unipelt": "the jax backend has no attention layers",
     "trainable_tokens": "no trainable_tokens builder: this example backend's nnx.Embed takes LoRA and prompts only",
-    "lora": (
-        "target_parameters and trainable_token_indices are not built (no param_lora or trainable_tokens "
-        "builder): this example backend's LoRA wraps nnx.Linear and nnx.Embed only"
-    ),
 }
 #: Why LoRA on an ``nnx.Conv`` is refused (at build time: ``LIMITATIONS`` is by method, and
 #: LoRA on ``nnx.Linear``/``nnx.Embed`` is built).
