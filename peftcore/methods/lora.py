@@ -193,8 +193,9 @@ class LoraConfig(PeftConfig):
     peft_type: ClassVar[str] = PeftType.LORA
     tensor_prefix: ClassVar[str] = "lora_"
     # the ops of target_parameters and trainable_token_indices ("param_lora",
-    # "trainable_tokens") are left out: a backend without them still builds plain LoRA,
-    # and refuses those fields (its limitations say why) before anything is built
+    # "trainable_tokens") are left out: a backend without their builders still builds the
+    # rest of LoRA, and a plan with them is refused by the missing builder before anything
+    # is built (the backend's "lora" limitation says why)
     plan_ops: ClassVar[tuple] = ("freeze_base", "lora", CONV_LORA_OP, "base_bias", "modules_to_save")
     hf_unsupported_fields: ClassVar[Mapping[str, Any]] = {
         "use_dora": False,

@@ -30,7 +30,7 @@ NAME = "jax"
 FRAMEWORK = "JAX (Flax NNX)"
 #: Methods this backend does not build, and why (the core refuses them up front). LoRA's
 #: target_parameters and trainable_token_indices are not listed under "lora" (that would
-#: refuse all of LoRA, whose base_bias op this backend lacks too): their ops (param_lora,
+#: refuse all of LoRA, whose modules_to_save op this backend lacks too): their ops (param_lora,
 #: trainable_tokens) have no builder here, which refuses them before anything is built.
 LIMITATIONS = {
     "prefix_tuning": "the jax backend has no attention layers to give past key/values to",
