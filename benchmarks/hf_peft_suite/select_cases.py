@@ -1,7 +1,8 @@
 """Which of Hugging Face PEFT's test cases measure peftcore: those of the methods it claims.
 
 Files measured (:data:`FILES`): ``test_custom_models.py`` (LoRA on ``nn.Linear``,
-``nn.Embedding`` and transformers' ``Conv1D`` layers, and (IA)^3 through the example plugin
+``nn.Embedding`` and transformers' ``Conv1D`` layers, on bare parameters (``target_parameters``)
+and with ``trainable_token_indices``, and (IA)^3 through the example plugin
 ``peftcore-ia3``, on :data:`CLAIMED_MODELS`; plain LoRA on torch's convolutions on
 :data:`LORA_CONV_MODELS`), and the model-level files
 ``test_decoder_models.py``, ``test_encoder_decoder_models.py``,
@@ -57,7 +58,8 @@ FILES: dict[str, frozenset] = {
 #: LoRA config keywords of variants peftcore does not implement (``runtime_config`` is not
 #: one: it is a runtime knob every HF ``LoraConfig`` carries).
 VARIANT_KEYS = (
-    "use_dora", "velora_config", "lora_bias", "use_bdlora", "kasa_config", "monteclora_config", "alora_invocation_tokens", "use_qalora", "arrow_config",
+    "use_dora", "velora_config", "lora_bias", "use_bdlora", "kasa_config", "monteclora_config",
+    "alora_invocation_tokens", "use_qalora", "arrow_config",
     "corda_config", "eva_config", "loftq_config", "layer_replication", "use_kasa", "lora_ga_config",
     "megatron_config", "ensure_weight_tying",
 )
