@@ -1,7 +1,7 @@
 """LoRA on bare parameters (``target_parameters``) against real HF PEFT.
 
-Tiny Mixtral (stacked experts ``(experts, out, in)``) and GPT-OSS (``is_transposed``:
-``(experts, in, out)``) models built from their transformers configs: files move both
+Tiny Mixtral and Qwen3-MoE (stacked experts ``(experts, out, in)``) and GPT-OSS
+(``is_transposed``: ``(experts, in, out)``) models built from their transformers configs: files move both
 ways with HF PEFT's keys and nesting, outputs agree, training moves only the adapter and
 lowers the loss, merge equals the unmerged forward and unmerge restores the expert
 weights bit for bit, and the numpy delta of the op is the torch layer's.
@@ -52,7 +52,16 @@ def gpt_oss_lm(seed: int = 0) -> Any:
     return seeded(lambda: transformers.GptOssForCausalLM(config), seed)
 
 
-MODELS = {"mixtral": mixtral_lm, "gpt_oss": gpt_oss_lm}
+def qwen3_moe_lm(seed: int = 0) -> Any:
+    config = transformers.Qwen3MoeConfig(
+        vocab_size=VOCAB, hidden_size=16, intermediate_size=24, moe_intermediate_size=12, num_hidden_layers=2,
+        num_attention_heads=2, num_key_value_heads=1, head_dim=8, num_experts=4, num_experts_per_tok=2,
+        max_position_embeddings=32,
+    )
+    return seeded(lambda: transformers.Qwen3MoeForCausalLM(config), seed)
+
+
+MODELS = {"mixtral": mixtral_lm, "gpt_oss": gpt_oss_lm, "qwen3_moe": qwen3_moe_lm}
 
 
 def _ids(seed: int = 1) -> Any:
