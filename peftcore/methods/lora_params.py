@@ -145,6 +145,9 @@ def validate_target_parameters(config: Any) -> None:
         )
     if config.fan_in_fan_out:
         raise ConfigError(f"{name}: target_parameters does not work with fan_in_fan_out=True")
+    for variant in ("use_dora", "lora_bias"):  # HF PEFT's refusals (fields of the LoRA-variants work)
+        if getattr(config, variant, False):
+            raise ConfigError(f"{name}: target_parameters does not work with {variant}=True (as in HF PEFT)")
     init = config.init_lora_weights
     if isinstance(init, str) and init not in ("gaussian", "kaiming"):
         raise ConfigError(
