@@ -163,6 +163,12 @@ class PeftConfig:
         they agree (always, unless a method says otherwise)."""
         return None
 
+    def variants(self) -> tuple[str, ...]:
+        """The named forms of the method this config asks for (LoRA's ``"dora"``): a
+        backend that lists one in ``BackendInfo.limitations`` refuses the config with its
+        reason. None by default."""
+        return ()
+
     def check_beside(self, others: Mapping[str, PeftConfig]) -> None:
         """Raise a :class:`ConfigError` if an adapter of this config cannot join a model
         that holds adapters with the configs ``others`` (by name). Every combination is

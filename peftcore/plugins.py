@@ -178,8 +178,14 @@ class Backend:
         """Raise :class:`PlanError` with the backend's own reason when it declares it
         cannot build ``config``'s method (``BackendInfo.limitations``) and lacks a builder
         for an op that method may emit (a plugin may have added them since). Called
-        before an adapter is planned, queued or built, for every backend."""
-        reason = dict(self.info.limitations or {}).get(config.method)
+        before an adapter is planned, queued or built, for every backend. A variant of
+        the config (:meth:`~peftcore.config.PeftConfig.variants`) the backend lists is
+        refused the same way."""
+        limitations = dict(self.info.limitations or {})
+        for variant in config.variants():  # a form of a method the backend builds, which has no op of its own
+            if variant in limitations:
+                raise PlanError(f"{self.name} backend cannot build {variant} ({type(config).__name__}): {limitations[variant]}")
+        reason = limitations.get(config.method)
         if reason is None:
             return
         lacking = set(PeftRegistry.ops_of(config.method)) - set(self.ops())

@@ -6,6 +6,8 @@ import dataclasses
 import math
 from typing import Any, ClassVar, Mapping, Optional, Sequence, Union, cast
 
+import numpy as np
+
 from peftcore.config import PeftConfig, check, check_type, config_class
 from peftcore.errors import ConfigError, PlanError
 from peftcore.graph import LayerNode, ModelGraph
@@ -61,6 +63,11 @@ class AddLora(PlanOp):
     linear layer also takes ``"pissa"``, ``"pissa_niter_K"``, ``"olora"`` and
     ``"orthogonal"`` (:mod:`peftcore.methods.lora_init`; PiSSA and OLoRA also change
     the base weight).
+
+    ``use_dora`` makes it DoRA (Liu et al., 2024): the adapter also has a magnitude
+    vector ``m`` of ``out_features`` (HF PEFT's ``lora_magnitude_vector``), and the layer
+    computes with ``m / ||W + scaling * B @ A|| * (W + scaling * B @ A)``, the norm taken
+    per output over every other axis of the canonical weight (:func:`dora_merged`).
     """
 
     op: ClassVar[str] = "lora"
@@ -73,6 +80,7 @@ class AddLora(PlanOp):
     scaling: float = 1.0
     dropout: float = 0.0
     init: str = "kaiming"
+    use_dora: bool = False
 
     def __post_init__(self) -> None:
         super().__post_init__()
@@ -101,21 +109,52 @@ class AddLora(PlanOp):
     def delta(self, tensors: Mapping[str, Any], base: Any = None) -> Any:
         """``scaling * B @ A``, the change to the weight in canonical layout: ``(out, in)``
         for a linear layer, transposed to the table's ``(num_embeddings, dim)`` for an
-        embedding."""
+        embedding. DoRA's change is the merged weight minus ``base`` (the base weight, in
+        the same layout), so it is None without ``base``."""
         a, b = tensors["lora_A"], tensors["lora_B"]
         change = (b @ a) * b.dtype.type(self.scaling)
+        if self.use_dora:
+            if base is None:
+                return None
+            weight = base.T if self.layer_kind == "embedding" else base
+            change = dora_merged(weight, change, tensors[MAGNITUDE]) - weight
         return change.T if self.layer_kind == "embedding" else change
 
     def tensor_specs(self) -> dict[str, TensorSpec]:
         if self.layer_kind == "embedding":
-            return {
+            specs = {
                 "lora_A": TensorSpec((self.r, self.in_features), "lora_embedding_A"),
                 "lora_B": TensorSpec((self.out_features, self.r), "lora_embedding_B"),
             }
-        return {
-            "lora_A": TensorSpec((self.r, self.in_features), "lora_A.weight"),
-            "lora_B": TensorSpec((self.out_features, self.r), "lora_B.weight"),
-        }
+        else:
+            specs = {
+                "lora_A": TensorSpec((self.r, self.in_features), "lora_A.weight"),
+                "lora_B": TensorSpec((self.out_features, self.r), "lora_B.weight"),
+            }
+        if self.use_dora:  # HF PEFT's file key has no ".weight", though its module holds one
+            specs[MAGNITUDE] = TensorSpec((self.out_features,), MAGNITUDE)
+        return specs
+
+
+#: The canonical (and HF PEFT's saved) name of DoRA's magnitude vector.
+MAGNITUDE = "lora_magnitude_vector"
+
+
+def dora_weight_norm(weight: Any) -> Any:
+    """The L2 norm of a canonical weight (output axis first: ``(out, in)``, a
+    convolution's ``(out, in, *kernel)``) per output, over every other axis."""
+    return np.sqrt(np.sum(np.square(weight), axis=tuple(range(1, weight.ndim))))
+
+
+def dora_merged(weight: Any, lora_delta: Any, magnitude: Any) -> Any:
+    """DoRA's weight: ``m / ||W + dW|| * (W + dW)`` per output (canonical layout, output
+    axis first; ``lora_delta`` is ``scaling * B @ A`` reshaped like ``weight``). A zero
+    norm (an output whose weights are all zero) leaves that output zero."""
+    combined = weight + lora_delta.reshape(weight.shape)
+    norm = dora_weight_norm(combined)
+    with np.errstate(divide="ignore", invalid="ignore"):
+        factor = np.where(norm > 0, magnitude / norm, 0).astype(combined.dtype)
+    return combined * factor.reshape((-1,) + (1,) * (weight.ndim - 1))
 
 
 @register_op
@@ -187,6 +226,8 @@ class LoraConfig(PeftConfig):
     - ``trainable_token_indices``: rows of the input embedding to train alone (a list of
       token ids), or a dict of module name -> token ids; a head tied to the embedding
       uses the same rows. See :mod:`peftcore.methods.trainable_tokens`.
+    - ``use_dora``: DoRA (weight-decomposed LoRA): a trainable magnitude per output
+      beside A and B (see :class:`AddLora`), saved as HF PEFT saves it.
     """
 
     method: ClassVar[str] = "lora"
@@ -198,7 +239,6 @@ class LoraConfig(PeftConfig):
     # is built (the backend's "lora" limitation says why)
     plan_ops: ClassVar[tuple] = ("freeze_base", "lora", CONV_LORA_OP, "base_bias", "modules_to_save")
     hf_unsupported_fields: ClassVar[Mapping[str, Any]] = {
-        "use_dora": False,
         "megatron_config": None,
         "megatron_core": "megatron.core",
         "loftq_config": {},
@@ -236,6 +276,7 @@ class LoraConfig(PeftConfig):
     bias: str = "none"
     target_parameters: Optional[list] = None
     trainable_token_indices: Union[list, dict, None] = None
+    use_dora: bool = False
 
     def validate(self) -> None:
         super().validate()
@@ -249,6 +290,7 @@ class LoraConfig(PeftConfig):
         check(0.0 <= self.lora_dropout < 1.0, f"{name}.lora_dropout must be in [0, 1), got {self.lora_dropout}")
         check_type(name, "use_rslora", self.use_rslora, (bool,))
         check_type(name, "fan_in_fan_out", self.fan_in_fan_out, (bool,))
+        check_type(name, "use_dora", self.use_dora, (bool,))
         if not valid_init(self.init_lora_weights):
             raise ConfigError(
                 f"{name}.init_lora_weights must be True, False, 'gaussian', 'pissa', 'pissa_niter_<K>', 'olora' "
@@ -354,6 +396,10 @@ class LoraConfig(PeftConfig):
             changes["fan_in_fan_out"] = True
         return self.replace(**changes)
 
+    def variants(self) -> tuple[str, ...]:
+        """``("dora",)`` with ``use_dora``: a backend may list DoRA as a limitation."""
+        return ("dora",) if self.use_dora else ()
+
     def plan_disagreement(self, plan: RewritePlan) -> Optional[str]:
         """Each LoRA layer's rank, alpha and scaling in ``plan`` must be what this config
         gives that layer: a reader of the config alone (HF PEFT) would compute those."""
@@ -366,6 +412,8 @@ class LoraConfig(PeftConfig):
         for key, op in zip(keys, lora_ops):
             r, alpha = settings[key]
             expected = float(self.scaling(r, alpha))
+            if isinstance(op, AddLora) and op.use_dora != self.use_dora:
+                return f"the stored plan's entry for layer {op.path!r} has use_dora={op.use_dora}, the config {self.use_dora}"
             if op.r != r or not _close(op.lora_alpha, float(alpha)) or not _close(op.scaling, expected):
                 return (
                     f"the stored plan's entry for layer {op.path!r} (r={op.r}, lora_alpha={op.lora_alpha}, "
@@ -449,6 +497,7 @@ class LoraConfig(PeftConfig):
             scaling=self.scaling(r, alpha),
             dropout=float(self.lora_dropout),
             init=op_init(self.init_lora_weights, node.kind),
+            use_dora=self.use_dora,
         )
 
 

@@ -64,5 +64,5 @@ class SuiteBase:
 
     def expected(self, spec: ToySpec, weights: dict, inputs: np.ndarray, peft_model: PeftModel, *adapters: str) -> np.ndarray:
         """The numpy reference output with ``adapters`` active, from their exported tensors."""
-        effects = [adapter_effects(peft_model.plans[a], self.exported(peft_model, a)) for a in adapters]
+        effects = [adapter_effects(peft_model.plans[a], self.exported(peft_model, a), weights) for a in adapters]
         return reference_forward(spec, weights, inputs, effects=effects)

@@ -119,15 +119,22 @@ CNN = ToySpec(
 )
 
 
-def lora_deltas(plan: RewritePlan, tensors: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
+def lora_deltas(
+    plan: RewritePlan, tensors: Mapping[str, np.ndarray], weights: Optional[Mapping[str, np.ndarray]] = None
+) -> dict[str, np.ndarray]:
     """Each LoRA op's change to its layer's weight (:meth:`AddLora.delta`, canonical
     layout: ``(out, in)``, an embedding's ``(num_embeddings, dim)``), in float64, from
-    exported tensors."""
+    exported tensors. A DoRA op's change needs the base weights (``weights``, keyed
+    ``<layer>.weight``)."""
     deltas: dict[str, np.ndarray] = {}
     for op in plan.ops:
         if isinstance(op, AddLora):
             own = {name: tensors[f"{op.path}.{name}"].astype(np.float64) for name in op.tensor_specs()}
-            deltas[op.path] = op.delta(own)
+            base = weights.get(f"{op.path}.weight") if weights is not None else None
+            change = op.delta(own, None if base is None else base.astype(np.float64))
+            if change is None:
+                raise ValueError(f"the reference of DoRA layer {op.path!r} needs its base weight")
+            deltas[op.path] = change
     return deltas
 
 
@@ -145,8 +152,11 @@ class AdapterEffects:
     prompts: Mapping[str, np.ndarray] = field(default_factory=dict)
 
 
-def adapter_effects(plan: RewritePlan, tensors: Mapping[str, np.ndarray]) -> AdapterEffects:
-    """The reference meaning of every op of ``plan`` that the toy models can show."""
+def adapter_effects(
+    plan: RewritePlan, tensors: Mapping[str, np.ndarray], weights: Optional[Mapping[str, np.ndarray]] = None
+) -> AdapterEffects:
+    """The reference meaning of every op of ``plan`` that the toy models can show
+    (``weights``: the base model's, which DoRA's change depends on)."""
     biases: dict[str, np.ndarray] = {}
     prompts: dict[str, np.ndarray] = {}
     for op in plan.ops:
@@ -154,7 +164,7 @@ def adapter_effects(plan: RewritePlan, tensors: Mapping[str, np.ndarray]) -> Ada
             biases[op.path] = tensors[f"{op.path}.bias"].astype(np.float64)
         elif isinstance(op, AddPrompt):
             prompts[op.path] = prompt_reference(op, {k[len(op.path) + 1 :]: v for k, v in tensors.items() if k.startswith(op.path + ".")})
-    return AdapterEffects(deltas=lora_deltas(plan, tensors), biases=biases, prompts=prompts)
+    return AdapterEffects(deltas=lora_deltas(plan, tensors, weights), biases=biases, prompts=prompts)
 
 
 def prompt_reference(op: AddPrompt, tensors: Mapping[str, np.ndarray]) -> np.ndarray:

@@ -28,8 +28,9 @@ import torch.nn.functional as F
 from torch import nn
 
 from peftcore.errors import AdapterError
-from peftcore.methods.lora import AddLora
+from peftcore.methods.lora import MAGNITUDE, AddLora
 from peftcore.methods.lora_init import BaseWeightInit
+from peftcore_torch.dora import DoraParts, MagnitudeDict
 from peftcore_torch.layers import AdapterLayer
 from peftcore_torch.lora_kernels import can_fuse, folding_pays, fused_lora_linear, has_hooks, merged_weight
 from peftcore_torch.row_routing import (
@@ -107,26 +108,28 @@ class FactorDict(nn.ModuleDict):
         return FactorWeights(self)
 
 
-class LoraLayer(BaseWeightInit, RoutesRows, AdapterLayer):
+class LoraLayer(BaseWeightInit, RoutesRows, DoraParts, AdapterLayer):
     """What every LoRA layer shares (HF PEFT's ``LoraLayer``): per-adapter factors
-    ``lora_A``/``lora_B``, dropout, ``scaling`` and rank ``r``."""
+    ``lora_A``/``lora_B``, dropout, ``scaling`` and rank ``r``; a DoRA adapter's
+    magnitude in ``lora_magnitude_vector`` (:mod:`peftcore_torch.dora`)."""
 
-    adapter_tensor_names: ClassVar[tuple] = ("lora_A", "lora_B")
+    adapter_tensor_names: ClassVar[tuple] = ("lora_A", "lora_B", MAGNITUDE)
     #: HF PEFT's names of the other per-adapter attributes
-    other_param_names: ClassVar[tuple] = ("r", "scaling", "lora_dropout")
+    other_param_names: ClassVar[tuple] = ("r", "scaling", "lora_dropout", "use_dora")
     lora_A: Any
     lora_B: Any
 
     def __init__(self, base_layer: nn.Module) -> None:
         super().__init__(base_layer)
         self.init_factor_stores()
+        self.init_dora_stores()
         self.lora_dropout = nn.ModuleDict()
         self.scaling: dict[str, float] = {}
         self.r: dict[str, int] = {}
 
     def adapter_store(self, attribute: str) -> Any:
         store = getattr(self, attribute)
-        return store.weights if isinstance(store, FactorDict) else store
+        return store.weights if isinstance(store, (FactorDict, MagnitudeDict)) else store
 
     def get_delta_weight(self, adapter_name: str) -> torch.Tensor:
         """HF PEFT's name for :meth:`delta_weight`: the adapter's change to the base
@@ -142,16 +145,32 @@ class LoraLayer(BaseWeightInit, RoutesRows, AdapterLayer):
         b = self.new_tensor(op.out_features, op.r)
         _initialise(a, b, op)
         a_name, b_name = self.adapter_tensor_names[:2]
-        return {
+        values = {
             a_name: a,
             b_name: b,
             "lora_dropout": nn.Dropout(op.dropout) if op.dropout > 0 else nn.Identity(),
             "scaling": op.scaling,
             "r": op.r,
+            "use_dora": op.use_dora,
         }
+        if op.use_dora:  # its value needs the final factors and base weight: see add()
+            values[MAGNITUDE] = self.new_tensor(op.out_features)
+        return values
+
+    def add(self, adapter_name: str, op: AddLora) -> None:
+        super().add(adapter_name, op)
+        if op.use_dora:
+            try:
+                self.init_magnitude(adapter_name)
+            except BaseException:
+                self.delete(adapter_name)
+                raise
 
     def canonical_delta(self, adapter_name: str) -> torch.Tensor:
-        """``scaling * B @ A`` as ``(out, in)``, computed in float32 for low-precision weights."""
+        """``scaling * B @ A`` as ``(out, in)``, computed in float32 for low-precision
+        weights; a DoRA adapter's whole change to the weight (:mod:`peftcore_torch.dora`)."""
+        if self.use_dora.get(adapter_name, False):
+            return self.dora_canonical_delta(adapter_name)
         a, b = (self.adapter_store(name)[adapter_name] for name in self.adapter_tensor_names[:2])
         compute = torch.float32 if a.dtype in (torch.float16, torch.bfloat16) else a.dtype
         return (b.to(compute) @ a.to(compute)) * self.scaling[adapter_name]
@@ -205,6 +224,9 @@ class LoraLinear(LoraLayer):
         delta = self.canonical_delta(adapter_name)
         return delta.T if self.fan_in_fan_out else delta
 
+    def canonical_weight_of(self, weight: torch.Tensor) -> torch.Tensor:
+        return weight.T if self.fan_in_fan_out else weight
+
     def canonical_base_weight(self) -> np.ndarray:
         weight = self.primitives.to_numpy(self.base_weight())
         return weight.T if self.fan_in_fan_out else weight
@@ -215,10 +237,14 @@ class LoraLinear(LoraLayer):
 
     def update(self, adapter_name: str, x: torch.Tensor) -> torch.Tensor:
         """The adapter's change to the output for input ``x``: ``s * dropout(x) A^T B^T``."""
-        a = self.lora_A.weight(adapter_name)
         dropout = self.lora_dropout[adapter_name]
+        return self.lora_product(adapter_name, x if _runs_as_identity(dropout) else dropout(x))
+
+    def lora_product(self, adapter_name: str, x: torch.Tensor) -> torch.Tensor:
+        """``s * x A^T B^T`` (no dropout)."""
+        a = self.lora_A.weight(adapter_name)
         x = x.to(a.dtype)
-        x2 = (x if _runs_as_identity(dropout) else dropout(x)).reshape(-1, x.shape[-1])
+        x2 = x.reshape(-1, x.shape[-1])
         # (r, tokens) intermediate: the operand layouts BLAS runs fastest (see lora_kernels)
         hidden_t = self._scaled(a @ x2.t(), adapter_name)
         update = hidden_t.t() @ self.lora_B.weight(adapter_name).t()
@@ -238,10 +264,29 @@ class LoraLinear(LoraLayer):
             fused = self._fused_forward(x, running[0], cast(LoraFactor, self.lora_A[running[0]]))
             if fused is not None:
                 return fused
-        result = self.base_layer(x, *args, **kwargs)
+        base_out = result = self.base_layer(x, *args, **kwargs)
         for name in running:
-            result = result + self.update(name, x).to(result.dtype)
+            if self.use_dora.get(name, False):
+                result = result + self._dora_change(name, x, base_out)
+            else:
+                result = result + self.update(name, x).to(result.dtype)
         return result
+
+    def _dora_change(self, name: str, x: torch.Tensor, base_out: torch.Tensor) -> torch.Tensor:
+        """A DoRA adapter's change to the output: ``(scale - 1) W x' + scale * s x' A^T B^T``
+        with ``x'`` the input after dropout; ``W x`` is the base output less its bias when
+        nothing is merged and no dropout runs (no second base product)."""
+        dropout = self.lora_dropout[name]
+        identity = _runs_as_identity(dropout)
+        dropped = x if identity else dropout(x)
+        lora = self.lora_product(name, dropped)
+        scale = self.dora_scale(name).to(lora.dtype)
+        if identity and not self.merged_adapters:
+            bias = self.base_layer.bias if isinstance(getattr(self.base_layer, "bias", None), torch.Tensor) else None
+            weighted = base_out if bias is None else base_out - bias
+        else:
+            weighted = F.linear(dropped.to(lora.dtype), self.dora_base_weight().to(lora.dtype))
+        return ((scale - 1) * weighted.to(lora.dtype) + scale * lora).to(base_out.dtype)
 
     def _forward_mixed(
         self, x: torch.Tensor, groups: dict[str, tuple[int, ...]], *args: Any, **kwargs: Any
@@ -317,8 +362,19 @@ class LoraLinear(LoraLayer):
         if not can_fuse(base, self._plain_base, x, a, b):
             return None
         dropout = cast(nn.Module, modules["lora_dropout"]._modules[name])
-        lora_input = None if _runs_as_identity(dropout) else dropout(x)
+        identity = _runs_as_identity(dropout)
         weight, bias = cast(torch.Tensor, base.weight), cast(Optional[torch.Tensor], base.bias)
+        if self.use_dora.get(name, False):
+            if not identity:
+                return None  # dropout needs W x' apart from W x: the general path
+            # y = bias + scale * (x W^T + s x A^T B^T): one fused product, one addcmul
+            scale = self.dora_scale(name).to(x.dtype)
+            combined = fused_lora_linear(x, None, weight, None, a, b, self.scaling[name], self.fan_in_fan_out)
+            if not combined.requires_grad:
+                combined = combined.mul_(scale)
+                return combined.add_(bias) if bias is not None else combined
+            return torch.addcmul(bias, combined, scale) if bias is not None else combined * scale
+        lora_input = None if identity else dropout(x)
         return fused_lora_linear(x, lora_input, weight, bias, a, b, self.scaling[name], self.fan_in_fan_out)
 
 
@@ -329,7 +385,7 @@ class LoraEmbedding(LoraLayer):
     ``lora_embedding_A``/``lora_embedding_B``; their canonical names stay ``lora_A``/``lora_B``.
     """
 
-    adapter_tensor_names = ("lora_embedding_A", "lora_embedding_B")
+    adapter_tensor_names = ("lora_embedding_A", "lora_embedding_B", MAGNITUDE)
     canonical_names = {"lora_embedding_A": "lora_A", "lora_embedding_B": "lora_B"}
     base_layer: nn.Embedding
 
@@ -354,23 +410,32 @@ class LoraEmbedding(LoraLayer):
     def delta_weight(self, adapter_name: str) -> torch.Tensor:
         return self.canonical_delta(adapter_name).T
 
+    def canonical_weight_of(self, weight: torch.Tensor) -> torch.Tensor:
+        return weight.T
+
     def update(self, adapter_name: str, x: torch.Tensor) -> torch.Tensor:
         """The adapter's change to the output for token ids ``x``."""
-        base = self.base_layer
-        looked_up = F.embedding(
-            x, self.lora_embedding_A[adapter_name].T, base.padding_idx, base.max_norm, base.norm_type,
-            base.scale_grad_by_freq, base.sparse,
-        )
+        looked_up = self._lookup(x, self.lora_embedding_A[adapter_name].T)
         return F.linear(self._scaled(looked_up, adapter_name), self.lora_embedding_B[adapter_name])
 
+    def _lookup(self, x: torch.Tensor, table: torch.Tensor) -> torch.Tensor:
+        """Rows of ``table`` for token ids ``x``, with the base embedding's options."""
+        base = self.base_layer
+        return F.embedding(x, table, base.padding_idx, base.max_norm, base.norm_type, base.scale_grad_by_freq, base.sparse)
+
     def forward(self, x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
-        result = self.base_layer(x, *args, **kwargs)
+        base_out = result = self.base_layer(x, *args, **kwargs)
         groups = self._row_groups(x)
         running = self.adapters_to_run() if groups is None else self._uniform(groups, x)
         if running is None:  # rows use different adapters; a lookup is cheap, so always out of place
             return add_row_updates(result, x, self.batch_routing, groups, self.update, False)  # type: ignore[arg-type]
         for name in running:
-            result = result + self.update(name, x).to(result.dtype)
+            update = self.update(name, x)
+            if self.use_dora.get(name, False):  # (scale - 1) W x + scale * update, W x the base lookup
+                scale = self.dora_scale(name).to(update.dtype)
+                weighted = self._lookup(x, self.dora_base_weight().T) if self.merged_adapters else base_out
+                update = (scale - 1) * weighted.to(update.dtype) + scale * update
+            result = result + update.to(result.dtype)
         return result
 
 
