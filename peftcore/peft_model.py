@@ -158,6 +158,9 @@ class PeftModel(AdapterFilesMixin, HFCompatMixin, HFModelApiMixin):
                     f"adapter_names names no adapter {name!r}{did_you_mean(name, self.peft_config)} "
                     f"(adapters: {list(self.peft_config)}; {BASE_ROW!r} means none)"
                 )
+        dora = [name for name in dict.fromkeys(names) if getattr(self.peft_config.get(name), "use_dora", False)]
+        if dora:  # refused as HF PEFT refuses it: the row-routed paths add plain LoRA updates only
+            raise AdapterError(f"Cannot pass `adapter_names` when DoRA is enabled (DoRA adapters in the batch: {dora}).")
         if self._merged:
             raise AdapterError(
                 "Cannot pass `adapter_names` when there are merged adapters, please call `unmerge_adapter` first "

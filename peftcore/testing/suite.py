@@ -26,6 +26,7 @@ from peftcore.testing.numerics import assert_close_to_scale
 from peftcore.testing.suite_base import SuiteBase
 from peftcore.testing.suite_bitfit import BitFitTests
 from peftcore.testing.suite_conv import ConvLoraTests
+from peftcore.testing.suite_dora import DoraTests
 from peftcore.testing.suite_prompt import PromptTests
 from peftcore.testing.toys import ToySpec, reference_forward
 
@@ -152,5 +153,5 @@ class LoraTests(SuiteBase):
         assert_close_to_scale(self.run(peftcore_backend, second.unload(), inputs), base_out)
 
 
-class ConformanceSuite(LoraTests, ConvLoraTests, BitFitTests, PromptTests):
+class ConformanceSuite(LoraTests, ConvLoraTests, DoraTests, BitFitTests, PromptTests):
     """Every method's backend-independent tests; ``backends`` names the backends to run them on."""

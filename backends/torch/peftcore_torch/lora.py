@@ -365,8 +365,8 @@ class LoraLinear(LoraLayer):
         identity = _runs_as_identity(dropout)
         weight, bias = cast(torch.Tensor, base.weight), cast(Optional[torch.Tensor], base.bias)
         if self.use_dora.get(name, False):
-            if not identity:
-                return None  # dropout needs W x' apart from W x: the general path
+            if not identity or self.merged_adapters:
+                return None  # W x' (dropout) or the unmerged W x is needed apart: the general path
             # y = bias + scale * (x W^T + s x A^T B^T): one fused product, one addcmul
             scale = self.dora_scale(name).to(x.dtype)
             combined = fused_lora_linear(x, None, weight, None, a, b, self.scaling[name], self.fan_in_fan_out)

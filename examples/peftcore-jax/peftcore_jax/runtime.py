@@ -37,6 +37,7 @@ LIMITATIONS = {
     "p_tuning": "the jax backend builds no prompt encoder (MLP/LSTM)",
     "unipelt": "the jax backend has no attention layers",
     "trainable_tokens": "no trainable_tokens builder: this example backend's nnx.Embed takes LoRA and prompts only",
+    "dora": "the jax backend's LoRA layers have no magnitude vector (LoraConfig(use_dora=True)); use the torch backend",
 }
 #: Why LoRA on an ``nnx.Conv`` is refused (at build time: ``LIMITATIONS`` is by method, and
 #: LoRA on ``nnx.Linear``/``nnx.Embed`` is built).
