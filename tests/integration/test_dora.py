@@ -1,0 +1,226 @@
+"""DoRA (``LoraConfig(use_dora=True)``) against real HF PEFT, on the same weights.
+
+Tiny Llama (``nn.Linear`` and an ``nn.Embedding``) and GPT-2 (transformers' ``Conv1D``
+and its token embedding): the output is the base model's at init, with HF's magnitude;
+adapters saved by either library load in the other with the same outputs; merge and
+unmerge leave the base weights bit-identical and merging gives HF's merged weights;
+training lowers the loss and changes only A, B and the magnitude; the gradients of all
+three are HF's on the same batch; a mixed-adapter batch naming a DoRA adapter is refused
+as HF refuses it.
+"""
+
+from __future__ import annotations
+
+import copy
+from pathlib import Path
+from typing import Any, Callable
+
+import numpy as np
+import pytest
+
+torch = pytest.importorskip("torch")
+peft = pytest.importorskip("peft")
+
+from tiny import gpt2_lm, llama_lm, random_ids, train_steps  # noqa: E402
+
+import peftcore  # noqa: E402
+from peftcore.errors import AdapterError  # noqa: E402
+from peftcore.testing.numerics import FLOAT32_RTOL, assert_close_to_scale  # noqa: E402
+
+pytestmark = [
+    pytest.mark.filterwarnings("ignore::UserWarning"),
+    pytest.mark.filterwarnings("ignore::FutureWarning"),
+]
+
+#: (model builder, targets): Linear + Embedding, Conv1D (GPT-2's token embedding is tied
+#: to its output head, so merging into it would change the head too, in both libraries)
+MODELS: dict[str, tuple[Callable[[], Any], list[str]]] = {
+    "llama": (llama_lm, ["q_proj", "v_proj", "down_proj", "embed_tokens"]),
+    "gpt2": (gpt2_lm, ["c_attn", "c_fc", "c_proj"]),
+}
+
+
+def _logits(model: Any, ids: Any) -> np.ndarray:
+    with torch.no_grad():
+        return model(ids).logits.numpy()
+
+
+def _config(module: Any, targets: list[str], **extra: Any) -> Any:
+    return module.LoraConfig(r=4, lora_alpha=8, target_modules=targets, use_dora=True, **extra)
+
+
+def _ours(base: Any, targets: list[str], **extra: Any) -> Any:
+    return peftcore.get_peft_model(copy.deepcopy(base), _config(peftcore, targets, **extra))
+
+
+def _hf(base: Any, targets: list[str], **extra: Any) -> Any:
+    return peft.get_peft_model(copy.deepcopy(base), _config(peft, targets, **extra))
+
+
+def _trained_like(model: Any, seed: int = 3) -> None:
+    """Give every A, B and magnitude a random value, as after training (the magnitude
+    near its initial norm)."""
+    generator = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, param in model.named_parameters():
+            if "lora_magnitude_vector" in name:
+                param.mul_(1 + 0.3 * torch.rand(param.shape, generator=generator))
+            elif "lora_" in name:
+                param.copy_(0.3 * torch.randn(param.shape, generator=generator))
+
+
+def _adapter_state(model: Any) -> dict[str, Any]:
+    return {k: v.detach().clone() for k, v in model.state_dict().items() if "lora_" in k}
+
+
+@pytest.mark.parametrize("arch", MODELS)
+def test_output_is_the_base_at_init_with_hf_magnitude(arch: str) -> None:
+    build, targets = MODELS[arch]
+    base, ids = build(), random_ids(2, 8)
+    ours, theirs = _ours(base, targets), _hf(base, targets)
+    np.testing.assert_array_equal(_logits(ours, ids), _logits(base, ids))
+    hf_state = theirs.state_dict()
+    magnitudes = {k: v for k, v in ours.state_dict().items() if "lora_magnitude_vector" in k}
+    assert magnitudes and set(magnitudes) == {k for k in hf_state if "lora_magnitude_vector" in k}
+    for key, value in magnitudes.items():
+        assert_close_to_scale(value.numpy(), hf_state[key].numpy(), FLOAT32_RTOL, err_msg=key)
+
+
+@pytest.mark.parametrize("arch", MODELS)
+def test_files_move_both_ways(arch: str, tmp_path: Path) -> None:
+    build, targets = MODELS[arch]
+    base, ids = build(), random_ids(2, 8)
+    ours = _ours(base, targets)
+    _trained_like(ours)
+    ours.save_pretrained(str(tmp_path / "ours"))
+    loaded_by_hf = peft.PeftModel.from_pretrained(copy.deepcopy(base), str(tmp_path / "ours")).eval()
+    assert_close_to_scale(_logits(loaded_by_hf, ids), _logits(ours, ids), FLOAT32_RTOL)
+
+    theirs = _hf(base, targets)
+    _trained_like(theirs, seed=5)
+    theirs.save_pretrained(str(tmp_path / "hf"))
+    loaded = peftcore.PeftModel.from_pretrained(copy.deepcopy(base), str(tmp_path / "hf"))
+    assert loaded.peft_config["default"].use_dora is True
+    assert_close_to_scale(_logits(loaded, ids), _logits(theirs.eval(), ids), FLOAT32_RTOL)
+
+
+@pytest.mark.parametrize("arch", MODELS)
+def test_merge_unmerge_is_exact_and_merges_as_hf(arch: str) -> None:
+    build, targets = MODELS[arch]
+    base, ids = build(), random_ids(2, 8)
+    ours = _ours(base, targets)
+    _trained_like(ours)
+    theirs = _hf(base, targets)
+    theirs.load_state_dict(ours.state_dict(), strict=False)
+    before = {k: v.clone() for k, v in ours.state_dict().items() if "lora_" not in k}
+    unmerged = _logits(ours, ids)
+    assert_close_to_scale(unmerged, _logits(theirs, ids), FLOAT32_RTOL)
+    for _ in range(3):
+        ours.merge_adapter()
+        assert_close_to_scale(_logits(ours, ids), unmerged, FLOAT32_RTOL)
+        ours.unmerge_adapter()
+        after = {k: v for k, v in ours.state_dict().items() if "lora_" not in k}
+        assert all(torch.equal(before[k], after[k]) for k in before)
+    np.testing.assert_array_equal(_logits(ours, ids), unmerged)
+    merged, hf_merged = ours.merge_and_unload(), theirs.merge_and_unload()
+    assert_close_to_scale(_logits(merged, ids), unmerged, FLOAT32_RTOL)
+    hf_weights = hf_merged.state_dict()
+    for key, value in merged.state_dict().items():
+        assert_close_to_scale(value.numpy(), hf_weights[key].numpy(), FLOAT32_RTOL, err_msg=key)
+
+
+@pytest.mark.parametrize("arch", MODELS)
+def test_training_lowers_the_loss_and_changes_only_the_adapter(arch: str) -> None:
+    build, targets = MODELS[arch]
+    base, ids = build(), random_ids(4, 12)
+    model = _ours(base, targets, lora_dropout=0.1)
+    trainable = sorted(n for n, p in model.named_parameters() if p.requires_grad)
+    assert trainable and all(
+        any(part in n for part in ("lora_A", "lora_B", "lora_embedding_A", "lora_embedding_B", "lora_magnitude_vector"))
+        for n in trainable
+    )
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    losses = train_steps(model, {"input_ids": ids, "labels": ids}, steps=12, lr=1e-2)
+    assert losses[-1] < losses[0]
+    changed = {k for k, v in model.state_dict().items() if not torch.equal(v, before[k])}
+    assert changed and all("lora_" in k for k in changed)
+    assert any("lora_magnitude_vector" in k for k in changed)
+
+
+@pytest.mark.parametrize("arch", MODELS)
+@pytest.mark.parametrize("mode", ["train", "eval"])
+def test_gradients_match_hf(arch: str, mode: str) -> None:
+    build, targets = MODELS[arch]
+    base, ids = build(), random_ids(2, 10)
+    ours = _ours(base, targets)
+    _trained_like(ours)
+    theirs = _hf(base, targets)
+    theirs.load_state_dict(ours.state_dict(), strict=False)
+    for model in (ours, theirs):
+        model.train(mode == "train")
+        torch.manual_seed(7)  # GPT-2's own dropouts draw the same masks in both
+        model(input_ids=ids, labels=ids).loss.backward()
+    their_params = dict(theirs.named_parameters())
+    compared = 0
+    for name, param in ours.named_parameters():
+        if param.requires_grad:
+            assert param.grad is not None, name
+            assert_close_to_scale(param.grad.numpy(), their_params[name].grad.numpy(), FLOAT32_RTOL, err_msg=name)
+            compared += 1
+    assert compared == sum(p.requires_grad for p in theirs.parameters())
+
+
+def test_dropout_path_matches_hf_under_the_same_seed() -> None:
+    """With dropout, DoRA needs ``W x'`` for the dropped input apart from the base output;
+    on the same RNG stream both libraries draw the same masks."""
+    build, targets = MODELS["llama"]
+    base, ids = build(), random_ids(2, 10)
+    ours = _ours(base, targets, lora_dropout=0.2)
+    _trained_like(ours)
+    theirs = _hf(base, targets, lora_dropout=0.2)
+    theirs.load_state_dict(ours.state_dict(), strict=False)
+    losses = []
+    for model in (ours, theirs):
+        model.train()
+        torch.manual_seed(11)
+        loss = model(input_ids=ids, labels=ids).loss
+        loss.backward()
+        losses.append(float(loss))
+    assert losses[0] == pytest.approx(losses[1], rel=1e-5)
+    their_params = dict(theirs.named_parameters())
+    for name, param in ours.named_parameters():
+        if param.requires_grad:
+            assert_close_to_scale(param.grad.numpy(), their_params[name].grad.numpy(), FLOAT32_RTOL, err_msg=name)
+
+
+def test_mixed_batch_with_dora_is_refused_as_hf_refuses_it() -> None:
+    build, targets = MODELS["llama"]
+    base, ids = build(), random_ids(3, 6)
+    ours = _ours(base, targets)
+    ours.add_adapter("plain", peftcore.LoraConfig(r=2, target_modules=["q_proj"], init_lora_weights=False))
+    theirs = _hf(base, targets)
+    theirs.add_adapter("plain", peft.LoraConfig(r=2, target_modules=["q_proj"]))
+    names = ["default", "plain", "__base__"]
+    theirs.eval()
+    with pytest.raises(ValueError, match="Cannot pass `adapter_names` when DoRA is enabled"):
+        theirs(ids, adapter_names=names)
+    with pytest.raises(AdapterError, match="Cannot pass `adapter_names` when DoRA is enabled"):
+        ours(ids, adapter_names=names)
+    with pytest.raises(AdapterError, match="DoRA"):
+        ours.generate(ids, adapter_names=names, max_new_tokens=2)
+    # a batch that names only plain LoRA adapters runs, each row as its adapter alone
+    mixed = ours(ids, adapter_names=["plain", "__base__", "plain"]).logits.detach().numpy()
+    ours.set_adapter("plain")
+    alone = _logits(ours, ids)
+    with ours.disable_adapter():
+        base_out = _logits(ours, ids)
+    assert_close_to_scale(mixed[[0, 2]], alone[[0, 2]], FLOAT32_RTOL)
+    assert_close_to_scale(mixed[1], base_out[1], FLOAT32_RTOL)
+
+
+def test_a_stored_plan_disagreeing_on_use_dora_is_reported() -> None:
+    build, targets = MODELS["llama"]
+    model = _ours(build(), targets)
+    plan = model.plans["default"]
+    assert peftcore.LoraConfig(r=4, lora_alpha=8, target_modules=targets).plan_disagreement(plan) is not None
+    assert model.peft_config["default"].plan_disagreement(plan) is None
