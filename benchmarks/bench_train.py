@@ -1,5 +1,6 @@
 """Measurement 1: one LoRA training step (forward, backward, AdamW step) on the GPT-2-shaped
-model, batch 8 x 128 tokens: peftcore vs HF PEFT vs the floor.
+model, batch 8 x 128 tokens: peftcore vs HF PEFT vs the floor. Measurement 8 is the same
+step with DoRA (``use_dora=True``) on both sides.
 
 The floor is the same model with every weight frozen and the backward pass run through
 the activations only (``enable_input_require_grads``): what any adapter method must pay
@@ -20,7 +21,7 @@ CONTENDERS = ("floor", "HF PEFT", "peftcore")
 class TrainingStep:
     """A model, its optimizer and one batch; calling it runs one training step."""
 
-    def __init__(self, contender: str, device: str) -> None:
+    def __init__(self, contender: str, device: str, use_dora: bool = False) -> None:
         import torch
 
         model = gpt2_model(device)
@@ -29,9 +30,9 @@ class TrainingStep:
             model.enable_input_require_grads()
             wrapped: Any = model
         elif contender == "HF PEFT":
-            wrapped = with_hf(model)
+            wrapped = with_hf(model, use_dora=use_dora)
         else:
-            wrapped = with_peftcore(model)
+            wrapped = with_peftcore(model, use_dora=use_dora)
         model.train()
         self.model = wrapped
         trainable = [p for p in model.parameters() if p.requires_grad]
@@ -49,8 +50,8 @@ class TrainingStep:
         self.last_loss = float(loss.detach())
 
 
-def run(settings: Settings, clock: Clock) -> Result:
-    steps: Dict[str, TrainingStep] = {name: TrainingStep(name, settings.device) for name in CONTENDERS}
+def run(settings: Settings, clock: Clock, use_dora: bool = False) -> Result:
+    steps: Dict[str, TrainingStep] = {name: TrainingStep(name, settings.device, use_dora) for name in CONTENDERS}
     first_losses = {}
     for name, step in steps.items():
         step()
@@ -63,6 +64,20 @@ def run(settings: Settings, clock: Clock) -> Result:
     if steps["peftcore"].trainable != steps["HF PEFT"].trainable:
         note += f" trainable counts differ ({steps['peftcore'].trainable} vs {steps['HF PEFT'].trainable})"
     ms = {name: [1000.0 * t for t in values] for name, values in times.items()}
+    if use_dora:
+        return Result(
+            key="dora_train_step",
+            title=f"8. DoRA training step, GPT-2 shape, batch {BATCH}x128",
+            unit="ms/step",
+            peftcore=median(ms["peftcore"]),
+            hf=median(ms["HF PEFT"]),
+            reference=median(ms["floor"]),
+            reference_name="floor",
+            ratio_target=1.30,
+            target_text="<= 1.30x floor",
+            note=note.strip(),
+            samples=ms,
+        )
     return Result(
         key="train_step",
         title=f"1. LoRA training step, GPT-2 shape, batch {BATCH}x128",

@@ -41,11 +41,12 @@ def token_batch(batch: int, device: str, seed: int = 1) -> Any:
     return torch.randint(0, VOCAB, (batch, SEQUENCE), generator=generator).to(device)
 
 
-def with_peftcore(model: Any, adapter_name: str = "default", random_init: bool = False) -> Any:
+def with_peftcore(model: Any, adapter_name: str = "default", random_init: bool = False, use_dora: bool = False) -> Any:
     import peftcore
 
     config = peftcore.LoraConfig(
-        r=RANK, lora_alpha=ALPHA, lora_dropout=0.0, target_modules=LORA_TARGETS, init_lora_weights=not random_init
+        r=RANK, lora_alpha=ALPHA, lora_dropout=0.0, target_modules=LORA_TARGETS, init_lora_weights=not random_init,
+        use_dora=use_dora,
     )
     return peftcore.get_peft_model(model, config, adapter_name=adapter_name)
 
@@ -59,20 +60,21 @@ def add_peftcore_adapter(peft_model: Any, adapter_name: str) -> None:
     peft_model.add_adapter(adapter_name, config)
 
 
-def hf_config(random_init: bool = False) -> Any:
+def hf_config(random_init: bool = False, use_dora: bool = False) -> Any:
     import peft
 
     return peft.LoraConfig(
-        r=RANK, lora_alpha=ALPHA, lora_dropout=0.0, target_modules=LORA_TARGETS, init_lora_weights=not random_init
+        r=RANK, lora_alpha=ALPHA, lora_dropout=0.0, target_modules=LORA_TARGETS, init_lora_weights=not random_init,
+        use_dora=use_dora,
     )
 
 
-def with_hf(model: Any, adapter_name: str = "default", random_init: bool = False) -> Any:
+def with_hf(model: Any, adapter_name: str = "default", random_init: bool = False, use_dora: bool = False) -> Any:
     import peft
 
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        return peft.get_peft_model(model, hf_config(random_init), adapter_name=adapter_name)
+        return peft.get_peft_model(model, hf_config(random_init, use_dora), adapter_name=adapter_name)
 
 
 def lora_factors(model: Any) -> Iterator[Tuple[str, str, Any, Any]]:

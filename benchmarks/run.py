@@ -11,7 +11,8 @@ Measurements (one module each): ``train`` (LoRA training step vs HF PEFT vs the 
 ``inject`` (Llama-7B-shaped injection on meta), ``mixed`` (8-adapter mixed batch
 inference), ``merge`` (merge/unmerge drift, fp32 and bf16), ``memory`` (training-step
 peak memory), ``decode`` (unmerged greedy decoding, batch 1 and 8), ``many`` (a
-64-row mixed batch over 1 to 256 adapters, forward and generate), ``singa`` (SINGA's
+64-row mixed batch over 1 to 256 adapters, forward and generate), ``dora`` (the DoRA
+training step vs HF PEFT's DoRA vs the floor), ``singa`` (SINGA's
 PEFT example, when available), ``singa_start`` (``get_peft_model`` on a SINGA model in a
 fresh interpreter, torch installed). Runs on CUDA when it is available (``--device`` to
 choose). On a CPU the default is one torch thread timed by
@@ -34,7 +35,7 @@ from typing import Any, Dict, List, Optional
 from harness import Clock, Result, Settings, load_average, machine, machine_text, markdown_table, progress
 
 HERE = os.path.dirname(os.path.abspath(__file__))
-MEASUREMENTS = ("train", "inject", "mixed", "merge", "memory", "decode", "many", "singa", "singa_start")
+MEASUREMENTS = ("train", "inject", "mixed", "merge", "memory", "decode", "many", "dora", "singa", "singa_start")
 TORCH_TITLES = {
     "train": "1. LoRA training step",
     "inject": "2. inject LoRA, Llama-7B shape",
@@ -43,6 +44,7 @@ TORCH_TITLES = {
     "memory": "5. peak memory of a training step",
     "decode": "6. unmerged greedy decoding",
     "many": "7. mixed batch over many adapters",
+    "dora": "8. DoRA training step",
 }
 
 
@@ -68,10 +70,10 @@ def _measure(name: str, settings: Settings, clock: Clock, args: argparse.Namespa
     missing = _missing_libraries()
     if missing:
         return [Result(key=name, title=TORCH_TITLES[name], unit="", note=f"not importable: {missing}")]
-    if name == "train":
+    if name in ("train", "dora"):
         import bench_train
 
-        return [bench_train.run(settings, clock)]
+        return [bench_train.run(settings, clock, use_dora=name == "dora")]
     if name == "inject":
         import bench_inject
 

@@ -135,6 +135,11 @@ class HFCompatMixin:
             pm._require(name)
             if not isinstance(pm.peft_config[name], LoraConfig):
                 raise ValueError(f"add_weighted_adapter combines LoRA adapters; {name!r} is not one")
+            if pm.peft_config[name].use_dora:
+                raise ValueError(
+                    f"add_weighted_adapter does not combine DoRA adapters ({name!r} has use_dora=True): a magnitude "
+                    "vector belongs to one direction and has no weighted combination here"
+                )
             others = sorted({op.op for op in pm.plans[name].ops} - {"lora", "freeze_base", "modules_to_save"})
             if others:
                 raise ValueError(

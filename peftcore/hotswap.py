@@ -66,6 +66,9 @@ def _lora_ops(plan: RewritePlan, where: str) -> dict[str, AddLora]:
             f"{where}: hotswapping covers LoRA on ungrouped layers; {grouped[0]!r} is a convolution with groups > 1, "
             "whose B factor is split by group"
         )
+    dora = [op.path for op in plan.ops if isinstance(op, AddLora) and op.use_dora]
+    if dora:
+        raise AdapterError(f"{where}: hotswapping covers plain LoRA adapters only; it uses DoRA (on {dora[0]!r})")
     return {op.path: op for op in plan.ops if isinstance(op, AddLora)}
 
 

@@ -41,6 +41,11 @@ def convert_to_plain_lora(
         raise AdapterError(
             f"path_initial_model_for_weight_conversion converts LoRA adapters; {adapter_name!r} is a {type(config).__name__}"
         )
+    if config.use_dora:
+        raise AdapterError(
+            "path_initial_model_for_weight_conversion converts plain LoRA adapters; a DoRA adapter's magnitude "
+            "is of the PiSSA/OLoRA residual base weight, so it has no plain-LoRA form for the original base"
+        )
     if config.use_rslora and (config.rank_pattern or config.alpha_pattern):
         raise AdapterError(
             "path_initial_model_for_weight_conversion does not support rank_pattern or alpha_pattern together "

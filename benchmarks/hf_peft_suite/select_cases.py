@@ -1,6 +1,6 @@
 """Which of Hugging Face PEFT's test cases measure peftcore: those of the methods it claims.
 
-Files measured (:data:`FILES`): ``test_custom_models.py`` (LoRA on ``nn.Linear``,
+Files measured (:data:`FILES`): ``test_custom_models.py`` (LoRA, and DoRA, on ``nn.Linear``,
 ``nn.Embedding`` and transformers' ``Conv1D`` layers, on bare parameters (``target_parameters``)
 and with ``trainable_token_indices``, and (IA)^3 through the example plugin
 ``peftcore-ia3``, on :data:`CLAIMED_MODELS`; plain LoRA on torch's convolutions on
@@ -56,9 +56,9 @@ FILES: dict[str, frozenset] = {
 }
 
 #: LoRA config keywords of variants peftcore does not implement (``runtime_config`` is not
-#: one: it is a runtime knob every HF ``LoraConfig`` carries).
+#: one: it is a runtime knob every HF ``LoraConfig`` carries; ``use_dora`` is implemented).
 VARIANT_KEYS = (
-    "use_dora", "velora_config", "lora_bias", "use_bdlora", "kasa_config", "monteclora_config",
+    "velora_config", "lora_bias", "use_bdlora", "kasa_config", "monteclora_config",
     "alora_invocation_tokens", "use_qalora", "arrow_config",
     "corda_config", "eva_config", "loftq_config", "layer_replication", "use_kasa", "lora_ga_config",
     "megatron_config", "ensure_weight_tying",

@@ -224,3 +224,15 @@ def test_a_stored_plan_disagreeing_on_use_dora_is_reported() -> None:
     plan = model.plans["default"]
     assert peftcore.LoraConfig(r=4, lora_alpha=8, target_modules=targets).plan_disagreement(plan) is not None
     assert model.peft_config["default"].plan_disagreement(plan) is None
+
+
+def test_what_dora_does_not_combine_is_refused(tmp_path: Path) -> None:
+    build, targets = MODELS["llama"]
+    model = _ours(build(), targets)
+    model.add_adapter("second", peftcore.LoraConfig(r=4, target_modules=targets, use_dora=True))
+    with pytest.raises(ValueError, match="does not combine DoRA adapters"):
+        model.add_weighted_adapter(["default", "second"], [0.5, 0.5], "both", combination_type="linear")
+    assert "both" not in model.peft_config
+    model.save_pretrained(str(tmp_path / "init"))
+    with pytest.raises(AdapterError, match="DoRA"):
+        model.save_pretrained(str(tmp_path / "converted"), path_initial_model_for_weight_conversion=str(tmp_path / "init"))

@@ -53,7 +53,7 @@ def test_unknown_keys_at_neutral_values_warn_and_load(tmp_path: Any) -> None:
     torch.testing.assert_close(out(loaded), out(hf))
 
 
-@pytest.mark.parametrize("changes", [{"use_dora": True}, {"future_feature": True}, {"future_scale": 0.5}])
+@pytest.mark.parametrize("changes", [{"use_qalora": True}, {"future_feature": True}, {"future_scale": 0.5}])
 def test_keys_that_change_the_computation_are_refused(tmp_path: Any, changes: dict) -> None:
     directory = hf_saved(tmp_path, **changes)
     key = next(iter(changes))

@@ -72,7 +72,8 @@ def test_parametrised_cases_keep_claimed_methods_layers_and_no_variants() -> Non
     assert not select_cases.kept(case("Conv2d", IA3Config, target_modules=["conv2d"]))  # conv claimed for LoRA only
     assert not select_cases.kept(case("Conv2d1x1", LoraConfig, target_modules=["conv2d"]))  # not a claimed model
     assert not select_cases.kept(case("MLP", VeraConfig, target_modules=["lin0"]))  # a method not claimed
-    assert not select_cases.kept(case("MLP", LoraConfig, target_modules=["lin0"], use_dora=True))  # a LoRA variant
+    assert not select_cases.kept(case("MLP", LoraConfig, target_modules=["lin0"], use_qalora=True))  # a LoRA variant
+    assert select_cases.kept(case("MLP", LoraConfig, target_modules=["lin0"], use_dora=True))  # DoRA is claimed
     assert not select_cases.kept(case("MLP", LoraConfig, init_lora_weights="mica"))
     # LoRA on bare parameters and trainable tokens are built (issue 25, items 5 and 6)
     assert select_cases.kept(case("MlpUsingParameters", LoraConfig, target_parameters=["lin0.weight"]))
@@ -97,7 +98,7 @@ def test_unparametrised_tests_are_read_from_their_source() -> None:
     assert not select_cases.kept(Item(function=another_method))
     # configs given as parameters: their class names, and variants switched on in them
     assert select_cases.kept(Item({"config0": LoraConfig(r=2), "config1": LoraConfig(r=4)}, lora_on_linears))
-    assert not select_cases.kept(Item({"config0": LoraConfig(use_dora=True)}, lora_on_linears))
+    assert not select_cases.kept(Item({"config0": LoraConfig(use_qalora=True)}, lora_on_linears))
 
 
 def test_a_case_is_selected_by_its_own_config_not_by_its_skip_guards() -> None:
@@ -106,14 +107,14 @@ def test_a_case_is_selected_by_its_own_config_not_by_its_skip_guards() -> None:
             pytest.skip("another method's guard names it")
         config_cls(target_modules=["lin0"])
 
-    def switches_dora_on(config_cls: Any) -> None:
-        config_cls(target_modules=["lin0"], use_dora=True)
+    def switches_qalora_on(config_cls: Any) -> None:
+        config_cls(target_modules=["lin0"], use_qalora=True)
 
     assert select_cases.kept(Item({"config_cls": LoraConfig}, guarded))
     assert not select_cases.kept(Item({"config_cls": VeraConfig}, guarded))
-    assert not select_cases.kept(Item({"config_cls": LoraConfig}, switches_dora_on))
+    assert not select_cases.kept(Item({"config_cls": LoraConfig}, switches_qalora_on))
     # HF's LoraConfig carries a runtime_config: a runtime knob, not a variant
-    assert select_cases.kept(Item({"config": LoraConfig(runtime_config=object(), use_dora=False)}, guarded))
+    assert select_cases.kept(Item({"config": LoraConfig(runtime_config=object(), use_qalora=False)}, guarded))
     assert select_cases.kept(Item({"config_cls": LoraConfig, "config_kwargs": {"target_parameters": None}}, guarded))
     assert not select_cases.kept(Item({"config_cls": LoraConfig, "config_kwargs": {"alora_invocation_tokens": [1]}}, guarded))
 

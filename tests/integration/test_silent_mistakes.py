@@ -87,18 +87,18 @@ def test_a_classifier_without_task_type_warns_how_to_fix_it(tmp_path: Path) -> N
 
 def test_an_hf_field_peftcore_lacks_gets_the_file_loader_s_message(tmp_path: Path) -> None:
     with pytest.raises(peftcore.ConfigError) as from_keyword:
-        peftcore.LoraConfig(use_dora=True)
+        peftcore.LoraConfig(use_qalora=True)
     assert "did you mean" not in str(from_keyword.value)
-    data = {**peftcore.LoraConfig(target_modules=["q_proj"]).to_dict(), "use_dora": True}
+    data = {**peftcore.LoraConfig(target_modules=["q_proj"]).to_dict(), "use_qalora": True}
     with pytest.raises(peftcore.ConfigError) as from_file:
         peftcore.LoraConfig.from_dict(data)
     assert str(from_keyword.value) == str(from_file.value) == (
-        "LoraConfig: use_dora=True is an HF PEFT feature peftcore does not support; leave use_dora at its "
+        "LoraConfig: use_qalora=True is an HF PEFT feature peftcore does not support; leave use_qalora at its "
         "default (or remove it) to use this method without it"
     )
     # HF's "feature off" values are accepted, as in HF PEFT's own scripts
-    config = peftcore.LoraConfig(use_dora=False, lora_bias=False, loftq_config={}, megatron_core="megatron.core")
+    config = peftcore.LoraConfig(use_qalora=False, lora_bias=False, loftq_config={}, megatron_core="megatron.core")
     assert config == peftcore.LoraConfig()
-    assert peft.LoraConfig(use_dora=True).use_dora  # where HF has the feature
+    assert peft.LoraConfig(use_qalora=True).use_qalora  # where HF has the feature
     with pytest.raises(TypeError, match="lora_alhpa"):  # an unknown name is still a did-you-mean TypeError
         peftcore.LoraConfig(lora_alhpa=8)
