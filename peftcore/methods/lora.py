@@ -91,6 +91,13 @@ class AddLora(PlanOp):
         if min(self.r, self.in_features, self.out_features) <= 0 or not 0.0 <= self.dropout < 1.0:
             raise PlanError(f"lora op on {self.path!r}: r, in_features and out_features must be positive, dropout in [0, 1)")
 
+    def to_dict(self) -> dict[str, Any]:
+        """Without ``use_dora`` when it is off: a plain LoRA plan reads as before DoRA."""
+        data = super().to_dict()
+        if not self.use_dora:
+            del data["use_dora"]
+        return data
+
     def misfit(self, graph: ModelGraph) -> Optional[str]:
         node = graph.get(self.path)
         if node.kind != self.layer_kind:

@@ -58,8 +58,9 @@ def test_reads_hf_peft_config_keys() -> None:
 
 
 def test_unsupported_hf_feature_is_a_clear_error() -> None:
-    with pytest.raises(ConfigError, match="use_dora=True is an HF PEFT feature"):
-        LoraConfig.from_dict({"peft_type": "LORA", "use_dora": True})
+    with pytest.raises(ConfigError, match="use_qalora=True is an HF PEFT feature"):
+        LoraConfig.from_dict({"peft_type": "LORA", "use_qalora": True})
+    assert LoraConfig.from_dict({"peft_type": "LORA", "use_dora": True}).use_dora  # DoRA is built
 
 
 def test_unknown_key_in_file_is_an_error() -> None:

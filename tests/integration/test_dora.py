@@ -236,3 +236,19 @@ def test_what_dora_does_not_combine_is_refused(tmp_path: Path) -> None:
     model.save_pretrained(str(tmp_path / "init"))
     with pytest.raises(AdapterError, match="DoRA"):
         model.save_pretrained(str(tmp_path / "converted"), path_initial_model_for_weight_conversion=str(tmp_path / "init"))
+
+
+def test_the_cached_base_norm_follows_an_edited_base_weight() -> None:
+    build, targets = MODELS["gpt2"]
+    base, ids = build(), random_ids(2, 8)
+    ours = _ours(base, targets)
+    _trained_like(ours)
+    theirs = _hf(base, targets)
+    theirs.load_state_dict(ours.state_dict(), strict=False)
+    _logits(ours, ids)  # the norms are cached now
+    for model in (ours, theirs):
+        with torch.no_grad():
+            for name, param in model.named_parameters():
+                if name.endswith("base_layer.weight"):
+                    param.mul_(1.5)
+    assert_close_to_scale(_logits(ours, ids), _logits(theirs, ids), FLOAT32_RTOL)

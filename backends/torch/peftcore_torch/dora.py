@@ -21,6 +21,7 @@ What makes it cheap here:
 
 from __future__ import annotations
 
+import weakref
 from typing import Any, Iterator, MutableMapping, Optional, cast
 
 import torch
@@ -85,18 +86,22 @@ class BaseNorms:
     tensor at the same version (torch bumps the version on every in-place write)."""
 
     def __init__(self) -> None:
+        self._tensor: Optional[weakref.ref] = None
         self._key: Optional[tuple] = None
         self._value: Optional[torch.Tensor] = None
 
     def squared(self, canonical_weight: torch.Tensor) -> torch.Tensor:
         w = canonical_weight
-        key = (id(w._base if w._base is not None else w), w.data_ptr(), w._version, w.shape, w.dtype, w.device)
-        if self._key != key or self._value is None:
+        holder = w._base if w._base is not None else w  # a transposed view's own tensor
+        key = (w.data_ptr(), w._version, w.shape, w.stride(), w.dtype, w.device)
+        cached = self._tensor() if self._tensor is not None else None
+        if cached is not holder or self._key != key or self._value is None:
             with torch.no_grad():
                 flat = w.reshape(w.shape[0], -1).to(_compute_dtype(w))
-                self._value = torch.einsum("oi,oi->o", flat, flat)
-            self._key = key
-        return cast(torch.Tensor, self._value)
+                value = torch.einsum("oi,oi->o", flat, flat)
+            self._tensor, self._key, self._value = weakref.ref(holder), key, value
+            return value
+        return self._value
 
 
 @torch.no_grad()

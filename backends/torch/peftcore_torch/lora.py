@@ -282,8 +282,8 @@ class LoraLinear(LoraLayer):
         lora = self.lora_product(name, dropped)
         scale = self.dora_scale(name).to(lora.dtype)
         if identity and not self.merged_adapters:
-            bias = self.base_layer.bias if isinstance(getattr(self.base_layer, "bias", None), torch.Tensor) else None
-            weighted = base_out if bias is None else base_out - bias
+            bias = getattr(self.base_layer, "bias", None)
+            weighted = base_out - bias if isinstance(bias, torch.Tensor) else base_out
         else:
             weighted = F.linear(dropped.to(lora.dtype), self.dora_base_weight().to(lora.dtype))
         return ((scale - 1) * weighted.to(lora.dtype) + scale * lora).to(base_out.dtype)
