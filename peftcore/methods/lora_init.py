@@ -135,7 +135,8 @@ def initialise_from_base(layer: Any, adapter_name: str, op: Any, normal: NormalS
         weight = raw.astype(np.float64)
     a, b = factors_for(op, weight, normal)
     dtypes = layer.export(adapter_name)
-    layer.load(adapter_name, {"lora_A": a.astype(dtypes["lora_A"].dtype), "lora_B": b.astype(dtypes["lora_B"].dtype)})
+    # the adapter's other tensors (DoRA's magnitude) are loaded back as they are
+    layer.load(adapter_name, {**dtypes, "lora_A": a.astype(dtypes["lora_A"].dtype), "lora_B": b.astype(dtypes["lora_B"].dtype)})
     if weight is not None:
         target = layer.base_tensor("weight")
         residual = layer.primitives.add_into(target, [layer.delta_weight(adapter_name)], -1)

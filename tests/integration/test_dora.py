@@ -252,3 +252,15 @@ def test_the_cached_base_norm_follows_an_edited_base_weight() -> None:
                 if name.endswith("base_layer.weight"):
                     param.mul_(1.5)
     assert_close_to_scale(_logits(ours, ids), _logits(theirs, ids), FLOAT32_RTOL)
+
+
+def test_dora_with_a_pissa_init_matches_hf() -> None:
+    """The magnitude is the norm of the residual base weight PiSSA leaves, as in HF PEFT."""
+    base, ids = llama_lm(), random_ids(2, 8)
+    targets = ["q_proj", "v_proj"]
+    ours, theirs = _ours(base, targets, init_lora_weights="pissa"), _hf(base, targets, init_lora_weights="pissa")
+    assert_close_to_scale(_logits(ours, ids), _logits(base, ids), FLOAT32_RTOL)
+    their_state = theirs.state_dict()
+    for key, value in ours.state_dict().items():
+        if "lora_magnitude_vector" in key or key.endswith("base_layer.weight"):
+            assert_close_to_scale(value.numpy(), their_state[key].numpy(), FLOAT32_RTOL, err_msg=key)

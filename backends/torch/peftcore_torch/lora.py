@@ -151,10 +151,12 @@ class LoraLayer(BaseWeightInit, RoutesRows, DoraParts, AdapterLayer):
             "lora_dropout": nn.Dropout(op.dropout) if op.dropout > 0 else nn.Identity(),
             "scaling": op.scaling,
             "r": op.r,
-            "use_dora": op.use_dora,
+            # switched on by add() once the magnitude has its value: until then the adapter is
+            # plain LoRA, whose change a PiSSA/OLoRA init takes out of the base weight
+            "use_dora": False,
         }
         if op.use_dora:  # its value needs the final factors and base weight: see add()
-            values[MAGNITUDE] = self.new_tensor(op.out_features)
+            values[MAGNITUDE] = nn.init.zeros_(self.new_tensor(op.out_features))
         return values
 
     def add(self, adapter_name: str, op: AddLora) -> None:
@@ -165,6 +167,7 @@ class LoraLayer(BaseWeightInit, RoutesRows, DoraParts, AdapterLayer):
             except BaseException:
                 self.delete(adapter_name)
                 raise
+            self.use_dora[adapter_name] = True
 
     def canonical_delta(self, adapter_name: str) -> torch.Tensor:
         """``scaling * B @ A`` as ``(out, in)``, computed in float32 for low-precision
