@@ -68,7 +68,7 @@ def render_backends(records: list[dict[str, Any]], others: list[dict[str, str]])
         for method in record["methods"]:  # built, but not in every form
             if method in limitations:
                 notes.append(f"{record['name']}: {method} is limited: {limitations[method]}")
-        known = set(record["methods"]) | set(record["missing"])
+        known = set(PeftRegistry.names()) | set(record["methods"]) | set(record["missing"])
         for variant, why in limitations.items():  # a method's form (LoRA's dora), not a method
             if variant not in known:
                 notes.append(f"{record['name']}: cannot build {variant}: {why}")

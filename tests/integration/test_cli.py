@@ -145,13 +145,17 @@ def test_backends_notes_say_why_a_method_is_missing_or_limited() -> None:
     record = {
         "name": "fake", "framework": "Fake", "available": True, "reason": "", "version": "1", "ops": [],
         "methods": ["lora", "prompt_tuning"], "missing": {"prefix_tuning": ["prefix_encoder"]},
-        "limitations": {"prefix_tuning": "no attention", "prompt_tuning": "one submodule only", "ia3": "unused"},
+        "limitations": {
+            "prefix_tuning": "no attention", "prompt_tuning": "one submodule only", "ia3": "unused",
+            "dora": "no magnitude vector",
+        },
     }
     lines = render_backends([record], [])
     assert lines[1].split()[-2:] == ["lora,", "prompt_tuning"]
     assert lines[3:] == [
         "fake: cannot build prefix_tuning (no builder for prefix_encoder): no attention",
         "fake: prompt_tuning is limited: one submodule only",
+        "fake: cannot build dora: no magnitude vector",  # a form of a method (LoraConfig(use_dora=True))
     ]
 
 
