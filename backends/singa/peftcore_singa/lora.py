@@ -28,9 +28,11 @@ apply_shims()
 
 from singa import autograd, layer, singa_wrap, tensor  # noqa: E402
 
-from peftcore.methods.lora import AddLora  # noqa: E402
+from peftcore.errors import PlanError  # noqa: E402
+from peftcore.methods.lora import MAGNITUDE, AddLora  # noqa: E402
 from peftcore.methods.lora_init import BaseWeightInit  # noqa: E402
 from peftcore_singa.describe import is_linear_3d, linear_features  # noqa: E402
+from peftcore_singa.dora import DoraParts  # noqa: E402
 from peftcore_singa.layers import AdapterLayer  # noqa: E402
 from peftcore_singa.tensors import to_numpy  # noqa: E402
 
@@ -77,18 +79,43 @@ def lora_dropout(x: Any, p: float) -> Any:
     return autograd.mul(x, mask)
 
 
-class LoraLayer(BaseWeightInit, AdapterLayer):
-    adapter_tensor_names = ("lora_A", "lora_B")
-    other_param_names = ("scaling", "r", "dropout")
+class LoraLayer(BaseWeightInit, DoraParts, AdapterLayer):
+    adapter_tensor_names = ("lora_A", "lora_B", MAGNITUDE)
+    other_param_names = ("scaling", "r", "dropout", "use_dora")
     scaling: dict[str, float]
     r: dict[str, int]
     dropout: dict[str, float]
+    use_dora: dict[str, bool]
 
     def new_adapter(self, adapter_name: str, op: AddLora) -> dict[str, Any]:
+        if op.use_dora and not self.takes_dora():
+            raise PlanError(
+                f"layer {op.path!r}: DoRA on SINGA takes layer.Linear and layer.Embedding; this is a "
+                f"{type(self.base_layer).__name__} (use_dora=False there, or the torch backend)"
+            )
         a = self.new_tensor((op.in_features, op.r), f"lora_A.{adapter_name}")
         b = self.new_tensor((op.r, op.out_features), f"lora_B.{adapter_name}")
         _initialise(a, b, op)
-        return {"lora_A": a, "lora_B": b, "scaling": float(op.scaling), "r": int(op.r), "dropout": float(op.dropout)}
+        # use_dora is switched on by add() once the magnitude has its value (see the torch layer)
+        values = {"lora_A": a, "lora_B": b, "scaling": float(op.scaling), "r": int(op.r), "dropout": float(op.dropout), "use_dora": False}
+        if op.use_dora:
+            magnitude = self.new_tensor((op.out_features,), f"{MAGNITUDE}.{adapter_name}")
+            magnitude.set_value(0.0)
+            values[MAGNITUDE] = magnitude
+        return values
+
+    def add(self, adapter_name: str, op: AddLora) -> None:
+        super().add(adapter_name, op)
+        if op.use_dora:
+            try:
+                self.init_magnitude(adapter_name)
+            except BaseException:
+                self.delete(adapter_name)
+                raise
+            self.use_dora[adapter_name] = True
+
+    def takes_dora(self) -> bool:
+        return True
 
     def canonical_export(self, name: str, array: np.ndarray) -> np.ndarray:
         return array.T
@@ -103,7 +130,14 @@ class LoraLayer(BaseWeightInit, AdapterLayer):
         return array.T
 
     def native_delta(self, adapter_name: str) -> np.ndarray:
-        """``scaling * A @ B`` in the stored layout: ``(in, out)`` (or ``(vocab, dim)``)."""
+        """The adapter's change in the stored ``(in, out)`` (or ``(vocab, dim)``) layout:
+        ``scaling * A @ B``, or DoRA's whole change to the weight."""
+        if self.use_dora.get(adapter_name, False):
+            return self.dora_canonical_delta(adapter_name).T
+        return self.native_lora_delta(adapter_name)
+
+    def native_lora_delta(self, adapter_name: str) -> np.ndarray:
+        """``scaling * A @ B`` in the stored layout."""
         a = to_numpy(self.lora_A[adapter_name]).astype(np.float64)
         b = to_numpy(self.lora_B[adapter_name]).astype(np.float64)
         return self.scaling[adapter_name] * (a @ b)
@@ -145,10 +179,16 @@ class LoraLinear(LoraLayer):
             delta = (delta.T if base.transB else delta) / float(base.alpha)
         return delta
 
+    def takes_dora(self) -> bool:
+        return not isinstance(self.base_layer, layer.Gemm) and not is_linear_3d(self.base_layer)
+
     def canonical_base_weight(self) -> np.ndarray:
         """The weight as ``(out, in)``, a Gemm's ``alpha`` folded in (``delta_weight``'s inverse)."""
+        return self.canonical_of(self.base_layer.W)
+
+    def canonical_of(self, weight_tensor: Any) -> np.ndarray:
         base = self.base_layer
-        weight = to_numpy(base.W).astype(np.float64)
+        weight = to_numpy(weight_tensor).astype(np.float64)
         if isinstance(base, layer.Gemm):
             return (weight if base.transB else weight.T) * float(base.alpha)
         return weight.T
@@ -162,12 +202,24 @@ class LoraLinear(LoraLayer):
         running = self.adapters_to_run()
         if running:
             lora_in = autograd.transpose(flat, [1, 0]) if trans_a else flat
+            base_out = result
             for name in running:
-                update = self.lora_update(name, lora_dropout(lora_in, self.dropout[name]))
+                dropped = lora_dropout(lora_in, self.dropout[name])
+                update = self.lora_update(name, dropped)
+                if self.use_dora.get(name, False):
+                    update = self.dora_change(name, self._weighted(base_out, dropped, lora_in), update)
                 result = autograd.add(result, update)
         if flat is not x:
             result = autograd.reshape(result, list(shape[:-1]) + [int(result.shape[-1])])
         return result
+
+
+    def _weighted(self, base_out: Any, dropped: Any, lora_in: Any) -> Any:
+        """``x' @ W`` (no bias) for DoRA: the base output itself when it is exactly that
+        (no bias, no dropout, nothing merged), else a product with the unmerged weight."""
+        if dropped is lora_in and getattr(self.base_layer, "b", None) is None and not self.merged_adapters:
+            return base_out
+        return autograd.matmul(dropped, self.dora_weight_tensor())
 
 
 def _linear_3d(base: Any, x2d: Any) -> Any:
@@ -190,14 +242,21 @@ class LoraEmbedding(LoraLayer):
     def delta_weight(self, adapter_name: str) -> np.ndarray:
         return self.native_delta(adapter_name)
 
+    def canonical_of(self, weight_tensor: Any) -> np.ndarray:
+        """The table ``(vocab, dim)`` as the canonical ``(dim, vocab)``."""
+        return to_numpy(weight_tensor).astype(np.float64).T
+
     def forward(self, x: Any) -> Any:
-        result = self.base_layer(x)
+        result = base_out = self.base_layer(x)
         out_shape = [int(d) for d in result.shape]
         for name in self.adapters_to_run():
             self.device_check(result, self.lora_A[name], self.lora_B[name])
             looked_up = autograd.embedding(x, self.lora_A[name])
             flat = autograd.reshape(looked_up, [-1, self.r[name]])
             update = scaled_matmul(flat, self.lora_B[name], self.scaling[name])
+            if self.use_dora.get(name, False):  # the looked-up rows are W x
+                weighted = autograd.embedding(x, self.dora_weight_tensor()) if self.merged_adapters else base_out
+                update = self.dora_change(name, autograd.reshape(weighted, [-1, out_shape[-1]]), update)
             result = autograd.add(result, autograd.reshape(update, out_shape))
         return result
 
