@@ -31,9 +31,10 @@ def _reference_loss(weights: dict, inputs: np.ndarray, target: np.ndarray, tenso
     return float(np.mean((out - target) ** 2))
 
 
-def test_dora_gradients_are_the_reference_s(sg: Any) -> None:
-    from peftcore_singa.toys import build_toy
+def test_dora_gradients_match_the_reference(sg: Any) -> None:
     from singa import autograd, tensor
+
+    from peftcore_singa.toys import build_toy
 
     rng = np.random.default_rng(5)
     weights, inputs = MLP.random_weights(rng), MLP.random_inputs(rng)
@@ -78,8 +79,9 @@ def test_dora_gradients_are_the_reference_s(sg: Any) -> None:
 
 
 def test_dora_trains_the_magnitude_and_leaves_the_base(sg: Any) -> None:
-    from peftcore_singa.toys import build_toy, toy_forward
     from singa import opt, tensor
+
+    from peftcore_singa.toys import build_toy, toy_forward
 
     rng = np.random.default_rng(6)
     weights, tokens = TOKEN_MODEL.random_weights(rng), TOKEN_MODEL.random_inputs(rng)
@@ -104,7 +106,8 @@ def test_dora_trains_the_magnitude_and_leaves_the_base(sg: Any) -> None:
 
 
 def test_dora_on_a_gemm_is_refused(sg: Any) -> None:
-    from singa import layer, model as singa_model
+    from singa import layer
+    from singa import model as singa_model
 
     class GemmNet(singa_model.Model):
         def __init__(self) -> None:

@@ -145,7 +145,7 @@ class LoraLayer(BaseWeightInit, RoutesRows, DoraParts, AdapterLayer):
         b = self.new_tensor(op.out_features, op.r)
         _initialise(a, b, op)
         a_name, b_name = self.adapter_tensor_names[:2]
-        values = {
+        values: dict[str, Any] = {
             a_name: a,
             b_name: b,
             "lora_dropout": nn.Dropout(op.dropout) if op.dropout > 0 else nn.Identity(),
@@ -156,7 +156,9 @@ class LoraLayer(BaseWeightInit, RoutesRows, DoraParts, AdapterLayer):
             "use_dora": False,
         }
         if op.use_dora:  # its value needs the final factors and base weight: see add()
-            values[MAGNITUDE] = nn.init.zeros_(self.new_tensor(op.out_features))
+            magnitude = self.new_tensor(op.out_features)
+            nn.init.zeros_(magnitude)
+            values[MAGNITUDE] = magnitude
         return values
 
     def add(self, adapter_name: str, op: AddLora) -> None:
