@@ -264,3 +264,32 @@ def test_dora_with_a_pissa_init_matches_hf() -> None:
     for key, value in ours.state_dict().items():
         if "lora_magnitude_vector" in key or key.endswith("base_layer.weight"):
             assert_close_to_scale(value.numpy(), their_state[key].numpy(), FLOAT32_RTOL, err_msg=key)
+
+
+@pytest.mark.parametrize("weight_in_out", [False, True], ids=["linear", "conv1d"])
+@pytest.mark.parametrize("tokens", [3, 40], ids=["few-tokens", "many-tokens"])
+@pytest.mark.parametrize("with_bias", [True, False])
+def test_the_fused_dora_node_gives_autograd_s_gradients(weight_in_out: bool, tokens: int, with_bias: bool) -> None:
+    from peftcore_torch.dora_kernels import fused_dora_linear
+
+    generator = torch.Generator().manual_seed(0)
+    in_f, out_f, r, scaling = 12, 9, 3, 1.5
+    x = torch.randn(2, tokens // 2 + 1, in_f, generator=generator, requires_grad=True)
+    weight = torch.randn(*((in_f, out_f) if weight_in_out else (out_f, in_f)), generator=generator)
+    bias = torch.randn(out_f, generator=generator, requires_grad=True) if with_bias else None
+    a = torch.randn(r, in_f, generator=generator, requires_grad=True)
+    b = torch.randn(out_f, r, generator=generator, requires_grad=True)
+    magnitude = torch.rand(out_f, generator=generator).add_(0.5).requires_grad_()
+    inv_norm = torch.rand(out_f, generator=generator)
+    upstream = torch.randn(2, tokens // 2 + 1, out_f, generator=generator)
+    leaves = [t for t in (x, bias, a, b, magnitude) if t is not None]
+
+    canonical = weight.t() if weight_in_out else weight
+    expected = (x @ canonical.t() + scaling * (x @ a.t()) @ b.t()) * (magnitude * inv_norm)
+    expected = expected + bias if bias is not None else expected
+    wanted = torch.autograd.grad(expected, leaves, upstream)
+    got_out = fused_dora_linear(x, weight, bias, a, b, magnitude, inv_norm, scaling, weight_in_out)
+    got = torch.autograd.grad(got_out, leaves, upstream)
+    torch.testing.assert_close(got_out, expected, rtol=FLOAT32_RTOL, atol=FLOAT32_RTOL * float(expected.abs().max()))
+    for mine, theirs in zip(got, wanted):
+        torch.testing.assert_close(mine, theirs, rtol=FLOAT32_RTOL, atol=FLOAT32_RTOL * float(theirs.abs().max()))

@@ -98,7 +98,7 @@ class BaseNorms:
         if cached is not holder or self._key != key or self._value is None:
             with torch.no_grad():
                 flat = w.reshape(w.shape[0], -1).to(_compute_dtype(w))
-                value = torch.einsum("oi,oi->o", flat, flat)
+                value = (flat * flat).sum(1)
             self._tensor, self._key, self._value = weakref.ref(holder), key, value
             return value
         return self._value
@@ -114,8 +114,8 @@ def weight_norm(
     w = canonical_weight.reshape(canonical_weight.shape[0], -1).to(compute)
     a, b = lora_a.detach().reshape(lora_a.shape[0], -1).to(compute), lora_b.detach().reshape(lora_b.shape[0], -1).to(compute)
     squared = base_norms.squared(canonical_weight).clone()
-    squared.add_(torch.einsum("or,or->o", b, w @ a.t()), alpha=2.0 * scaling)
-    squared.add_(torch.einsum("or,or->o", b @ (a @ a.t()), b), alpha=scaling * scaling)
+    squared.add_((b * (w @ a.t())).sum(1), alpha=2.0 * scaling)
+    squared.add_((b @ (a @ a.t()) * b).sum(1), alpha=scaling * scaling)
     return squared.clamp_min_(0.0).sqrt_()
 
 
@@ -186,6 +186,12 @@ class DoraParts:
         a, b, magnitude = self.dora_factors(adapter_name)
         norm = weight_norm(self.dora_base_weight(), a, b, self.scaling[adapter_name], self._base_norms)
         return output_scale(magnitude, norm)
+
+    def dora_inv_norm(self, adapter_name: str) -> torch.Tensor:
+        """``1 / ||W + s B A||`` per output (zero where the norm is), without gradient."""
+        a, b, _ = self.dora_factors(adapter_name)
+        norm = weight_norm(self.dora_base_weight(), a, b, self.scaling[adapter_name], self._base_norms)
+        return torch.where(norm > 0, 1.0 / torch.where(norm > 0, norm, torch.ones_like(norm)), torch.zeros_like(norm))
 
     def dora_canonical_delta(self, adapter_name: str) -> torch.Tensor:
         """The adapter's change to the base weight, canonical layout: DoRA's weight minus W."""

@@ -31,6 +31,7 @@ from peftcore.errors import AdapterError
 from peftcore.methods.lora import MAGNITUDE, AddLora
 from peftcore.methods.lora_init import BaseWeightInit
 from peftcore_torch.dora import DoraParts, MagnitudeDict
+from peftcore_torch.dora_kernels import fused_dora_linear
 from peftcore_torch.layers import AdapterLayer
 from peftcore_torch.lora_kernels import can_fuse, folding_pays, fused_lora_linear, has_hooks, merged_weight
 from peftcore_torch.row_routing import (
@@ -372,7 +373,12 @@ class LoraLinear(LoraLayer):
         if self.use_dora.get(name, False):
             if not identity or self.merged_adapters:
                 return None  # W x' (dropout) or the unmerged W x is needed apart: the general path
-            # y = bias + scale * (x W^T + s x A^T B^T): one fused product, one addcmul
+            # y = bias + scale * (x W^T + s x A^T B^T): one node under autograd (dora_kernels)
+            magnitude = self.lora_magnitude_vector.weights[name]
+            trains = any(t is not None and t.requires_grad for t in (x, bias, a, b, magnitude))
+            if torch.is_grad_enabled() and trains and magnitude.dtype == x.dtype:
+                inv_norm = self.dora_inv_norm(name).to(x.dtype)
+                return fused_dora_linear(x, weight, bias, a, b, magnitude, inv_norm, self.scaling[name], self.fan_in_fan_out)
             scale = self.dora_scale(name).to(x.dtype)
             combined = fused_lora_linear(x, None, weight, None, a, b, self.scaling[name], self.fan_in_fan_out)
             if not combined.requires_grad:
