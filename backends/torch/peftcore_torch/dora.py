@@ -13,8 +13,9 @@ What makes it cheap here:
   first term is cached while the base weight is unchanged, so a step costs one thin
   product ``W A^T`` (what ``B @ A`` alone would cost) and nothing of size ``out x in``;
 * the base product is not run twice: a frozen plain linear layer computes
-  ``z = x W^T + s (x A^T) B^T`` in the fused LoRA node and then ``y = bias + scale * z``
-  in one ``addcmul`` (the scale's gradient is the only extra pass over the output);
+  ``y = bias + scale * (x W^T + s (x A^T) B^T)`` as one autograd node whose backward
+  folds the scale into W and B (:mod:`peftcore_torch.dora_kernels`); the magnitude's
+  gradient is the only extra pass over the output;
 * without autograd, with enough tokens, the scaled weight is folded into a temporary
   copy and applied in one product.
 """
