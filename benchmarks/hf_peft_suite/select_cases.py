@@ -3,7 +3,7 @@
 Files measured (:data:`FILES`): ``test_custom_models.py`` (LoRA, and DoRA, on ``nn.Linear``,
 ``nn.Embedding`` and transformers' ``Conv1D`` layers, on bare parameters (``target_parameters``)
 and with ``trainable_token_indices``, and (IA)^3 through the example plugin
-``peftcore-ia3``, on :data:`CLAIMED_MODELS`; plain LoRA on torch's convolutions on
+``peftcore-ia3``, on :data:`CLAIMED_MODELS`; plain LoRA (no DoRA) on torch's convolutions on
 :data:`LORA_CONV_MODELS`), and the model-level files
 ``test_decoder_models.py``, ``test_encoder_decoder_models.py``,
 ``test_feature_extraction_models.py``, ``test_seq_classifier.py`` and ``test_config.py``
@@ -110,6 +110,17 @@ def _config_names_and_variants(params: dict[str, Any]) -> tuple[set[str], bool]:
     return names, variant
 
 
+def _dora_on(params: dict[str, Any]) -> bool:
+    """Whether a parameter (a keyword dict or a config instance) switches DoRA on."""
+    for value in params.values():
+        for one in list(value) if isinstance(value, (list, tuple)) else [value]:
+            if isinstance(one, dict) and _is_on(one.get("use_dora")):
+                return True
+            if not isinstance(one, (type, dict)) and _is_on(getattr(one, "use_dora", None)):
+                return True
+    return False
+
+
 def body_source(function: Any) -> Optional[str]:
     """The source of ``function``'s body, without its decorators and signature (``None``
     when there is no source)."""
@@ -156,8 +167,8 @@ def kept(item: Any) -> bool:
     configs, variant = _config_names_and_variants(params)
     if filename == "test_custom_models.py" and "model_id" in params:
         model_id = params["model_id"]
-        if model_id in LORA_CONV_MODELS and configs - {"LoraConfig"}:
-            return False
+        if model_id in LORA_CONV_MODELS and (configs - {"LoraConfig"} or _dora_on(params)):
+            return False  # conv models: plain LoRA only (DoRA on convolutions is not built)
         if model_id not in CLAIMED_MODELS | LORA_CONV_MODELS:
             return False
     if variant:

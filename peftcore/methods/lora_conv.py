@@ -62,6 +62,8 @@ class AddLoraConv(AddLora):
         # AddLora's checks, except its layer kinds and the inits that read a linear weight
         if self.layer_kind != "conv":
             raise PlanError(f"lora_conv op on {self.path!r}: layer_kind must be 'conv', got {self.layer_kind!r}")
+        if self.use_dora:  # DoRA's norm over (in, *kernel) per output is written (lora.dora_merged); its conv layers are not
+            raise PlanError(f"lora_conv op on {self.path!r}: DoRA on convolutions is not built yet (use_dora must be false)")
         if self.init not in ("kaiming", "gaussian", "random"):
             raise PlanError(f"lora_conv op on {self.path!r}: init must be 'kaiming', 'gaussian' or 'random', got {self.init!r}")
         kernel = _sizes(self.path, "kernel_size", self.kernel_size)
