@@ -485,15 +485,10 @@ class LoraConfig(PeftConfig):
 
     def _lora_op(self, node: LayerNode, r: int, alpha: float) -> AddLora:
         if node.kind == "conv":  # its op is peftcore.methods.lora_conv's (which imports this module)
-            if self.use_dora:
-                raise PlanError(
-                    f"DoRA on convolutions is not built yet: layer {node.path!r} is a convolution ({node.type_name}); "
-                    "leave it out of target_modules, or use_dora=False"
-                )
             conv_op = cast(Any, op_types()[CONV_LORA_OP])
             return cast(AddLora, conv_op.for_layer(
                 node, r=r, lora_alpha=float(alpha), scaling=self.scaling(r, alpha), dropout=float(self.lora_dropout),
-                init=op_init(self.init_lora_weights, node.kind),
+                init=op_init(self.init_lora_weights, node.kind), use_dora=self.use_dora,
             ))
         if node.kind == "embedding":
             in_features, out_features = node.num_embeddings, node.embedding_dim

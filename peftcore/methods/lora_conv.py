@@ -15,6 +15,11 @@ is exact up to rounding. With ``groups > 1`` it is not: A mixes every input chan
 while the base weight of a grouped convolution sees only its group's, so no change of
 that weight equals the path, and merging is refused (HF PEFT refuses it too).
 
+DoRA (``use_dora``) is as on a linear layer, the norm taken per output channel over
+``(in, *kernel_size)``; the magnitude is stored as HF PEFT stores it, ``(1, out, 1, ...)``
+(laid along the output's channel axis). It needs the change of the base weight, so it is
+refused on a grouped convolution.
+
 Where this differs from HF PEFT 0.21.2: HF builds A without the base layer's dilation
 and padding mode, so a dilated base layer fails in HF's forward (the two outputs differ in
 size), and a base layer with ``padding_mode="reflect"`` gives different merged and
@@ -31,7 +36,7 @@ import numpy as np
 
 from peftcore.errors import AdapterError, PlanError
 from peftcore.graph import LayerNode, ModelGraph
-from peftcore.methods.lora import AddLora
+from peftcore.methods.lora import MAGNITUDE, AddLora, dora_merged
 from peftcore.plan import TensorSpec, register_op
 
 #: Padding as a graph node and the op hold it: one size per spatial axis (or a start and an
@@ -62,8 +67,6 @@ class AddLoraConv(AddLora):
         # AddLora's checks, except its layer kinds and the inits that read a linear weight
         if self.layer_kind != "conv":
             raise PlanError(f"lora_conv op on {self.path!r}: layer_kind must be 'conv', got {self.layer_kind!r}")
-        if self.use_dora:  # DoRA's norm over (in, *kernel) per output is written (lora.dora_merged); its conv layers are not
-            raise PlanError(f"lora_conv op on {self.path!r}: DoRA on convolutions is not built yet (use_dora must be false)")
         if self.init not in ("kaiming", "gaussian", "random"):
             raise PlanError(f"lora_conv op on {self.path!r}: init must be 'kaiming', 'gaussian' or 'random', got {self.init!r}")
         kernel = _sizes(self.path, "kernel_size", self.kernel_size)
@@ -84,6 +87,8 @@ class AddLoraConv(AddLora):
                 f"lora_conv op on {self.path!r}: the layer has groups={self.groups} and the rank is {self.r}; LoRA on a "
                 "grouped convolution needs a rank divisible by groups (choose another r, or rank_pattern for this layer)"
             )
+        if self.use_dora and self.groups > 1:
+            raise PlanError(grouped_dora_refusal(self.path, self.groups))
 
     @classmethod
     def for_layer(cls, node: LayerNode, **fields: Any) -> AddLoraConv:
@@ -135,19 +140,28 @@ class AddLoraConv(AddLora):
 
     def tensor_specs(self) -> dict[str, TensorSpec]:
         ones = (1,) * len(self.kernel_size)
-        return {
+        specs = {
             "lora_A": TensorSpec((self.r, self.in_features, *self.kernel_size), "lora_A.weight"),
             "lora_B": TensorSpec((self.out_features, self.r // self.groups, *ones), "lora_B.weight"),
         }
+        if self.use_dora:  # HF PEFT's shape: the vector laid along the output-channel axis of the conv's output
+            specs[MAGNITUDE] = TensorSpec((1, self.out_features, *ones), MAGNITUDE)
+        return specs
 
     def delta(self, tensors: Mapping[str, Any], base: Any = None) -> Any:
         """``scaling * B @ A`` contracted over the rank: the change to the weight,
         ``(out, in, *kernel_size)``. An :class:`AdapterError` for a grouped convolution,
-        whose LoRA path no change of the weight equals (see the module docstring)."""
+        whose LoRA path no change of the weight equals (see the module docstring). DoRA's
+        change is the merged weight minus ``base`` (the base weight), so None without it."""
         if self.groups > 1:
             raise AdapterError(grouped_merge_refusal(self.path, self.groups))
         b = tensors["lora_B"]
-        return conv_delta(tensors["lora_A"], b, b.dtype.type(self.scaling))
+        change = conv_delta(tensors["lora_A"], b, b.dtype.type(self.scaling))
+        if self.use_dora:
+            if base is None:
+                return None
+            change = dora_merged(base, change, tensors[MAGNITUDE].reshape(-1)) - base
+        return change
 
 
 def grouped_merge_refusal(path: str, groups: int) -> str:
@@ -156,6 +170,17 @@ def grouped_merge_refusal(path: str, groups: int) -> str:
         f"cannot merge LoRA into conv layer {path!r} with groups={groups}: LoRA's A convolution reads every input "
         "channel, while each output of a grouped convolution's weight reads only its group's, so no change of "
         "that weight equals the adapter (HF PEFT refuses this merge too); run the adapter unmerged"
+    )
+
+
+def grouped_dora_refusal(path: str, groups: int) -> str:
+    """Why DoRA is not put on a grouped convolution (for every backend's message)."""
+    return (
+        f"DoRA cannot be put on conv layer {path!r} with groups={groups}: DoRA's norm is of the base weight plus "
+        "the adapter's change to it, and LoRA on a grouped convolution has no such change (its A convolution reads "
+        "every input channel; see the merge refusal). HF PEFT 0.21.2 accepts it but takes the norm of B @ A "
+        "reshaped to the weight's shape, which is not the adapter's change; target ungrouped convolutions only, "
+        "or use_dora=False"
     )
 
 

@@ -176,11 +176,14 @@ class DoraParts:
         return self.canonical_weight_of(original if original is not None else layer.base_weight())
 
     def dora_factors(self, adapter_name: str) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """A ``(r, in)``, B ``(out, r)`` and the magnitude of ``adapter_name``."""
+        """A ``(r, in)``, B ``(out, r)`` (a convolution's as its layer holds them) and the
+        magnitude of ``adapter_name`` as a vector."""
         layer: Any = self
         a_name, b_name = layer.adapter_tensor_names[:2]
         a, b = layer.adapter_store(a_name)[adapter_name], layer.adapter_store(b_name)[adapter_name]
-        return a, b, self.lora_magnitude_vector.weights[adapter_name]
+        magnitude = self.lora_magnitude_vector.weights[adapter_name]
+        # a convolution's is (1, out, 1, ...), HF PEFT's shape; its view keeps the gradient
+        return a, b, magnitude.view(-1) if magnitude.dim() > 1 else magnitude
 
     def dora_scale(self, adapter_name: str) -> torch.Tensor:
         """``m / ||W + s B A||`` per output: a gradient reaches ``m`` only."""
@@ -200,7 +203,8 @@ class DoraParts:
         weight, scaling = self.dora_base_weight(), self.scaling[adapter_name]
         with torch.no_grad():
             compute = _compute_dtype(a)
-            lora_delta = (b.to(compute) @ a.to(compute)) * scaling
+            rank = a.shape[0]  # a convolution's A and B flattened to (r, in * kernel) and (out, r)
+            lora_delta = (b.to(compute).reshape(-1, rank) @ a.to(compute).reshape(rank, -1)) * scaling
             merged = merged_canonical(weight, lora_delta, magnitude, self._base_norms, a, b, scaling)
             return merged - weight.to(merged.dtype)
 

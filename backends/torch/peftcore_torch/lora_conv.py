@@ -11,6 +11,12 @@ the narrowest point). A mixed-adapter batch runs each adapter on its own rows.
 Merging adds ``scaling * B @ A`` (contracted over the rank) to the base weight; the core
 keeps the original weight and restores it exactly on unmerge. A grouped base layer
 cannot be merged (see :mod:`peftcore.methods.lora_conv`): the merge is refused.
+
+DoRA (``use_dora``; the norm and magnitude of :mod:`peftcore_torch.dora`) scales each
+output channel: the change to the output is ``(scale - 1) conv(x', W) + scale * B(A(x'))``
+scaled, ``x'`` the input after dropout, where ``conv(x, W)`` is the base output less its
+bias when nothing is merged and no dropout runs (the base convolution is not run twice).
+The magnitude is held as HF PEFT holds it, ``(1, out, 1, ...)``.
 """
 
 from __future__ import annotations
@@ -21,7 +27,8 @@ import torch
 from torch import nn
 
 from peftcore.errors import AdapterError, PlanError
-from peftcore.methods.lora_conv import AddLoraConv, grouped_merge_refusal
+from peftcore.methods.lora import MAGNITUDE
+from peftcore.methods.lora_conv import AddLoraConv, grouped_dora_refusal, grouped_merge_refusal
 from peftcore_torch.layers import AdapterLayer
 from peftcore_torch.lora import FactorDict, LoraLayer, _initialise, _runs_as_identity
 from peftcore_torch.row_routing import add_row_updates
@@ -94,20 +101,34 @@ class LoraConv(LoraLayer):
         a = self.new_tensor(op.r, op.in_features, *spatial)
         b = self.new_tensor(op.out_features, op.r // op.groups, *(1,) * len(spatial))
         _initialise(a, b, op)
-        return {
+        values: dict[str, Any] = {
             "lora_A": a,
             "lora_B": b,
             "lora_dropout": nn.Dropout(op.dropout) if op.dropout > 0 else nn.Identity(),
             "scaling": op.scaling,
             "r": op.r,
+            "use_dora": False,  # switched on by add() once the magnitude has its value
         }
+        if op.use_dora:
+            if op.groups > 1:
+                raise AdapterError(grouped_dora_refusal(op.path, op.groups))
+            magnitude = self.new_tensor(1, op.out_features, *(1,) * len(spatial))
+            nn.init.zeros_(magnitude)
+            values[MAGNITUDE] = magnitude
+        return values
+
+    def canonical_weight_of(self, weight: torch.Tensor) -> torch.Tensor:
+        return weight  # torch's conv weight is already (out, in / groups, *kernel)
 
     def delta_weight(self, adapter_name: str) -> torch.Tensor:
         """``scaling * B @ A`` over the rank, shaped as the base weight (computed in
-        float32 for half-precision factors); refused for a grouped base layer."""
+        float32 for half-precision factors), a DoRA adapter's whole change to the weight;
+        refused for a grouped base layer."""
         groups = int(self.base_layer.groups)
         if groups > 1:
             raise AdapterError(grouped_merge_refusal(getattr(self, "path", "") or type(self.base_layer).__name__, groups))
+        if self.use_dora.get(adapter_name, False):
+            return self.dora_canonical_delta(adapter_name)
         a, b = self.lora_A.weight(adapter_name), self.lora_B.weight(adapter_name)
         compute = torch.float32 if a.dtype in (torch.float16, torch.bfloat16) else a.dtype
         rank = a.shape[0]
@@ -131,9 +152,28 @@ class LoraConv(LoraLayer):
         running = self.adapters_to_run() if groups is None else self._uniform(groups, x)
         if running is None:  # rows use different adapters
             return add_row_updates(result, x, self.batch_routing, groups, self.update, False)  # type: ignore[arg-type]
+        base_out = result
         for name in running:
-            result = result + self.update(name, x).to(result.dtype)
+            if self.use_dora.get(name, False):
+                result = result + self._dora_change(name, x, base_out)
+            else:
+                result = result + self.update(name, x).to(result.dtype)
         return result
+
+    def _dora_change(self, name: str, x: torch.Tensor, base_out: torch.Tensor) -> torch.Tensor:
+        """A DoRA adapter's change to the output (see the module docstring)."""
+        dropout = self.lora_dropout[name]
+        identity = _runs_as_identity(dropout)
+        dropped = x if identity else dropout(x)
+        lora = cast(nn.Module, self.lora_B[name])(self._scaled(cast(nn.Module, self.lora_A[name])(dropped.to(self.lora_A.weight(name).dtype)), name))
+        channels = (1, -1) + (1,) * (lora.dim() - 2)
+        scale = self.dora_scale(name).to(lora.dtype).view(channels)
+        base = self.base_layer
+        if identity and not self.merged_adapters:
+            weighted = base_out if base.bias is None else base_out - base.bias.view(channels)
+        else:  # the base convolution of the dropped input, by the weight before any merge
+            weighted = base._conv_forward(dropped.to(lora.dtype), self.dora_base_weight().to(lora.dtype), None)
+        return ((scale - 1) * weighted.to(lora.dtype) + scale * lora).to(base_out.dtype)
 
 
 def _conv_around(weight: nn.Parameter, conv_type: type, **settings: Any) -> nn.Module:
