@@ -3,8 +3,8 @@
 Files measured (:data:`FILES`): ``test_custom_models.py`` (LoRA, and DoRA, on ``nn.Linear``,
 ``nn.Embedding`` and transformers' ``Conv1D`` layers, on bare parameters (``target_parameters``)
 and with ``trainable_token_indices``, and (IA)^3 through the example plugin
-``peftcore-ia3``, on :data:`CLAIMED_MODELS`; plain LoRA (no DoRA) on torch's convolutions on
-:data:`LORA_CONV_MODELS`), and the model-level files
+``peftcore-ia3``, on :data:`CLAIMED_MODELS`; LoRA on torch's convolutions on
+:data:`LORA_CONV_MODELS`, with DoRA except on :data:`GROUPED_CONV_MODELS`), and the model-level files
 ``test_decoder_models.py``, ``test_encoder_decoder_models.py``,
 ``test_feature_extraction_models.py``, ``test_seq_classifier.py`` and ``test_config.py``
 (LoRA, (IA)^3, prompt tuning, prefix tuning and P-tuning).
@@ -39,9 +39,13 @@ from typing import Any, Optional
 CLAIMED_MODELS = frozenset({
     "MLP", "EmbConv1D", "MLP2", "MLP_LayerNorm", "MlpUsingParameters",
 })
-#: Model ids whose targeted layers are torch convolutions: claimed for plain LoRA only
-#: (LoRA on convolutions; (IA)^3's plugin has no conv layer).
+#: Model ids whose targeted layers are torch convolutions: claimed for LoRA (and DoRA) only
+#: ((IA)^3's plugin has no conv layer).
 LORA_CONV_MODELS = frozenset({"Conv1d", "Conv2d", "Conv2dGroups", "Conv2dGroups2", "Conv3d"})
+#: Conv models whose targeted convolution is grouped: DoRA is refused there (its norm needs
+#: the adapter's change of the weight, which LoRA on a grouped convolution has not; see
+#: ``peftcore.methods.lora_conv.grouped_dora_refusal``), so their DoRA cases are not claimed.
+GROUPED_CONV_MODELS = frozenset({"Conv2dGroups", "Conv2dGroups2"})
 
 #: Config classes claimed, by measured file.
 LORA_IA3 = frozenset({"LoraConfig", "IA3Config"})
@@ -167,8 +171,10 @@ def kept(item: Any) -> bool:
     configs, variant = _config_names_and_variants(params)
     if filename == "test_custom_models.py" and "model_id" in params:
         model_id = params["model_id"]
-        if model_id in LORA_CONV_MODELS and (configs - {"LoraConfig"} or _dora_on(params)):
-            return False  # conv models: plain LoRA only (DoRA on convolutions is not built)
+        if model_id in LORA_CONV_MODELS and configs - {"LoraConfig"}:
+            return False  # conv models: LoRA only
+        if model_id in GROUPED_CONV_MODELS and _dora_on(params):
+            return False  # DoRA on a grouped convolution is refused
         if model_id not in CLAIMED_MODELS | LORA_CONV_MODELS:
             return False
     if variant:

@@ -293,14 +293,3 @@ def test_the_fused_dora_node_gives_autograd_s_gradients(weight_in_out: bool, tok
     torch.testing.assert_close(got_out, expected, rtol=FLOAT32_RTOL, atol=FLOAT32_RTOL * float(expected.abs().max()))
     for mine, theirs in zip(got, wanted):
         torch.testing.assert_close(mine, theirs, rtol=FLOAT32_RTOL, atol=FLOAT32_RTOL * float(theirs.abs().max()))
-
-
-def test_dora_on_a_convolution_is_refused_by_name() -> None:
-    from peftcore.errors import PlanError
-
-    net = torch.nn.Sequential(torch.nn.Conv2d(3, 4, 3), torch.nn.Flatten(), torch.nn.Linear(4 * 4 * 4, 2))
-    with pytest.raises(PlanError, match="DoRA on convolutions is not built yet: layer '0'"):
-        peftcore.get_peft_model(net, peftcore.LoraConfig(r=2, target_modules=["0", "2"], use_dora=True))
-    assert not any("lora" in name for name, _ in net.named_parameters())
-    model = peftcore.get_peft_model(net, peftcore.LoraConfig(r=2, target_modules=["2"], use_dora=True))
-    assert model.plans["default"].ops[-1].use_dora

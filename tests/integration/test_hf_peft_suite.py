@@ -68,13 +68,14 @@ def test_parametrised_cases_keep_claimed_methods_layers_and_no_variants() -> Non
     assert select_cases.kept(case("MLP", LoraConfig, target_modules=["lin0"]))
     assert select_cases.kept(case("EmbConv1D", LoraConfig, target_modules=["emb"]))
     assert select_cases.kept(case("Conv2d", LoraConfig, target_modules=["conv2d"]))  # LoRA on convolutions
-    assert not select_cases.kept(case("Conv2d", LoraConfig, target_modules=["conv2d"], use_dora=True))
+    assert select_cases.kept(case("Conv2d", LoraConfig, target_modules=["conv2d"], use_dora=True))  # DoRA on convs
+    assert not select_cases.kept(case("Conv2dGroups", LoraConfig, target_modules=["conv2d"], use_dora=True))  # grouped
     assert not select_cases.kept(case("Conv2d", IA3Config, target_modules=["conv2d"]))  # conv claimed for LoRA only
     assert not select_cases.kept(case("Conv2d1x1", LoraConfig, target_modules=["conv2d"]))  # not a claimed model
     assert not select_cases.kept(case("MLP", VeraConfig, target_modules=["lin0"]))  # a method not claimed
     assert not select_cases.kept(case("MLP", LoraConfig, target_modules=["lin0"], use_qalora=True))  # a LoRA variant
     assert select_cases.kept(case("MLP", LoraConfig, target_modules=["lin0"], use_dora=True))  # DoRA is claimed
-    assert not select_cases.kept(case("Conv2d", LoraConfig, target_modules=["conv2d"], use_dora=True))  # not on convs
+    assert select_cases.kept(case("Conv3d", LoraConfig, target_modules=["conv3d"], use_dora=True))
     assert not select_cases.kept(case("MLP", LoraConfig, init_lora_weights="mica"))
     # LoRA on bare parameters and trainable tokens are built (issue 25, items 5 and 6)
     assert select_cases.kept(case("MlpUsingParameters", LoraConfig, target_parameters=["lin0.weight"]))
