@@ -247,3 +247,13 @@ def test_save_states_round_trips_and_converts_to_a_torch_adapter(sg: Any, tmp_pa
             graph=peft_model.model_graph)
     in_torch = PeftModel.from_pretrained(_torch_twin(weights), str(tmp_path / "hf"))
     assert_close_to_scale(_torch_out(in_torch.model, x), expected, FLOAT32_RTOL)
+
+
+def test_dora_on_a_singa_conv_is_refused_with_the_reason(sg: Any) -> None:
+    from peftcore.errors import PlanError
+
+    _, weights, x = _setup(6)
+    net = _built_singa(weights, x)
+    with pytest.raises(PlanError, match=r"DoRA on layer.Conv2d is not built on SINGA"):
+        get_peft_model(net, LoraConfig(**CONFIG, use_dora=True), example_inputs=x)
+    assert type(net.conv1).__name__ == "Conv2d" and type(net.conv2).__name__ == "Conv2d"  # nothing half-built

@@ -212,4 +212,10 @@ def build_lora_conv(model: Any, layers: dict, op: AddLoraConv, adapter_name: str
         raise PlanError(f"singa backend puts convolution LoRA on layer.Conv2d; {op.path!r} is {kind}")
     if not base._initialized:
         raise PlanError(f"layer {op.path!r} is not initialised (no forward has reached it); pass example_inputs")
+    if op.use_dora:
+        raise PlanError(
+            f"layer {op.path!r}: DoRA on SINGA takes layer.Linear and layer.Embedding; DoRA on layer.Conv2d is not "
+            "built on SINGA (its per-channel scale needs broadcasting over (batch, out, h, w) outputs in SINGA's "
+            "autograd), so use_dora=False there, or the torch backend, which has DoRA on Conv1d/Conv2d/Conv3d"
+        )
     wrap_layer(model, layers, op.path, LoraConv2d).add(adapter_name, op)
