@@ -165,7 +165,8 @@ class LoraConv(LoraLayer):
         dropout = self.lora_dropout[name]
         identity = _runs_as_identity(dropout)
         dropped = x if identity else dropout(x)
-        lora = cast(nn.Module, self.lora_B[name])(self._scaled(cast(nn.Module, self.lora_A[name])(dropped.to(self.lora_A.weight(name).dtype)), name))
+        hidden = cast(nn.Module, self.lora_A[name])(dropped.to(self.lora_A.weight(name).dtype))
+        lora = cast(nn.Module, self.lora_B[name])(self._scaled(hidden, name))
         channels = (1, -1) + (1,) * (lora.dim() - 2)
         scale = self.dora_scale(name).to(lora.dtype).view(channels)
         base = self.base_layer
