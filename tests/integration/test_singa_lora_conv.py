@@ -249,11 +249,102 @@ def test_save_states_round_trips_and_converts_to_a_torch_adapter(sg: Any, tmp_pa
     assert_close_to_scale(_torch_out(in_torch.model, x), expected, FLOAT32_RTOL)
 
 
-def test_dora_on_a_singa_conv_is_refused_with_the_reason(sg: Any) -> None:
-    from peftcore.errors import PlanError
 
-    _, weights, x = _setup(6)
+def _with_weights(net: Any, changes: dict[str, np.ndarray]) -> Any:
+    for name, weight in changes.items():
+        getattr(net, name).W.copy_from_numpy(weight.astype(np.float32))
+    return net
+
+
+@pytest.mark.parametrize("fused_relu", [False, True])
+def test_dora_computes_the_core_s_merged_weights_and_merges_exactly(sg: Any, fused_relu: bool) -> None:
+    """DoRA on SINGA's Conv2d: the output at init is the base's; with trained-like tensors
+    it is the output of the same CNN whose conv weights are the core's DoRA weights
+    (``AddLoraConv.delta(tensors, W)``, which the torch tests hold to HF PEFT's merge);
+    merge/unmerge is exact."""
+    from singa import tensor
+
+    from peftcore.methods.lora_conv import AddLoraConv
+
+    rng, weights, x = _setup(7)
+    net = _built_singa(weights, x, fused_relu=fused_relu)
+    base_out = _singa_out(net, x)
+    peft_model = get_peft_model(net, LoraConfig(**CONFIG, use_dora=True), example_inputs=x)
+    assert_close_to_scale(_singa_out(net, x), base_out, FLOAT32_RTOL)
+    specs = peft_model.plans["default"].tensor_specs()
+    assert specs["conv2.lora_magnitude_vector"].shape == (1, 6, 1, 1)
+    initial = peft_model.export_adapter("default")
+    tensors = {k: (rng.standard_normal(s.shape) * 0.2).astype(np.float32) for k, s in specs.items() if "magnitude" not in k}
+    for key in specs:
+        if "magnitude" in key:  # near the initial norm, as after training
+            tensors[key] = (initial[key] * rng.uniform(0.7, 1.3, initial[key].shape)).astype(np.float32)
+    peft_model.import_adapter("default", tensors)
+    ops = {op.path: op for op in peft_model.plans["default"].ops if isinstance(op, AddLoraConv)}
+    merged_weights = {}
+    for name, op in ops.items():
+        own = {k.split(".", 1)[1]: v.astype(np.float64) for k, v in tensors.items() if k.startswith(name + ".")}
+        weight = weights[f"{name}.weight"].astype(np.float64)
+        merged_weights[name] = weight + op.delta(own, weight)
+    expected = _singa_out(_with_weights(_built_singa(weights, x, fused_relu=fused_relu), merged_weights), x)
+    unmerged = _singa_out(net, x)
+    assert np.abs(unmerged - base_out).max() > 1e-3
+    assert_close_to_scale(unmerged, expected, FLOAT32_RTOL)
+
+    original = tensor.to_numpy(net.conv2.base_layer.W).copy()
+    for _ in range(3):
+        peft_model.merge_adapter()
+        assert_close_to_scale(tensor.to_numpy(net.conv2.base_layer.W), merged_weights["conv2"], FLOAT32_RTOL)
+        assert_close_to_scale(_singa_out(net, x), unmerged, FLOAT32_RTOL)
+        peft_model.unmerge_adapter()
+    np.testing.assert_array_equal(tensor.to_numpy(net.conv2.base_layer.W), original)
+    np.testing.assert_array_equal(_singa_out(net, x), unmerged)
+
+
+@pytest.mark.parametrize("dropout", [0.0, 0.1])
+def test_dora_training_lowers_the_loss_and_changes_only_the_adapter(sg: Any, dropout: float) -> None:
+    from singa import opt, tensor
+
+    rng, weights, x = _setup(8)
     net = _built_singa(weights, x)
-    with pytest.raises(PlanError, match=r"DoRA on layer.Conv2d is not built on SINGA"):
-        get_peft_model(net, LoraConfig(**CONFIG, use_dora=True), example_inputs=x)
-    assert type(net.conv1).__name__ == "Conv2d" and type(net.conv2).__name__ == "Conv2d"  # nothing half-built
+    get_peft_model(net, LoraConfig(**CONFIG, use_dora=True, lora_dropout=dropout), example_inputs=x)
+    before = {name: tensor.to_numpy(t).copy() for name, t in net.get_params().items()}
+    y = rng.standard_normal((BATCH, 5)).astype(np.float32)
+    net.set_optimizer(opt.SGD(lr=0.05))
+    tx, ty = tensor.from_numpy(x), tensor.from_numpy(y)
+    net.train()  # eager (compiled so by _built_singa): DoRA's norm is read on the host each step
+    losses = [float(tensor.to_numpy(net(tx, ty)[1]).item()) for _ in range(20)]
+    assert losses[-1] < 0.9 * losses[0]
+    after = {name: tensor.to_numpy(t) for name, t in net.get_params().items()}
+    changed = {name for name in before if not np.array_equal(before[name], after[name])}
+    assert changed == {f"conv{i}.{part}.default" for i in (1, 2) for part in ("lora_A", "lora_B", "lora_magnitude_vector")}
+
+
+def test_compiling_a_dora_model_is_refused_instead_of_aborting(sg: Any) -> None:
+    """``model.compile`` records the forward as a graph, where the host-side norm cannot
+    read the weights (SINGA would abort the process)."""
+    from singa import tensor
+
+    _, weights, x = _setup(10)
+    net = _built_singa(weights, x)
+    get_peft_model(net, LoraConfig(**CONFIG, use_dora=True), example_inputs=x)
+    tx = tensor.from_numpy(x)
+    with pytest.raises(BackendError, match="while SINGA records a graph"):
+        net.compile([tx], is_train=True, use_graph=False)
+    tx.device.EnableGraph(False)
+    tx.device.ResetGraph()
+    net.eval()
+    assert np.isfinite(_singa_out(net, x)).all()  # still runs eagerly
+
+
+def test_dora_adapters_move_torch_to_singa(sg: Any, tmp_path: Any) -> None:
+    pytest.importorskip("torch", reason="torch is not installed next to SINGA in this interpreter")
+    rng, weights, x = _setup(9)
+    torch_peft = get_peft_model(_torch_twin(weights), LoraConfig(**CONFIG, use_dora=True))
+    specs = torch_peft.plans["default"].tensor_specs()
+    tensors = {k: (rng.standard_normal(s.shape) * 0.2).astype(np.float32) for k, s in specs.items() if "magnitude" not in k}
+    initial = torch_peft.export_adapter("default")
+    tensors.update({k: initial[k] * 1.2 for k in specs if "magnitude" in k})
+    torch_peft.import_adapter("default", tensors)
+    torch_peft.save_pretrained(str(tmp_path / "from_torch"))
+    in_singa = PeftModel.from_pretrained(_built_singa(weights, x), str(tmp_path / "from_torch"), example_inputs=x)
+    assert_close_to_scale(_singa_out(in_singa.model, x), _torch_out(torch_peft.model, x), FLOAT32_RTOL)

@@ -37,7 +37,8 @@ apply_shims()
 from singa import autograd, layer, singa_wrap, tensor  # noqa: E402
 
 from peftcore.errors import AdapterError, BackendError, PlanError  # noqa: E402
-from peftcore.methods.lora_conv import AddLoraConv, conv_delta, grouped_merge_refusal  # noqa: E402
+from peftcore.methods.lora import MAGNITUDE  # noqa: E402
+from peftcore.methods.lora_conv import AddLoraConv, conv_delta, grouped_dora_refusal, grouped_merge_refusal  # noqa: E402
 from peftcore_singa.layers import AdapterLayer, constant  # noqa: E402
 from peftcore_singa.lora import LoraLayer, lora_dropout  # noqa: E402
 from peftcore_singa.tensors import to_numpy  # noqa: E402
@@ -66,7 +67,21 @@ class LoraConv2d(LoraLayer):
         a = self.new_tensor((op.r, op.in_features, *kernel), f"lora_A.{adapter_name}")
         b = self.new_tensor((op.out_features, op.r // op.groups, 1, 1), f"lora_B.{adapter_name}")
         _initialise(a, b, op)
-        return {"lora_A": a, "lora_B": b, "scaling": float(op.scaling), "r": int(op.r), "dropout": float(op.dropout)}
+        values = {"lora_A": a, "lora_B": b, "scaling": float(op.scaling), "r": int(op.r), "dropout": float(op.dropout),
+                  "use_dora": False}  # switched on by add() once the magnitude has its value
+        if op.use_dora:
+            if op.groups > 1:
+                raise AdapterError(grouped_dora_refusal(op.path, op.groups))
+            magnitude = self.new_tensor((1, op.out_features, 1, 1), f"{MAGNITUDE}.{adapter_name}")  # HF's shape
+            magnitude.set_value(0.0)
+            values[MAGNITUDE] = magnitude
+        return values
+
+    def canonical_of(self, weight_tensor: Any) -> np.ndarray:
+        return to_numpy(weight_tensor).astype(np.float64)  # SINGA's conv weight has torch's layout
+
+    def canonical_lora_delta(self, adapter_name: str) -> np.ndarray:
+        return self.native_lora_delta(adapter_name)
 
     def canonical_export(self, name: str, array: np.ndarray) -> np.ndarray:
         return array  # stored in canonical layout
@@ -75,12 +90,20 @@ class LoraConv2d(LoraLayer):
         return array
 
     def native_delta(self, adapter_name: str) -> np.ndarray:
+        """The adapter's change to W (stored canonically): ``scaling * B @ A`` over the
+        rank, or DoRA's whole change."""
+        if self.use_dora.get(adapter_name, False):
+            return self.dora_canonical_delta(adapter_name)
+        return self.native_lora_delta(adapter_name)
+
+    def native_lora_delta(self, adapter_name: str) -> np.ndarray:
         a = to_numpy(self.lora_A[adapter_name]).astype(np.float64)
         b = to_numpy(self.lora_B[adapter_name]).astype(np.float64)
         return conv_delta(a, b, self.scaling[adapter_name])
 
     def delta_weight(self, adapter_name: str) -> np.ndarray:
-        """``scaling * B @ A`` over the rank, shaped as W; refused for a grouped layer."""
+        """``scaling * B @ A`` over the rank, shaped as W (DoRA's whole change to W for a
+        DoRA adapter); refused for a grouped layer."""
         if int(self.base_layer.group) > 1:
             raise AdapterError(grouped_merge_refusal(self.path, int(self.base_layer.group)))
         return self.native_delta(adapter_name)
@@ -97,20 +120,37 @@ class LoraConv2d(LoraLayer):
             result = autograd.conv2d(base.handle, x, base.W, base.b, base.odd_padding)
         else:
             result = base(x)
+        base_out = result
         for name in running:
-            result = autograd.add(result, self.lora_update(name, x))
+            dropped = lora_dropout(x, self.dropout[name])
+            update = self.lora_update(name, dropped)
+            if self.use_dora.get(name, False):
+                update = self.dora_change(name, self._weighted(base_out, dropped, x), update)
+            result = autograd.add(result, update)
         return autograd.relu(result) if fused_relu else result
 
-    def lora_update(self, adapter_name: str, x: Any) -> Any:
-        """``scaling * B(A(dropout(x)))``: two convolutions, the scaling on A's ``r`` channels."""
+    def _weighted(self, base_out: Any, dropped: Any, x: Any) -> Any:
+        """``conv(x', W)`` without bias for DoRA: the base output less its bias when no
+        dropout ran and nothing is merged, else the base convolution of ``x'`` by the
+        unmerged weight."""
+        base = self.base_layer
+        if dropped is x and not self.merged_adapters:
+            if base.b is None:
+                return base_out
+            return autograd.sub(base_out, autograd.reshape(base.b, [1, -1, 1, 1]))
+        zeros = self._zeros(int(base.nb_kernels), x)
+        return autograd.conv2d(base.handle, dropped, self.dora_weight_tensor(), zeros, base.odd_padding)
+
+    def lora_update(self, adapter_name: str, dropped: Any) -> Any:
+        """``scaling * B(A(x'))`` for the input ``x'`` after dropout: two convolutions, the
+        scaling on A's ``r`` channels."""
         base = self.base_layer
         a, b = self.lora_A[adapter_name], self.lora_B[adapter_name]
-        self.device_check(x, a, b)
-        dropped = lora_dropout(x, self.dropout[adapter_name])
+        self.device_check(dropped, a, b)
         rank, out_channels = int(a.shape[0]), int(b.shape[0])
-        hidden = autograd.conv2d(self._handle_a(x, rank), dropped, a, self._zeros(rank, x), base.odd_padding)
+        hidden = autograd.conv2d(self._handle_a(dropped, rank), dropped, a, self._zeros(rank, dropped), base.odd_padding)
         hidden = autograd.mul(hidden, self._scale(self.scaling[adapter_name], hidden))
-        return autograd.conv2d(self._handle_b(hidden), hidden, b, self._zeros(out_channels, x))
+        return autograd.conv2d(self._handle_b(hidden), hidden, b, self._zeros(out_channels, dropped))
 
     def _zeros(self, size: int, like: Any) -> Any:
         """A frozen zero bias of ``size``: SINGA's conv op makes a temporary one for a
@@ -212,10 +252,4 @@ def build_lora_conv(model: Any, layers: dict, op: AddLoraConv, adapter_name: str
         raise PlanError(f"singa backend puts convolution LoRA on layer.Conv2d; {op.path!r} is {kind}")
     if not base._initialized:
         raise PlanError(f"layer {op.path!r} is not initialised (no forward has reached it); pass example_inputs")
-    if op.use_dora:
-        raise PlanError(
-            f"layer {op.path!r}: DoRA on SINGA takes layer.Linear and layer.Embedding; DoRA on layer.Conv2d is not "
-            "built on SINGA (its per-channel scale needs broadcasting over (batch, out, h, w) outputs in SINGA's "
-            "autograd), so use_dora=False there, or the torch backend, which has DoRA on Conv1d/Conv2d/Conv3d"
-        )
     wrap_layer(model, layers, op.path, LoraConv2d).add(adapter_name, op)
