@@ -11,6 +11,11 @@ and with a frozen zero bias kept on the layer: for a bias-free handle SINGA's co
 makes a temporary zero bias in its forward, which a recorded training graph reads after
 Python has freed it (a segmentation fault in graph mode).
 
+DoRA (``use_dora``, :mod:`peftcore_singa.dora`) keeps the magnitude as HF PEFT does,
+``(1, out, 1, 1)``, so the scale broadcasts over the output's channel axis; ``conv(x, W)``
+is the base output less its bias when no dropout runs and nothing is merged, else the
+base convolution of the dropped input by the unmerged weight.
+
 A ``Conv2d`` built with ``activation="RELU"`` applies the ReLU inside its forward; the
 wrapper runs the convolution alone, adds the adapters' change and then applies the ReLU,
 so the output is what the merged layer gives.
