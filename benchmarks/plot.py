@@ -2,6 +2,11 @@
 
     python benchmarks/plot.py benchmarks/results.json benchmarks/results.png
 
+When the results hold row 7 (``--only many``), :func:`draw_many` draws its curve, cost
+over the base model against the number of distinct adapters, to a figure of its own::
+
+    python benchmarks/plot.py --many many.json benchmarks/many_adapters.png
+
 Needs matplotlib (``pip install -e .[bench]``).
 """
 
@@ -99,12 +104,61 @@ def draw(data: Dict[str, Any], path: str) -> None:
     plt.close(figure)
 
 
+def many_curves(results: List[Dict[str, Any]]) -> Dict[str, Dict[str, List[tuple]]]:
+    """Row 7's ratios to the base model, ``{kind: {library: [(adapters, ratio), ...]}}``
+    sorted by the number of adapters (kind: ``forward`` or ``generate``)."""
+    curves: Dict[str, Dict[str, List[tuple]]] = {}
+    for row in results:
+        parts = str(row.get("key", "")).split("_")
+        if len(parts) != 3 or parts[0] != "many" or not row.get("reference"):
+            continue
+        count, kind = int(parts[1]), parts[2]
+        for library, field in (("HF PEFT", "hf"), ("peftcore", "peftcore")):
+            if row.get(field):
+                curves.setdefault(kind, {}).setdefault(library, []).append((count, row[field] / row["reference"]))
+    for by_library in curves.values():
+        for points in by_library.values():
+            points.sort()
+    return curves
+
+
+def draw_many(data: Dict[str, Any], path: str) -> None:
+    """Row 7 as two curves (forward, generate): time over the base model's against the
+    number of adapters, log-scaled, both libraries."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    curves = many_curves(data["results"])
+    if not curves:
+        raise ValueError("no row-7 results (keys many_<N>_<kind>) to draw; run benchmarks/run.py --only many")
+    figure, axes = plt.subplots(1, len(curves), figsize=(5.5 * len(curves), 4), squeeze=False)
+    for ax, (kind, by_library) in zip(axes[0], sorted(curves.items())):
+        for library, points in by_library.items():
+            ax.plot([n for n, _ in points], [r for _, r in points], marker="o", label=library, color=COLOURS[library])
+        ax.axhline(1.0, color="grey", linewidth=0.8)
+        ax.set_xscale("log", base=2)
+        ax.set_xlabel("distinct adapters in the model (64-row batch, round-robin)", fontsize=8)
+        ax.set_ylabel("time / base model (lower is better)", fontsize=8)
+        ax.set_title(f"mixed batch, {kind}", fontsize=10)
+        ax.legend(fontsize=8)
+    machine = data.get("machine", {})
+    figure.suptitle(f"Many adapters: {machine.get('cpu', '')}, {machine.get('torch_threads', '?')} thread(s), "
+                    f"{machine.get('date', '')}", fontsize=10)
+    figure.tight_layout()
+    figure.savefig(path, dpi=110)
+    plt.close(figure)
+
+
 def main(argv: List[str]) -> int:
+    many = argv[:1] == ["--many"]
+    argv = argv[1:] if many else argv
     if len(argv) != 2:
         print(__doc__, file=sys.stderr)
         return 2
     with open(argv[0]) as handle:
-        draw(json.load(handle), argv[1])
+        (draw_many if many else draw)(json.load(handle), argv[1])
     print(f"wrote {argv[1]}")
     return 0
 
