@@ -27,12 +27,14 @@ from peftcore_torch.bitfit import BiasAdapter
 from peftcore_torch.layers import AdapterLayer
 from peftcore_torch.lora import LoraEmbedding, LoraLinear
 from peftcore_torch.lora_conv import build_lora_conv
+from peftcore_torch.lora_quantised import LoraQuantisedLinear
 from peftcore_torch.modules_to_save import ModulesToSaveWrapper
 from peftcore_torch.param_lora import build_param_lora
 from peftcore_torch.prefix import build_prefix
 from peftcore_torch.prefix_tuning import build_prefix_encoder
 from peftcore_torch.prompt import PromptEmbedding
 from peftcore_torch.prompt_inputs import EncoderPromptHook, PromptInputHook, is_encoder_decoder, takes_token_inputs
+from peftcore_torch.quantised import is_quantised_linear
 from peftcore_torch.trainable_tokens import build_trainable_tokens
 from peftcore_torch.unipelt import build_bottleneck_adapter, build_gate
 from peftcore_torch.walk import is_conv1d, replace_module, wrap_layer
@@ -43,11 +45,16 @@ def build_lora(model: nn.Module, layers: dict, op: AddLora, adapter_name: str) -
     base = target.base_layer if isinstance(target, AdapterLayer) else target
     if isinstance(base, nn.Embedding):
         wrapper_type: type[AdapterLayer] = LoraEmbedding
+    elif is_quantised_linear(base):
+        wrapper_type = LoraQuantisedLinear
     elif isinstance(base, nn.Linear) or (base is not None and is_conv1d(base)):
         wrapper_type = LoraLinear
     else:
         kind = type(base).__name__ if base is not None else "missing"
-        raise PlanError(f"torch backend cannot put LoRA on {op.path!r} ({kind}); it supports Linear, Conv1D, Embedding")
+        raise PlanError(
+            f"torch backend cannot put LoRA on {op.path!r} ({kind}); it supports Linear, Conv1D, Embedding "
+            "and bitsandbytes' Linear4bit/Linear8bitLt"
+        )
     wrap_layer(model, layers, op.path, wrapper_type).add(adapter_name, op)
 
 

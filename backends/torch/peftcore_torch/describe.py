@@ -3,7 +3,8 @@
 Paths are torch module paths. A layer already wrapped by an adapter is described as
 its base layer at the wrapper's path, so planning a second adapter sees the same graph
 as the first. Shapes are canonical: a ``Conv1D`` weight, stored ``(in, out)``, is
-reported ``(out, in)``.
+reported ``(out, in)``; a bitsandbytes-quantised linear layer is reported with the
+dense weight it stands for (its ``(out, in)`` shape and the dtype it was quantised from).
 """
 
 from __future__ import annotations
@@ -15,6 +16,7 @@ from torch import nn
 
 from peftcore.graph import LayerNode, ModelGraph, kind_of
 from peftcore_torch.layers import AdapterLayer
+from peftcore_torch.quantised import dense_dtype, dense_shape, quantised_kind
 from peftcore_torch.walk import innermost_base, is_conv1d, walk
 
 #: torch's own module classes by IR kind, in the order they are tried.
@@ -86,6 +88,8 @@ def describe_module(path: str, module: nn.Module, extra_kinds: dict) -> LayerNod
     if kind == "other" and any(True for _ in wrapped.children()):
         kind = "container"
     dtype = str(weight.dtype).replace("torch.", "") if weight is not None and hasattr(weight, "dtype") else ""
+    if quantised_kind(weight):
+        params["weight"], dtype = dense_shape(weight), str(dense_dtype(weight)).replace("torch.", "")
     return LayerNode(
         path=path,
         kind=kind,

@@ -5,6 +5,11 @@ and optimizers, tied weights and hooks that hold it stay valid. A fingerprint is
 tensor's identity, storage and in-place version plus two sums of its bits: an in-place
 edit is seen from the version counter without hashing, and a copy, a move or a write
 that bypassed the counter from the sums.
+
+A bitsandbytes-quantised weight (:mod:`peftcore_torch.quantised`) is read as the dense
+float32 weight it stands for, and written by quantising the new value into a new
+parameter of the same kind and settings, which ``write`` and ``add_into`` return (the
+adapter layer puts it in place); ``clone`` copies its codes and quant state.
 """
 
 from __future__ import annotations
@@ -15,6 +20,8 @@ import numpy as np
 import torch
 
 from peftcore.primitives import TensorPrimitives
+from peftcore_torch import quantised
+from peftcore_torch.quantised import quantised_kind
 
 _FINGERPRINT_CHUNK = 1 << 20
 _INT_VIEW = {1: torch.int8, 2: torch.int16, 4: torch.int32, 8: torch.int64}
@@ -33,6 +40,8 @@ class TorchTensors(TensorPrimitives):
         """
         if isinstance(tensor, np.ndarray):
             return tensor
+        if quantised_kind(tensor):
+            return quantised.dequantise(tensor).cpu().numpy()
         tensor = tensor.detach()
         if tensor.dtype == torch.bfloat16:
             tensor = tensor.to(torch.float32)
@@ -40,7 +49,7 @@ class TorchTensors(TensorPrimitives):
         return (host.clone() if host is tensor else host).numpy()
 
     def numel(self, tensor: Any) -> int:
-        return int(tensor.numel())
+        return quantised.dense_numel(tensor) if quantised_kind(tensor) else int(tensor.numel())
 
     def dtype_name(self, tensor: Any) -> str:
         return str(tensor.dtype).replace("torch.", "")
@@ -52,27 +61,42 @@ class TorchTensors(TensorPrimitives):
         tensor.requires_grad_(trainable)
 
     def write(self, tensor: Any, value: Any) -> Any:
+        if quantised_kind(tensor):
+            return self._write_quantised(tensor, value)
         source = value if isinstance(value, torch.Tensor) else torch.as_tensor(np.asarray(value))
         with torch.no_grad():
             tensor.copy_(source.reshape(tensor.shape).to(device=tensor.device, dtype=tensor.dtype))
         return tensor
 
+    def _write_quantised(self, tensor: Any, value: Any) -> Any:
+        if quantised_kind(value) == quantised_kind(tensor):
+            return quantised.copy_quantised(value)
+        dense = value if isinstance(value, torch.Tensor) else torch.as_tensor(np.asarray(value))
+        return quantised.quantised_like(tensor, dense.detach().reshape(quantised.dense_shape(tensor)))
+
     def clone(self, tensor: Any) -> Any:
-        return tensor.detach().clone()
+        return quantised.copy_quantised(tensor) if quantised_kind(tensor) else tensor.detach().clone()
 
     def add_into(self, tensor: Any, deltas: Sequence[Any], sign: int) -> Any:
+        kind = quantised_kind(tensor)
         with torch.no_grad():
-            total = tensor.detach().to(torch.float32)
+            total = quantised.dequantise(tensor) if kind else tensor.detach().to(torch.float32)
             for delta in deltas:
                 change = delta.to(device=total.device, dtype=torch.float32)
                 total = total + change if sign > 0 else total - change
+            if kind:  # dequantised, added, quantised again: a new parameter
+                return quantised.quantised_like(tensor, total)
             tensor.copy_(total.to(tensor.dtype))
         return tensor
 
     def fingerprint(self, tensor: Any) -> Hashable:
+        if quantised_kind(tensor):
+            return quantised.quantised_fingerprint(tensor, bit_sums)
         return (id(tensor), tensor.data_ptr(), tensor._version, bit_sums(tensor))
 
     def unchanged_since(self, tensor: Any, fingerprint: Hashable) -> bool:
+        if quantised_kind(tensor):
+            return quantised.same_quantised_value(tensor, fingerprint, bit_sums)
         identity, pointer, version, sums = cast(tuple[int, int, int, tuple], fingerprint)
         if identity == id(tensor) and pointer == tensor.data_ptr() and version != tensor._version:
             return False  # written in place since: no need to hash

@@ -25,7 +25,8 @@ _KEEP_TYPE_QUANTISATIONS = frozenset({"gptq", "aqlm", "eetq", "hqq", "torchao"})
 def _quantisation(model: nn.Module) -> tuple[bool, bool]:
     """(quantised at all, quantised by a method whose weights keep their type)."""
     method = getattr(model, "quantization_method", None)
-    keep_type = str(method) in _KEEP_TYPE_QUANTISATIONS or bool(getattr(model, "hqq_quantized", False))
+    # transformers' QuantizationMethod is a str enum whose str() is "QuantizationMethod.HQQ": compare its value
+    keep_type = str(getattr(method, "value", method)) in _KEEP_TYPE_QUANTISATIONS or bool(getattr(model, "hqq_quantized", False))
     kbit = bool(getattr(model, "is_loaded_in_8bit", False) or getattr(model, "is_loaded_in_4bit", False))
     return kbit or keep_type, keep_type
 
