@@ -37,3 +37,15 @@ def test_modules_using_tiny_skip_without_transformers() -> None:
     skipped = re.findall(r"^SKIPPED \[(\d+)\] (\S+): (.+)$", done.stdout, re.M)
     assert sum(int(count) for count, _, _ in skipped) == len(modules)
     assert all("transformers" in reason for _, _, reason in skipped), skipped
+
+
+def test_qlora_tests_skip_without_bitsandbytes() -> None:
+    code = (
+        "import sys; sys.modules['bitsandbytes'] = None; import pytest; "
+        "sys.exit(pytest.main(['-p', 'no:cacheprovider', '--collect-only', '-q', '-rs', "
+        "'tests/integration/test_qlora.py']))"
+    )
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT, env=child_env(ROOT))
+    assert done.returncode == 5, done.stdout[-3000:]  # nothing collected: the module skipped
+    skipped = re.findall(r"^SKIPPED \[1\] (\S+): (.+)$", done.stdout, re.M)
+    assert len(skipped) == 1 and "bitsandbytes" in skipped[0][1], done.stdout[-3000:]
