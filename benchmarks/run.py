@@ -12,8 +12,9 @@ Measurements (one module each): ``train`` (LoRA training step vs HF PEFT vs the 
 inference), ``merge`` (merge/unmerge drift, fp32 and bf16), ``memory`` (training-step
 peak memory), ``decode`` (unmerged greedy decoding, batch 1 and 8), ``many`` (a
 64-row mixed batch over 1 to 256 adapters, forward and generate), ``dora`` (the DoRA
-training step vs HF PEFT's DoRA vs the floor), ``compile`` (the LoRA training step
-under ``torch.compile`` vs the compiled floor), ``singa`` (SINGA's
+training step vs HF PEFT's DoRA vs the floor), ``qlora`` (peak training memory on a
+4-bit base vs float32, and the QLoRA step vs HF PEFT's), ``compile`` (the LoRA training
+step under ``torch.compile`` vs the compiled floor), ``singa`` (SINGA's
 PEFT example, when available), ``singa_start`` (``get_peft_model`` on a SINGA model in a
 fresh interpreter, torch installed). Runs on CUDA when it is available (``--device`` to
 choose). On a CPU the default is one torch thread timed by
@@ -36,7 +37,9 @@ from typing import Any, Dict, List, Optional
 from harness import Clock, Result, Settings, load_average, machine, machine_text, markdown_table, progress
 
 HERE = os.path.dirname(os.path.abspath(__file__))
-MEASUREMENTS = ("train", "inject", "mixed", "merge", "memory", "decode", "many", "dora", "compile", "singa", "singa_start")
+MEASUREMENTS = (
+    "train", "inject", "mixed", "merge", "memory", "decode", "many", "dora", "qlora", "compile", "singa", "singa_start"
+)
 TORCH_TITLES = {
     "train": "1. LoRA training step",
     "inject": "2. inject LoRA, Llama-7B shape",
@@ -46,6 +49,7 @@ TORCH_TITLES = {
     "decode": "6. unmerged greedy decoding",
     "many": "7. mixed batch over many adapters",
     "dora": "8. DoRA training step",
+    "qlora": "9-10. QLoRA memory and step time",
     "compile": "11. LoRA training step under torch.compile",
 }
 
@@ -96,6 +100,10 @@ def _measure(name: str, settings: Settings, clock: Clock, args: argparse.Namespa
         import bench_decode
 
         return bench_decode.run(settings, clock)
+    if name == "qlora":
+        import bench_qlora
+
+        return bench_qlora.run(settings, clock)
     if name == "merge":
         import bench_merge
 
