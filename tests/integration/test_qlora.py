@@ -21,7 +21,6 @@ gradients, AVX512-BF16) needs.
 
 from __future__ import annotations
 
-import copy
 import subprocess
 import sys
 import warnings

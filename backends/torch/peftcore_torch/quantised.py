@@ -66,11 +66,10 @@ def is_quantised_linear(module: Any) -> bool:
 def attach_row_scales(layer: nn.Module) -> None:
     """Give a ``Linear8bitLt``'s weight its row scales (``SCB``) back where the layer's
     first forward moved them into ``layer.state``, so the weight alone can be dequantised."""
-    weight = getattr(layer, "weight", None)
-    state = getattr(layer, "state", None)
-    if quantised_kind(weight) == "8bit" and getattr(weight, "SCB", None) is None and state is not None:
-        if getattr(state, "SCB", None) is not None:
-            weight.SCB = state.SCB
+    weight: Any = getattr(layer, "weight", None)
+    scales = getattr(getattr(layer, "state", None), "SCB", None)
+    if quantised_kind(weight) == "8bit" and getattr(weight, "SCB", None) is None and scales is not None:
+        weight.SCB = scales
 
 
 def dense_dtype(tensor: Any) -> torch.dtype:
