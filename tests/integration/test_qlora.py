@@ -189,6 +189,8 @@ def test_hand_quantised_adapters_move_both_ways_with_hf_outputs(case: tuple, tmp
     core = core_lora(hand_quantised(case))
     tokens = ids()
     ours = logits(core, tokens)
+    with core.disable_adapter():
+        assert torch.equal(logits(core, tokens), logits(hand_quantised(case), tokens))
     core.save_pretrained(tmp_path / "core")
     theirs = peft.PeftModel.from_pretrained(hand_quantised(case), tmp_path / "core")
     assert_close_to_scale(logits(theirs, tokens), ours, FLOAT32_RTOL)
@@ -296,13 +298,17 @@ def test_unmerge_restores_the_quantised_weight_bit_exactly(case: tuple) -> None:
     tokens = ids()
     before_out = logits(core, tokens, repacked=True)  # bitsandbytes may repack 4-bit weights for its CPU kernel
     layer = q_proj(core)
+    parameter = layer.base_layer.weight
     before = quantised_state(layer.base_tensor("weight"))
     with warnings.catch_warnings():
         warnings.simplefilter("error")  # no "changed while merged" warning: the repacking is not an edit
         for _ in range(2):
             core.merge_adapter()
             merged_out = logits(core, tokens, repacked=True)  # repacks the merged weight on such CPUs
+            if getattr(layer.base_layer, "support_avx512bf16_for_cpu", False):
+                assert layer.base_layer.weight.quant_state.packing_format_for_cpu  # the case this test is for
             core.unmerge_adapter()
+    assert layer.base_layer.weight is parameter  # written in place: optimizers and hooks holding it stay valid
     after = quantised_state(layer.base_tensor("weight"))
     assert all(torch.equal(a, b) for a, b in zip(before, after))
     assert torch.equal(logits(core, tokens, repacked=True), before_out)
@@ -316,7 +322,7 @@ def test_merge_and_unload_leaves_quantised_layers_that_compute_the_merge(kind: s
     unmerged = logits(core, tokens)
     layer = q_proj(core)
     expected_weight = dequantise(layer.base_tensor("weight")) + layer.delta_weight("default").detach()
-    plain = core.merge_and_unload()
+    plain = core.merge_and_unload(safe_merge=True)
     q = plain.model.layers[0].self_attn.q_proj
     assert type(q).__name__ == ("Linear4bit" if kind == "4bit" else "Linear8bitLt")
     weight = q.weight if kind == "4bit" else _with_row_scales(q)

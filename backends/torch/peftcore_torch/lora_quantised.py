@@ -9,8 +9,8 @@ layer's type is not exactly ``nn.Linear``, so :class:`LoraLinear` never picks it
 
 Merging is the core's (:mod:`peftcore.adapter_layer`) over the torch primitives, which
 dequantise the weight, add the adapters' change in float32 and quantise the sum again
-with the weight's own settings into a new parameter; the first merge keeps a copy of the
-quantised weight (codes and quant state), and unmerge puts that copy back, bit-exact.
+with the weight's own settings, in place; the first merge keeps a copy of the quantised
+weight (codes and quant state), and unmerge puts that copy back, bit-exact.
 """
 
 from __future__ import annotations
@@ -39,17 +39,6 @@ class LoraQuantisedLinear(LoraLinear):
         if role == "weight":
             quantised.attach_row_scales(self.base_layer)
         return super().base_tensor(role)
-
-    def set_base_tensor(self, role: str, tensor: Any) -> None:
-        super().set_base_tensor(role, tensor)
-        if role != "weight" or tensor is None:
-            return
-        base: Any = self.base_layer
-        if quantised.quantised_kind(tensor) == "4bit" and hasattr(base, "quant_state"):
-            base.quant_state = tensor.quant_state  # where Linear4bit recovers a lost quant state from
-        state = getattr(base, "state", None)
-        if quantised.quantised_kind(tensor) == "8bit" and state is not None:
-            state.reset_grads()  # the layer's next forward takes the new codes and scales from the weight
 
     def new_tensor(self, *shape: int) -> nn.Parameter:
         """A float32 parameter on the base weight's device (the weight itself holds codes)."""

@@ -6,7 +6,8 @@ double-quantised, the scales' own scales). A ``Linear8bitLt`` holds an ``Int8Par
 int8 codes plus one float scale per output row (``SCB``), which the layer moves into its
 ``state`` on its first forward. Each stands for a dense ``(out, in)`` weight; here it is
 dequantised to float32, and a dense value is quantised back with the weight's own
-settings (quant type, block size, double quantisation, storage), as a new parameter.
+settings (quant type, block size, double quantisation, storage) and written into the
+parameter in place (its codes and quant state replaced), so it keeps its identity.
 
 bitsandbytes is never imported here: a quantised weight can only exist once it has been
 imported, so the types are looked up in ``sys.modules``, and ``import peftcore_torch``
@@ -137,6 +138,22 @@ def quantised_like(tensor: Any, dense: torch.Tensor) -> Any:
         )
     codes, scales, _ = bnb.functional.int8_vectorwise_quant(dense.to(device=device, dtype=torch.float16).contiguous())
     return bnb.nn.Int8Params(codes, requires_grad=False, has_fp16_weights=False, CB=codes, SCB=scales)
+
+
+def assign_quantised(target: Any, source: Any) -> Any:
+    """Give the quantised parameter ``target`` the value of ``source`` (of its kind) in
+    place, so the parameter keeps its identity; returns ``target``."""
+    target.data = source.data
+    if quantised_kind(target) == "4bit":
+        target.quant_state = source.quant_state
+        target.bnb_quantized = True
+        module = getattr(target, "module", None)
+        if module is not None:  # where Linear4bit recovers a lost quant state from, as bitsandbytes sets it
+            module.quant_state = source.quant_state
+    else:  # codes and scales on the weight: the layer's next forward takes them into its state
+        target.CB = source.data
+        target.SCB = source.SCB
+    return target
 
 
 def copy_quantised(tensor: Any) -> Any:

@@ -7,9 +7,9 @@ edit is seen from the version counter without hashing, and a copy, a move or a w
 that bypassed the counter from the sums.
 
 A bitsandbytes-quantised weight (:mod:`peftcore_torch.quantised`) is read as the dense
-float32 weight it stands for, and written by quantising the new value into a new
-parameter of the same kind and settings, which ``write`` and ``add_into`` return (the
-adapter layer puts it in place); ``clone`` copies its codes and quant state.
+float32 weight it stands for and written by quantising the new value with the weight's
+own settings, its codes and quant state replaced in place; ``clone`` copies its codes and
+quant state, and writing such a copy back restores them exactly.
 """
 
 from __future__ import annotations
@@ -70,9 +70,10 @@ class TorchTensors(TensorPrimitives):
 
     def _write_quantised(self, tensor: Any, value: Any) -> Any:
         if quantised_kind(value) == quantised_kind(tensor):
-            return quantised.copy_quantised(value)
+            return quantised.assign_quantised(tensor, quantised.copy_quantised(value))
         dense = value if isinstance(value, torch.Tensor) else torch.as_tensor(np.asarray(value))
-        return quantised.quantised_like(tensor, dense.detach().reshape(quantised.dense_shape(tensor)))
+        new = quantised.quantised_like(tensor, dense.detach().reshape(quantised.dense_shape(tensor)))
+        return quantised.assign_quantised(tensor, new)
 
     def clone(self, tensor: Any) -> Any:
         return quantised.copy_quantised(tensor) if quantised_kind(tensor) else tensor.detach().clone()
@@ -84,8 +85,8 @@ class TorchTensors(TensorPrimitives):
             for delta in deltas:
                 change = delta.to(device=total.device, dtype=torch.float32)
                 total = total + change if sign > 0 else total - change
-            if kind:  # dequantised, added, quantised again: a new parameter
-                return quantised.quantised_like(tensor, total)
+            if kind:  # dequantised, added, quantised again
+                return quantised.assign_quantised(tensor, quantised.quantised_like(tensor, total))
             tensor.copy_(total.to(tensor.dtype))
         return tensor
 
