@@ -24,6 +24,7 @@ from __future__ import annotations
 import subprocess
 import sys
 import warnings
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -37,6 +38,7 @@ import peftcore  # noqa: E402
 from peftcore.testing.numerics import FLOAT32_RTOL, HALF_RTOL, assert_close_to_scale  # noqa: E402
 from peftcore_torch import prepare_model_for_kbit_training  # noqa: E402
 from peftcore_torch.quantised import dequantise  # noqa: E402
+from tests.subprocess_env import child_env  # noqa: E402
 
 pytestmark = [
     pytest.mark.filterwarnings("ignore::UserWarning"),
@@ -44,6 +46,7 @@ pytestmark = [
     pytest.mark.filterwarnings("ignore::DeprecationWarning"),
 ]
 
+ROOT = Path(__file__).resolve().parents[2]
 VOCAB = 64
 TARGETS = ["q_proj", "v_proj", "down_proj"]
 QUANT_STEP = {"4bit": 0.2, "8bit": 0.01}
@@ -167,7 +170,7 @@ def quantised_state(weight: Any) -> list:
 # -- layers and imports --------------------------------------------------------------------
 def test_importing_peftcore_torch_leaves_bitsandbytes_unloaded() -> None:
     code = "import sys, peftcore, peftcore_torch, peftcore_torch.builders; print('bitsandbytes' in sys.modules)"
-    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True, env=child_env(ROOT))
     assert out.stdout.strip() == "False"
 
 
