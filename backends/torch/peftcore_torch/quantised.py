@@ -31,8 +31,7 @@ import numpy as np
 import torch
 from torch import nn
 
-_FOUR_BIT = "Params4bit"
-_EIGHT_BIT = "Int8Params"
+from peftcore.errors import AdapterError
 
 
 def _bnb() -> Any:
@@ -101,7 +100,7 @@ def _repacked(state: Any) -> bool:
 def _row_scales(tensor: Any) -> torch.Tensor:
     scales = getattr(tensor, "SCB", None)
     if scales is None:
-        raise ValueError(
+        raise AdapterError(
             "an Int8Params weight has no row scales (SCB) of its own; read it through its Linear8bitLt layer"
         )
     return scales
