@@ -226,6 +226,19 @@ def test_bitsandbytes_config_model_matches_hf_peft_both_ways(kind: str, saved_ll
     assert_close_to_scale(logits(again, tokens), expected, FLOAT32_RTOL)
 
 
+@pytest.mark.parametrize("case", [HAND[1], HAND[4]], ids=[HAND[1][0], HAND[4][0]])
+def test_mixed_adapter_batch_on_a_quantised_base(case: tuple) -> None:
+    model = core_lora(hand_quantised(case))
+    model.add_adapter("other", peftcore.LoraConfig(r=2, target_modules=TARGETS, init_lora_weights=False))
+    tokens = ids()
+    with torch.no_grad():
+        mixed = model(input_ids=tokens, adapter_names=["default", "other"]).logits
+    for row, name in enumerate(["default", "other"]):
+        model.set_adapter(name)
+        expected = logits(model, tokens, repacked=True)  # eval mode, as the mixed batch ran
+        assert_close_to_scale(mixed[row], expected[row], FLOAT32_RTOL)
+
+
 # -- training ------------------------------------------------------------------------------
 @pytest.mark.parametrize("kind", ["4bit", "8bit"])
 def test_training_updates_only_the_adapters_and_lowers_the_loss(kind: str, saved_llama: str, tmp_path: Any) -> None:
