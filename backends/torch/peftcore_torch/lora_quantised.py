@@ -20,6 +20,7 @@ from typing import Any, Optional
 import torch
 from torch import nn
 
+from peftcore.errors import PlanError
 from peftcore_torch import quantised
 from peftcore_torch.lora import LoraLinear
 
@@ -39,6 +40,14 @@ class LoraQuantisedLinear(LoraLinear):
         if role == "weight":
             quantised.attach_row_scales(self.base_layer)
         return super().base_tensor(role)
+
+    def new_adapter(self, adapter_name: str, op: Any) -> dict[str, Any]:
+        if getattr(op, "use_dora", False):
+            raise PlanError(
+                f"layer {op.path!r} is a bitsandbytes {type(self.base_layer).__name__}: DoRA on a quantised base "
+                "(QDoRA) is not built; use plain LoRA there"
+            )
+        return super().new_adapter(adapter_name, op)
 
     def new_tensor(self, *shape: int) -> nn.Parameter:
         """A float32 parameter on the base weight's device (the weight itself holds codes)."""
