@@ -186,6 +186,13 @@ def test_quantised_layers_are_described_dense_and_wrapped(case: tuple) -> None:
     assert layer.lora_A["default"].weight.dtype == torch.float32
 
 
+def test_dora_on_a_quantised_base_is_refused_and_nothing_is_left() -> None:
+    model = hand_quantised(HAND[0])
+    with pytest.raises(peftcore.errors.PlanError, match="QDoRA"):
+        peftcore.get_peft_model(model, peftcore.LoraConfig(r=4, target_modules=TARGETS, use_dora=True))
+    assert type(model.model.layers[0].self_attn.q_proj).__name__ == "Linear4bit"
+
+
 # -- outputs and files against HF PEFT ------------------------------------------------------
 @pytest.mark.parametrize("case", HAND, ids=[c[0] for c in HAND])
 def test_hand_quantised_adapters_move_both_ways_with_hf_outputs(case: tuple, tmp_path: Any) -> None:
