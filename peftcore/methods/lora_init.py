@@ -170,3 +170,23 @@ class BaseWeightInit:
     def init_normal(self, shape: tuple[int, ...]) -> np.ndarray:
         """Standard-normal values for the orthogonal init (numpy's generator by default)."""
         return numpy_normal(shape)
+
+
+class MagnitudeInit:
+    """Mixed into a backend's LoRA layer (before :class:`BaseWeightInit`): after the layer
+    adds an adapter whose op has ``use_dora``, its magnitude gets its value from the layer's
+    ``init_magnitude`` (``||W + s B A||``, which needs the final factors and base weight, so
+    it comes after any PiSSA/OLoRA init), and only then does the adapter run as DoRA (its
+    ``use_dora`` entry switched on). A failure removes the adapter again."""
+
+    def add(self, adapter_name: str, op: Any) -> None:
+        super().add(adapter_name, op)  # type: ignore[misc]
+        if not getattr(op, "use_dora", False):
+            return
+        layer: Any = self
+        try:
+            layer.init_magnitude(adapter_name)
+        except BaseException:
+            layer.delete(adapter_name)
+            raise
+        layer.use_dora[adapter_name] = True

@@ -30,7 +30,7 @@ from singa import autograd, layer, singa_wrap, tensor  # noqa: E402
 
 from peftcore.errors import PlanError  # noqa: E402
 from peftcore.methods.lora import MAGNITUDE, AddLora  # noqa: E402
-from peftcore.methods.lora_init import BaseWeightInit  # noqa: E402
+from peftcore.methods.lora_init import BaseWeightInit, MagnitudeInit  # noqa: E402
 from peftcore_singa.describe import is_linear_3d, linear_features  # noqa: E402
 from peftcore_singa.dora import DoraParts  # noqa: E402
 from peftcore_singa.layers import AdapterLayer  # noqa: E402
@@ -79,7 +79,7 @@ def lora_dropout(x: Any, p: float) -> Any:
     return autograd.mul(x, mask)
 
 
-class LoraLayer(BaseWeightInit, DoraParts, AdapterLayer):
+class LoraLayer(MagnitudeInit, BaseWeightInit, DoraParts, AdapterLayer):
     adapter_tensor_names = ("lora_A", "lora_B", MAGNITUDE)
     other_param_names = ("scaling", "r", "dropout", "use_dora")
     scaling: dict[str, float]
@@ -96,23 +96,13 @@ class LoraLayer(BaseWeightInit, DoraParts, AdapterLayer):
         a = self.new_tensor((op.in_features, op.r), f"lora_A.{adapter_name}")
         b = self.new_tensor((op.r, op.out_features), f"lora_B.{adapter_name}")
         _initialise(a, b, op)
-        # use_dora is switched on by add() once the magnitude has its value (see the torch layer)
+        # use_dora is switched on once the magnitude has its value (peftcore.methods.lora_init.MagnitudeInit)
         values = {"lora_A": a, "lora_B": b, "scaling": float(op.scaling), "r": int(op.r), "dropout": float(op.dropout), "use_dora": False}
         if op.use_dora:
             magnitude = self.new_tensor((op.out_features,), f"{MAGNITUDE}.{adapter_name}")
             magnitude.set_value(0.0)
             values[MAGNITUDE] = magnitude
         return values
-
-    def add(self, adapter_name: str, op: AddLora) -> None:
-        super().add(adapter_name, op)
-        if op.use_dora:
-            try:
-                self.init_magnitude(adapter_name)
-            except BaseException:
-                self.delete(adapter_name)
-                raise
-            self.use_dora[adapter_name] = True
 
     def takes_dora(self) -> bool:
         return True

@@ -29,7 +29,7 @@ from torch import nn
 
 from peftcore.errors import AdapterError
 from peftcore.methods.lora import MAGNITUDE, AddLora
-from peftcore.methods.lora_init import BaseWeightInit
+from peftcore.methods.lora_init import BaseWeightInit, MagnitudeInit
 from peftcore_torch.dora import DoraParts, MagnitudeDict
 from peftcore_torch.dora_kernels import fused_dora_linear
 from peftcore_torch.layers import AdapterLayer
@@ -109,7 +109,7 @@ class FactorDict(nn.ModuleDict):
         return FactorWeights(self)
 
 
-class LoraLayer(BaseWeightInit, RoutesRows, DoraParts, AdapterLayer):
+class LoraLayer(MagnitudeInit, BaseWeightInit, RoutesRows, DoraParts, AdapterLayer):
     """What every LoRA layer shares (HF PEFT's ``LoraLayer``): per-adapter factors
     ``lora_A``/``lora_B``, dropout, ``scaling`` and rank ``r``; a DoRA adapter's
     magnitude in ``lora_magnitude_vector`` (:mod:`peftcore_torch.dora`)."""
@@ -152,25 +152,15 @@ class LoraLayer(BaseWeightInit, RoutesRows, DoraParts, AdapterLayer):
             "lora_dropout": nn.Dropout(op.dropout) if op.dropout > 0 else nn.Identity(),
             "scaling": op.scaling,
             "r": op.r,
-            # switched on by add() once the magnitude has its value: until then the adapter is
+            # switched on by MagnitudeInit.add once the magnitude has its value: until then the adapter is
             # plain LoRA, whose change a PiSSA/OLoRA init takes out of the base weight
             "use_dora": False,
         }
-        if op.use_dora:  # its value needs the final factors and base weight: see add()
+        if op.use_dora:  # its value needs the final factors and base weight: see MagnitudeInit
             magnitude = self.new_tensor(op.out_features)
             nn.init.zeros_(magnitude)
             values[MAGNITUDE] = magnitude
         return values
-
-    def add(self, adapter_name: str, op: AddLora) -> None:
-        super().add(adapter_name, op)
-        if op.use_dora:
-            try:
-                self.init_magnitude(adapter_name)
-            except BaseException:
-                self.delete(adapter_name)
-                raise
-            self.use_dora[adapter_name] = True
 
     def canonical_delta(self, adapter_name: str) -> torch.Tensor:
         """``scaling * B @ A`` as ``(out, in)``, computed in float32 for low-precision
