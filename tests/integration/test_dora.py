@@ -21,6 +21,7 @@ import pytest
 torch = pytest.importorskip("torch")
 peft = pytest.importorskip("peft")
 
+from dora_checks import check_merge_is_exact_and_as_hf, trained_like  # noqa: E402
 from tiny import gpt2_lm, llama_lm, random_ids, train_steps  # noqa: E402
 
 import peftcore  # noqa: E402
@@ -57,18 +58,6 @@ def _hf(base: Any, targets: list[str], **extra: Any) -> Any:
     return peft.get_peft_model(copy.deepcopy(base), _config(peft, targets, **extra))
 
 
-def _trained_like(model: Any, seed: int = 3) -> None:
-    """Give every A, B and magnitude a random value, as after training (the magnitude
-    near its initial norm)."""
-    generator = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for name, param in model.named_parameters():
-            if "lora_magnitude_vector" in name:
-                param.mul_(1 + 0.3 * torch.rand(param.shape, generator=generator))
-            elif "lora_" in name:
-                param.copy_(0.3 * torch.randn(param.shape, generator=generator))
-
-
 def _adapter_state(model: Any) -> dict[str, Any]:
     return {k: v.detach().clone() for k, v in model.state_dict().items() if "lora_" in k}
 
@@ -91,13 +80,13 @@ def test_files_move_both_ways(arch: str, tmp_path: Path) -> None:
     build, targets = MODELS[arch]
     base, ids = build(), random_ids(2, 8)
     ours = _ours(base, targets)
-    _trained_like(ours)
+    trained_like(ours)
     ours.save_pretrained(str(tmp_path / "ours"))
     loaded_by_hf = peft.PeftModel.from_pretrained(copy.deepcopy(base), str(tmp_path / "ours")).eval()
     assert_close_to_scale(_logits(loaded_by_hf, ids), _logits(ours, ids), FLOAT32_RTOL)
 
     theirs = _hf(base, targets)
-    _trained_like(theirs, seed=5)
+    trained_like(theirs, seed=5)
     theirs.save_pretrained(str(tmp_path / "hf"))
     loaded = peftcore.PeftModel.from_pretrained(copy.deepcopy(base), str(tmp_path / "hf"))
     assert loaded.peft_config["default"].use_dora is True
@@ -109,24 +98,10 @@ def test_merge_unmerge_is_exact_and_merges_as_hf(arch: str) -> None:
     build, targets = MODELS[arch]
     base, ids = build(), random_ids(2, 8)
     ours = _ours(base, targets)
-    _trained_like(ours)
+    trained_like(ours)
     theirs = _hf(base, targets)
     theirs.load_state_dict(ours.state_dict(), strict=False)
-    before = {k: v.clone() for k, v in ours.state_dict().items() if "lora_" not in k}
-    unmerged = _logits(ours, ids)
-    assert_close_to_scale(unmerged, _logits(theirs, ids), FLOAT32_RTOL)
-    for _ in range(3):
-        ours.merge_adapter()
-        assert_close_to_scale(_logits(ours, ids), unmerged, FLOAT32_RTOL)
-        ours.unmerge_adapter()
-        after = {k: v for k, v in ours.state_dict().items() if "lora_" not in k}
-        assert all(torch.equal(before[k], after[k]) for k in before)
-    np.testing.assert_array_equal(_logits(ours, ids), unmerged)
-    merged, hf_merged = ours.merge_and_unload(), theirs.merge_and_unload()
-    assert_close_to_scale(_logits(merged, ids), unmerged, FLOAT32_RTOL)
-    hf_weights = hf_merged.state_dict()
-    for key, value in merged.state_dict().items():
-        assert_close_to_scale(value.numpy(), hf_weights[key].numpy(), FLOAT32_RTOL, err_msg=key)
+    check_merge_is_exact_and_as_hf(ours, theirs, lambda model: _logits(model, ids))
 
 
 @pytest.mark.parametrize("arch", MODELS)
@@ -153,7 +128,7 @@ def test_gradients_match_hf(arch: str, mode: str) -> None:
     build, targets = MODELS[arch]
     base, ids = build(), random_ids(2, 10)
     ours = _ours(base, targets)
-    _trained_like(ours)
+    trained_like(ours)
     theirs = _hf(base, targets)
     theirs.load_state_dict(ours.state_dict(), strict=False)
     for model in (ours, theirs):
@@ -176,7 +151,7 @@ def test_dropout_path_matches_hf_under_the_same_seed() -> None:
     build, targets = MODELS["llama"]
     base, ids = build(), random_ids(2, 10)
     ours = _ours(base, targets, lora_dropout=0.2)
-    _trained_like(ours)
+    trained_like(ours)
     theirs = _hf(base, targets, lora_dropout=0.2)
     theirs.load_state_dict(ours.state_dict(), strict=False)
     losses = []
@@ -242,7 +217,7 @@ def test_the_cached_base_norm_follows_an_edited_base_weight() -> None:
     build, targets = MODELS["gpt2"]
     base, ids = build(), random_ids(2, 8)
     ours = _ours(base, targets)
-    _trained_like(ours)
+    trained_like(ours)
     theirs = _hf(base, targets)
     theirs.load_state_dict(ours.state_dict(), strict=False)
     _logits(ours, ids)  # the norms are cached now

@@ -24,6 +24,7 @@ import pytest
 torch = pytest.importorskip("torch")
 peft = pytest.importorskip("peft")
 
+from dora_checks import check_merge_is_exact_and_as_hf, trained_like  # noqa: E402
 from torch import nn  # noqa: E402
 
 import peftcore  # noqa: E402
@@ -80,18 +81,6 @@ def _out(model: Any, x: Any) -> np.ndarray:
         return model(x).numpy()
 
 
-def _trained_like(model: Any, seed: int = 3) -> None:
-    """Give every A, B and magnitude a random value, as after training (the magnitude
-    near its initial norm)."""
-    generator = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for name, param in model.named_parameters():
-            if "lora_magnitude_vector" in name:
-                param.mul_(1 + 0.3 * torch.rand(param.shape, generator=generator))
-            elif "lora_" in name:
-                param.copy_(0.3 * torch.randn(param.shape, generator=generator))
-
-
 def _loss(model: Any, x: Any) -> Any:
     return model(x).square().mean()
 
@@ -113,13 +102,13 @@ def test_output_is_the_base_at_init_with_hf_magnitude(dims: int) -> None:
 def test_files_move_both_ways(dims: int, tmp_path: Path) -> None:
     base, x = cnn(dims), inputs(dims)
     ours = _ours(base)
-    _trained_like(ours)
+    trained_like(ours)
     ours.save_pretrained(str(tmp_path / "ours"))
     loaded_by_hf = peft.PeftModel.from_pretrained(copy.deepcopy(base), str(tmp_path / "ours")).eval()
     assert_close_to_scale(_out(loaded_by_hf, x), _out(ours, x), FLOAT32_RTOL)
 
     theirs = _hf(base)
-    _trained_like(theirs, seed=5)
+    trained_like(theirs, seed=5)
     theirs.save_pretrained(str(tmp_path / "hf"))
     loaded = peftcore.PeftModel.from_pretrained(copy.deepcopy(base), str(tmp_path / "hf"))
     assert loaded.peft_config["default"].use_dora is True
@@ -130,25 +119,10 @@ def test_files_move_both_ways(dims: int, tmp_path: Path) -> None:
 def test_merge_unmerge_is_exact_and_merges_as_hf(dims: int) -> None:
     base, x = cnn(dims), inputs(dims)
     ours = _ours(base)
-    _trained_like(ours)
+    trained_like(ours)
     theirs = _hf(base)
     theirs.load_state_dict(ours.state_dict(), strict=False)
-    before = {k: v.clone() for k, v in ours.state_dict().items() if "lora_" not in k}
-    unmerged = _out(ours, x)
-    assert_close_to_scale(unmerged, _out(theirs, x), FLOAT32_RTOL)
-    for _ in range(3):
-        ours.merge_adapter()
-        assert_close_to_scale(_out(ours, x), unmerged, FLOAT32_RTOL)
-        ours.unmerge_adapter()
-        after = {k: v for k, v in ours.state_dict().items() if "lora_" not in k}
-        assert all(torch.equal(before[k], after[k]) for k in before)
-    np.testing.assert_array_equal(_out(ours, x), unmerged)
-    merged, hf_merged = ours.merge_and_unload(), theirs.merge_and_unload()
-    assert_close_to_scale(_out(merged, x), unmerged, FLOAT32_RTOL)
-    hf_weights = hf_merged.state_dict()
-    assert set(merged.state_dict()) == set(hf_weights)
-    for key, value in merged.state_dict().items():
-        assert_close_to_scale(value.numpy(), hf_weights[key].numpy(), FLOAT32_RTOL, err_msg=key)
+    check_merge_is_exact_and_as_hf(ours, theirs, lambda model: _out(model, x))
 
 
 @pytest.mark.parametrize("dims", DIMS)
@@ -157,7 +131,7 @@ def test_the_core_delta_is_the_layer_s_merge(dims: int) -> None:
     layer merges (the core's DoRA maths on a convolution's canonical layout)."""
     base = cnn(dims)
     ours = _ours(base)
-    _trained_like(ours)
+    trained_like(ours)
     layer = ours.base_model.model.body
     op = next(op for op in ours.plans["default"].ops if getattr(op, "path", None) == "body")
     tensors = {
@@ -204,7 +178,7 @@ def test_gradients_match_hf(dims: int, dropout: float) -> None:
     base output; on the same RNG stream both libraries draw the same masks."""
     base, x = cnn(dims), inputs(dims)
     ours = _ours(base, lora_dropout=dropout)
-    _trained_like(ours)
+    trained_like(ours)
     theirs = _hf(base, lora_dropout=dropout)
     theirs.load_state_dict(ours.state_dict(), strict=False)
     losses = []
