@@ -64,30 +64,21 @@ def run(settings: Settings, clock: Clock, use_dora: bool = False) -> Result:
     if steps["peftcore"].trainable != steps["HF PEFT"].trainable:
         note += f" trainable counts differ ({steps['peftcore'].trainable} vs {steps['HF PEFT'].trainable})"
     ms = {name: [1000.0 * t for t in values] for name, values in times.items()}
-    if use_dora:
-        return Result(
-            key="dora_train_step",
-            title=f"8. DoRA training step, GPT-2 shape, batch {BATCH}x128",
-            unit="ms/step",
-            peftcore=median(ms["peftcore"]),
-            hf=median(ms["HF PEFT"]),
-            reference=median(ms["floor"]),
-            reference_name="floor",
-            ratio_target=1.30,
-            target_text="<= 1.30x floor",
-            note=note.strip(),
-            samples=ms,
-        )
+    key, title, target = (
+        ("dora_train_step", f"8. DoRA training step, GPT-2 shape, batch {BATCH}x128", 1.30)
+        if use_dora
+        else ("train_step", f"1. LoRA training step, GPT-2 shape, batch {BATCH}x128", 1.10)
+    )
     return Result(
-        key="train_step",
-        title=f"1. LoRA training step, GPT-2 shape, batch {BATCH}x128",
+        key=key,
+        title=title,
         unit="ms/step",
         peftcore=median(ms["peftcore"]),
         hf=median(ms["HF PEFT"]),
         reference=median(ms["floor"]),
         reference_name="floor",
-        ratio_target=1.10,
-        target_text="<= 1.10x floor",
+        ratio_target=target,
+        target_text=f"<= {target:.2f}x floor",
         note=note.strip(),
         samples=ms,
     )
