@@ -34,7 +34,17 @@ import time
 import warnings
 from typing import Any, Dict, List, Optional
 
-from harness import Clock, Result, Settings, load_average, machine, machine_text, markdown_table, progress
+from harness import (
+    Clock,
+    Result,
+    Settings,
+    fix_allocation_placement,
+    load_average,
+    machine,
+    machine_text,
+    markdown_table,
+    progress,
+)
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 MEASUREMENTS = (
@@ -150,6 +160,7 @@ def main(argv: Optional[List[str]] = None) -> int:
 
     warnings.simplefilter("ignore")
     os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+    fixed_placement = fix_allocation_placement()
     settings = _settings(args)
     clock = Clock(settings)
     started, load_at_start = time.perf_counter(), load_average()
@@ -162,6 +173,7 @@ def main(argv: Optional[List[str]] = None) -> int:
     info = machine(settings, clock)
     info["harness_seconds"] = round(time.perf_counter() - started, 1)
     info["load_average_start"] = load_at_start
+    info["allocation_placement_fixed"] = fixed_placement
 
     print(f"\n{machine_text(info)}; harness {info['harness_seconds']:.0f} s\n")
     print(markdown_table(results))

@@ -49,7 +49,7 @@ class ModelLock:
 
     __slots__ = (
         "_mutex", "_released", "_readers", "_writer", "_write_depth", "_writers_waiting", "_readers_waiting",
-        "_reader_pass", "_upgrading",
+        "_reader_pass", "_upgrading", "changes",
     )
 
     def __init__(self) -> None:
@@ -62,6 +62,9 @@ class ModelLock:
         self._readers_waiting = 0
         self._reader_pass = 0  # readers that may still go in before the next writer
         self._upgrading: Optional[int] = None  # a reader waiting to write
+        #: counts the write sections begun and ended: a cache kept for the length of one
+        #: call (a ``generate``) is stale once it moves (a change made from inside the call)
+        self.changes = 0
 
     def acquire_read(self) -> None:
         """Start a read section; waits while another thread changes (or waits to change) the model."""
@@ -105,6 +108,7 @@ class ModelLock:
         with self._mutex:
             if self._writer == me:
                 self._write_depth += 1
+                self.changes += 1
                 return
             upgrading = me in self._readers
             if upgrading:
@@ -128,12 +132,14 @@ class ModelLock:
                     self._upgrading = None
             self._writer = me
             self._write_depth = 1
+            self.changes += 1
 
     def release_write(self) -> None:
         with self._mutex:
             if self._writer != threading.get_ident():
                 raise RuntimeError("release_write: this thread does not hold the model's lock for writing")
             self._write_depth -= 1
+            self.changes += 1
             if not self._write_depth:
                 self._writer = None
                 self._reader_pass = self._readers_waiting

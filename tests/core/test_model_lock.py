@@ -197,3 +197,23 @@ def test_each_model_has_its_own_lock_and_it_goes_with_the_model() -> None:
 def test_releasing_what_is_not_held_is_an_error(release: str) -> None:
     with pytest.raises(RuntimeError, match="this thread"):
         getattr(ModelLock(), release)()
+
+
+def test_changes_counts_write_sections_and_not_reads() -> None:
+    """``changes`` moves whenever a write section begins or ends (nested ones included),
+    so a cache kept for one call can tell that a change happened during the call."""
+    lock = ModelLock()
+    assert lock.changes == 0
+    lock.acquire_read()
+    lock.acquire_read()
+    lock.release_read()
+    lock.release_read()
+    assert lock.changes == 0
+    lock.acquire_read()
+    lock.acquire_write()  # a change from inside a forward of the same thread
+    seen_inside = lock.changes
+    lock.acquire_write()
+    lock.release_write()
+    lock.release_write()
+    lock.release_read()
+    assert 0 < seen_inside < lock.changes == 4

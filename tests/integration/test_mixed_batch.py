@@ -373,3 +373,36 @@ def test_256_distinct_adapters_in_one_batch_equal_each_row_alone() -> None:
     for expected, got in zip(alone, mixed[::9]):
         assert torch.equal(got[: expected.shape[1]], expected[0])
     assert len({tuple(row.tolist()) for row in mixed}) > 8, "the adapters must decode differently"
+
+
+def test_generate_with_equal_groups_applies_each_adapter_to_its_rows_at_once(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Every adapter on the same number of rows (and base rows beside them): a decoding
+    step gathers the rows adapter by adapter (each adapter's factors read once); the
+    rows still decode as each does alone. Ranks differ (4, 2, 8), so ranks are padded."""
+    from peftcore_torch import row_routing
+
+    peft_model = with_adapters(gpt2(), ["c_attn", "c_proj", "c_fc"])
+    with torch.no_grad():  # larger factors, so that the adapters pick different tokens
+        for name, param in peft_model.named_parameters():
+            if "lora_B" in name:
+                param.mul_(20.0)
+    routes: list[bool] = []
+    apply = row_routing.StackedRowFactors.add_updates
+
+    def recording(self: Any, result: Any, x: Any) -> Any:
+        routes.append(self.order is not None and x.reshape(x.shape[0], -1, x.shape[-1]).shape[1] == 1)
+        return apply(self, result, x)
+
+    monkeypatch.setattr(row_routing.StackedRowFactors, "add_updates", recording)
+    names = ["two", "one", "__base__", "three", "one", "three", "two", "__base__"]
+    tokens = torch.randint(1, VOCAB, (8, 5), generator=torch.Generator().manual_seed(12))
+    kwargs = dict(max_new_tokens=5, do_sample=False, pad_token_id=0)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        mixed = peft_model.generate(tokens, adapter_names=names, attention_mask=torch.ones_like(tokens), **kwargs)
+        alone = _generate_alone(peft_model, tokens, names, attention_mask=torch.ones_like(tokens[:1]), **kwargs)
+    assert any(routes), "the decoding steps must take the by-adapter route"
+    assert not all(routes), "the prompt (several tokens a row) takes the by-row route"
+    for row, expected in enumerate(alone):
+        assert torch.equal(mixed[row, : expected.shape[1]], expected[0]), f"row {row} ({names[row]})"
+    assert len({tuple(row.tolist()) for row in mixed}) > 2, "the adapters must decode differently"

@@ -30,14 +30,22 @@ from torch import nn
 from peftcore.errors import AdapterError
 from peftcore.methods.lora import MAGNITUDE, AddLora
 from peftcore.methods.lora_init import BaseWeightInit, MagnitudeInit
+from peftcore_torch.call_cache import call_entries
 from peftcore_torch.dora import DoraParts, MagnitudeDict
 from peftcore_torch.dora_kernels import fused_dora_linear
 from peftcore_torch.layers import AdapterLayer
-from peftcore_torch.lora_kernels import can_fuse, folding_pays, fused_lora_linear, has_hooks, merged_weight
+from peftcore_torch.lora_kernels import (
+    PreparedLoraLinear,
+    can_fuse,
+    folding_pays,
+    fused_lora_linear,
+    has_hooks,
+    merged_weight,
+)
 from peftcore_torch.row_routing import (
     RoutesRows,
+    StackedRowFactors,
     add_row_updates,
-    add_stacked_row_updates,
     contiguous_groups,
     routed_folded_linear,
 )
@@ -247,6 +255,14 @@ class LoraLinear(LoraLayer):
         return update.view(*x.shape[:-1], update.shape[-1])
 
     def forward(self, x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
+        if not args and not kwargs:
+            entries = call_entries()
+            if entries is not None:  # a decoding step of generate: what the first step prepared
+                prepared = entries.get(self)
+                if prepared is None:  # False: this call takes another route
+                    prepared = entries[self] = self._prepare_inference(x) or False
+                if isinstance(prepared, PreparedLoraLinear) and prepared.fits(x):
+                    return prepared(x)
         single = self._single_active_factor(args, kwargs)
         if single is not None:  # the common case, decided from plain attributes before anything else
             fused = self._fused_forward(x, *single)
@@ -299,10 +315,30 @@ class LoraLinear(LoraLayer):
         result = self.base_layer(x, *args, **kwargs)
         # the output of a plain unhooked base layer is a fresh tensor nobody else holds
         in_place = self._plain_base and not has_hooks(self.base_layer)
-        if in_place and self._can_stack_rows(x, result, groups):
-            factors = {name: (self.lora_A.weight(name), self.lora_B.weight(name), self.scaling[name]) for name in groups}
-            return add_stacked_row_updates(result, x, routing, factors, id(self))
+        stacked = self._stacked_row_factors(x, result, groups) if in_place else None
+        if stacked is not None:
+            return stacked.add_updates(result, x)
         return add_row_updates(result, x, routing, groups, self.update, in_place)
+
+    def _stacked_row_factors(
+        self, x: torch.Tensor, result: torch.Tensor, groups: dict[str, tuple[int, ...]]
+    ) -> Optional[StackedRowFactors]:
+        """The rows' factors stacked for this call, or None where stacking cannot serve;
+        kept for the later decoding steps of a ``generate`` call."""
+        entries = call_entries()
+        key = (self, "rows")
+        cached = entries.get(key) if entries is not None else None
+        if cached is not None and cached.fits(x, result):
+            return cast(StackedRowFactors, cached)
+        if not self._can_stack_rows(x, result, groups):
+            return None
+        routing = self.batch_routing
+        assert routing is not None
+        factors = {name: (self.lora_A.weight(name), self.lora_B.weight(name), self.scaling[name]) for name in groups}
+        stacked = StackedRowFactors(routing, factors)
+        if entries is not None:
+            entries[key] = stacked
+        return stacked
 
     def _can_stack_rows(self, x: torch.Tensor, result: torch.Tensor, groups: dict[str, tuple[int, ...]]) -> bool:
         """Inference with every adapter's factors in the input's dtype and device, no dropout."""
@@ -322,14 +358,14 @@ class LoraLinear(LoraLayer):
         routing = self.batch_routing
         if args or kwargs or torch.is_grad_enabled() or not groups or routing is None:
             return False
-        in_features, out_features = self.features()
-        if out_features > in_features and not contiguous_groups(routing, groups):
-            return False
         if x.dim() < 2 or x.numel() == 0:
             return False
         tokens_per_row = x.numel() // (int(x.shape[0]) * int(x.shape[-1]))
         smallest_group = min(len(rows) for rows in groups.values())
         if not folding_pays(smallest_group * tokens_per_row, self.base_weight()):
+            return False
+        in_features, out_features = self.features()
+        if out_features > in_features and not contiguous_groups(routing, groups):
             return False
         base = self.base_layer
         return all(
@@ -337,6 +373,26 @@ class LoraLinear(LoraLayer):
             and can_fuse(base, self._plain_base, x, self.lora_A.weight(name), self.lora_B.weight(name))
             for name in groups
         )
+
+    def _prepare_inference(self, x: torch.Tensor) -> Optional[PreparedLoraLinear]:
+        """The operands of the plain one-adapter inference product for inputs like ``x``
+        (no autograd), or None when this call takes another route (several adapters,
+        DoRA, dropout, a hooked or non-plain base...)."""
+        single = self._single_active_factor((), {})
+        if single is None or torch.is_grad_enabled():
+            return None
+        name, factor_a = single
+        modules = cast(dict[str, nn.Module], self._modules)
+        dropout = cast(nn.Module, modules["lora_dropout"]._modules[name])
+        if self.use_dora.get(name, False) or not _runs_as_identity(dropout):
+            return None
+        a = factor_a.weight
+        b = cast(LoraFactor, modules["lora_B"]._modules[name]).weight
+        base = modules["base_layer"]
+        if not can_fuse(base, self._plain_base, x, a, b):
+            return None
+        bias = cast(Optional[torch.Tensor], base.bias)
+        return PreparedLoraLinear(cast(torch.Tensor, base.weight), bias, a, b, self.scaling[name], self.fan_in_fan_out)
 
     def _single_active_factor(self, args: tuple, kwargs: dict) -> Optional[tuple[str, LoraFactor]]:
         """``(name, A factor)`` when exactly one adapter runs on every row: one active,

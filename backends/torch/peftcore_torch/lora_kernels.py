@@ -169,6 +169,48 @@ def fused_lora_linear(
     return out.view(*x.shape[:-1], out.shape[-1])
 
 
+class PreparedLoraLinear:
+    """One plain LoRA linear layer's inference arithmetic, its operands laid out once for
+    many calls (the decoding steps of one ``generate``, :mod:`peftcore_torch.call_cache`):
+    B is copied to a contiguous ``(r, out)`` matrix, the layout BLAS runs the thin
+    ``hidden @ B^T`` product in fastest (2 to 3 times faster than on ``B.t()``'s view at
+    decoding's few rows). The base product is the one :func:`base_product` computes."""
+
+    __slots__ = ("weight", "base_operand", "bias", "lora_a", "lora_b", "a_t", "b_t", "scaling", "weight_in_out", "dtype", "device")
+
+    def __init__(
+        self,
+        weight: torch.Tensor,
+        bias: Optional[torch.Tensor],
+        lora_a: torch.Tensor,
+        lora_b: torch.Tensor,
+        scaling: float,
+        weight_in_out: bool,
+    ) -> None:
+        self.weight, self.bias, self.lora_a, self.lora_b = weight, bias, lora_a, lora_b
+        self.scaling, self.weight_in_out = scaling, weight_in_out
+        self.base_operand = weight if weight_in_out else weight.t()
+        self.a_t = lora_a.t()
+        with torch.no_grad():
+            self.b_t = lora_b.t().contiguous()
+        self.dtype, self.device = weight.dtype, weight.device
+
+    def fits(self, x: torch.Tensor) -> bool:
+        """Whether ``x`` is an input these operands serve: same dtype and device, no autograd."""
+        return x.dtype is self.dtype and x.device == self.device and x.dim() >= 2 and not torch.is_grad_enabled()
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        x2 = x.reshape(-1, x.shape[-1])
+        if folding_pays(x2.shape[0], self.weight):  # a long prompt: one product with the adapter folded in
+            folded = merged_weight(self.weight, self.lora_a, self.lora_b, self.scaling, self.weight_in_out)
+            out = base_product(x2, folded, self.bias, self.weight_in_out)
+        else:
+            bias = self.bias
+            out = torch.mm(x2, self.base_operand) if bias is None else torch.addmm(bias, x2, self.base_operand)
+            out.addmm_(torch.mm(x2, self.a_t), self.b_t, alpha=self.scaling)
+        return out.view(*x.shape[:-1], out.shape[-1])
+
+
 _HOOK_DICTS = ("_forward_hooks", "_forward_pre_hooks", "_backward_hooks", "_backward_pre_hooks")
 # torch registers global hooks by adding to these module-level dicts, never by rebinding them
 _GLOBAL_HOOKS = tuple(

@@ -23,6 +23,7 @@ from peftcore.graph import ModelGraph
 from peftcore.model_lock import changes_model, reading
 from peftcore.peft_model import PeftModel, deprecated_graph_alias
 from peftcore_torch import training_prep
+from peftcore_torch.call_cache import caching_call
 from peftcore_torch.layers import AdapterLayer
 from peftcore_torch.row_routing import compiling, refuse_when_compiling
 from peftcore_torch.trainer_integration import enable_if_transformers_loaded
@@ -177,7 +178,9 @@ class TorchPeftModel(PeftModel, nn.Module):
         copies; an encoder-decoder model takes ``adapter_names`` only without them."""
         model: Any = self.get_base_model()
         if adapter_names is None:
-            with reading(self):  # as a forward does: see the adapters before or after a change, never during
+            # as a forward does: see the adapters before or after a change, never during; the
+            # layers prepare their operands at the first step and reuse them at the next ones
+            with reading(self), caching_call(self):
                 return model.generate(*args, **kwargs)
         first_input = args[0] if args else kwargs.get("input_ids", kwargs.get("inputs_embeds"))
         generation_config = kwargs.get("generation_config") or getattr(model, "generation_config", None)
@@ -189,7 +192,8 @@ class TorchPeftModel(PeftModel, nn.Module):
                 "generate(adapter_names=...) on an encoder-decoder model does not support num_beams or "
                 "num_return_sequences > 1 yet"
             )
-        return self.run_mixed_batch(model.generate, adapter_names, first_input, args, kwargs, repeat=repeat)
+        with caching_call(self):
+            return self.run_mixed_batch(model.generate, adapter_names, first_input, args, kwargs, repeat=repeat)
 
     @changes_model
     def _apply(self, fn: Any, *args: Any, **kwargs: Any) -> Any:

@@ -13,7 +13,7 @@ LoRA layer takes one of three routes:
   rows are read and written in place, others gathered and copied back;
 * inference otherwise: the base output once, then every row's update in place from the
   adapters' factors stacked and picked per row, two batched products
-  (:func:`add_stacked_row_updates`): x read once, the output updated once;
+  (:class:`StackedRowFactors`): x read once, the output updated once;
 * under autograd, with dropout, or mixed dtypes: for each adapter, gather its rows,
   compute its update, scatter-add it (:func:`add_row_updates`).
 
@@ -29,6 +29,7 @@ import contextvars
 from typing import Any, Callable, Optional, Sequence, cast
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from peftcore.errors import AdapterError, BackendError
@@ -118,10 +119,6 @@ class RowRouting:
             if name != BASE_ROW:
                 self.rows[name] = tuple(row for row, other in enumerate(self.names) if other == name)
         self._indices: dict[tuple[tuple[int, ...], torch.device], torch.Tensor] = {}
-        self._slots: dict[tuple[tuple[str, ...], torch.device], torch.Tensor] = {}
-        #: per layer, the rows' stacked factors: a call's adapters cannot change while it runs (the
-        #: model lock), so the decoding steps of one ``generate`` build them once, not once per token
-        self.stacked: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
 
     def __len__(self) -> int:
         return len(self.names)
@@ -140,15 +137,6 @@ class RowRouting:
                 f"{len(self.names)} and {batch_size} respectively (one adapter name per row)."
             )
         return {name: rows for name, rows in self.rows.items() if name in held}
-
-    def slots(self, names: tuple[str, ...], device: torch.device) -> torch.Tensor:
-        """Per row, the position of its adapter in ``names``, or ``len(names)`` for none."""
-        key = (names, device)
-        if key not in self._slots:
-            position = {name: i for i, name in enumerate(names)}
-            rows = [position.get(name, len(names)) for name in self.names]
-            self._slots[key] = torch.tensor(rows, dtype=torch.long, device=device)
-        return self._slots[key]
 
     def rows_outside(self, groups: dict[str, tuple[int, ...]]) -> tuple[int, ...]:
         """The rows no adapter of ``groups`` runs on (they get the base output)."""
@@ -178,40 +166,74 @@ def add_row_updates(
     return result
 
 
-def add_stacked_row_updates(
-    result: torch.Tensor,
-    x: torch.Tensor,
-    routing: RowRouting,
-    factors: dict[str, tuple[torch.Tensor, torch.Tensor, float]],
-    layer_key: Optional[int] = None,
-) -> torch.Tensor:
-    """Inference only: add every row's update into ``result`` with two batched products.
+class StackedRowFactors:
+    """The adapters' factors stacked for batched products over a mixed batch (inference
+    only): each adapter's A (scaling folded in) and B^T, ranks zero-padded to the
+    largest, plus an all-zero slot for rows without an adapter. Built once per call, and
+    for every decoding step of a ``generate`` (:mod:`peftcore_torch.call_cache`): the
+    call's adapters cannot change while it runs (the model's lock).
 
-    The adapters' factors are stacked (ranks zero-padded to the largest, scaling folded
-    into A, one all-zero slot for rows without an adapter) and picked per row, so ``x``
-    is read once and ``result`` updated once, however the rows interleave. With a
-    ``layer_key`` the rows' factors are kept on ``routing`` for the rest of the call.
+    Two ways to apply them, both reading ``x`` once and updating the output once:
+
+    * by adapter, when every adapter has the same number of rows and a row has one token
+      (a decoding step): rows gathered adapter by adapter, two batched products over the
+      adapters, the updates added back into their rows; each adapter's factors are read
+      once, however many rows use it;
+    * by row otherwise: each row's factors picked (kept for the call), two batched
+      products over the rows, the update added in place.
     """
-    cached = routing.stacked.get(layer_key) if layer_key is not None else None
-    if cached is None:
-        names = tuple(factors)
-        first_a, first_b, _ = factors[names[0]]
+
+    __slots__ = ("adapter_a", "adapter_b_t", "slots", "order", "group_size", "_rows", "dtype", "device")
+
+    def __init__(self, routing: RowRouting, factors: dict[str, tuple[torch.Tensor, torch.Tensor, float]]) -> None:
         rank = max(a.shape[0] for a, _, _ in factors.values())
-        stacked_a = first_a.new_zeros(len(names) + 1, rank, first_a.shape[1])
-        stacked_b = first_b.new_zeros(len(names) + 1, first_b.shape[0], rank)
-        for slot, (a, b, scaling) in enumerate(factors.values()):
-            stacked_a[slot, : a.shape[0]] = a * scaling
-            stacked_b[slot, :, : b.shape[1]] = b
-        slots = routing.slots(names, x.device)
-        cached = stacked_a[slots], stacked_b[slots].transpose(1, 2)
-        if layer_key is not None:
-            routing.stacked[layer_key] = cached
-    rows_a, rows_b_t = cached
-    x3 = x.reshape(x.shape[0], -1, x.shape[-1])
-    hidden_t = torch.bmm(rows_a, x3.transpose(1, 2))  # (batch, r, tokens): BLAS's faster layout
-    rows_out = result.view(result.shape[0], -1, result.shape[-1])
-    rows_out.baddbmm_(hidden_t.transpose(1, 2), rows_b_t)
-    return result
+        first_a, first_b, _ = next(iter(factors.values()))
+        self.dtype, self.device = first_a.dtype, first_a.device
+        names = list(factors)
+        with torch.no_grad():
+            a_parts = [F.pad(a, (0, 0, 0, rank - a.shape[0])) if a.shape[0] < rank else a for a, _, _ in factors.values()]
+            b_parts = [(F.pad(b, (0, rank - b.shape[1])) if b.shape[1] < rank else b).t() for _, b, _ in factors.values()]
+            self.adapter_a = torch.stack([*a_parts, first_a.new_zeros(rank, first_a.shape[1])])
+            self.adapter_b_t = torch.stack([*b_parts, first_b.new_zeros(rank, first_b.shape[0])])
+            scalings = [scaling for _, _, scaling in factors.values()]
+            if any(scaling != 1.0 for scaling in scalings):
+                scale = torch.tensor([*scalings, 0.0], dtype=self.dtype, device=self.device)
+                self.adapter_a.mul_(scale.view(-1, 1, 1))
+        slot = {name: i for i, name in enumerate(names)}
+        self.slots = torch.tensor([slot.get(name, len(names)) for name in routing.names], device=self.device)
+        sizes = {len(routing.rows[name]) for name in names}
+        self.group_size = sizes.pop() if len(sizes) == 1 else 0
+        self.order = (
+            torch.tensor([row for name in names for row in routing.rows[name]], device=self.device)
+            if self.group_size > 1 else None
+        )
+        self._rows: Optional[tuple[torch.Tensor, torch.Tensor]] = None
+
+    def fits(self, x: torch.Tensor, result: torch.Tensor) -> bool:
+        """Whether these factors serve input ``x`` and its base output ``result``."""
+        return (
+            x.dtype is self.dtype is result.dtype and x.device == self.device and result.is_contiguous()
+            and x.dim() >= 2 and not torch.is_grad_enabled()
+        )
+
+    def add_updates(self, result: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+        """Add every row's update into ``result`` in place."""
+        x3 = x.reshape(x.shape[0], -1, x.shape[-1])
+        rows_out = result.view(result.shape[0], -1, result.shape[-1])
+        if self.order is not None and x3.shape[1] == 1:
+            adapters = self.adapter_a.shape[0] - 1
+            gathered = x3.index_select(0, self.order).view(adapters, self.group_size, x3.shape[-1])
+            hidden = torch.bmm(gathered, self.adapter_a[:adapters].transpose(1, 2))
+            update = torch.bmm(hidden, self.adapter_b_t[:adapters])
+            rows_out.index_add_(0, self.order, update.view(-1, 1, update.shape[-1]))
+            return result
+        if self._rows is None:
+            with torch.no_grad():
+                self._rows = self.adapter_a.index_select(0, self.slots), self.adapter_b_t.index_select(0, self.slots)
+        rows_a, rows_b_t = self._rows
+        hidden_t = torch.bmm(rows_a, x3.transpose(1, 2))  # (batch, r, tokens): BLAS's faster layout
+        rows_out.baddbmm_(hidden_t.transpose(1, 2), rows_b_t)
+        return result
 
 
 def contiguous_groups(routing: RowRouting, groups: dict[str, tuple[int, ...]]) -> bool:
