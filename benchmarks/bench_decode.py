@@ -59,7 +59,7 @@ def run(settings: Settings, clock: Clock) -> List[Result]:
             note = "tokens differ from HF PEFT's"
         elif torch.equal(ours, plain):
             note = "the adapter changed no token"
-        times = alternate(calls, settings.rounds(9, 3), clock, warmup=1, label=f"decoding, batch {batch}")
+        times = alternate(calls, settings.rounds(15, 5), clock, warmup=1, label=f"decoding, batch {batch}")
         ms = {name: [1000.0 * t / NEW_TOKENS for t in values] for name, values in times.items()}
         results.append(Result(
             key=f"decode_batch{batch}",

@@ -13,6 +13,7 @@ Needs matplotlib (``pip install -e .[bench]``).
 from __future__ import annotations
 
 import json
+import statistics
 import sys
 from typing import Any, Dict, List, Optional
 
@@ -104,6 +105,16 @@ def draw(data: Dict[str, Any], path: str) -> None:
     plt.close(figure)
 
 
+def _ratio(row: Dict[str, Any], library: str, field: str) -> float:
+    """The library's ratio to the row's reference as the table gives it: the median of the
+    per-round ratios when the samples are there (see ``harness.Result.ratio_of``)."""
+    samples = row.get("samples") or {}
+    ours, base = samples.get(library), samples.get(row.get("reference_name", ""))
+    if ours and base and len(ours) == len(base) > 1 and all(base):
+        return float(statistics.median(a / b for a, b in zip(ours, base)))
+    return float(row[field] / row["reference"])
+
+
 def many_curves(results: List[Dict[str, Any]]) -> Dict[str, Dict[str, List[tuple]]]:
     """Row 7's ratios to the base model, ``{kind: {library: [(adapters, ratio), ...]}}``
     sorted by the number of adapters (kind: ``forward`` or ``generate``)."""
@@ -115,7 +126,7 @@ def many_curves(results: List[Dict[str, Any]]) -> Dict[str, Dict[str, List[tuple
         count, kind = int(parts[1]), parts[2]
         for library, field in (("HF PEFT", "hf"), ("peftcore", "peftcore")):
             if row.get(field):
-                curves.setdefault(kind, {}).setdefault(library, []).append((count, row[field] / row["reference"]))
+                curves.setdefault(kind, {}).setdefault(library, []).append((count, _ratio(row, library, field)))
     for by_library in curves.values():
         for points in by_library.values():
             points.sort()
