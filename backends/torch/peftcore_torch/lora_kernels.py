@@ -173,8 +173,10 @@ class PreparedLoraLinear:
     """One plain LoRA linear layer's inference arithmetic, its operands laid out once for
     many calls (the decoding steps of one ``generate``, :mod:`peftcore_torch.call_cache`):
     B is copied to a contiguous ``(r, out)`` matrix, the layout BLAS runs the thin
-    ``hidden @ B^T`` product in fastest (2 to 3 times faster than on ``B.t()``'s view at
-    decoding's few rows). The base product is the one :func:`base_product` computes."""
+    ``hidden @ B^T`` product in fastest (on GPT-2's shapes 2.5 times faster than on
+    ``B.t()``'s view for one row, a quarter faster for eight), and the checks that chose
+    this product are not repeated. The base product is the one :func:`base_product`
+    computes."""
 
     __slots__ = ("weight", "base_operand", "bias", "lora_a", "lora_b", "a_t", "b_t", "scaling", "weight_in_out", "dtype", "device")
 
