@@ -226,6 +226,7 @@ class StackedRowFactors:
             hidden = torch.bmm(gathered, self.adapter_a[:adapters].transpose(1, 2))
             update = torch.bmm(hidden, self.adapter_b_t[:adapters])
             rows_out.index_add_(0, self.order, update.view(-1, 1, update.shape[-1]))
+            self._rows = None  # the prompt's per-row copies: decoding steps no longer need them
             return result
         if self._rows is None:
             with torch.no_grad():
