@@ -23,7 +23,7 @@ from typing import Any, Optional
 import torch
 from torch.autograd.function import once_differentiable
 
-from peftcore_torch.lora_kernels import base_product
+from peftcore_torch.lora_kernels import lora_linear_forward
 
 
 class _FusedDoraLinear(torch.autograd.Function):
@@ -42,11 +42,7 @@ class _FusedDoraLinear(torch.autograd.Function):
     ) -> torch.Tensor:
         x2 = x.reshape(-1, x.shape[-1])
         scale = magnitude.detach() * inv_norm
-        z = base_product(x2, weight, None, weight_in_out)
-        hidden_t = lora_a @ x2.t()
-        if scaling != 1.0:
-            hidden_t.mul_(scaling)
-        z.addmm_(hidden_t.t(), lora_b.t())
+        z, hidden_t = lora_linear_forward(x2, None, weight, None, lora_a, lora_b, scaling, weight_in_out)
         y = torch.addcmul(bias, z, scale) if bias is not None else z * scale
         need_a, need_b, need_m = ctx.needs_input_grad[3], ctx.needs_input_grad[4], ctx.needs_input_grad[5]
         ctx.save_for_backward(

@@ -68,7 +68,7 @@ def _scaled_hidden_t(lora_input: torch.Tensor, lora_a: torch.Tensor, scaling: fl
     return hidden_t.mul_(scaling) if scaling != 1.0 else hidden_t
 
 
-def _forward(
+def lora_linear_forward(
     x: torch.Tensor,
     lora_input: Optional[torch.Tensor],
     weight: torch.Tensor,
@@ -78,6 +78,8 @@ def _forward(
     scaling: float,
     weight_in_out: bool,
 ) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(x W' + bias + s (x A^T) B^T, s (x A^T)^T)``: the output in ``x``'s shape and the
+    scaled ``(r, tokens)`` intermediate a backward pass needs."""
     x2 = x.reshape(-1, x.shape[-1])
     out = base_product(x2, weight, bias, weight_in_out)
     hidden_t = _scaled_hidden_t(x2 if lora_input is None else lora_input, lora_a, scaling)
@@ -100,7 +102,7 @@ class _FusedLoraLinear(torch.autograd.Function):
         scaling: float,
         weight_in_out: bool,
     ) -> torch.Tensor:
-        out, hidden_t = _forward(x, lora_input, weight, bias, lora_a, lora_b, scaling, weight_in_out)
+        out, hidden_t = lora_linear_forward(x, lora_input, weight, bias, lora_a, lora_b, scaling, weight_in_out)
         source = x if lora_input is None else lora_input
         need_a, need_b = ctx.needs_input_grad[4], ctx.needs_input_grad[5]
         # x is kept when either factor trains: a double backward recomputes s (x A^T) from it
