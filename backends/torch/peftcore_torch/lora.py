@@ -497,16 +497,23 @@ class LoraEmbedding(LoraLayer):
 
 
 def _initialise(a: torch.Tensor, b: torch.Tensor, op: AddLora) -> None:
-    with torch.no_grad():
-        if op.layer_kind == "embedding" and op.init != "random":  # A zero, B unit normal (see AddLora)
+    if op.layer_kind == "embedding" and op.init != "random":  # A zero, B unit normal (see AddLora)
+        with torch.no_grad():
             nn.init.zeros_(a)
             nn.init.normal_(b)
-            return
-        if op.init == "gaussian":
-            nn.init.normal_(a, std=1.0 / op.r)
+        return
+    init_linear_factors(a, b, op.init, op.r)
+
+
+def init_linear_factors(a: torch.Tensor, b: torch.Tensor, init: str, r: int) -> None:
+    """HF PEFT's initial factors of a linear LoRA: A Kaiming-uniform (``"gaussian"``:
+    normal with std 1/r), B zero (``"random"``: Kaiming-uniform too)."""
+    with torch.no_grad():
+        if init == "gaussian":
+            nn.init.normal_(a, std=1.0 / r)
         else:
             nn.init.kaiming_uniform_(a, a=math.sqrt(5))
-        if op.init == "random":
+        if init == "random":
             nn.init.kaiming_uniform_(b, a=math.sqrt(5))
         else:
             nn.init.zeros_(b)

@@ -14,7 +14,6 @@ restores it on unmerge, bit-exact.
 
 from __future__ import annotations
 
-import math
 from typing import Any, ClassVar, Optional, cast
 
 import torch
@@ -23,7 +22,7 @@ from torch import nn
 from peftcore.errors import AdapterError, PlanError
 from peftcore.methods.lora_params import AddParamLora
 from peftcore_torch.layers import AdapterLayer
-from peftcore_torch.lora import FactorDict
+from peftcore_torch.lora import FactorDict, init_linear_factors
 from peftcore_torch.walk import replace_module
 
 
@@ -114,15 +113,7 @@ class ParamLora(AdapterLayer):
             )
         a = self.new_tensor(op.r * op.num_experts, op.in_features)
         b = self.new_tensor(op.out_features, op.r * op.num_experts)
-        with torch.no_grad():
-            if op.init == "gaussian":
-                nn.init.normal_(a, std=1.0 / op.r)
-            else:
-                nn.init.kaiming_uniform_(a, a=math.sqrt(5))
-            if op.init == "random":
-                nn.init.kaiming_uniform_(b, a=math.sqrt(5))
-            else:
-                nn.init.zeros_(b)
+        init_linear_factors(a, b, op.init, op.r)
         return {"lora_A": a, "lora_B": b, "scaling": op.scaling, "r": op.r}
 
     def delta_weight(self, adapter_name: str) -> torch.Tensor:
