@@ -89,10 +89,7 @@ class LoraTests(SuiteBase):
         peft_model = self.wrap(peftcore_backend, toy, weights, inputs, r=4)
         self.randomise(peftcore_backend, peft_model, "default", rng)
         unmerged = self.run(peftcore_backend, peft_model, inputs)
-        peft_model.merge_adapter()
-        assert_close_to_scale(self.run(peftcore_backend, peft_model, inputs), unmerged)
-        peft_model.unmerge_adapter()
-        np.testing.assert_array_equal(self.run(peftcore_backend, peft_model, inputs), unmerged)
+        self.assert_merge_cycles(peftcore_backend, peft_model, inputs, unmerged)
         with peft_model.disable_adapter():
             assert_close_to_scale(self.run(peftcore_backend, peft_model, inputs), reference_forward(toy, weights, inputs))
 

@@ -11,6 +11,7 @@ from peftcore.api import PeftModel, get_peft_model
 from peftcore.config import PeftConfig
 from peftcore.methods.lora import LoraConfig
 from peftcore.plugins import Backend
+from peftcore.testing.numerics import assert_close_to_scale
 from peftcore.testing.toys import TOY_SPECS, ToySpec, adapter_effects, reference_forward
 
 
@@ -66,3 +67,14 @@ class SuiteBase:
         """The numpy reference output with ``adapters`` active, from their exported tensors."""
         effects = [adapter_effects(peft_model.plans[a], self.exported(peft_model, a), weights) for a in adapters]
         return reference_forward(spec, weights, inputs, effects=effects)
+
+    def assert_merge_cycles(
+        self, backend: Backend, peft_model: PeftModel, inputs: np.ndarray, adapted: np.ndarray, cycles: int = 1
+    ) -> None:
+        """``cycles`` times: merged, the output is ``adapted`` (to float rounding); unmerged
+        again, it is ``adapted`` exactly."""
+        for _ in range(cycles):
+            peft_model.merge_adapter()
+            assert_close_to_scale(self.run(backend, peft_model, inputs), adapted)
+            peft_model.unmerge_adapter()
+            np.testing.assert_array_equal(self.run(backend, peft_model, inputs), adapted)

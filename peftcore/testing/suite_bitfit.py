@@ -50,10 +50,7 @@ class BitFitTests(SuiteBase):
         peft_model = self.bitfit(peftcore_backend, toy, weights, inputs)
         self.randomise(peftcore_backend, peft_model, "default", rng)
         adapted = self.run(peftcore_backend, peft_model, inputs)
-        peft_model.merge_adapter()
-        assert_close_to_scale(self.run(peftcore_backend, peft_model, inputs), adapted)
-        peft_model.unmerge_adapter()
-        np.testing.assert_array_equal(self.run(peftcore_backend, peft_model, inputs), adapted)
+        self.assert_merge_cycles(peftcore_backend, peft_model, inputs, adapted)
         with peft_model.disable_adapter():
             assert_close_to_scale(self.run(peftcore_backend, peft_model, inputs), reference_forward(toy, weights, inputs))
         merged = peft_model.merge_and_unload()

@@ -53,11 +53,7 @@ class ConvLoraTests(SuiteBase):
         peft_model = self.wrap(peftcore_backend, cnn, weights, inputs, r=4)
         self.randomise(peftcore_backend, peft_model, "default", rng)
         unmerged = self.run(peftcore_backend, peft_model, inputs)
-        for _ in range(2):
-            peft_model.merge_adapter()
-            assert_close_to_scale(self.run(peftcore_backend, peft_model, inputs), unmerged)
-            peft_model.unmerge_adapter()
-        np.testing.assert_array_equal(self.run(peftcore_backend, peft_model, inputs), unmerged)
+        self.assert_merge_cycles(peftcore_backend, peft_model, inputs, unmerged, cycles=2)
         merged = peft_model.merge_and_unload()
         assert_close_to_scale(self.run(peftcore_backend, merged, inputs), unmerged)
 

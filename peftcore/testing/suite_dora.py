@@ -50,11 +50,7 @@ class DoraTests(SuiteBase):
         peft_model = self.dora(peftcore_backend, toy, weights, inputs, r=2)
         self.randomise(peftcore_backend, peft_model, "default", rng)
         unmerged = self.run(peftcore_backend, peft_model, inputs)
-        for _ in range(2):
-            peft_model.merge_adapter()
-            assert_close_to_scale(self.run(peftcore_backend, peft_model, inputs), unmerged)
-            peft_model.unmerge_adapter()
-            np.testing.assert_array_equal(self.run(peftcore_backend, peft_model, inputs), unmerged)
+        self.assert_merge_cycles(peftcore_backend, peft_model, inputs, unmerged, cycles=2)
         with peft_model.disable_adapter():
             np.testing.assert_array_equal(
                 self.run(peftcore_backend, peft_model, inputs), self.run(peftcore_backend, self.build(peftcore_backend, toy, weights), inputs)
