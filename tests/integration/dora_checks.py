@@ -1,15 +1,20 @@
 """Checks the DoRA test files share (``test_dora.py`` on Linear/Conv1D/Embedding,
-``test_dora_conv.py`` on convolutions): adapters given trained-like values, and the
-exact merge/unmerge cycle compared with HF PEFT's merge. Imports torch: import it only
+``test_dora_conv.py`` on convolutions): adapters given trained-like values, saved files
+read by the other library, and the exact merge/unmerge cycle compared with HF PEFT's
+merge. Imports torch: import it only
 from test modules that skip without torch."""
 
 from __future__ import annotations
 
+import copy
+from pathlib import Path
 from typing import Any, Callable
 
 import numpy as np
+import peft
 import torch
 
+import peftcore
 from peftcore.testing.numerics import FLOAT32_RTOL, assert_close_to_scale
 
 
@@ -23,6 +28,24 @@ def trained_like(model: Any, seed: int = 3) -> None:
                 param.mul_(1 + 0.3 * torch.rand(param.shape, generator=generator))
             elif "lora_" in name:
                 param.copy_(0.3 * torch.randn(param.shape, generator=generator))
+
+
+def check_files_move_both_ways(
+    base: Any, ours: Any, theirs: Any, output: Callable[[Any], np.ndarray], tmp_path: Path
+) -> None:
+    """``ours`` (peftcore) and ``theirs`` (HF PEFT), both DoRA on copies of ``base``, given
+    trained-like values and saved: HF loads our files and peftcore HF's, each giving the
+    saver's ``output``."""
+    trained_like(ours)
+    ours.save_pretrained(str(tmp_path / "ours"))
+    loaded_by_hf = peft.PeftModel.from_pretrained(copy.deepcopy(base), str(tmp_path / "ours")).eval()
+    assert_close_to_scale(output(loaded_by_hf), output(ours), FLOAT32_RTOL)
+
+    trained_like(theirs, seed=5)
+    theirs.save_pretrained(str(tmp_path / "hf"))
+    loaded = peftcore.PeftModel.from_pretrained(copy.deepcopy(base), str(tmp_path / "hf"))
+    assert loaded.peft_config["default"].use_dora is True
+    assert_close_to_scale(output(loaded), output(theirs.eval()), FLOAT32_RTOL)
 
 
 def check_merge_is_exact_and_as_hf(ours: Any, theirs: Any, output: Callable[[Any], np.ndarray]) -> None:

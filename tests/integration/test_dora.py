@@ -21,7 +21,7 @@ import pytest
 torch = pytest.importorskip("torch")
 peft = pytest.importorskip("peft")
 
-from dora_checks import check_merge_is_exact_and_as_hf, trained_like  # noqa: E402
+from dora_checks import check_files_move_both_ways, check_merge_is_exact_and_as_hf, trained_like  # noqa: E402
 from tiny import gpt2_lm, llama_lm, random_ids, train_steps  # noqa: E402
 
 import peftcore  # noqa: E402
@@ -80,17 +80,7 @@ def test_files_move_both_ways(arch: str, tmp_path: Path) -> None:
     build, targets = MODELS[arch]
     base, ids = build(), random_ids(2, 8)
     ours = _ours(base, targets)
-    trained_like(ours)
-    ours.save_pretrained(str(tmp_path / "ours"))
-    loaded_by_hf = peft.PeftModel.from_pretrained(copy.deepcopy(base), str(tmp_path / "ours")).eval()
-    assert_close_to_scale(_logits(loaded_by_hf, ids), _logits(ours, ids), FLOAT32_RTOL)
-
-    theirs = _hf(base, targets)
-    trained_like(theirs, seed=5)
-    theirs.save_pretrained(str(tmp_path / "hf"))
-    loaded = peftcore.PeftModel.from_pretrained(copy.deepcopy(base), str(tmp_path / "hf"))
-    assert loaded.peft_config["default"].use_dora is True
-    assert_close_to_scale(_logits(loaded, ids), _logits(theirs.eval(), ids), FLOAT32_RTOL)
+    check_files_move_both_ways(base, ours, _hf(base, targets), lambda model: _logits(model, ids), tmp_path)
 
 
 @pytest.mark.parametrize("arch", MODELS)

@@ -24,7 +24,7 @@ import pytest
 torch = pytest.importorskip("torch")
 peft = pytest.importorskip("peft")
 
-from dora_checks import check_merge_is_exact_and_as_hf, trained_like  # noqa: E402
+from dora_checks import check_files_move_both_ways, check_merge_is_exact_and_as_hf, trained_like  # noqa: E402
 from torch import nn  # noqa: E402
 
 import peftcore  # noqa: E402
@@ -101,18 +101,7 @@ def test_output_is_the_base_at_init_with_hf_magnitude(dims: int) -> None:
 @pytest.mark.parametrize("dims", DIMS)
 def test_files_move_both_ways(dims: int, tmp_path: Path) -> None:
     base, x = cnn(dims), inputs(dims)
-    ours = _ours(base)
-    trained_like(ours)
-    ours.save_pretrained(str(tmp_path / "ours"))
-    loaded_by_hf = peft.PeftModel.from_pretrained(copy.deepcopy(base), str(tmp_path / "ours")).eval()
-    assert_close_to_scale(_out(loaded_by_hf, x), _out(ours, x), FLOAT32_RTOL)
-
-    theirs = _hf(base)
-    trained_like(theirs, seed=5)
-    theirs.save_pretrained(str(tmp_path / "hf"))
-    loaded = peftcore.PeftModel.from_pretrained(copy.deepcopy(base), str(tmp_path / "hf"))
-    assert loaded.peft_config["default"].use_dora is True
-    assert_close_to_scale(_out(loaded, x), _out(theirs.eval(), x), FLOAT32_RTOL)
+    check_files_move_both_ways(base, _ours(base), _hf(base), lambda model: _out(model, x), tmp_path)
 
 
 @pytest.mark.parametrize("dims", DIMS)
