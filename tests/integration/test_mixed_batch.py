@@ -406,3 +406,42 @@ def test_generate_with_equal_groups_applies_each_adapter_to_its_rows_at_once(mon
     for row, expected in enumerate(alone):
         assert torch.equal(mixed[row, : expected.shape[1]], expected[0]), f"row {row} ({names[row]})"
     assert len({tuple(row.tolist()) for row in mixed}) > 2, "the adapters must decode differently"
+
+
+@pytest.mark.parametrize("names", [["two", "one", "three"], ["two", "one", "two", "one"]], ids=["own", "grouped"])
+def test_generate_keeps_no_copy_of_the_rows_factors_it_does_not_need(
+    names: List[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Every row with its own adapter, in row order: the stacked factors are the rows'
+    factors already, nothing is copied. Equal groups: the decoding steps go adapter by
+    adapter, so the prompt's per-row copies are not kept for them. Either way each row
+    decodes as it does alone."""
+    from peftcore_torch import row_routing
+
+    peft_model = with_adapters(gpt2(), ["c_attn", "c_fc"])
+    with torch.no_grad():
+        for name, param in peft_model.named_parameters():
+            if "lora_B" in name:
+                param.mul_(20.0)
+    kept: list[Any] = []
+    apply = row_routing.StackedRowFactors.add_updates
+
+    def recording(self: Any, result: Any, x: Any) -> Any:
+        out = apply(self, result, x)
+        kept.append(self._rows)
+        return out
+
+    monkeypatch.setattr(row_routing.StackedRowFactors, "add_updates", recording)
+    tokens = torch.randint(1, VOCAB, (len(names), 5), generator=torch.Generator().manual_seed(13))
+    kwargs = dict(max_new_tokens=4, do_sample=False, pad_token_id=0)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        mixed = peft_model.generate(tokens, adapter_names=names, attention_mask=torch.ones_like(tokens), **kwargs)
+        alone = _generate_alone(peft_model, tokens, names, attention_mask=torch.ones_like(tokens[:1]), **kwargs)
+    for row, expected in enumerate(alone):
+        assert torch.equal(mixed[row, : expected.shape[1]], expected[0]), f"row {row} ({names[row]})"
+    assert kept
+    if len(set(names)) == len(names):
+        assert all(rows is not None and rows[0]._base is not None for rows in kept), "views of the stacks"
+    else:
+        assert all(rows is None for rows in kept)

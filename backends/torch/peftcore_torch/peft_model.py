@@ -22,7 +22,7 @@ from peftcore.errors import AdapterError
 from peftcore.graph import ModelGraph
 from peftcore.model_lock import changes_model, reading
 from peftcore.peft_model import PeftModel, deprecated_graph_alias
-from peftcore_torch import training_prep
+from peftcore_torch import output_head, training_prep
 from peftcore_torch.call_cache import caching_call
 from peftcore_torch.layers import AdapterLayer
 from peftcore_torch.row_routing import compiling, refuse_when_compiling
@@ -157,6 +157,8 @@ class TorchPeftModel(PeftModel, nn.Module):
         self.base_model = TunerModel(model)
         self.base_model.attach(self)
         self.init_peft_state(backend_name, graph)
+        # the adapted model's weights are frozen: keep its output layer's product one matmul
+        self._output_head_hook = output_head.fold_sliced_inputs(model)
         # let transformers.Trainer save and resume it as an adapter (see trainer_integration)
         enable_if_transformers_loaded()
         if training_prep.checkpointing_on(model):
@@ -194,6 +196,14 @@ class TorchPeftModel(PeftModel, nn.Module):
             )
         with caching_call(self):
             return self.run_mixed_batch(model.generate, adapter_names, first_input, args, kwargs, repeat=repeat)
+
+    def _unload(self, merge: bool) -> Any:
+        """The core's unload, and the output layer's hook removed: the model goes back plain."""
+        model = super()._unload(merge)
+        handle = self.__dict__.pop("_output_head_hook", None)
+        if handle is not None:
+            handle.remove()
+        return model
 
     @changes_model
     def _apply(self, fn: Any, *args: Any, **kwargs: Any) -> Any:
