@@ -58,7 +58,9 @@ def greedy_scores(model: Any, ids: Any) -> Any:
 
 
 def head_hooks(model: Any) -> list[Any]:
-    return [h for h in model.get_output_embeddings()._forward_pre_hooks.values() if h is contiguous_input]
+    """Our hooks on ``model``'s output embeddings (or on ``model`` itself, a layer)."""
+    head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else model
+    return [h for h in head._forward_pre_hooks.values() if h is contiguous_input]
 
 
 def test_frozen_model_scores_the_prompt_with_one_product() -> None:
@@ -110,3 +112,23 @@ def test_a_model_wrapped_twice_is_hooked_once() -> None:
     config = peftcore.LoraConfig(r=2, target_modules=["c_proj"])
     peftcore.get_peft_model(base, config, adapter_name="other")
     assert len(head_hooks(base)) == 1
+
+
+def test_an_adapted_output_layer_keeps_its_one_node_product(monkeypatch: pytest.MonkeyPatch) -> None:
+    """LoRA on ``lm_head`` wraps the hooked layer: the hook must not push the adapter layer
+    off its fused product (which reshapes the input itself)."""
+    from peftcore_torch import lora
+
+    config = peftcore.LoraConfig(r=4, target_modules=["lm_head"], init_lora_weights=False)
+    model = peftcore.get_peft_model(gpt2_lm(), config).eval()
+    head = model.get_base_model().lm_head
+    assert len(head_hooks(head.base_layer)) == 1
+    fused = lora.fused_lora_linear
+    calls: list[Any] = []
+    monkeypatch.setattr(lora, "fused_lora_linear", lambda *args: calls.append(args) or fused(*args))
+    hidden = torch.randn(3, 5, 32)[:, -1:, :]  # a sliced input, as generate's prompt step gives
+    with torch.no_grad():
+        out = head(hidden)
+        expected = head.base_layer(hidden.contiguous()) + head.update("default", hidden)
+    assert len(calls) == 1
+    assert_close_to_scale(out, expected)

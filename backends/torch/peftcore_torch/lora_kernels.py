@@ -29,6 +29,8 @@ from typing import Any, Optional, cast
 import torch
 from torch import nn
 
+from peftcore_torch.output_head import contiguous_input
+
 
 def base_product(
     x2: torch.Tensor,
@@ -224,9 +226,17 @@ _GLOBAL_HOOKS = tuple(
 
 
 def has_hooks(module: nn.Module) -> bool:
-    """Whether calling ``module`` would run a hook (its own or a global one)."""
+    """Whether calling ``module`` would run a hook (its own or a global one) other than
+    :func:`~peftcore_torch.output_head.contiguous_input`, which only changes the layout of
+    an input that the products here reshape anyway (an adapted output layer)."""
     state = module.__dict__
-    return any(state.get(name) for name in _HOOK_DICTS) or any(_GLOBAL_HOOKS)
+    if any(_GLOBAL_HOOKS):
+        return True
+    for name in _HOOK_DICTS:
+        hooks = state.get(name)
+        if hooks and any(hook is not contiguous_input for hook in hooks.values()):
+            return True
+    return False
 
 
 def _autocast_on(device_type: str) -> bool:
