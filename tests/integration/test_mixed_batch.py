@@ -291,6 +291,14 @@ def test_modules_to_save_mixed_batches_agree_with_hf_peft(tmp_path: Path) -> Non
 
 
 # -- generate -----------------------------------------------------------------------------
+def enlarge_updates(peft_model: Any) -> None:
+    """Scale every lora_B by 20, so that the adapters pick different tokens when decoding."""
+    with torch.no_grad():
+        for name, param in peft_model.named_parameters():
+            if "lora_B" in name:
+                param.mul_(20.0)
+
+
 def _generate_alone(peft_model: Any, tokens: Any, names: List[str], **kwargs: Any) -> List[Any]:
     rows = []
     for row, name in enumerate(names):
@@ -307,10 +315,7 @@ def _generate_alone(peft_model: Any, tokens: Any, names: List[str], **kwargs: An
 @pytest.mark.parametrize("beams", [1, 2], ids=["greedy", "beam search"])
 def test_generate_decodes_each_row_through_its_own_adapter(beams: int) -> None:
     peft_model = with_adapters(gpt2(), ["c_attn", "c_proj", "c_fc"])
-    with torch.no_grad():  # larger factors, so that the adapters pick different tokens
-        for name, param in peft_model.named_parameters():
-            if "lora_B" in name:
-                param.mul_(20.0)
+    enlarge_updates(peft_model)
     tokens = torch.randint(1, VOCAB, (4, 5), generator=torch.Generator().manual_seed(9))
     names = ["three", "__base__", "one", "two"]
     kwargs = dict(max_new_tokens=6, do_sample=False, num_beams=beams, pad_token_id=0,
@@ -357,10 +362,7 @@ def test_256_distinct_adapters_in_one_batch_equal_each_row_alone() -> None:
     peft_model = peftcore.get_peft_model(gpt2(), lora(["c_attn", "c_fc"], r=2), adapter_name=names[0])
     for name in names[1:]:
         peft_model.add_adapter(name, lora(["c_attn", "c_fc"], r=2))
-    with torch.no_grad():  # larger factors, so that the adapters decode differently
-        for name, param in peft_model.named_parameters():
-            if "lora_B" in name:
-                param.mul_(20.0)
+    enlarge_updates(peft_model)
     rows = [names[(37 * row) % 256] for row in range(63)] + ["__base__"]
     tokens = torch.randint(1, VOCAB, (64, 4), generator=torch.Generator().manual_seed(11))
     with torch.no_grad():
@@ -382,10 +384,7 @@ def test_generate_with_equal_groups_applies_each_adapter_to_its_rows_at_once(mon
     from peftcore_torch import row_routing
 
     peft_model = with_adapters(gpt2(), ["c_attn", "c_proj", "c_fc"])
-    with torch.no_grad():  # larger factors, so that the adapters pick different tokens
-        for name, param in peft_model.named_parameters():
-            if "lora_B" in name:
-                param.mul_(20.0)
+    enlarge_updates(peft_model)
     routes: list[bool] = []
     apply = row_routing.StackedRowFactors.add_updates
 
@@ -419,10 +418,7 @@ def test_generate_keeps_no_copy_of_the_rows_factors_it_does_not_need(
     from peftcore_torch import row_routing
 
     peft_model = with_adapters(gpt2(), ["c_attn", "c_fc"])
-    with torch.no_grad():
-        for name, param in peft_model.named_parameters():
-            if "lora_B" in name:
-                param.mul_(20.0)
+    enlarge_updates(peft_model)
     kept: list[Any] = []
     apply = row_routing.StackedRowFactors.add_updates
 
