@@ -335,7 +335,7 @@ class LoraLinear(LoraLayer):
         routing = self.batch_routing
         assert routing is not None
         factors = {name: (self.lora_A.weight(name), self.lora_B.weight(name), self.scaling[name]) for name in groups}
-        stacked = StackedRowFactors(routing, factors)
+        stacked = StackedRowFactors(routing, factors, for_decoding=entries is not None)
         if entries is not None:
             entries[key] = stacked
         return stacked

@@ -170,8 +170,10 @@ class StackedRowFactors:
     """The adapters' factors stacked for batched products over a mixed batch (inference
     only): each adapter's A (scaling folded in) and B^T, ranks zero-padded to the
     largest, plus an all-zero slot for rows without an adapter. Built once per call, and
-    for every decoding step of a ``generate`` (:mod:`peftcore_torch.call_cache`): the
-    call's adapters cannot change while it runs (the model's lock).
+    with ``for_decoding`` kept for every decoding step of a ``generate``
+    (:mod:`peftcore_torch.call_cache`): the call's adapters cannot change while it runs
+    (the model's lock). Only stacks kept for decoding copy B^T contiguous, the layout a
+    one-token product wants; others are a transposed view of B's stack, cheaper to build.
 
     Two ways to apply them, both reading ``x`` once and updating the output once:
 
@@ -190,16 +192,23 @@ class StackedRowFactors:
 
     __slots__ = ("adapter_a", "adapter_b_t", "slots", "order", "group_size", "_rows", "dtype", "device")
 
-    def __init__(self, routing: RowRouting, factors: dict[str, tuple[torch.Tensor, torch.Tensor, float]]) -> None:
+    def __init__(
+        self, routing: RowRouting, factors: dict[str, tuple[torch.Tensor, torch.Tensor, float]], for_decoding: bool
+    ) -> None:
         rank = max(a.shape[0] for a, _, _ in factors.values())
         first_a, first_b, _ = next(iter(factors.values()))
         self.dtype, self.device = first_a.dtype, first_a.device
         names = list(factors)
         with torch.no_grad():
             a_parts = [F.pad(a, (0, 0, 0, rank - a.shape[0])) if a.shape[0] < rank else a for a, _, _ in factors.values()]
-            b_parts = [(F.pad(b, (0, rank - b.shape[1])) if b.shape[1] < rank else b).t() for _, b, _ in factors.values()]
+            b_parts = [F.pad(b, (0, rank - b.shape[1])) if b.shape[1] < rank else b for _, b, _ in factors.values()]
             self.adapter_a = torch.stack([*a_parts, first_a.new_zeros(rank, first_a.shape[1])])
-            self.adapter_b_t = torch.stack([*b_parts, first_b.new_zeros(rank, first_b.shape[0])])
+            b_parts.append(first_b.new_zeros(first_b.shape[0], rank))
+            # B^T copied contiguous runs a one-token step's product 2-4x faster; for products over
+            # several tokens B's own layout is as fast, and stacks 4-6x faster (BENCHMARKS.md)
+            self.adapter_b_t = (
+                torch.stack([b.t() for b in b_parts]) if for_decoding else torch.stack(b_parts).transpose(1, 2)
+            )
             scalings = [scaling for _, _, scaling in factors.values()]
             if any(scaling != 1.0 for scaling in scalings):
                 scale = torch.tensor([*scalings, 0.0], dtype=self.dtype, device=self.device)
@@ -239,7 +248,10 @@ class StackedRowFactors:
             rows_a, rows_b_t = self._rows
         else:
             with torch.no_grad():
-                rows_a, rows_b_t = self.adapter_a.index_select(0, self.slots), self.adapter_b_t.index_select(0, self.slots)
+                rows_a = self.adapter_a.index_select(0, self.slots)
+                stacked_b = self.adapter_b_t if self.adapter_b_t.is_contiguous() else self.adapter_b_t.transpose(1, 2)
+                rows_b = stacked_b.index_select(0, self.slots)  # picked in the stack's own layout
+                rows_b_t = rows_b if stacked_b is self.adapter_b_t else rows_b.transpose(1, 2)
             if self.order is None:  # the decoding steps take this route too: keep the copies for them
                 self._rows = rows_a, rows_b_t
         hidden_t = torch.bmm(rows_a, x3.transpose(1, 2))  # (batch, r, tokens): BLAS's faster layout
