@@ -81,7 +81,7 @@ def fix_allocation_placement() -> bool:
     removes that. The trim threshold is set as glibc's dynamic rule sets it, twice the
     mmap threshold: fixing one alone left trimming at its 128 KiB start, so that whichever
     contender's call ended with the most memory free at the heap's top handed it back and
-    took it again, page by page, at its next call (15,000-34,000 page faults a 64-row
+    took it again, page by page, at its next call (15,000-51,000 page faults a 64-row
     ``generate``, landing on one contender or another by heap order). Returns whether it
     could (glibc on Linux only)."""
     if not sys.platform.startswith("linux"):
