@@ -123,10 +123,12 @@ class RowRouting:
     def __len__(self) -> int:
         return len(self.names)
 
-    def index(self, rows: tuple[int, ...], device: torch.device) -> torch.Tensor:
-        key = (rows, device)
+    def index(self, values: tuple[int, ...], device: torch.device) -> torch.Tensor:
+        """``values`` (row numbers, slots) as an index tensor on ``device``, made once per
+        routing: every layer of the call asks for the same ones."""
+        key = (values, device)
         if key not in self._indices:
-            self._indices[key] = torch.tensor(rows, dtype=torch.long, device=device)
+            self._indices[key] = torch.tensor(values, dtype=torch.long, device=device)
         return self._indices[key]
 
     def groups_for(self, held: Any, batch_size: int) -> dict[str, tuple[int, ...]]:
@@ -214,11 +216,11 @@ class StackedRowFactors:
                 scale = torch.tensor([*scalings, 0.0], dtype=self.dtype, device=self.device)
                 self.adapter_a.mul_(scale.view(-1, 1, 1))
         slot = {name: i for i, name in enumerate(names)}
-        self.slots = torch.tensor([slot.get(name, len(names)) for name in routing.names], device=self.device)
+        self.slots = routing.index(tuple(slot.get(name, len(names)) for name in routing.names), self.device)
         sizes = {len(routing.rows[name]) for name in names}
         self.group_size = sizes.pop() if len(sizes) == 1 else 0
         self.order = (
-            torch.tensor([row for name in names for row in routing.rows[name]], device=self.device)
+            routing.index(tuple(row for name in names for row in routing.rows[name]), self.device)
             if self.group_size > 1 else None
         )
         # every row its own adapter, in row order: the stacks are already the rows' factors
