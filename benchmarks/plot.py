@@ -12,10 +12,12 @@ Needs matplotlib (``pip install -e .[bench]``).
 
 from __future__ import annotations
 
+import dataclasses
 import json
-import statistics
 import sys
 from typing import Any, Dict, List, Optional
+
+from harness import Result
 
 COLOURS = {"HF PEFT": "#d98c3a", "peftcore": "#3a78d9", "floor": "#9a9a9a"}
 
@@ -24,12 +26,22 @@ def _by_key(results: List[Dict[str, Any]]) -> Dict[str, Dict[str, Any]]:
     return {r["key"]: r for r in results if r.get("peftcore") is not None}
 
 
+def _ratio(row: Dict[str, Any], library: str) -> float:
+    """The library's (``"peftcore"`` or ``"HF PEFT"``) ratio to the row's reference as the
+    table gives it (:meth:`harness.Result.ratio_of`: the median of the per-round ratios)."""
+    names = {spec.name for spec in dataclasses.fields(Result)}
+    ratio = Result(**{name: value for name, value in row.items() if name in names}).ratio_of(library)
+    if ratio is None:
+        raise ValueError(f"results row {row.get('key')!r} has no {library} time to compare with its reference")
+    return ratio
+
+
 def _relative_time(ax: Any, rows: Dict[str, Dict[str, Any]]) -> None:
     wanted = [("train_step", "training step\n(vs floor)"), ("mixed_batch", "mixed-adapter inference\n(vs base model)")]
     present = [(key, label) for key, label in wanted if key in rows]
     width = 0.35
-    for offset, library, field in ((-width / 2, "HF PEFT", "hf"), (width / 2, "peftcore", "peftcore")):
-        values = [rows[key][field] / rows[key]["reference"] for key, _ in present]
+    for offset, library in ((-width / 2, "HF PEFT"), (width / 2, "peftcore")):
+        values = [_ratio(rows[key], library) for key, _ in present]
         bars = ax.bar([i + offset for i in range(len(present))], values, width, label=library, color=COLOURS[library])
         ax.bar_label(bars, fmt="%.3fx", fontsize=8)
     for i, (key, _) in enumerate(present):
@@ -105,16 +117,6 @@ def draw(data: Dict[str, Any], path: str) -> None:
     plt.close(figure)
 
 
-def _ratio(row: Dict[str, Any], library: str, field: str) -> float:
-    """The library's ratio to the row's reference as the table gives it: the median of the
-    per-round ratios when the samples are there (see ``harness.Result.ratio_of``)."""
-    samples = row.get("samples") or {}
-    ours, base = samples.get(library), samples.get(row.get("reference_name", ""))
-    if ours and base and len(ours) == len(base) > 1 and all(base):
-        return float(statistics.median(a / b for a, b in zip(ours, base)))
-    return float(row[field] / row["reference"])
-
-
 def many_curves(results: List[Dict[str, Any]]) -> Dict[str, Dict[str, List[tuple]]]:
     """Row 7's ratios to the base model, ``{kind: {library: [(adapters, ratio), ...]}}``
     sorted by the number of adapters (kind: ``forward`` or ``generate``)."""
@@ -126,7 +128,7 @@ def many_curves(results: List[Dict[str, Any]]) -> Dict[str, Dict[str, List[tuple
         count, kind = int(parts[1]), parts[2]
         for library, field in (("HF PEFT", "hf"), ("peftcore", "peftcore")):
             if row.get(field):
-                curves.setdefault(kind, {}).setdefault(library, []).append((count, _ratio(row, library, field)))
+                curves.setdefault(kind, {}).setdefault(library, []).append((count, _ratio(row, library)))
     for by_library in curves.values():
         for points in by_library.values():
             points.sort()
