@@ -210,9 +210,8 @@ class PreparedLoraLinear:
         if folding_pays(x2.shape[0], self.weight):  # a long prompt: one product with the adapter folded in
             folded = merged_weight(self.weight, self.lora_a, self.lora_b, self.scaling, self.weight_in_out)
             out = base_product(x2, folded, self.bias, self.weight_in_out)
-        else:
-            bias = self.bias
-            out = torch.mm(x2, self.base_operand) if bias is None else torch.addmm(bias, x2, self.base_operand)
+        else:  # base_operand is already in the (in, out) layout
+            out = base_product(x2, self.base_operand, self.bias, weight_in_out=True)
             out.addmm_(torch.mm(x2, self.a_t), self.b_t, alpha=self.scaling)
         return out.view(*x.shape[:-1], out.shape[-1])
 
