@@ -382,15 +382,10 @@ class LoraLinear(LoraLayer):
         if single is None or torch.is_grad_enabled():
             return None
         name, factor_a = single
-        modules = cast(dict[str, nn.Module], self._modules)
-        dropout = cast(nn.Module, modules["lora_dropout"]._modules[name])
-        if self.use_dora.get(name, False) or not _runs_as_identity(dropout):
+        operands = self._fusable_operands(x, name, factor_a)
+        if operands is None or self.use_dora.get(name, False) or not _runs_as_identity(operands[3]):
             return None
-        a = factor_a.weight
-        b = cast(LoraFactor, modules["lora_B"]._modules[name]).weight
-        base = modules["base_layer"]
-        if not can_fuse(base, self._plain_base, x, a, b):
-            return None
+        a, b, base, _ = operands
         bias = cast(Optional[torch.Tensor], base.bias)
         return PreparedLoraLinear(cast(torch.Tensor, base.weight), bias, a, b, self.scaling[name], self.fan_in_fan_out)
 
@@ -406,14 +401,25 @@ class LoraLinear(LoraLayer):
             return None
         return active[0], cast(LoraFactor, factor)
 
-    def _fused_forward(self, x: torch.Tensor, name: str, factor_a: LoraFactor) -> Optional[torch.Tensor]:
+    def _fusable_operands(
+        self, x: torch.Tensor, name: str, factor_a: LoraFactor
+    ) -> Optional[tuple[torch.Tensor, torch.Tensor, nn.Module, nn.Module]]:
+        """``(A, B, base layer, dropout)`` of adapter ``name`` when :func:`can_fuse` allows
+        the one-node product for ``x``, else None. Reads the module's own dicts directly:
+        decoding calls this once per layer per token."""
         modules = cast(dict[str, nn.Module], self._modules)
         a = factor_a.weight
         b = cast(LoraFactor, modules["lora_B"]._modules[name]).weight
         base = modules["base_layer"]
         if not can_fuse(base, self._plain_base, x, a, b):
             return None
-        dropout = cast(nn.Module, modules["lora_dropout"]._modules[name])
+        return a, b, base, cast(nn.Module, modules["lora_dropout"]._modules[name])
+
+    def _fused_forward(self, x: torch.Tensor, name: str, factor_a: LoraFactor) -> Optional[torch.Tensor]:
+        operands = self._fusable_operands(x, name, factor_a)
+        if operands is None:
+            return None
+        a, b, base, dropout = operands
         identity = _runs_as_identity(dropout)
         weight, bias = cast(torch.Tensor, base.weight), cast(Optional[torch.Tensor], base.bias)
         if self.use_dora.get(name, False):
