@@ -22,7 +22,7 @@ import contextvars
 from typing import Any, Iterator, Optional
 
 from peftcore.model_lock import ModelLock, model_lock
-from peftcore_torch.row_routing import compiling
+from peftcore_torch.tracing import compiling
 
 
 class CallCache:

@@ -25,7 +25,8 @@ from peftcore.peft_model import PeftModel, deprecated_graph_alias
 from peftcore_torch import output_head, training_prep
 from peftcore_torch.call_cache import caching_call
 from peftcore_torch.layers import AdapterLayer
-from peftcore_torch.row_routing import compiling, refuse_when_compiling
+from peftcore_torch.row_routing import refuse_when_compiling
+from peftcore_torch.tracing import compiling
 from peftcore_torch.trainer_integration import enable_if_transformers_loaded
 
 #: HF PEFT's tuner-model (``LoraModel``) API that ``base_model`` passes to its PeftModel.

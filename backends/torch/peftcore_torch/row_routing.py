@@ -34,6 +34,7 @@ from torch import nn
 
 from peftcore.errors import AdapterError, BackendError
 from peftcore.model_ops import BASE_ROW
+from peftcore_torch.tracing import compiling
 
 RowDelta = Callable[[str, torch.Tensor], torch.Tensor]
 
@@ -41,12 +42,6 @@ RowDelta = Callable[[str, torch.Tensor], torch.Tensor]
 #: the layers that route its rows; None outside such a call.
 _CALL_ROUTING: contextvars.ContextVar[Optional[tuple["RowRouting", set[int]]]] = contextvars.ContextVar(
     "peftcore_torch_row_routing", default=None
-)
-
-
-#: ``torch.compiler.is_compiling`` (torch >= 2.3) or its older home; dynamo reads it as a constant
-compiling: Callable[[], bool] = getattr(getattr(torch, "compiler", None), "is_compiling", None) or (
-    torch._dynamo.is_compiling
 )
 
 
