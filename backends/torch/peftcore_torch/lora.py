@@ -110,7 +110,10 @@ class FactorDict(nn.ModuleDict):
 
     def weight(self, key: str) -> torch.Tensor:
         """The factor weight of adapter ``key``."""
-        return cast(LoraFactor, self._modules[key]).weight
+        factor = self._modules[key]
+        # the parameter itself, not Module.__getattr__'s walk (read per adapter per layer in mixed batches)
+        weight = factor._parameters.get("weight") if factor is not None else None
+        return weight if weight is not None else cast(LoraFactor, factor).weight
 
     @property
     def weights(self) -> FactorWeights:
@@ -330,26 +333,36 @@ class LoraLinear(LoraLayer):
         cached = entries.get(key) if entries is not None else None
         if cached is not None and cached.fits(x, result):
             return cast(StackedRowFactors, cached)
-        if not self._can_stack_rows(x, result, groups):
+        factors = self._stackable_factors(x, result, groups)
+        if factors is None:
             return None
         routing = self.batch_routing
         assert routing is not None
-        factors = {name: (self.lora_A.weight(name), self.lora_B.weight(name), self.scaling[name]) for name in groups}
         stacked = StackedRowFactors(routing, factors, for_decoding=entries is not None)
         if entries is not None:
             entries[key] = stacked
         return stacked
 
-    def _can_stack_rows(self, x: torch.Tensor, result: torch.Tensor, groups: dict[str, tuple[int, ...]]) -> bool:
-        """Inference with every adapter's factors in the input's dtype and device, no dropout."""
+    def _stackable_factors(
+        self, x: torch.Tensor, result: torch.Tensor, groups: dict[str, tuple[int, ...]]
+    ) -> Optional[dict[str, tuple[torch.Tensor, torch.Tensor, float]]]:
+        """``{adapter: (A, B, scaling)}`` for the adapters of ``groups`` where they can be
+        stacked: inference, no dropout, every factor in the input's dtype and device.
+        One pass with local lookups: at 64 adapters a layer, attribute lookups per
+        adapter and check cost more than stacking the factors."""
         if torch.is_grad_enabled() or not groups or x.dim() < 2 or not result.is_contiguous():
-            return False
-        return all(
-            _runs_as_identity(self.lora_dropout[name])
-            and self.lora_A.weight(name).dtype == self.lora_B.weight(name).dtype == x.dtype == result.dtype
-            and self.lora_A.weight(name).device == x.device == result.device
-            for name in groups
-        )
+            return None
+        dtype, device = x.dtype, x.device
+        if result.dtype != dtype or result.device != device:
+            return None
+        weight_a, weight_b, dropouts, scaling = self.lora_A.weight, self.lora_B.weight, self.lora_dropout, self.scaling
+        factors = {}
+        for name in groups:
+            a, b = weight_a(name), weight_b(name)
+            if a.dtype != dtype or b.dtype != dtype or a.device != device or not _runs_as_identity(dropouts[name]):
+                return None
+            factors[name] = (a, b, scaling[name])
+        return factors
 
     def _can_fold_rows(self, x: torch.Tensor, groups: dict[str, tuple[int, ...]], args: tuple, kwargs: dict) -> bool:
         """Inference with plain factors and enough tokens per adapter to pay for folding,
@@ -360,9 +373,12 @@ class LoraLinear(LoraLayer):
             return False
         if x.dim() < 2 or x.numel() == 0:
             return False
+        weight = self.base_weight()
+        if not folding_pays(x.numel() // int(x.shape[-1]), weight):  # not even all the tokens (a decoding step)
+            return False
         tokens_per_row = x.numel() // (int(x.shape[0]) * int(x.shape[-1]))
         smallest_group = min(len(rows) for rows in groups.values())
-        if not folding_pays(smallest_group * tokens_per_row, self.base_weight()):
+        if not folding_pays(smallest_group * tokens_per_row, weight):
             return False
         in_features, out_features = self.features()
         if out_features > in_features and not contiguous_groups(routing, groups):

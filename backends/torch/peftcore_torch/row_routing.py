@@ -133,7 +133,10 @@ class RowRouting:
                 "Length of `adapter_names` should be the same as the number of inputs, but got "
                 f"{len(self.names)} and {batch_size} respectively (one adapter name per row)."
             )
-        return {name: rows for name, rows in self.rows.items() if name in held}
+        held_names = held.keys()  # a keys view: membership without a Python call per name
+        if self.rows.keys() <= held_names:
+            return self.rows  # every routed adapter held, the usual case (callers only read it)
+        return {name: rows for name, rows in self.rows.items() if name in held_names}
 
     def rows_outside(self, groups: dict[str, tuple[int, ...]]) -> tuple[int, ...]:
         """The rows no adapter of ``groups`` runs on (they get the base output)."""
