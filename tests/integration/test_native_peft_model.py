@@ -153,3 +153,16 @@ def test_forward_shows_the_base_models_parameters() -> None:
     assert {"input_ids", "attention_mask", "labels"} <= set(parameters) and "adapter_names" in parameters
     out = pm.forward(input_ids=random_ids(1, 4))  # and it still runs, called directly
     assert out.logits.shape[:2] == (1, 4)
+
+
+def test_forward_is_bound_once_and_copies_call_their_own_model() -> None:
+    pm = adapted("gpt2")
+    assert pm.forward is pm.forward  # kept on the instance after the first lookup
+    ids = random_ids(1, 5)
+    expected = logits(pm, ids)
+    for twin in (copy.deepcopy(pm), pickle.loads(pickle.dumps(pm))):
+        assert twin.forward is not pm.forward and twin.forward.peft_model is twin
+        with torch.no_grad():
+            twin.base_model.model.transformer.h[0].attn.c_attn.lora_B["default"].weight.add_(1.0)
+        assert torch.equal(logits(pm, ids), expected)  # the copy's change stays in the copy
+        assert not torch.equal(twin.forward(input_ids=ids).logits, expected)

@@ -30,6 +30,7 @@ import torch
 from torch import nn
 
 from peftcore_torch.output_head import contiguous_input
+from peftcore_torch.tracing import compiling
 
 
 def base_product(
@@ -162,7 +163,12 @@ def fused_lora_linear(
     ):
         return _FusedLoraLinear.apply(x, lora_input, weight, bias, lora_a, lora_b, scaling, weight_in_out)
     x2 = x.reshape(-1, x.shape[-1])
-    if lora_input is None and folding_pays(x2.shape[0], weight):
+    if compiling():
+        # traced for inductor: a plain sum, whose scale and add inductor fuses into the next
+        # pointwise kernel; addmm_ would read the whole output again in a kernel of its own
+        hidden = torch.mm(x2 if lora_input is None else lora_input.reshape(x2.shape), lora_a.t())
+        out = base_product(x2, weight, bias, weight_in_out) + torch.mm(hidden, lora_b.t()) * scaling
+    elif lora_input is None and folding_pays(x2.shape[0], weight):
         out = base_product(x2, merged_weight(weight, lora_a, lora_b, scaling, weight_in_out), bias, weight_in_out)
     else:
         # no autograd: the scaling rides on the last product (addmm_'s alpha), one kernel fewer

@@ -145,7 +145,10 @@ class _ForwardDescriptor:
     def __get__(self, instance: Optional[TorchPeftModel], owner: type[TorchPeftModel]) -> Any:
         if instance is None:
             return owner.peft_forward
-        return _BoundForward(instance)
+        # kept on the instance, so later lookups skip this method: under torch.compile each
+        # call through it was a frame of its own, with its own guard check per model call
+        bound = instance.__dict__["forward"] = _BoundForward(instance)
+        return bound
 
 
 class TorchPeftModel(PeftModel, nn.Module):
