@@ -14,7 +14,8 @@ peak memory), ``decode`` (unmerged greedy decoding, batch 1 and 8), ``many`` (a
 64-row mixed batch over 1 to 256 adapters, forward and generate), ``dora`` (the DoRA
 training step vs HF PEFT's DoRA vs the floor), ``qlora`` (peak training memory on a
 4-bit base vs float32, and the QLoRA step vs HF PEFT's), ``compile`` (the LoRA training
-step under ``torch.compile`` vs the compiled floor), ``singa`` (SINGA's
+step under ``torch.compile`` vs the compiled floor), ``compile_decode`` (greedy decoding
+of ``decode``'s models under ``torch.compile``, vs the compiled base model), ``singa`` (SINGA's
 PEFT example, when available), ``singa_start`` (``get_peft_model`` on a SINGA model in a
 fresh interpreter, torch installed). Runs on CUDA when it is available (``--device`` to
 choose). On a CPU the default is one torch thread timed by
@@ -48,7 +49,8 @@ from harness import (
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 MEASUREMENTS = (
-    "train", "inject", "mixed", "merge", "memory", "decode", "many", "dora", "qlora", "compile", "singa", "singa_start"
+    "train", "inject", "mixed", "merge", "memory", "decode", "many", "dora", "qlora", "compile", "compile_decode",
+    "singa", "singa_start",
 )
 TORCH_TITLES = {
     "train": "1. LoRA training step",
@@ -61,6 +63,7 @@ TORCH_TITLES = {
     "dora": "8. DoRA training step",
     "qlora": "9-10. QLoRA memory and step time",
     "compile": "11. LoRA training step under torch.compile",
+    "compile_decode": "12. greedy decoding under torch.compile",
 }
 
 
@@ -94,6 +97,10 @@ def _measure(name: str, settings: Settings, clock: Clock, args: argparse.Namespa
         import bench_compile
 
         return [bench_compile.run(settings, clock)]
+    if name == "compile_decode":
+        import bench_compile_decode
+
+        return bench_compile_decode.run(settings, clock)
     if name == "inject":
         import bench_inject
 

@@ -1,0 +1,85 @@
+"""Measurement 12: greedy decoding under ``torch.compile`` (inductor). Measurement 6's
+models (GPT-2 shape, one unmerged LoRA adapter, identical in both libraries) are each
+wrapped in ``torch.compile(dynamic=True)`` and step through 32 new tokens after a 16-token
+prompt with the key/value cache, at batch 1 and 8: peftcore vs HF PEFT vs the compiled
+base model.
+
+``generate`` compiles its steps by itself only with a static cache and, in transformers,
+only on CUDA; so each contender runs the same loop ``generate`` runs per step: call the
+model on the last token with the cache, take the argmax. ``dynamic=True`` traces the
+cache's length and the batch as symbols, so the prompt and the decoding steps compile
+once each for both batch sizes (compilation is not timed; it is printed). The three
+compiled contenders must produce their eager tokens, and peftcore HF PEFT's (checked).
+"""
+
+from __future__ import annotations
+
+import time
+from typing import Any, Callable, Dict, List
+
+from bench_decode import NEW_TOKENS, PROMPT, TARGETS, build
+from harness import Clock, Result, Settings, alternate, median, progress
+from models import token_batch
+
+
+def greedy_tokens(model: Any, ids: Any) -> Any:
+    """The ``NEW_TOKENS`` tokens greedy decoding gives after ``ids``, stepping ``model``
+    with its key/value cache as ``generate`` does."""
+    import torch
+
+    tokens, step_ids, cache = [], ids, None
+    with torch.no_grad():
+        for _ in range(NEW_TOKENS):
+            # transformers 5 renamed the cache argument and output; older 5.x releases use the old name
+            cache_kwargs = {} if cache is None else {cache[0]: cache[1]}
+            out = model(input_ids=step_ids, use_cache=True, **cache_kwargs)
+            name = "cache" if "cache" in out else "past_key_values"
+            cache = (name, out[name])
+            step_ids = out["logits"][:, -1:].argmax(-1)
+            tokens.append(step_ids)
+    return torch.cat(tokens, dim=1)
+
+
+def run(settings: Settings, clock: Clock) -> List[Result]:
+    import torch
+
+    eager = build(settings.device)
+    compiled: Dict[str, Any] = {}
+    batches = {batch: token_batch(batch, settings.device)[:, :PROMPT] for batch in TARGETS}
+    expected = {(name, batch): greedy_tokens(model, ids) for name, model in eager.items() for batch, ids in batches.items()}
+    title = "12. greedy decoding under torch.compile (inductor)"
+    try:
+        for name, model in eager.items():
+            compiled[name] = torch.compile(model, dynamic=True)
+            started = time.perf_counter()
+            for ids in batches.values():
+                greedy_tokens(compiled[name], ids)
+            progress(f"compiled decoding: {name} compiled and ran in {time.perf_counter() - started:.0f} s")
+    except Exception as exc:  # inductor needs a working C++ toolchain on CPU
+        return [Result(key="compiled_decode", title=title, unit="ms/token", note=f"torch.compile failed: {exc!r}"[:300])]
+    results = []
+    for batch, target in TARGETS.items():
+        ids = batches[batch]
+        calls: Dict[str, Callable[[], Any]] = {
+            name: (lambda model=model, ids=ids: greedy_tokens(model, ids)) for name, model in compiled.items()
+        }
+        differing = [name for name, call in calls.items() if not torch.equal(call(), expected[name, batch])]
+        note = f"compiled tokens differ from eager ones: {', '.join(differing)}" if differing else ""
+        if not torch.equal(expected["peftcore", batch], expected["HF PEFT", batch]):
+            note = "; ".join(filter(None, [note, "tokens differ from HF PEFT's"]))
+        times = alternate(calls, settings.rounds(15, 5), clock, warmup=1, label=f"compiled decoding, batch {batch}")
+        ms = {name: [1000.0 * t / NEW_TOKENS for t in values] for name, values in times.items()}
+        results.append(Result(
+            key=f"compiled_decode_batch{batch}",
+            title=f"{title}, batch {batch}, {NEW_TOKENS} new tokens",
+            unit="ms/token",
+            peftcore=median(ms["peftcore"]),
+            hf=median(ms["HF PEFT"]),
+            reference=median(ms["base model"]),
+            reference_name="compiled base model",
+            ratio_target=target,
+            target_text=f"<= {target:.2f}x compiled base model",
+            note=note,
+            samples=ms,
+        ))
+    return results
