@@ -31,7 +31,10 @@ def _compiled_step(contender: str, device: str) -> TrainingStep:
 
 
 def run(settings: Settings, clock: Clock) -> Result:
+    import torch
+
     title = f"11. LoRA training step under torch.compile (inductor), batch {BATCH}x128"
+    torch._dynamo.reset()  # no graphs left from an earlier measurement (row 12 compiles the same forwards)
     try:
         steps: Dict[str, TrainingStep] = {name: _compiled_step(name, settings.device) for name in CONTENDERS}
     except Exception as exc:  # inductor needs a working C++ toolchain on CPU

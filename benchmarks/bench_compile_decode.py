@@ -7,8 +7,10 @@ base model.
 ``generate`` compiles its steps by itself only with a static cache and, in transformers,
 only on CUDA; so each contender runs the same loop ``generate`` runs per step: call the
 model on the last token with the cache, take the argmax. ``dynamic=True`` traces the
-cache's length and the batch as symbols, so the prompt and the decoding steps compile
-once each for both batch sizes (compilation is not timed; it is printed). The three
+cache's length as a symbol, so a few graphs per batch size serve every step (a batch of
+1 is specialised; compilation is not timed, it is printed). Dynamo's caches are reset
+first: row 11 compiles the same forwards, and its graphs would count towards the limit
+of graphs per function, past which dynamo runs a function eagerly. The three
 compiled contenders must produce their eager tokens, and peftcore HF PEFT's (checked).
 """
 
@@ -43,6 +45,7 @@ def greedy_tokens(model: Any, ids: Any) -> Any:
 def run(settings: Settings, clock: Clock) -> List[Result]:
     import torch
 
+    torch._dynamo.reset()  # no graphs left from an earlier measurement (row 11 compiles the same forwards)
     eager = build(settings.device)
     compiled: Dict[str, Any] = {}
     batches = {batch: token_batch(batch, settings.device)[:, :PROMPT] for batch in TARGETS}
