@@ -4,14 +4,15 @@ wrapped in ``torch.compile(dynamic=True)`` and step through 32 new tokens after 
 prompt with the key/value cache, at batch 1 and 8: peftcore vs HF PEFT vs the compiled
 base model.
 
-``generate`` compiles its steps by itself only with a static cache and, in transformers,
-only on CUDA; so each contender runs the same loop ``generate`` runs per step: call the
-model on the last token with the cache, take the argmax. ``dynamic=True`` traces the
-cache's length as a symbol, so a few graphs per batch size serve every step (a batch of
-1 is specialised; compilation is not timed, it is printed). Dynamo's caches are reset
-first: row 11 compiles the same forwards, and its graphs would count towards the limit
-of graphs per function, past which dynamo runs a function eagerly. The three
-compiled contenders must produce their eager tokens, and peftcore HF PEFT's (checked).
+transformers' ``generate`` compiles its steps by itself only with a compilable (static)
+cache, and only on an accelerator unless its compile config says otherwise; so each
+contender runs the same loop ``generate`` runs per step: call the model on the last
+token with the cache, take the argmax. ``dynamic=True`` traces the cache's length as a
+symbol, so a few graphs per batch size serve every step (a batch of 1 is specialised;
+compilation is not timed, it is printed). Dynamo's caches are reset first: row 11
+compiles the same forwards, and its graphs would count towards the limit of graphs per
+function, past which dynamo runs a function eagerly. The three compiled contenders must
+produce their eager tokens, and peftcore HF PEFT's (checked).
 """
 
 from __future__ import annotations
@@ -19,8 +20,8 @@ from __future__ import annotations
 import time
 from typing import Any, Callable, Dict, List
 
-from bench_decode import NEW_TOKENS, PROMPT, TARGETS, build
-from harness import Clock, Result, Settings, alternate, median, progress
+from bench_decode import NEW_TOKENS, PROMPT, TARGETS, build, per_token_result
+from harness import Clock, Result, Settings, alternate, progress
 from models import token_batch
 
 
@@ -71,18 +72,6 @@ def run(settings: Settings, clock: Clock) -> List[Result]:
         if not torch.equal(expected["peftcore", batch], expected["HF PEFT", batch]):
             note = "; ".join(filter(None, [note, "tokens differ from HF PEFT's"]))
         times = alternate(calls, settings.rounds(15, 5), clock, warmup=1, label=f"compiled decoding, batch {batch}")
-        ms = {name: [1000.0 * t / NEW_TOKENS for t in values] for name, values in times.items()}
-        results.append(Result(
-            key=f"compiled_decode_batch{batch}",
-            title=f"{title}, batch {batch}, {NEW_TOKENS} new tokens",
-            unit="ms/token",
-            peftcore=median(ms["peftcore"]),
-            hf=median(ms["HF PEFT"]),
-            reference=median(ms["base model"]),
-            reference_name="compiled base model",
-            ratio_target=target,
-            target_text=f"<= {target:.2f}x compiled base model",
-            note=note,
-            samples=ms,
-        ))
+        row_title = f"{title}, batch {batch}, {NEW_TOKENS} new tokens"
+        results.append(per_token_result(f"compiled_decode_batch{batch}", row_title, times, "compiled base model", target, note))
     return results

@@ -60,18 +60,27 @@ def run(settings: Settings, clock: Clock) -> List[Result]:
         elif torch.equal(ours, plain):
             note = "the adapter changed no token"
         times = alternate(calls, settings.rounds(15, 5), clock, warmup=1, label=f"decoding, batch {batch}")
-        ms = {name: [1000.0 * t / NEW_TOKENS for t in values] for name, values in times.items()}
-        results.append(Result(
-            key=f"decode_batch{batch}",
-            title=f"6. unmerged greedy decoding, batch {batch}, {NEW_TOKENS} new tokens",
-            unit="ms/token",
-            peftcore=median(ms["peftcore"]),
-            hf=median(ms["HF PEFT"]),
-            reference=median(ms["base model"]),
-            reference_name="base model",
-            ratio_target=target,
-            target_text=f"<= {target:.2f}x base model",
-            note=note,
-            samples=ms,
-        ))
+        title = f"6. unmerged greedy decoding, batch {batch}, {NEW_TOKENS} new tokens"
+        results.append(per_token_result(f"decode_batch{batch}", title, times, "base model", target, note))
     return results
+
+
+def per_token_result(
+    key: str, title: str, times: Dict[str, List[float]], reference_name: str, target: float, note: str
+) -> Result:
+    """A decoding row: each contender's seconds per call of ``NEW_TOKENS`` tokens, as
+    milliseconds per token against the base model's (named ``reference_name``)."""
+    ms = {name: [1000.0 * t / NEW_TOKENS for t in values] for name, values in times.items()}
+    return Result(
+        key=key,
+        title=title,
+        unit="ms/token",
+        peftcore=median(ms["peftcore"]),
+        hf=median(ms["HF PEFT"]),
+        reference=median(ms["base model"]),
+        reference_name=reference_name,
+        ratio_target=target,
+        target_text=f"<= {target:.2f}x {reference_name}",
+        note=note,
+        samples=ms,
+    )

@@ -1,7 +1,7 @@
 """peftcore against Hugging Face PEFT, side by side: one markdown table of medians and ratios.
 
-    python benchmarks/run.py                      # everything (5-7 minutes on 2 CPU cores)
-    python benchmarks/run.py --quick              # fewer rounds, smaller injection (2-3 minutes)
+    python benchmarks/run.py                      # everything (about 20 minutes on 2 CPU cores)
+    python benchmarks/run.py --quick              # fewer rounds, smaller injection
     python benchmarks/run.py --only train,mixed   # some measurements
     python benchmarks/run.py --save               # also write benchmarks/results.json and results.png
     python benchmarks/run.py --singa-seed-dir /path/to/singa/examples/singa_peft \\
