@@ -348,8 +348,8 @@ class LoraLinear(LoraLayer):
     ) -> Optional[dict[str, tuple[torch.Tensor, torch.Tensor, float]]]:
         """``{adapter: (A, B, scaling)}`` for the adapters of ``groups`` where they can be
         stacked: inference, no dropout, every factor in the input's dtype and device.
-        One pass with local lookups: at 64 adapters a layer, attribute lookups per
-        adapter and check cost more than stacking the factors."""
+        One pass with local lookups: at 64 adapters a layer, an attribute lookup per
+        factor per check cost as much as stacking the factors (BENCHMARKS.md)."""
         if torch.is_grad_enabled() or not groups or x.dim() < 2 or not result.is_contiguous():
             return None
         dtype, device = x.dtype, x.device
