@@ -46,13 +46,14 @@ def run(settings: Settings, clock: Clock) -> Result:
     if max(first_losses.values()) - min(first_losses.values()) > 1e-4:
         note = f"first-step losses differ: {first_losses}"
     ms = {name: [1000.0 * t for t in values] for name, values in times.items()}
+    ms["compiled floor"] = ms.pop("floor")  # keyed by the reference's name, as the table pairs rounds by it
     return Result(
         key="compiled_train_step",
         title=title,
         unit="ms/step",
         peftcore=median(ms["peftcore"]),
         hf=median(ms["HF PEFT"]),
-        reference=median(ms["floor"]),
+        reference=median(ms["compiled floor"]),
         reference_name="compiled floor",
         ratio_target=TARGET,
         target_text=f"<= {TARGET:.2f}x compiled floor",

@@ -95,6 +95,6 @@ def run(settings: Settings, singa_python: Optional[str]) -> Result:
     result.reference_name = "import torch"
     result.ratio_target = 1.0
     result.other_requirements_met = not torch_loaded and all(w["backend"] == "singa" for w in wraps)
-    result.samples = {"peftcore": [float(w["seconds"]) for w in wraps], "reference": torch_imports}
+    result.samples = {"peftcore": [float(w["seconds"]) for w in wraps], result.reference_name: torch_imports}
     result.note = f"torch imported by detection: {'yes' if torch_loaded else 'no'}; {rounds} fresh interpreters"
     return result

@@ -132,6 +132,16 @@ class Result:
     other_requirements_met: Optional[bool] = None
     samples: Dict[str, List[float]] = field(default_factory=dict)
 
+    def __post_init__(self) -> None:
+        # ratio_of pairs rounds through the reference's samples, found by reference_name: a row
+        # that keys them otherwise would fall back to a ratio of medians without a word
+        timed = len(self.samples.get("peftcore", ())) > 1
+        if timed and self.reference is not None and self.reference_name not in self.samples:
+            raise ValueError(
+                f"row {self.key!r}: the reference {self.reference_name!r} has no samples "
+                f"(samples are keyed {sorted(self.samples)}); key them by the reference's name"
+            )
+
     @property
     def skipped(self) -> bool:
         return self.peftcore is None
