@@ -76,11 +76,13 @@ def test_cached_decoding_traces_and_matches_eager_decoding() -> None:
     prompt = torch.randint(0, 64, (1, 5), generator=torch.Generator().manual_seed(2))
 
     def greedy(call: Any) -> list:
-        tokens, ids, cache = [], prompt, None
+        tokens, ids, cache_kwargs = [], prompt, {}
         with torch.no_grad():
             for _ in range(6):
-                out = call(input_ids=ids, past_key_values=cache, use_cache=True)
-                cache, ids = out.past_key_values, out.logits[:, -1:].argmax(-1)
+                out = call(input_ids=ids, use_cache=True, **cache_kwargs)
+                # transformers 5.24 renamed the cache argument and output to `cache`; earlier 5.x use the old name
+                name = "cache" if "cache" in out else "past_key_values"
+                cache_kwargs, ids = {name: out[name]}, out.logits[:, -1:].argmax(-1)
                 tokens.append(int(ids))
         return tokens
 

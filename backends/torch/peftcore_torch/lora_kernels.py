@@ -27,6 +27,7 @@ from __future__ import annotations
 from typing import Any, Optional, cast
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from peftcore_torch.output_head import contiguous_input
@@ -165,8 +166,11 @@ def fused_lora_linear(
     x2 = x.reshape(-1, x.shape[-1])
     if compiling():
         # traced for inductor: a plain sum, whose scale and add inductor fuses into the next
-        # pointwise kernel; addmm_ would read the whole output again in a kernel of its own
-        hidden = torch.mm(x2 if lora_input is None else lora_input.reshape(x2.shape), lora_a.t())
+        # pointwise kernel; addmm_ would read the whole output again in a kernel of its own.
+        # x A^T as F.linear of the unflattened input: with only flattened views of a one-row
+        # input, inductor gave them the stride (0, 1), which BLAS cannot take, and aten copied
+        # the row before each product (37 copies a decoding step here; HF PEFT's graph has none)
+        hidden = F.linear(x if lora_input is None else lora_input, lora_a).reshape(-1, lora_a.shape[0])
         out = base_product(x2, weight, bias, weight_in_out) + torch.mm(hidden, lora_b.t()) * scaling
     elif lora_input is None and folding_pays(x2.shape[0], weight):
         out = base_product(x2, merged_weight(weight, lora_a, lora_b, scaling, weight_in_out), bias, weight_in_out)
