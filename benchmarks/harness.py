@@ -114,7 +114,11 @@ class Result:
 
     ``lower_is_better`` rows state the target as a bound on ``ratio_target`` (peftcore
     over the reference, or over HF PEFT when there is no reference) or, for exact
-    rows, on the value itself (``exact_target``).
+    rows, on the value itself (``exact_target``). A row may also time, in the same
+    rounds, the least work any adapter implementation adds to the reference, alone
+    (``bound_name``, :mod:`adapter_floor`): :meth:`bound_ratio`, printed beside the
+    verdict, is about the best a library doing that work could reach on this machine
+    (measured, so as noisy as any ratio here).
     """
 
     key: str
@@ -131,6 +135,7 @@ class Result:
     #: False when a requirement besides the ratio failed (the row is then NOT met)
     other_requirements_met: Optional[bool] = None
     samples: Dict[str, List[float]] = field(default_factory=dict)
+    bound_name: str = ""
 
     def __post_init__(self) -> None:
         # ratio_of pairs rounds through the reference's samples, found by reference_name: a row
@@ -141,6 +146,8 @@ class Result:
                 f"row {self.key!r}: the reference {self.reference_name!r} has no samples "
                 f"(samples are keyed {sorted(self.samples)}); key them by the reference's name"
             )
+        if timed and self.bound_name and (self.reference is None or self.bound_name not in self.samples):
+            raise ValueError(f"row {self.key!r}: the bound {self.bound_name!r} needs a reference and its own samples")
 
     @property
     def skipped(self) -> bool:
@@ -165,6 +172,16 @@ class Result:
         if value is not None and ours and theirs and len(ours) == len(theirs) > 1 and all(theirs):
             return median([a / b for a, b in zip(ours, theirs)])
         return self.ratio(value)
+
+    def bound_ratio(self) -> Optional[float]:
+        """The reference plus the least adapter work (``bound_name``), over the reference:
+        the median over rounds of ``(reference + work) / reference``. The work is timed
+        alone, so the ratio carries the noise of a short call, not of a second
+        whole-model call."""
+        work, reference = self.samples.get(self.bound_name), self.samples.get(self.reference_name)
+        if not self.bound_name or not work or not reference or len(work) != len(reference) or not all(reference):
+            return None
+        return median([(base + extra) / base for extra, base in zip(work, reference)])
 
     @property
     def met(self) -> Optional[bool]:
@@ -213,8 +230,11 @@ def markdown_table(results: List[Result]) -> str:
         if r.exact_target is not None:
             ours = theirs = None  # a ratio of an exact quantity says nothing
         verdict = {True: "**met**", False: "**NOT met**", None: "-"}[r.met]
-        if r.note:
-            verdict += f" ({r.note})"
+        bound = r.bound_ratio()
+        least = f"{r.reference_name} + {r.bound_name}: {bound:.3f}x" if bound is not None else ""
+        notes = [text for text in (least, r.note) if text]
+        if notes:
+            verdict += f" ({'; '.join(notes)})"
         lines.append(
             f"| {r.title} | {r.unit} | {_number(r.peftcore, r.unit)} | {_number(r.hf, r.unit)} | {ref} | "
             f"{f'{ours:.3f}x {against}' if ours is not None else '-'} | "

@@ -19,18 +19,24 @@ from typing import Any, Dict, List, Optional
 
 from harness import Result
 
-COLOURS = {"HF PEFT": "#d98c3a", "peftcore": "#3a78d9", "floor": "#9a9a9a"}
+LEAST = "base model + least adapter work"  # Result.bound_ratio
+
+COLOURS = {"HF PEFT": "#d98c3a", "peftcore": "#3a78d9", "floor": "#9a9a9a", LEAST: "#555555"}
 
 
 def _by_key(results: List[Dict[str, Any]]) -> Dict[str, Dict[str, Any]]:
     return {r["key"]: r for r in results if r.get("peftcore") is not None}
 
 
+def _result(row: Dict[str, Any]) -> Result:
+    names = {spec.name for spec in dataclasses.fields(Result)}
+    return Result(**{name: value for name, value in row.items() if name in names})
+
+
 def _ratio(row: Dict[str, Any], library: str) -> float:
     """The library's (``"peftcore"`` or ``"HF PEFT"``) ratio to the row's reference as the
     table gives it (:meth:`harness.Result.ratio_of`: the median of the per-round ratios)."""
-    names = {spec.name for spec in dataclasses.fields(Result)}
-    ratio = Result(**{name: value for name, value in row.items() if name in names}).ratio_of(library)
+    ratio = _result(row).ratio_of(library)
     if ratio is None:
         raise ValueError(f"results row {row.get('key')!r} has no {library} time to compare with its reference")
     return ratio
@@ -119,7 +125,8 @@ def draw(data: Dict[str, Any], path: str) -> None:
 
 def many_curves(results: List[Dict[str, Any]]) -> Dict[str, Dict[str, List[tuple]]]:
     """Row 7's ratios to the base model, ``{kind: {library: [(adapters, ratio), ...]}}``
-    sorted by the number of adapters (kind: ``forward`` or ``generate``)."""
+    sorted by the number of adapters (kind: ``forward`` or ``generate``); rows that timed
+    the least adapter work add a curve of it (:data:`LEAST`)."""
     curves: Dict[str, Dict[str, List[tuple]]] = {}
     for row in results:
         parts = str(row.get("key", "")).split("_")
@@ -129,6 +136,9 @@ def many_curves(results: List[Dict[str, Any]]) -> Dict[str, Dict[str, List[tuple
         for library, field in (("HF PEFT", "hf"), ("peftcore", "peftcore")):
             if row.get(field):
                 curves.setdefault(kind, {}).setdefault(library, []).append((count, _ratio(row, library)))
+        least = _result(row).bound_ratio()
+        if least is not None:
+            curves.setdefault(kind, {}).setdefault(LEAST, []).append((count, least))
     for by_library in curves.values():
         for points in by_library.values():
             points.sort()
@@ -149,7 +159,8 @@ def draw_many(data: Dict[str, Any], path: str) -> None:
     figure, axes = plt.subplots(1, len(curves), figsize=(5.5 * len(curves), 4), squeeze=False)
     for ax, (kind, by_library) in zip(axes[0], sorted(curves.items())):
         for library, points in by_library.items():
-            ax.plot([n for n, _ in points], [r for _, r in points], marker="o", label=library, color=COLOURS[library])
+            style = {"linestyle": "dashed", "marker": "x"} if library == LEAST else {"marker": "o"}
+            ax.plot([n for n, _ in points], [r for _, r in points], label=library, color=COLOURS[library], **style)
         ax.axhline(1.0, color="grey", linewidth=0.8)
         ax.set_xscale("log", base=2)
         ax.set_xlabel("distinct adapters in the model (64-row batch, round-robin)", fontsize=8)
