@@ -91,7 +91,6 @@ def mixed_batch_work(
     for features_in, features_out in shapes:
         a = torch.randn(adapters, RANK, features_in, device=device) * 0.01
         b_t = torch.randn(adapters, RANK, features_out, device=device) * 0.01
-        weight = torch.randn(features_in, features_out, device=device)
         passes: Dict[int, Optional[Tuple[Any, Any]]] = {}  # tokens -> (x, out) by adapter; None: fold
         for tokens in set(tokens_per_call):
             share = max(1, tokens // adapters)
@@ -99,6 +98,8 @@ def mixed_batch_work(
                 torch.randn(adapters, share, features_in, device=device),
                 torch.zeros(adapters, share, features_out, device=device),
             )
+        folds = any(grouped is None for grouped in passes.values())
+        weight = torch.randn(features_in, features_out, device=device) if folds else None  # only folding reads it
         layers.append((a, b_t, weight, passes))
     scaling = ALPHA / RANK
 

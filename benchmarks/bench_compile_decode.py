@@ -23,6 +23,7 @@ from typing import Any, Callable, Dict, List
 from bench_decode import NEW_TOKENS, PROMPT, TARGETS, build, per_token_result
 from harness import Clock, Result, Settings, alternate, progress
 from models import token_batch
+from peftcore_torch.prompt_inputs import CACHE_NAMES
 
 
 def greedy_tokens(model: Any, ids: Any) -> Any:
@@ -33,10 +34,10 @@ def greedy_tokens(model: Any, ids: Any) -> Any:
     tokens, step_ids, cache = [], ids, None
     with torch.no_grad():
         for _ in range(NEW_TOKENS):
-            # transformers 5 renamed the cache argument and output; older 5.x releases use the old name
+            # the cache goes back under the name the output carries (transformers renamed it in 5.x)
             cache_kwargs = {} if cache is None else {cache[0]: cache[1]}
             out = model(input_ids=step_ids, use_cache=True, **cache_kwargs)
-            name = "cache" if "cache" in out else "past_key_values"
+            name = next(name for name in CACHE_NAMES if name in out)
             cache = (name, out[name])
             step_ids = out["logits"][:, -1:].argmax(-1)
             tokens.append(step_ids)

@@ -20,6 +20,7 @@ transformers = pytest.importorskip("transformers")
 
 import peftcore  # noqa: E402
 from peftcore.testing.numerics import assert_close_to_scale  # noqa: E402
+from peftcore_torch.prompt_inputs import CACHE_NAMES  # noqa: E402
 
 pytestmark = pytest.mark.filterwarnings("ignore::UserWarning")
 
@@ -80,8 +81,8 @@ def test_cached_decoding_traces_and_matches_eager_decoding() -> None:
         with torch.no_grad():
             for _ in range(6):
                 out = call(input_ids=ids, use_cache=True, **cache_kwargs)
-                # transformers 5.24 renamed the cache argument and output to `cache`; earlier 5.x use the old name
-                name = "cache" if "cache" in out else "past_key_values"
+                # the cache goes back under the name the output carries (transformers renamed it in 5.x)
+                name = next(name for name in CACHE_NAMES if name in out)
                 cache_kwargs, ids = {name: out[name]}, out.logits[:, -1:].argmax(-1)
                 tokens.append(int(ids))
         return tokens
